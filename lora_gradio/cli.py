@@ -1,0 +1,145 @@
+"""Headless entry point: the same backend as the app, with tqdm progress and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings to typed values: JSON where it parses, comma lists for list fields, else text."""
+    from .training.config import FIELDS, field_is_list
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set '{pair}' is not key=value, e.g. --set rank=32.")
+        if key in FIELDS and field_is_list(key) and not raw.lstrip().startswith("["):
+            overrides[key] = [part.strip() for part in raw.split(",") if part.strip()]
+            continue
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and flags."""
+    parser = argparse.ArgumentParser(prog="python -m lora_gradio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a LoRA")
+    train.add_argument("--preset", default="seed-recommended", help="preset name from presets/, or a .toml path")
+    train.add_argument("--base", default="demo", help="checkpoint file, diffusers folder, hub id, or 'demo'")
+    train.add_argument("--data", type=Path, help="folder of images with .txt captions (demo data if omitted)")
+    train.add_argument("--output", type=Path, required=True, help="folder for the .safetensors files")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a preset field, e.g. --set rank=32 --set trigger_word=ohwx")
+    train.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt base models (they can run code)")
+
+    gen = sub.add_parser("generate", help="generate an image with a LoRA")
+    gen.add_argument("--base", default="demo")
+    gen.add_argument("--lora", type=Path)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", default="")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0)
+    gen.add_argument("--strength-model", type=float, default=1.0, help="LoRA strength on the UNet (ComfyUI)")
+    gen.add_argument("--strength-clip", type=float, default=1.0, help="LoRA strength on the text encoder (ComfyUI)")
+    gen.add_argument("--output", type=Path, required=True, help="PNG file to write")
+    gen.add_argument("--allow-pickle", action="store_true")
+
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train with a tqdm bar; Ctrl-C stops cleanly and saves what was learned."""
+    from tqdm import tqdm
+
+    from .dataset import make_demo_dataset
+    from .models import DEMO, DEMO_NOTE, resolve_base
+    from .training.config import apply_overrides, load_preset
+    from .training.loop import TrainEvent, train
+
+    config, _ = load_preset(args.preset)
+    config = apply_overrides(config, parse_overrides(args.overrides))
+    base = resolve_base(args.base, allow_pickle=args.allow_pickle)
+    data = args.data
+    if data is None:
+        if base.kind != DEMO:
+            raise UserError("--data is required unless --base demo (which can make its own demo images).")
+        data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word or "lgdemo")
+    if base.kind == DEMO:
+        print(DEMO_NOTE, file=sys.stderr)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    bar = tqdm(total=0, unit="step", dynamic_ncols=True)
+
+    def on_event(event: TrainEvent) -> None:
+        if event.kind == "step":
+            bar.total = event.total_steps
+            bar.set_postfix(epoch=f"{event.epoch}/{event.total_epochs}", loss=f"{event.loss:.4f}",
+                            lr=f"{event.lr:.2e}")
+            bar.update(event.step - bar.n)
+        elif event.kind in ("warning", "error"):
+            bar.write(f"{event.kind}: {event.message}", file=sys.stderr)
+        elif event.message:
+            bar.write(event.message, file=sys.stderr)
+
+    try:
+        result = train(config, base, data, args.output, on_event=on_event, stop=stop)
+    finally:
+        bar.close()
+    print(result.summary(), file=sys.stderr)
+    print(result.lora_path)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """One image to a PNG file."""
+    import io
+
+    from .atomic import write_bytes_atomic
+    from .inference import GenerateRequest, generate
+    from .models import ModelCache, resolve_base
+
+    base = resolve_base(args.base, allow_pickle=args.allow_pickle)
+    image = generate(ModelCache(), base, GenerateRequest(
+        args.prompt, args.negative, args.seed, args.steps, args.cfg, lora=args.lora,
+        strength_model=args.strength_model, strength_clip=args.strength_clip))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(args.output, buffer.getvalue())
+    print(args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn user errors into one line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "generate":
+            return run_generate(args)
+        from .training.config import list_presets, load_preset
+
+        for name in list_presets():
+            print(f"{name:18} {load_preset(name)[1]}")
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

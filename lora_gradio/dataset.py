@@ -1,0 +1,146 @@
+"""Training images and their captions on disk: the kohya layout, safe image decoding, and a demo dataset."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from .atomic import write_text_atomic
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_ohwx woman" = 10 repeats, class words "ohwx woman"
+MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+
+
+@dataclass
+class TrainImage:
+    """One image to train on, with its caption and how often an epoch shows it."""
+
+    path: Path
+    caption: str
+    repeats: int = 1
+    folder: str = ""
+
+
+@dataclass
+class DatasetScan:
+    """What a dataset folder holds, plus the problems worth telling the user about."""
+
+    images: list[TrainImage]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_repeats(self) -> int:
+        """Images per epoch, counting repeats (kohya's ``ss_num_train_images``)."""
+        return sum(i.repeats for i in self.images)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode any supported image to RGB: EXIF rotation applied, alpha flattened onto white, first frame only."""
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with Image.open(path) as img:
+        img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v / 256).convert("L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            return flat
+        return img.convert("RGB")
+
+
+def caption_path(image: Path) -> Path:
+    """Where the caption of ``image`` lives: a same-name ``.txt`` beside it (kohya layout)."""
+    return image.with_suffix(".txt")
+
+
+def read_caption(image: Path) -> str | None:
+    """The caption text, or None when the image has no caption file."""
+    path = caption_path(image)
+    return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else None
+
+
+def write_caption(image: Path, text: str) -> None:
+    """Save a caption atomically beside its image."""
+    write_text_atomic(caption_path(image), text.strip() + "\n")
+
+
+def with_trigger(caption: str, trigger: str) -> str:
+    """Put the trigger word first, once, so the LoRA ties to it."""
+    caption, trigger = caption.strip(), trigger.strip()
+    if not trigger:
+        return caption
+    if caption == trigger or caption.startswith(trigger + ",") or caption.startswith(trigger + " "):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def _is_readable_image(path: Path) -> str | None:
+    """None when the image decodes; otherwise why not, in a few words."""
+    try:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            img.load()
+    except Image.DecompressionBombError:
+        return f"larger than {MAX_PIXELS // 1_000_000} megapixels (possible decompression bomb)"
+    except Exception as exc:
+        return f"not a readable image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def scan_training_folder(folder: Path, trigger_word: str = "") -> DatasetScan:
+    """Collect images and captions from a folder, including kohya ``N_name`` repeat subfolders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"Dataset folder '{folder}' does not exist. Point --data at a folder of images.")
+    images, warnings = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        match = REPEAT_FOLDER.match(path.parent.name) if path.parent != folder else None
+        repeats, class_words = (int(match.group(1)), match.group(2)) if match else (1, "")
+        problem = _is_readable_image(path)
+        rel = path.relative_to(folder)
+        if problem:
+            warnings.append(f"Skipped {rel}: {problem}.")
+            continue
+        caption = read_caption(path)
+        if caption is None or not caption:
+            fallback = trigger_word or class_words
+            warnings.append(f"{rel} has no caption; training it with '{fallback or 'an empty caption'}'. "
+                            f"Add {caption_path(rel).name} to describe it.")
+            caption = fallback
+        images.append(TrainImage(path, with_trigger(caption, trigger_word), max(repeats, 1),
+                                 path.parent.name if path.parent != folder else folder.name))
+    if not images:
+        raise UserError(
+            f"No usable images in '{folder}'. Add .png, .jpg or .webp files (captions as same-name .txt files)."
+            + (f" Problems: {' '.join(warnings)}" if warnings else "")
+        )
+    return DatasetScan(images, warnings)
+
+
+DEMO_SUBJECTS = [("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 180, 70)), ("yellow", (230, 200, 40))]
+
+
+def make_demo_dataset(folder: Path, trigger_word: str = "lgdemo", size: int = 96) -> Path:
+    """Write eight small captioned images of coloured shapes, so training works on a fresh clone."""
+    from PIL import ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (shape, (colour, rgb)) in enumerate((s, c) for s in ("circle", "square") for c in DEMO_SUBJECTS):
+        img = Image.new("RGB", (size, size), (245, 240, 230))
+        draw = ImageDraw.Draw(img)
+        box = (size // 5, size // 5, size * 4 // 5, size * 4 // 5)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb)
+        name = f"{index:02d}_{colour}_{shape}"
+        img.save(folder / f"{name}.png")
+        write_caption(folder / f"{name}.png", f"{trigger_word}, a {colour} {shape} on a plain background")
+    return folder

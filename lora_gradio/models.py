@@ -1,0 +1,285 @@
+"""Base models: SD1.x single files (offline), diffusers folders, hub ids and the built-in demo; one model cache."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+DEMO = "demo"
+RANDOM_SD15 = "sd15-random"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+# Tiny SD1.5-shaped components: the UNet keeps SD1.5's 4 levels of 2 layers so every kohya key pattern exists.
+DEMO_UNET = {
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+}
+DEMO_VAE = {
+    "block_out_channels": [8, 16, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+DEMO_TEXT_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 32,
+    "hidden_act": "quick_gelu",
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+DEMO_NOTE = "The demo base model has random weights: it trains and runs in seconds, but its images are noise."
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """Where a base model comes from; ``kind`` is demo, sd15-random, single_file, diffusers or hub."""
+
+    kind: str
+    location: str
+    allow_pickle: bool = False
+
+    @property
+    def display_name(self) -> str:
+        """The name recorded in LoRA metadata (``ss_sd_model_name``) and shown in the UI."""
+        return Path(self.location).name if self.kind in ("single_file", "diffusers") else self.location
+
+
+def resolve_base(spec: str, allow_pickle: bool = False, search_dirs: tuple[Path, ...] = ()) -> BaseModelSpec:
+    """Turn what a user typed (demo, a path, a file name in a models folder, a hub id) into a spec, or explain."""
+    spec = spec.strip()
+    if spec in (DEMO, RANDOM_SD15):
+        return BaseModelSpec(spec, spec)
+    candidates = [Path(spec).expanduser()] + [d / spec for d in search_dirs]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        if REPO_ID.match(spec) and not spec.endswith((".safetensors", *PICKLE_SUFFIXES)):
+            return BaseModelSpec("hub", spec)
+        raise UserError(
+            f"Base model '{spec}' not found: it is not an existing file or folder, nor a Hugging Face repo id "
+            "(owner/name). Check the path, or put the checkpoint in models/checkpoints."
+        )
+    path = path.resolve()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(
+                f"Folder '{path}' is not a diffusers model: it has no model_index.json. "
+                "Point to a single .safetensors checkpoint or a diffusers folder."
+            )
+        return BaseModelSpec("diffusers", str(path))
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(
+            f"'{path.name}' is a pickle checkpoint, and pickle files can run code when opened. "
+            "Use a .safetensors version of this model, or allow pickle explicitly (--allow-pickle) if you trust it."
+        )
+    return BaseModelSpec("single_file", str(path), allow_pickle=allow_pickle)
+
+
+def describe_checkpoint(keys: dict[str, tuple[int, ...]], cross_attention_dim: int = 768) -> str | None:
+    """Name what a checkpoint holds when it is not a loadable SD1.x model, from its tensor names and shapes."""
+    names = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in names)
+
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in names):
+        return "a LoRA file, not a base model (put it in models/loras and use it in the Test tab)"
+    if has("conditioner.embedders.") or "model.diffusion_model.label_emb.0.0.weight" in keys:
+        return "an SDXL checkpoint"
+    if has("cond_stage_model.model."):
+        return "an SD2.x checkpoint (OpenCLIP text encoder)"
+    if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
+        return "a Flux checkpoint"
+    if has("model.diffusion_model.joint_blocks.") or has("text_encoders."):
+        return "an SD3 checkpoint"
+    if not has("model.diffusion_model."):
+        if has("encoder.") or has("decoder.") or has("first_stage_model."):
+            return "a VAE on its own"
+        return f"no Stable Diffusion weights (its {len(names)} tensors have unknown names)"
+    if not has("cond_stage_model.transformer."):
+        return "a UNet without its text encoder (an incomplete SD checkpoint)"
+    if not has("first_stage_model."):
+        return "an SD1.x checkpoint without its VAE (an incomplete checkpoint)"
+    in_channels = keys.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))[1]
+    if in_channels != 4:
+        return f"an SD1.x inpainting or special checkpoint ({in_channels} input channels, not 4)"
+    context = keys.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if context is not None and context[1] != cross_attention_dim:
+        return f"a model with {context[1]}-wide text conditioning, not the {cross_attention_dim} of SD1.x"
+    return None
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a .safetensors header, without reading the weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises several types for a corrupt header
+        raise UserError(
+            f"'{Path(path).name}' is not a readable .safetensors file ({exc}). "
+            "It may be truncated or not a model at all: download it again."
+        ) from exc
+
+
+def check_single_file(path: Path, config_dir: Path = SD15_CONFIG_DIR) -> None:
+    """Refuse a non-SD1.x .safetensors file before any weights load, naming what it is instead."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        return
+    unet_config = json.loads((Path(config_dir) / "unet" / "config.json").read_text())
+    found = describe_checkpoint(read_safetensors_shapes(path), unet_config["cross_attention_dim"])
+    if found:
+        raise UserError(
+            f"'{Path(path).name}' is {found}. lora-gradio trains on SD1.x base checkpoints "
+            "(SD1.5 and its fine-tunes such as DreamShaper 8 or Realistic Vision) in .safetensors format."
+        )
+
+
+def build_pipeline(unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any],
+                   seed: int = 0) -> StableDiffusionPipeline:
+    """A random-weight SD pipeline from component configs, with the bundled CLIP tokenizer and SD1.5 scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet_model = UNet2DConditionModel(**unet)
+        vae_model = AutoencoderKL(**vae)
+        te_model = CLIPTextModel(CLIPTextConfig(**text_encoder))
+    return StableDiffusionPipeline(
+        vae=vae_model,
+        text_encoder=te_model,
+        tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer"),
+        unet=unet_model,
+        scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sd15_component_configs() -> tuple[dict, dict, dict]:
+    """The bundled SD1.5 configs, stripped of the bookkeeping keys the classes do not take."""
+    loaded = []
+    for sub in ("unet", "vae", "text_encoder"):
+        cfg = json.loads((SD15_CONFIG_DIR / sub / "config.json").read_text())
+        loaded.append({k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures",
+                                                                                           "torch_dtype")})
+    return tuple(loaded)
+
+
+def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> StableDiffusionPipeline:
+    """Load a base model in fp32 on the CPU; callers move and cast it. Hub access happens only for hub ids."""
+    from diffusers import StableDiffusionPipeline
+
+    if spec.kind == DEMO:
+        return build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER)
+    if spec.kind == RANDOM_SD15:
+        return build_pipeline(*_sd15_component_configs())
+    try:
+        if spec.kind == "single_file":
+            check_single_file(Path(spec.location), config_dir)
+            return StableDiffusionPipeline.from_single_file(
+                spec.location, config=str(config_dir), local_files_only=True, safety_checker=None,
+                requires_safety_checker=False,
+            )
+        if spec.kind == "diffusers":
+            return StableDiffusionPipeline.from_pretrained(
+                spec.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
+            )
+        return StableDiffusionPipeline.from_pretrained(spec.location, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except UserError:
+        raise
+    except Exception as exc:
+        hint = (
+            "The first use of a hub id needs internet (and HF_HUB_OFFLINE unset); otherwise download the model "
+            "and point to the local file or folder."
+            if spec.kind == "hub"
+            else "Check that the file is a complete SD1.x checkpoint; download it again if it may be damaged."
+        )
+        raise UserError(f"Could not load base model '{spec.display_name}': {exc}. {hint}") from exc
+
+
+class ModelCache:
+    """Keeps one base pipeline in memory, so training and tests right after it skip the load."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spec: BaseModelSpec | None = None
+        self._pipe: StableDiffusionPipeline | None = None
+        self.loads = 0
+
+    def get(self, spec: BaseModelSpec) -> StableDiffusionPipeline:
+        """The pipeline for ``spec``: the cached one when it matches, else a fresh load that replaces it."""
+        with self._lock:
+            if self._spec != spec or self._pipe is None:
+                self._release()
+                self._pipe = load_pipeline(spec)
+                self._spec = spec
+                self.loads += 1
+            return self._pipe
+
+    def release(self) -> None:
+        """Drop the cached model and give its memory back."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        self._pipe, self._spec = None, None
+        free_accelerator_memory()
+
+    @property
+    def holds(self) -> BaseModelSpec | None:
+        """What is cached now, for display."""
+        return self._spec
+
+
+def free_accelerator_memory() -> None:
+    """Return cached GPU blocks to the driver after a big model goes away."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

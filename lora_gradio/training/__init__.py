@@ -1,0 +1,1 @@
+"""Training: the config and presets, the loop, and the kohya LoRA format."""

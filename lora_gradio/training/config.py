@@ -1,0 +1,127 @@
+"""``TrainConfig``: every training setting in one validated dataclass, plus the preset files that fill it."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+from ..errors import UserError
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UnetModule = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TEXT_ENCODER_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+Rate = Annotated[float, Field(gt=0, le=10)]
+
+
+@dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
+class TrainConfig:
+    """All hyperparameters of one LoRA training run, with kohya's meanings (scale = alpha / rank)."""
+
+    output_name: Annotated[str, Field(pattern=r"^[\w.-]{1,100}$")] = "lora"
+    trigger_word: Annotated[str, Field(max_length=100)] = ""
+    resolution: Annotated[int, Field(ge=64, le=2048, multiple_of=64)] = 512
+    enable_buckets: bool = True
+    flip_augment: bool = False
+    rank: Annotated[int, Field(ge=1, le=1024)] = 16
+    alpha: Annotated[float, Field(gt=0, le=4096)] = 8.0
+    unet_modules: Annotated[list[UnetModule], Field(min_length=1)] = dataclasses.field(
+        default_factory=lambda: list(UNET_ATTENTION))
+    train_text_encoder: bool = False
+    unet_lr: Rate = 1e-4
+    text_encoder_lr: Rate = 5e-5
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    max_grad_norm: Annotated[float, Field(ge=0, le=100)] = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = "constant"
+    lr_warmup_steps: Annotated[int, Field(ge=0, le=100_000)] = 0
+    lr_cycles: Annotated[int, Field(ge=1, le=100)] = 1
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
+    batch_size: Annotated[int, Field(ge=1, le=64)] = 1
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=256)] = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    gradient_checkpointing: bool = False
+    sdpa: bool = True
+    min_snr_gamma: Annotated[float, Field(ge=0, le=100)] = 5.0
+    noise_offset: Annotated[float, Field(ge=0, le=1)] = 0.0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    caption_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    shuffle_caption: bool = False
+    keep_tokens: Annotated[int, Field(ge=0, le=75)] = 0
+    save_every_n_epochs: Annotated[int, Field(ge=0, le=10_000)] = 1
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    @field_validator("unet_modules")
+    @classmethod
+    def _no_repeats(cls, modules: list[str]) -> list[str]:
+        if len(set(modules)) != len(modules):
+            raise ValueError("lists a module twice")
+        return modules
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for metadata and preset files."""
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_is_list(name: str) -> bool:
+    """Whether a field takes a list (the CLI splits such values on commas)."""
+    hint = typing.get_type_hints(TrainConfig, include_extras=True)[name]
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return typing.get_origin(hint) is list
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as 'field = value: what is allowed'."""
+    name = ".".join(str(p) for p in error["loc"]) or "?"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        close = difflib.get_close_matches(name, FIELDS, n=1)
+        return f"unknown setting '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    limits = {k: v for k, v in (error.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt", "multiple_of",
+                                                                        "pattern")}
+    allowed = ", ".join(f"{k} {v}" for k, v in limits.items())
+    return f"{name} = {error.get('input')!r}: {error['msg'].lower()}" + (f" ({allowed})" if allowed else "")
+
+
+def make_config(values: dict[str, Any], source: str = "settings") -> TrainConfig:
+    """Build and validate a config; every problem is named with its field, value and allowed range."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise UserError(f"Invalid {source}: {problems}.") from exc
+
+
+def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    """Preset names, from the TOML files in ``presets/``."""
+    return sorted(p.stem for p in Path(presets_dir).glob("*.toml"))
+
+
+def load_preset(name_or_path: str, presets_dir: Path = PRESETS_DIR) -> tuple[TrainConfig, str]:
+    """A preset as a validated config and its description; a path to any .toml file works too."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path(presets_dir) / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"Preset '{name_or_path}' not found. Available: {', '.join(list_presets(presets_dir))}.")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"Preset '{path.name}' is not valid TOML: {exc}.") from exc
+    description = str(values.pop("description", ""))
+    return make_config(values, f"preset '{path.name}'"), description
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A copy of ``config`` with some fields changed, validated as a whole."""
+    return make_config({**config.to_dict(), **overrides}, "setting")

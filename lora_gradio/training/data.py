@@ -1,0 +1,129 @@
+"""Turning a dataset scan into training batches: aspect-ratio buckets, caption handling, cached latents."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from ..dataset import TrainImage, open_rgb
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+BUCKET_STEP = 64  # SD1.x latents must be a multiple of 8, i.e. 64 px for a UNet with three downsamples.
+
+
+def make_buckets(resolution: int, enabled: bool = True) -> list[tuple[int, int]]:
+    """(width, height) buckets of at most resolution² pixels, sides from resolution/2 to 2x resolution."""
+    if not enabled or resolution < 4 * BUCKET_STEP:
+        return [(resolution, resolution)]
+    lo, hi, area = resolution // 2, resolution * 2, resolution * resolution
+    buckets = set()
+    for width in range(lo, hi + 1, BUCKET_STEP):
+        height = min(hi, area // width // BUCKET_STEP * BUCKET_STEP)
+        if height >= lo:
+            buckets.add((width, height))
+    return sorted(buckets)
+
+
+def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (compared in log space, so 2:1 and 1:2 weigh alike)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize to cover the bucket, then centre-crop the small overhang."""
+    width, height = bucket
+    scale = max(width / img.width, height / img.height)
+    resized = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB to a CHW float tensor in [-1, 1], the VAE's input range."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def process_caption(caption: str, rng: random.Random, shuffle: bool, keep_tokens: int, dropout: float) -> str:
+    """Caption dropout, then tag shuffle that keeps the first ``keep_tokens`` comma-separated tags in place."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+@dataclass
+class CachedImage:
+    """An image's VAE latent distribution (mean and log-variance), encoded once and sampled every step."""
+
+    latent_params: list[torch.Tensor]  # one per variant: as is, and mirrored when flip augmentation is on
+    caption: str
+    bucket: tuple[int, int]
+    repeats: int
+
+
+@torch.no_grad()
+def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int, buckets_enabled: bool, flip: bool,
+                  device: torch.device, dtype: torch.dtype,
+                  progress: Callable[[int, int], None] | None = None) -> list[CachedImage]:
+    """Encode every image once; each training step then samples from the stored distribution."""
+    buckets = make_buckets(resolution, buckets_enabled)
+    cached = []
+    for index, item in enumerate(images):
+        img = open_rgb(item.path)
+        bucket = pick_bucket(img.size, buckets)
+        pixels = to_tensor(fit_to_bucket(img, bucket))
+        variants = [pixels, pixels.flip(-1)] if flip else [pixels]
+        batch = torch.stack(variants).to(device, dtype)
+        params = vae.encode(batch).latent_dist.parameters.float().cpu()
+        cached.append(CachedImage(list(params), item.caption, bucket, item.repeats))
+        if progress:
+            progress(index + 1, len(images))
+    return cached
+
+
+def plan_epoch(cached: list[CachedImage], batch_size: int, seed: int, epoch: int,
+               process_index: int = 0, num_processes: int = 1) -> list[list[int]]:
+    """This process's batches for one epoch: same-bucket images, repeats included, in a seeded order.
+
+    The order depends only on (seed, epoch), so a resumed run replays exactly the batches it missed.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, item in enumerate(cached):
+        by_bucket[item.bucket].extend([index] * item.repeats)
+    batches = []
+    for bucket in sorted(by_bucket):
+        indices = by_bucket[bucket]
+        rng.shuffle(indices)
+        batches.extend(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
+    rng.shuffle(batches)
+    usable = len(batches) // num_processes * num_processes or len(batches)
+    return batches[:usable][process_index::num_processes]
+
+
+def sample_latents(cached: Iterable[CachedImage], generator: torch.Generator, scaling: float) -> torch.Tensor:
+    """Draw latents for a batch from the cached distributions (random mirror variant when there are two)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    picked = []
+    for item in cached:
+        variant = int(torch.randint(len(item.latent_params), (1,), generator=generator))
+        params = item.latent_params[variant].unsqueeze(0)
+        picked.append(DiagonalGaussianDistribution(params).sample(generator=generator))
+    return torch.cat(picked) * scaling

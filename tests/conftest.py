@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny demo model, a tiny LDM single-file checkpoint, small datasets, one trained LoRA."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails instead of hanging
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def demo_spec():
+    from lora_gradio.models import resolve_base
+
+    return resolve_base("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_pipe(demo_spec):
+    from lora_gradio.models import load_pipeline
+
+    return load_pipeline(demo_spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, demo_pipe):
+    """The demo model saved as an LDM-layout .safetensors, plus a diffusers config folder for its tiny shapes."""
+    from ldm_layout import pipeline_to_ldm
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("checkpoint")
+    save_file(pipeline_to_ldm(demo_pipe), root / "tiny-sd15.safetensors")
+    demo_pipe.save_pretrained(root / "config")
+    return root / "tiny-sd15.safetensors", root / "config"
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    from lora_gradio.dataset import make_demo_dataset
+
+    return make_demo_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def quick_config():
+    """A one-epoch demo run: the cheapest real training."""
+    from lora_gradio.training.config import apply_overrides, load_preset
+
+    return apply_overrides(load_preset("demo")[0], {"epochs": 1, "batch_size": 4})

@@ -1,0 +1,119 @@
+"""The command line: the fresh-clone demo run, and one clear line plus a non-zero exit for each bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from lora_gradio.cli import main, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--preset", "demo", "--set", "epochs=1"]
+
+
+def test_fresh_clone_demo_run_writes_a_kohya_lora(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "lora_gradio", "train", "--preset", "demo", "--output", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "random weights" in done.stderr and "step" in done.stderr  # the demo note and the tqdm bar
+    lora = Path(done.stdout.strip().splitlines()[-1])
+    assert lora == out / "lora.safetensors"
+    with safe_open(str(lora), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+        assert handle.get_tensor(next(k for k in keys if k.endswith(".alpha"))).dtype == torch.float16
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys)
+    assert metadata["ss_sd_model_name"] == "demo" and metadata["ss_output_name"] == "lora"
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_missing_base_file(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--base", str(tmp_path / "gone.safetensors"), "--data", str(tmp_path),
+                        "--output", str(tmp_path / "o"))
+    assert code == 2 and "gone.safetensors' not found" in err and err.count("\n") == 1
+
+
+def test_pickle_checkpoint(capsys, tmp_path):
+    (tmp_path / "m.ckpt").write_bytes(b"x")
+    code, err = run_cli(capsys, "train", "--base", str(tmp_path / "m.ckpt"), "--data", str(tmp_path),
+                        "--output", str(tmp_path / "o"))
+    assert code == 2 and "pickle" in err and "--allow-pickle" in err
+
+
+def test_sdxl_shaped_checkpoint(capsys, tmp_path, demo_data):
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+              tmp_path / "xl.safetensors")
+    code, err = run_cli(capsys, "train", *QUICK, "--base", str(tmp_path / "xl.safetensors"), "--data",
+                        str(demo_data), "--output", str(tmp_path / "o"))
+    assert code == 2 and "SDXL" in err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_random_bytes_checkpoint(capsys, tmp_path, demo_data):
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
+    code, err = run_cli(capsys, "train", *QUICK, "--base", str(tmp_path / "noise.safetensors"), "--data",
+                        str(demo_data), "--output", str(tmp_path / "o"))
+    assert code == 2 and "not a readable .safetensors" in err
+
+
+def test_empty_dataset(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, "train", *QUICK, "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o"))
+    assert code == 2 and "No usable images" in err
+
+
+def test_unreadable_image_and_missing_caption_are_named_and_training_goes_on(capsys, tmp_path, demo_data):
+    (demo_data / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    Image.new("RGB", (96, 96), "purple").save(demo_data / "nocaption.png")
+    code, err = run_cli(capsys, "train", *QUICK, "--set", "trigger_word=lgdemo", "--data", str(demo_data),
+                        "--output", str(tmp_path / "o"))
+    assert code == 0
+    assert "Skipped truncated.jpg" in err
+    assert "nocaption.png has no caption; training it with 'lgdemo'" in err
+    with safe_open(str(tmp_path / "o" / "lora.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_num_train_images"] == "9"
+
+
+def test_preset_with_wrong_field(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--preset", "demo", "--set", "rnak=3", "--output", str(tmp_path))
+    assert code == 2 and "unknown setting 'rnak'" in err
+
+
+def test_unwritable_output_folder(capsys, tmp_path, demo_data):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    code, err = run_cli(capsys, "train", *QUICK, "--data", str(demo_data), "--output", str(blocker / "out"))
+    assert code == 2 and "Cannot write to output folder" in err
+    assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_overrides_are_typed():
+    assert parse_overrides(["rank=32", "unet_lr=1e-4", "train_text_encoder=true", "trigger_word=ohwx",
+                            "unet_modules=to_q,to_k"]) == {
+        "rank": 32, "unet_lr": 1e-4, "train_text_encoder": True, "trigger_word": "ohwx",
+        "unet_modules": ["to_q", "to_k"]}
+
+
+def test_generate_writes_a_png(capsys, tmp_path):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--prompt", "a cat", "--steps", "2", "--output", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize("command", [["presets"]])
+def test_presets_listed(capsys, command):
+    assert main(command) == 0
+    assert "seed-recommended" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""The training loop on the tiny demo model: it learns, it exports faithfully, it stops, it is reproducible."""
+
+import statistics
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_gradio.errors import UserError
+from lora_gradio.inference import GenerateRequest, generate
+from lora_gradio.models import ModelCache, load_pipeline
+from lora_gradio.training import kohya
+from lora_gradio.training.config import UNET_ATTENTION, apply_overrides
+from lora_gradio.training.loop import make_optimizer, train
+
+ALL_UNET = [*UNET_ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+PROMPT = "lgdemo, a red circle on a plain background"
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, demo_spec):
+    """Train hard on four images; keep the run, its cache and the in-memory model's output at the final save."""
+    from lora_gradio.dataset import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("overfit")
+    data = make_demo_dataset(root / "data")
+    for extra in sorted(data.glob("*"))[8:]:
+        extra.unlink()
+    from lora_gradio.training.config import load_preset
+
+    config = apply_overrides(load_preset("demo")[0], {
+        "epochs": 40, "unet_lr": 5e-3, "text_encoder_lr": 1e-3, "rank": 32, "alpha": 32, "batch_size": 2,
+        "unet_modules": ALL_UNET, "train_text_encoder": True, "save_every_n_epochs": 20, "output_name": "fit"})
+    cache = ModelCache()
+    in_memory = {}
+
+    def on_event(event):
+        if event.kind == "saved" and event.path.endswith("fit.safetensors"):
+            pipe = cache.get(demo_spec)
+            in_memory["image"] = pipe(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(7),
+                                      output_type="np").images[0]
+
+    result = train(config, demo_spec, data, root / "out", on_event=on_event, cache=cache)
+    return result, cache, in_memory["image"]
+
+
+def test_overfit_lowers_the_loss(overfit):
+    result, _, _ = overfit
+    assert result.steps == 80 and not result.stopped
+    first, last = statistics.mean(result.losses[:10]), statistics.mean(result.losses[-10:])
+    assert last < 0.75 * first, (first, last)
+
+
+def test_saves_every_n_epochs_and_at_the_end(overfit):
+    result, _, _ = overfit
+    assert [p.name for p in result.saved] == ["fit-000020.safetensors", "fit.safetensors"]
+
+
+def test_strength_zero_equals_base_and_one_changes_the_image(overfit, demo_spec):
+    result, cache, _ = overfit
+    request = GenerateRequest(PROMPT, seed=3, steps=4)
+    base = np.asarray(generate(cache, demo_spec, request), dtype=np.int16)
+    zero = generate(cache, demo_spec, GenerateRequest(PROMPT, seed=3, steps=4, lora=result.lora_path,
+                                                      strength_model=0.0, strength_clip=0.0))
+    full = generate(cache, demo_spec, GenerateRequest(PROMPT, seed=3, steps=4, lora=result.lora_path))
+    assert np.array_equal(np.asarray(zero, dtype=np.int16), base)
+    assert np.abs(np.asarray(full, dtype=np.int16) - base).mean() > 2.0
+    assert cache.loads == 1  # training and every generation shared one base model
+
+
+def test_exported_file_reproduces_the_in_memory_model(overfit, demo_spec):
+    result, _, in_memory = overfit
+    fresh = load_pipeline(demo_spec)
+    kohya.load_lora_into(fresh, result.lora_path, "check")
+    reloaded = fresh(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(7),
+                     output_type="np").images[0]
+    assert np.abs(reloaded - in_memory).max() < 2e-2  # fp16 weights in the file
+
+
+def test_file_follows_kohya_conventions(overfit):
+    result, _, _ = overfit
+    with safe_open(str(result.lora_path), "pt") as handle:
+        metadata = handle.metadata()
+        keys = set(handle.keys())
+        alpha = handle.get_tensor("lora_unet_mid_block_attentions_0_proj_in.alpha")
+        down = handle.get_tensor("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight")
+    assert alpha.item() == 32 and down.dtype == torch.float16 and down.shape[0] == 32
+    assert "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight" in keys
+    assert {k.rsplit(".", 2 if k.endswith("weight") else 1)[1] for k in keys} == {"lora_down", "lora_up", "alpha"}
+    for field in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
+                  "ss_output_name", "ss_sd_model_name", "ss_training_started_at", "ss_training_finished_at",
+                  "ss_num_train_images", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_unet_lr",
+                  "ss_text_encoder_lr", "ss_optimizer", "ss_resolution", "ss_tag_frequency", "sshs_model_hash",
+                  "sshs_legacy_hash"):
+        assert isinstance(metadata[field], str) and metadata[field] != "", field
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_network_dim"] == "32" and metadata["ss_network_alpha"] == "32.0"
+    assert metadata["ss_steps"] == "80" and metadata["ss_epoch"] == "40" and metadata["ss_num_train_images"] == "4"
+
+
+def test_stop_is_honoured_within_a_step_and_saves(demo_spec, demo_data, quick_config, tmp_path):
+    stop = threading.Event()
+    config = apply_overrides(quick_config, {"epochs": 5, "batch_size": 1})
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 3:
+            stop.set()
+
+    result = train(config, demo_spec, demo_data, tmp_path, on_event=on_event, stop=stop)
+    assert result.stopped and result.steps == 3
+    with safe_open(str(result.lora_path), "pt") as handle:
+        assert handle.metadata()["ss_steps"] == "3"
+
+
+def test_same_seed_same_run_and_every_option_trains(demo_spec, demo_data, quick_config, tmp_path):
+    config = apply_overrides(quick_config, {
+        "mixed_precision": "bf16", "gradient_checkpointing": True, "noise_offset": 0.1, "min_snr_gamma": 5,
+        "shuffle_caption": True, "keep_tokens": 1, "caption_dropout": 0.2, "flip_augment": True,
+        "optimizer": "adafactor", "lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 1,
+        "gradient_accumulation_steps": 2, "batch_size": 2, "epochs": 2, "save_dtype": "bf16"})
+    first = train(config, demo_spec, demo_data, tmp_path / "a")
+    second = train(config, demo_spec, demo_data, tmp_path / "b")
+    assert first.steps == 4 and all(np.isfinite(first.losses))
+    assert first.losses == second.losses
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor", "prodigy"])
+def test_each_optimizer_takes_a_step(name):
+    from lora_gradio.training.config import TrainConfig
+
+    param = torch.nn.Parameter(torch.ones(64, 64))
+    optimizer = make_optimizer(TrainConfig(optimizer=name), [{"params": [param], "lr": 0.5 if name == "prodigy"
+                                                              else 1e-2}])
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert not torch.equal(param.detach(), torch.ones(64, 64))
+
+
+def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_config, tmp_path, monkeypatch):
+    config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 4})
+    real_mse = torch.nn.functional.mse_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_mse(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", poisoned)
+    with pytest.raises(UserError, match=r"diverged.*Lower the learning rate"):
+        train(config, demo_spec, demo_data, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-000001.safetensors"]
