@@ -196,8 +196,19 @@ def _sd15_component_configs() -> tuple[dict, dict, dict]:
     return tuple(loaded)
 
 
+def quiet_libraries() -> None:
+    """Keep transformers' and diffusers' info chatter (optional backends, missing keys of fresh LoRAs) off the log."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import diffusers
+
+    diffusers.logging.set_verbosity_error()
+
+
 def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> StableDiffusionPipeline:
     """Load a base model in fp32 on the CPU; callers move and cast it. Hub access happens only for hub ids."""
+    quiet_libraries()
     from diffusers import StableDiffusionPipeline
 
     if spec.kind == DEMO:

@@ -15,7 +15,7 @@ import torch
 
 from ..dataset import DatasetScan, scan_training_folder
 from ..errors import UserError
-from ..models import BaseModelSpec, ModelCache
+from ..models import BaseModelSpec, ModelCache, quiet_libraries
 from . import kohya
 from .config import TEXT_ENCODER_MODULES, TrainConfig
 from .data import cache_latents, plan_epoch, process_caption, sample_latents
@@ -162,8 +162,6 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
           on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
           cache: ModelCache | None = None) -> TrainResult:
     """Train a LoRA on ``data_dir`` and save kohya files into ``output_dir``; ``stop`` ends it early with a save."""
-    import diffusers
-    import transformers
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -183,8 +181,7 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
     AcceleratorState._reset_state()  # a long-running app trains many times, with different precisions
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.set_verbosity_error()
+    quiet_libraries()
 
     if config.optimizer == "prodigy" and config.unet_lr < 0.1:
         emit(TrainEvent("warning", "Prodigy sets its own step size and expects learning rates near 1.0; "
