@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import signal
 import sys
 import threading
@@ -86,9 +88,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bar = tqdm(total=0, unit="step", dynamic_ncols=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, only rank 0 reports
+    bar = tqdm(total=0, unit="step", dynamic_ncols=True, disable=not main_process)
 
     def on_event(event: TrainEvent) -> None:
+        if not main_process:
+            return
         if event.kind == "step":
             bar.total = event.total_steps
             bar.set_postfix(epoch=f"{event.epoch}/{event.total_epochs}", loss=f"{event.loss:.4f}",
@@ -103,14 +108,14 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(config, base, data, args.output, on_event=on_event, stop=stop)
     finally:
         bar.close()
-    print(result.summary(), file=sys.stderr)
-    print(result.lora_path)
+    if main_process:
+        print(result.summary(), file=sys.stderr)
+        print(result.lora_path)
     return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """One image to a PNG file."""
-    import io
 
     from .atomic import write_bytes_atomic
     from .inference import GenerateRequest, generate

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from .atomic import write_text_atomic
+from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -141,6 +142,8 @@ def make_demo_dataset(folder: Path, trigger_word: str = "lgdemo", size: int = 96
         box = (size // 5, size // 5, size * 4 // 5, size * 4 // 5)
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb)
         name = f"{index:02d}_{colour}_{shape}"
-        img.save(folder / f"{name}.png")
+        encoded = io.BytesIO()
+        img.save(encoded, format="PNG")
+        write_bytes_atomic(folder / f"{name}.png", encoded.getvalue())  # parallel ranks may write it too
         write_caption(folder / f"{name}.png", f"{trigger_word}, a {colour} {shape} on a plain background")
     return folder
