@@ -84,7 +84,7 @@ def main() -> None:
         repeats = -(-args.steps * args.batch_size // 8)  # the demo dataset has 8 images
         make_demo_dataset(Path(tmp) / "data" / f"{repeats}_demo", size=args.resolution)
         ours = train(config, base, Path(tmp) / "data", Path(tmp) / "out", cache=cache)
-    reference = reference_loop(cache.get(base), config, args.steps, device)
+    reference = reference_loop(cache.pipeline(base), config, args.steps, device)
     print(json.dumps({
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "base": args.base, "resolution": args.resolution, "batch_size": args.batch_size,

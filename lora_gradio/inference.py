@@ -33,7 +33,7 @@ def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest) -
     """One image. ``strength_model`` scales the LoRA on the UNet, ``strength_clip`` on the text encoder."""
     import torch
 
-    pipe = cache.get(base)
+    pipe = cache.pipeline(base)
     device = pick_device()
     pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
     pipe.unload_lora_weights()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UserError
 
@@ -19,6 +20,7 @@ SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 DEMO = "demo"
 RANDOM_SD15 = "sd15-random"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+T = TypeVar("T")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 # Tiny SD1.5-shaped components: the UNet keeps SD1.5's 4 levels of 2 layers so every kohya key pattern exists.
@@ -241,23 +243,30 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
 
 
 class ModelCache:
-    """Keeps one base pipeline in memory, so training and tests right after it skip the load."""
+    """Holds the one heavy model in memory (a base pipeline or the captioner), so the next job skips the load.
+
+    Asking for a different model releases the current one first, so two never compete for GPU memory.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spec: BaseModelSpec | None = None
-        self._pipe: StableDiffusionPipeline | None = None
+        self._lock = threading.RLock()
+        self._key: Hashable | None = None
+        self._model: Any = None
         self.loads = 0
 
-    def get(self, spec: BaseModelSpec) -> StableDiffusionPipeline:
-        """The pipeline for ``spec``: the cached one when it matches, else a fresh load that replaces it."""
+    def get(self, key: Hashable, loader: Callable[[], T]) -> T:
+        """The cached model for ``key``, or ``loader()``'s result after releasing whatever was held."""
         with self._lock:
-            if self._spec != spec or self._pipe is None:
+            if self._key != key or self._model is None:
                 self._release()
-                self._pipe = load_pipeline(spec)
-                self._spec = spec
+                self._model = loader()
+                self._key = key
                 self.loads += 1
-            return self._pipe
+            return self._model
+
+    def pipeline(self, spec: BaseModelSpec) -> StableDiffusionPipeline:
+        """The base pipeline for ``spec``."""
+        return self.get(("pipeline", spec), lambda: load_pipeline(spec))
 
     def release(self) -> None:
         """Drop the cached model and give its memory back."""
@@ -265,13 +274,13 @@ class ModelCache:
             self._release()
 
     def _release(self) -> None:
-        self._pipe, self._spec = None, None
+        self._model, self._key = None, None
         free_accelerator_memory()
 
     @property
-    def holds(self) -> BaseModelSpec | None:
-        """What is cached now, for display."""
-        return self._spec
+    def holds(self) -> Hashable | None:
+        """The key of what is cached now, for display."""
+        return self._key
 
 
 def free_accelerator_memory() -> None:

@@ -102,10 +102,10 @@ def test_random_bytes_safetensors_refused(tmp_path):
 
 def test_cache_loads_once_per_base(demo_spec, tmp_path):
     cache = ModelCache()
-    first = cache.get(demo_spec)
-    assert cache.get(demo_spec) is first and cache.loads == 1
-    assert cache.holds == demo_spec
+    first = cache.pipeline(demo_spec)
+    assert cache.pipeline(demo_spec) is first and cache.loads == 1
+    assert cache.holds == ("pipeline", demo_spec)
     cache.release()
     assert cache.holds is None
-    cache.get(demo_spec)
+    cache.pipeline(demo_spec)
     assert cache.loads == 2

@@ -38,7 +38,7 @@ def overfit(tmp_path_factory, demo_spec):
 
     def on_event(event):
         if event.kind == "saved" and event.path.endswith("fit.safetensors"):
-            pipe = cache.get(demo_spec)
+            pipe = cache.pipeline(demo_spec)
             in_memory["image"] = pipe(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(7),
                                       output_type="np").images[0]
 

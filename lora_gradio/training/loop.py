@@ -187,7 +187,7 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
         emit(TrainEvent("warning", "Prodigy sets its own step size and expects learning rates near 1.0; "
                                    f"{config.unet_lr} will train very slowly."))
     emit(TrainEvent("status", f"Loading base model {base.display_name}"))
-    pipe = (cache or ModelCache()).get(base)
+    pipe = (cache or ModelCache()).pipeline(base)
     try:
         return _train_on(pipe, config, base, scan, output_dir, accelerator, emit, stop)
     finally:
