@@ -6,6 +6,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -40,20 +41,35 @@ class DatasetScan:
         return sum(i.repeats for i in self.images)
 
 
+def open_image(source: Path | BinaryIO) -> Image.Image:
+    """Open lazily, refusing sizes that would exhaust memory before any pixel is decoded."""
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below gives a clearer message than PIL's warning
+    img = Image.open(source)
+    if img.width * img.height > MAX_PIXELS:
+        img.close()
+        raise Image.DecompressionBombError(
+            f"{img.width}×{img.height} is over {MAX_PIXELS // 1_000_000} megapixels (a possible decompression bomb)")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF rotation applied, first frame only, 16-bit/CMYK/palette to RGB, alpha flattened onto white."""
+    img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return img.convert("RGB")
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """Decode any supported image to RGB: EXIF rotation applied, alpha flattened onto white, first frame only."""
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    with Image.open(path) as img:
-        img.seek(0)
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v / 256).convert("L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            return flat
-        return img.convert("RGB")
+    """Decode an image file to normalised RGB (see :func:`to_rgb`)."""
+    with open_image(path) as img:
+        return to_rgb(img)
 
 
 def caption_path(image: Path) -> Path:
@@ -82,19 +98,49 @@ def with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def _is_readable_image(path: Path) -> str | None:
-    """None when the image decodes; otherwise why not, in a few words."""
+def image_problem(source: Path | BinaryIO) -> str | None:
+    """None when the image decodes completely; otherwise why not, in a few words."""
     try:
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
+        with open_image(source) as img:
             img.load()
-    except Image.DecompressionBombError:
-        return f"larger than {MAX_PIXELS // 1_000_000} megapixels (possible decompression bomb)"
-    except Exception as exc:
-        return f"not a readable image ({type(exc).__name__}: {exc})"
+    except Image.DecompressionBombError as exc:
+        return str(exc)
+    except Image.UnidentifiedImageError:
+        return "not an image (the content is not a format Pillow reads)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"corrupt or truncated image ({exc})"
     return None
+
+
+def list_images(images_dir: Path) -> list[Path]:
+    """The dataset's images (in kohya repeat subfolders too), sorted by path."""
+    if not images_dir.is_dir():
+        return []
+    return sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(images_dir).parts))
+
+
+def find_replace_captions(images_dir: Path, find: str, replace: str) -> int:
+    """Replace text in every caption of a dataset; returns how many captions changed."""
+    if not find:
+        raise UserError("Type the text to find.")
+    changed = 0
+    for image in list_images(images_dir):
+        caption = read_caption(image)
+        if caption and find in caption:
+            write_caption(image, caption.replace(find, replace))
+            changed += 1
+    return changed
+
+
+def tag_frequencies(images_dir: Path) -> list[tuple[str, int]]:
+    """Comma-separated tags across all captions, most frequent first."""
+    counts: dict[str, int] = {}
+    for image in list_images(images_dir):
+        for tag in (t.strip() for t in (read_caption(image) or "").split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def scan_training_folder(folder: Path, trigger_word: str = "") -> DatasetScan:
@@ -106,7 +152,7 @@ def scan_training_folder(folder: Path, trigger_word: str = "") -> DatasetScan:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
         match = REPEAT_FOLDER.match(path.parent.name) if path.parent != folder else None
         repeats, class_words = (int(match.group(1)), match.group(2)) if match else (1, "")
-        problem = _is_readable_image(path)
+        problem = image_problem(path)
         rel = path.relative_to(folder)
         if problem:
             warnings.append(f"Skipped {rel}: {problem}.")

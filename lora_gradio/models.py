@@ -164,6 +164,35 @@ def check_single_file(path: Path, config_dir: Path = SD15_CONFIG_DIR) -> None:
         )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers quickly; without this check a download retries for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def from_hub(load: Callable[[bool], T], repo_id: str, remedy: str) -> T:
+    """Load from the local cache; download only when the hub is reachable, else explain how to get the files."""
+    try:
+        return load(True)
+    except (OSError, ValueError):
+        pass  # not cached yet
+    if not hub_reachable():
+        raise UserError(f"'{repo_id}' is not on this machine and the Hugging Face Hub cannot be reached "
+                        f"(offline, or HF_HUB_OFFLINE is set). {remedy}")
+    return load(False)
+
+
 def build_pipeline(unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any],
                    seed: int = 0) -> StableDiffusionPipeline:
     """A random-weight SD pipeline from component configs, with the bundled CLIP tokenizer and SD1.5 scheduler."""
@@ -203,6 +232,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     import diffusers
 
     diffusers.logging.set_verbosity_error()
@@ -228,8 +258,10 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
             return StableDiffusionPipeline.from_pretrained(
                 spec.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
             )
-        return StableDiffusionPipeline.from_pretrained(spec.location, safety_checker=None,
-                                                       requires_safety_checker=False)
+        return from_hub(lambda local_only: StableDiffusionPipeline.from_pretrained(
+            spec.location, safety_checker=None, requires_safety_checker=False, local_files_only=local_only),
+            spec.location, "Download the model once on a machine with internet and point to its folder, or "
+                           "use a local .safetensors checkpoint.")
     except UserError:
         raise
     except Exception as exc:

@@ -1,0 +1,138 @@
+"""BLIP captions that start with the trigger word: loaded once through the model cache, batched, on the GPU if any."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .dataset import list_images, read_caption, with_trigger, write_caption
+from .errors import UserError
+from .models import ModelCache, from_hub, pick_device, quiet_libraries
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+BLIP_MODELS = {
+    "BLIP base (990 MB)": "Salesforce/blip-image-captioning-base",
+    "BLIP large (1.9 GB)": "Salesforce/blip-image-captioning-large",
+}
+DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
+SPLIT_WORDS = re.compile(r"\s*(?:,|\b(?:with|and|in|on|at|of|near|behind|next to|while|that is|who is)\b)\s*")
+ARTICLES = re.compile(r"^(?:a|an|the|some|two|three)\s+")
+GENERIC = {"photo", "picture", "image", "close up", "closeup", "there"}
+
+
+@dataclass
+class CaptionOptions:
+    """How captions are written; the trigger word always comes first."""
+
+    trigger_word: str = ""
+    prefix: str = ""
+    suffix: str = ""
+    max_length: int = 40
+    style: Literal["sentence", "tags"] = "sentence"
+    overwrite: bool = False
+    batch_size: int = 8
+
+
+class Captioner:
+    """A loaded BLIP model and its processor."""
+
+    def __init__(self, model, processor, source: str) -> None:  # noqa: ANN001 - transformers classes
+        self.model, self.processor, self.source = model, processor, source
+
+    def caption(self, images: list[Image.Image], max_length: int) -> list[str]:
+        """One sentence per image, greedy decoding (deterministic)."""
+        import torch
+
+        inputs = self.processor(images=images, return_tensors="pt").to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            tokens = self.model.generate(**inputs, max_new_tokens=max_length, num_beams=1, do_sample=False)
+        return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def load_captioner(source: str) -> Captioner:
+    """BLIP from a local folder or a hub id; a clear message when neither is available."""
+    quiet_libraries()
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    device = pick_device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+    def load(local_only: bool) -> Captioner:
+        processor = BlipProcessor.from_pretrained(source, local_files_only=local_only)
+        model = BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only, dtype=dtype)
+        return Captioner(model.to(device).eval(), processor, source)
+
+    if Path(source).expanduser().is_dir():
+        try:
+            return load(True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"'{source}' does not hold a BLIP captioning model ({exc}). Choose the folder that "
+                            "contains its config.json, weights and processor files.") from exc
+    if Path(source).is_absolute() or source.startswith((".", "~")):
+        raise UserError(f"BLIP folder '{source}' does not exist.")
+    return from_hub(load, source, "Connect to the internet for the first use (the weights are cached afterwards), "
+                                  "or choose a local folder holding a downloaded BLIP model.")
+
+
+def to_tags(sentence: str) -> str:
+    """Short comma-separated phrases from a sentence: 'a woman with red hair in a park' -> 'woman, red hair, park'."""
+    phrases = []
+    for part in SPLIT_WORDS.split(sentence.lower()):
+        phrase = ARTICLES.sub("", part.strip(" ."))
+        if phrase and phrase not in GENERIC and phrase not in phrases:
+            phrases.append(phrase)
+    return ", ".join(phrases)
+
+
+def compose(generated: str, options: CaptionOptions) -> str:
+    """Prefix, caption (sentence or tags), suffix, with the trigger word first."""
+    body = to_tags(generated) if options.style == "tags" else generated
+    parts = [p.strip(" ,") for p in (options.prefix, body, options.suffix) if p and p.strip(" ,")]
+    return with_trigger(", ".join(parts), options.trigger_word)
+
+
+@dataclass
+class CaptionResult:
+    """What a captioning run did."""
+
+    written: dict[str, str]
+    skipped: list[str]
+    problems: list[str]
+
+
+def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: CaptionOptions,
+                    progress: Callable[[int, int], None] | None = None) -> CaptionResult:
+    """Caption the dataset's images (only uncaptioned ones unless ``overwrite``), saving each ``.txt`` at once."""
+    from .dataset import open_rgb
+
+    images = list_images(images_dir)
+    if not images:
+        raise UserError("The dataset has no images to caption. Add some in the Dataset tab.")
+    todo = [p for p in images if options.overwrite or not read_caption(p)]
+    result = CaptionResult({}, [str(p.relative_to(images_dir)) for p in images if p not in todo], [])
+    if not todo:
+        return result
+    captioner = cache.get(("captioner", source), lambda: load_captioner(source))
+    for start in range(0, len(todo), options.batch_size):
+        batch, pictures = [], []
+        for path in todo[start:start + options.batch_size]:
+            try:
+                pictures.append(open_rgb(path))
+                batch.append(path)
+            except (OSError, SyntaxError, ValueError) as exc:
+                result.problems.append(f"{path.name}: {exc}")
+        if pictures:
+            for path, text in zip(batch, captioner.caption(pictures, options.max_length), strict=True):
+                caption = compose(text, options)
+                write_caption(path, caption)
+                result.written[str(path.relative_to(images_dir))] = caption
+        if progress:
+            progress(min(start + options.batch_size, len(todo)), len(todo))
+    return result

@@ -1,0 +1,208 @@
+"""The dataset quality report (the well-known advice as checks) and preparing training copies."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    import imagehash
+
+from .atomic import write_bytes_atomic
+from .buckets import fit_to_bucket, make_buckets, pick_bucket
+from .dataset import caption_path, image_problem, list_images, open_image, open_rgb, read_caption, to_rgb
+from .errors import UserError
+
+SWEET_SPOT = (40, 50)
+TOO_FEW, TOO_MANY = 15, 200
+GOOD_SIDE = 512
+DUPLICATE_DISTANCE = 6  # of 64 perceptual-hash bits
+THUMB_SIZE = 256
+OK, WARN, ERROR = "ok", "warning", "error"
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    level: str
+    title: str
+    detail: str = ""
+
+
+@dataclass
+class QualityReport:
+    """All checks, and the problems of each image by file name."""
+
+    checks: list[Check]
+    per_image: dict[str, list[str]] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        """The report as a short Markdown list with a symbol per level."""
+        symbol = {OK: "✅", WARN: "⚠️", ERROR: "❌"}
+        return "\n".join(f"- {symbol[c.level]} **{c.title}**" + (f": {c.detail}" if c.detail else "")
+                         for c in self.checks)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _names(paths: list[str], limit: int = 6) -> str:
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _hash(path: Path) -> imagehash.ImageHash:
+    """Perceptual hash: near-identical photos (re-saves, small crops) land a few bits apart."""
+    import imagehash
+
+    with open_image(path) as img:
+        img.draft("RGB", (256, 256))  # JPEGs decode at a fraction of full size
+        return imagehash.phash(img.convert("RGB"))
+
+
+def check_dataset(images_dir: Path) -> QualityReport:
+    """Count, size, aspect-ratio spread, near-duplicates, corrupt files and captions, each as a check."""
+    images = list_images(images_dir)
+    per_image: dict[str, list[str]] = {}
+    checks = []
+    count = len(images)
+    if count < TOO_FEW:
+        checks.append(Check(WARN, _count(count, "image"), f"under {TOO_FEW} gives weak, overfit LoRAs; "
+                                                     f"{SWEET_SPOT[0]}–{SWEET_SPOT[1]} is the sweet spot"))
+    elif count > TOO_MANY:
+        checks.append(Check(WARN, _count(count, "image"), f"over {TOO_MANY} mostly adds training time; "
+                                                     f"{SWEET_SPOT[0]}–{SWEET_SPOT[1]} well-chosen images do better"))
+    else:
+        sweet = SWEET_SPOT[0] <= count <= SWEET_SPOT[1]
+        checks.append(Check(OK, _count(count, "image"), "in the 40–50 sweet spot" if sweet else
+                            f"fine ({SWEET_SPOT[0]}–{SWEET_SPOT[1]} is the sweet spot)"))
+
+    sizes, corrupt, small = {}, [], []
+    for path in images:
+        name = str(path.relative_to(images_dir))
+        problem = image_problem(path)
+        if problem:
+            corrupt.append(name)
+            per_image[name] = [problem]
+            continue
+        with open_image(path) as img:
+            sizes[path] = img.size
+        if min(sizes[path]) < GOOD_SIDE:
+            small.append(name)
+            per_image.setdefault(name, []).append(f"small: {sizes[path][0]}×{sizes[path][1]}")
+    checks.append(Check(ERROR, _count(len(corrupt), "corrupt file"), _names(corrupt)) if corrupt
+                  else Check(OK, "All files decode"))
+    checks.append(Check(WARN, _count(len(small), "image") + f" under {GOOD_SIDE} px on the short side",
+                        _names(small) + ". They will look soft; replace them with larger ones.") if small
+                  else Check(OK, f"All images at least {GOOD_SIDE} px on the short side"))
+
+    if sizes:
+        shapes = Counter("portrait" if h > w * 1.1 else "landscape" if w > h * 1.1 else "square"
+                         for w, h in sizes.values())
+        buckets = Counter(pick_bucket(s, make_buckets(GOOD_SIDE)) for s in sizes.values())
+        spread = ", ".join(f"{n} {kind}" for kind, n in shapes.most_common())
+        lonely = sum(1 for n in buckets.values() if n == 1)
+        detail = f"{spread}; {len(buckets)} aspect-ratio buckets"
+        if lonely > 2:
+            checks.append(Check(WARN, "Aspect ratios", f"{detail}, {lonely} holding a single image (batches of 1)"))
+        else:
+            checks.append(Check(OK, "Aspect ratios", detail))
+
+        hashes = {p: _hash(p) for p in sizes}
+        paths = list(hashes)
+        pairs = [(a, b) for i, a in enumerate(paths) for b in paths[i + 1:]
+                 if hashes[a] - hashes[b] <= DUPLICATE_DISTANCE]
+        for a, b in pairs:
+            for one, other in ((a, b), (b, a)):
+                per_image.setdefault(str(one.relative_to(images_dir)), []).append(f"near-duplicate of {other.name}")
+        checks.append(Check(WARN, _count(len(pairs), "near-duplicate pair"), _names(
+            [f"{a.name} ≈ {b.name}" for a, b in pairs]) + ". Keep the better one of each.") if pairs
+                      else Check(OK, "No near-duplicates"))
+
+    uncaptioned = [str(p.relative_to(images_dir)) for p in images if not read_caption(p)]
+    checks.append(Check(WARN, _count(len(uncaptioned), "image") + " without a caption",
+                        "caption them in the Caption tab") if uncaptioned else Check(OK, "Every image has a caption"))
+    return QualityReport(checks, per_image)
+
+
+def thumbnail(path: Path, images_dir: Path) -> Path:
+    """A small JPEG beside the dataset (``.thumbs/``), so the gallery never ships full-size photos to the browser."""
+    relative = path.relative_to(images_dir)
+    thumb = images_dir / ".thumbs" / relative.with_suffix(".jpg")
+    if thumb.is_file() and thumb.stat().st_mtime >= path.stat().st_mtime:
+        return thumb
+    thumb.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open_image(path) as img:
+            img.draft("RGB", (THUMB_SIZE * 2, THUMB_SIZE * 2))
+            small = to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        small = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (90, 20, 20))  # a visible placeholder for a bad file
+    small.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    write_bytes_atomic(thumb, buffer.getvalue())
+    return thumb
+
+
+def remove_images(images_dir: Path, names: list[str]) -> list[str]:
+    """Delete images (and their captions and thumbnails) from a dataset; names must be inside it."""
+    removed = []
+    for name in names:
+        path = (images_dir / name).resolve()
+        if images_dir.resolve() not in path.parents or not path.is_file():
+            continue
+        for extra in (caption_path(path), images_dir / ".thumbs" / Path(name).with_suffix(".jpg")):
+            extra.unlink(missing_ok=True)
+        path.unlink()
+        removed.append(name)
+    return removed
+
+
+def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, center_crop: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[int, list[str]]:
+    """Write training copies: short side at ``resolution`` in aspect-ratio buckets (or a centred square crop).
+
+    The copies replace the previous ones in one rename at the end, so a failure leaves the last good set in place.
+    """
+    images = list_images(images_dir)
+    if not images:
+        raise UserError("The dataset has no images to prepare. Add some in the Dataset tab.")
+    buckets = [(resolution, resolution)] if center_crop else make_buckets(resolution)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=prepared_dir.parent))
+    skipped = []
+    try:
+        for index, path in enumerate(images):
+            relative = path.relative_to(images_dir)
+            try:
+                img = open_rgb(path)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                skipped.append(f"{relative}: {exc}")
+                continue
+            fitted = fit_to_bucket(img, pick_bucket(img.size, buckets))
+            target = staging / relative.with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fitted.save(target)
+            caption = read_caption(path)
+            if caption is not None:
+                shutil.copyfile(caption_path(path), caption_path(target))
+            if progress:
+                progress(index + 1, len(images))
+        old = prepared_dir.with_name(prepared_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if prepared_dir.exists():
+            prepared_dir.rename(old)
+        staging.rename(prepared_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return len(images) - len(skipped), skipped

@@ -1,0 +1,117 @@
+"""Caption tab: BLIP captions with the trigger word first, editing beside each thumbnail, find/replace, tag counts."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import gradio as gr
+
+from .. import captioning, dataset, quality
+from ..errors import UserError
+from . import AppContext, user_errors
+from .dataset_tab import images_dir
+
+TITLE = "Caption"
+LOCAL = "Local folder…"
+PAGE_SIZE = 24
+MAX_TOKENS = 75
+
+
+@cache
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    from ..models import SD15_CONFIG_DIR
+
+    return CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer")
+
+
+def caption_note(text: str) -> str:
+    """Advice shown under a caption: CLIP reads 75 tokens, the rest is cut off in training."""
+    tokens = len(_tokenizer()(text).input_ids) - 2
+    if tokens > MAX_TOKENS:
+        return f"⚠️ {tokens} tokens: only the first {MAX_TOKENS} are used in training; shorten it."
+    return f"{tokens} tokens"
+
+
+def build(ctx: AppContext) -> None:
+    """Widgets and events of the Caption tab."""
+    with gr.Row():
+        model = gr.Dropdown(label="Captioning model", choices=[*captioning.BLIP_MODELS, LOCAL],
+                            value=next(iter(captioning.BLIP_MODELS)), scale=2)
+        local = gr.Textbox(label="Local BLIP folder (for 'Local folder…')", placeholder="/models/blip-base",
+                           scale=3, elem_id="blip-folder")
+    with gr.Row():
+        trigger = gr.Textbox(label="Trigger word (always first)", placeholder="ohwx", elem_id="trigger-word")
+        prefix = gr.Textbox(label="Prefix", placeholder="photo of")
+        suffix = gr.Textbox(label="Suffix", placeholder="high quality")
+    with gr.Row():
+        style = gr.Radio(["sentence", "tags"], value="sentence", label="Style")
+        mode = gr.Radio(["only images without a caption", "overwrite all"], value="only images without a caption",
+                        label="Which images")
+        max_length = gr.Slider(10, 75, value=40, step=1, label="Maximum length (tokens)")
+        batch_size = gr.Slider(1, 32, value=8, step=1, label="Batch size")
+    run = gr.Button("Caption images", variant="primary", elem_id="caption-run")
+    status = gr.Markdown(elem_id="caption-status")
+    with gr.Accordion("Find and replace, tag frequencies", open=False):
+        with gr.Row():
+            find = gr.Textbox(label="Find")
+            replace = gr.Textbox(label="Replace with")
+            apply = gr.Button("Replace in all captions")
+        tags = gr.Dataframe(headers=["tag", "count"], label="Tag frequencies", interactive=False)
+    page = gr.Number(label="Page", value=1, precision=0, minimum=1)
+    revision = ctx.revision
+
+    @user_errors
+    def on_caption(name: str | None, choice: str, folder: str, trigger_word: str, before: str, after: str,
+                   how: str, which: str, length: float, batch: float, version: int,
+                   progress: gr.Progress = gr.Progress()) -> tuple[str, int, list]:
+        source = folder.strip() if choice == LOCAL else captioning.BLIP_MODELS[choice]
+        if not source:
+            raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
+        options = captioning.CaptionOptions(trigger_word, before, after, int(length), how,
+                                            which == "overwrite all", int(batch))
+        progress(0, desc="Loading the captioner")
+        result = captioning.caption_dataset(ctx.cache, source, images_dir(ctx, name), options,
+                                            progress=lambda i, n: progress((i, n), desc="Captioning"))
+        lines = [f"Captioned {len(result.written)} images; kept {len(result.skipped)} existing captions."]
+        lines += [f"- ⚠️ {p}" for p in result.problems]
+        return "\n".join(lines), version + 1, dataset.tag_frequencies(images_dir(ctx, name))
+
+    @user_errors
+    def on_replace(name: str | None, needle: str, text: str, version: int) -> tuple[str, int, list]:
+        changed = dataset.find_replace_captions(images_dir(ctx, name), needle, text)
+        return f"Replaced in {changed} captions.", version + 1, dataset.tag_frequencies(images_dir(ctx, name))
+
+    run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size,
+                           revision], [status, revision, tags])
+    apply.click(on_replace, [ctx.dataset, find, replace, revision], [status, revision, tags])
+    ctx.dataset.change(lambda name: dataset.tag_frequencies(images_dir(ctx, name)) if name else [], ctx.dataset,
+                       tags)
+
+    @gr.render(inputs=[ctx.dataset, page, revision])
+    def editor(name: str | None, page_number: float, _version: int) -> None:
+        if not name:
+            gr.Markdown("Choose or create a dataset above.")
+            return
+        folder = images_dir(ctx, name)
+        images = quality.list_images(folder)
+        first = (max(int(page_number or 1), 1) - 1) * PAGE_SIZE
+        gr.Markdown(f"Images {first + 1}–{min(first + PAGE_SIZE, len(images))} of {len(images)}. "
+                    "Captions save as you type.")
+        for path in images[first:first + PAGE_SIZE]:
+            relative = str(path.relative_to(folder))
+            text = dataset.read_caption(path) or ""
+            with gr.Row(elem_classes="caption-row"):
+                gr.Image(str(quality.thumbnail(path, folder)), show_label=False, interactive=False, scale=1,
+                         buttons=["fullscreen"],
+                         height=160)
+                box = gr.Textbox(text, label=relative, info=caption_note(text), lines=3, scale=4, interactive=True,
+                                 key=f"caption-{relative}", elem_classes="caption-box")
+
+            def save(value: str, image=path) -> dict:  # noqa: ANN001 - bound per row
+                dataset.write_caption(image, value)
+                return gr.update(info=caption_note(value))
+
+            box.input(save, box, box, trigger_mode="always_last", show_progress="hidden")
+            box.blur(save, box, box, show_progress="hidden")

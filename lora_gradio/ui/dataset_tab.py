@@ -1,0 +1,106 @@
+"""Dataset tab: add images (drop, zip, server folder), see each file's status and the quality report, prepare copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from .. import imports, quality
+from ..errors import UserError
+from . import AppContext, user_errors
+
+TITLE = "Dataset"
+STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}
+
+
+def images_dir(ctx: AppContext, name: str | None) -> Path:
+    """The images folder of the selected dataset; a clear message when none is selected."""
+    if not name:
+        raise UserError("Choose or create a dataset first (above the tabs).")
+    return ctx.workspace.dataset_dir(name) / "images"
+
+
+def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
+    """Gallery items, report and removable names for the dataset."""
+    if not name:
+        return [], "Choose or create a dataset above.", gr.update(choices=[], value=[])
+    folder = images_dir(ctx, name)
+    images = quality.list_images(folder)
+    report = quality.check_dataset(folder)
+    gallery = []
+    for path in images:
+        relative = str(path.relative_to(folder))
+        problems = report.per_image.get(relative, [])
+        gallery.append((str(quality.thumbnail(path, folder)),
+                        f"{'⚠️ ' if problems else ''}{relative}" + (f": {'; '.join(problems)}" if problems else "")))
+    names = [str(p.relative_to(folder)) for p in images]
+    return gallery, report.markdown(), gr.update(choices=names, value=[])
+
+
+def results_table(results: list[imports.FileResult]) -> list[list[str]]:
+    """Per-file outcomes as table rows."""
+    return [[f"{STATUS_SYMBOL[r.status]} {r.status}", r.name, r.message] for r in results]
+
+
+def build(ctx: AppContext) -> None:
+    """Widgets and events of the Dataset tab."""
+    gr.Markdown("Drop 15–200 photos of one subject or style (40–50 is the sweet spot). Captions as same-name `.txt` "
+                "files, zips and kohya folders (`10_ohwx woman/`) work too. Your original files are never changed.")
+    with gr.Row():
+        upload = gr.File(label="Drop images, .txt captions or a .zip", file_count="multiple",
+                         file_types=["image", ".zip", ".txt", ".webp"], elem_id="upload", scale=3)
+        with gr.Column(scale=2):
+            folder = gr.Textbox(label="…or import a folder on this server", placeholder="/path/to/photos",
+                                elem_id="import-folder")
+            import_folder = gr.Button("Import folder")
+    results = gr.Dataframe(headers=["status", "file", "message"], label="Import results", interactive=False,
+                           wrap=True, elem_id="import-results")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images", columns=6, height="auto", object_fit="contain",
+                                 elem_id="gallery")
+        with gr.Column(scale=2):
+            report = gr.Markdown(elem_id="quality-report")
+            remove_names = gr.Dropdown(label="Remove from the dataset", multiselect=True, choices=[])
+            remove = gr.Button("Remove selected", variant="stop")
+    with gr.Row():
+        resolution = gr.Number(label="Training resolution", value=512, precision=0, minimum=256, maximum=2048,
+                               step=64)
+        center_crop = gr.Checkbox(label="Centre-crop to a square (otherwise aspect-ratio buckets)", value=False)
+        prepare = gr.Button("Prepare training copies", variant="primary")
+    prepared = gr.Markdown()
+    outputs = [gallery, report, remove_names]  # refreshed whenever the dataset or its files change
+
+    @user_errors
+    def on_upload(name: str | None, files: list[str] | None, version: int) -> tuple:
+        found = imports.import_sources([Path(f) for f in files or []], images_dir(ctx, name))
+        return results_table(found), version + 1, None
+
+    @user_errors
+    def on_folder(name: str | None, path: str, version: int) -> tuple:
+        source = Path(path.strip()).expanduser()
+        if not source.is_dir():
+            raise UserError(f"'{path}' is not a folder on this server.")
+        found = imports.import_entries(imports.folder_entries(source), images_dir(ctx, name))
+        return results_table(found), version + 1
+
+    @user_errors
+    def on_remove(name: str | None, names: list[str], version: int) -> tuple:
+        gone = quality.remove_images(images_dir(ctx, name), names or [])
+        return [["🗑 removed", n, ""] for n in gone], version + 1
+
+    @user_errors
+    def on_prepare(name: str | None, size: float, crop: bool, progress: gr.Progress = gr.Progress()) -> str:
+        folder = images_dir(ctx, name)
+        done, skipped = quality.prepare_dataset(folder, folder.parent / "prepared", int(size), crop,
+                                                progress=lambda i, n: progress((i, n), desc="Preparing"))
+        lines = [f"Prepared {done} training copies at {int(size)} px in `{folder.parent / 'prepared'}`."]
+        return "\n".join(lines + [f"- skipped {s}" for s in skipped])
+
+    upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [results, ctx.revision, upload])
+    import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [results, ctx.revision])
+    remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [results, ctx.revision])
+    prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepared)
+    ctx.revision.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs)
+    ctx.dataset.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs)

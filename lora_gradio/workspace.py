@@ -1,0 +1,111 @@
+"""Where things live: datasets, models (ComfyUI's folder names, shareable with a ComfyUI install) and outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import write_text_atomic
+from .errors import UserError
+
+DATASET_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
+SETTINGS_FILE = "settings.json"
+MODEL_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """One folder holding ``datasets/<name>/``, ``models/checkpoints``, ``models/loras`` and ``outputs/<run>/``."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: Path | str) -> Workspace:
+        """Create the folder layout if needed and return the workspace."""
+        workspace = cls(Path(root).expanduser().resolve())
+        try:
+            for folder in (workspace.datasets_dir, workspace.checkpoints_dir, workspace.loras_dir,
+                           workspace.outputs_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"Cannot create the workspace at '{workspace.root}': {exc.strerror or exc}. "
+                            "Pass --workspace with a folder you can write to.") from exc
+        return workspace
+
+    @property
+    def settings(self) -> dict:
+        """Saved settings (such as a shared ComfyUI models folder)."""
+        path = self.root / SETTINGS_FILE
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except json.JSONDecodeError:
+            return {}
+
+    @property
+    def models_dir(self) -> Path:
+        """``models/`` here, or the models folder of a ComfyUI install when one is set."""
+        shared = self.settings.get("models_dir")
+        return Path(shared) if shared else self.root / "models"
+
+    def use_models_dir(self, folder: Path | str | None) -> None:
+        """Point ``models/`` at an existing folder (e.g. ``ComfyUI/models``) so checkpoints and LoRAs are shared."""
+        settings = self.settings
+        if folder:
+            path = Path(folder).expanduser().resolve()
+            if path.name != "models" and (path / "models").is_dir():
+                path = path / "models"  # the ComfyUI install itself was given
+            if not path.is_dir():
+                raise UserError(f"'{folder}' is not a folder. Give the path of ComfyUI's 'models' folder.")
+            (path / "checkpoints").mkdir(exist_ok=True)
+            (path / "loras").mkdir(exist_ok=True)
+            settings["models_dir"] = str(path)
+        else:
+            settings.pop("models_dir", None)
+        write_text_atomic(self.root / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Named datasets."""
+        return self.root / "datasets"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Base models, as in ComfyUI's ``models/checkpoints``."""
+        return self.models_dir / "checkpoints"
+
+    @property
+    def loras_dir(self) -> Path:
+        """LoRA files, as in ComfyUI's ``models/loras``."""
+        return self.models_dir / "loras"
+
+    @property
+    def outputs_dir(self) -> Path:
+        """One folder per training run."""
+        return self.root / "outputs"
+
+    def dataset_dir(self, name: str, create: bool = False) -> Path:
+        """The folder of a dataset, checking the name so it can never point outside the workspace."""
+        name = (name or "").strip()
+        if not DATASET_NAME.match(name) or name in (".", ".."):
+            raise UserError(f"'{name}' is not a usable dataset name: use letters, digits, spaces, '.', '-' or '_' "
+                            "(up to 64 characters).")
+        folder = self.datasets_dir / name
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise UserError(f"Dataset '{name}' does not exist. Create it in the Dataset tab first.")
+        return folder
+
+    def list_datasets(self) -> list[str]:
+        """Dataset names, sorted."""
+        return sorted(p.name for p in self.datasets_dir.iterdir() if p.is_dir())
+
+    def list_checkpoints(self) -> list[str]:
+        """Checkpoint files and diffusers folders in ``models/checkpoints``."""
+        folder = self.checkpoints_dir
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir()
+                      if p.suffix.lower() in MODEL_SUFFIXES or (p / "model_index.json").is_file())

@@ -1,0 +1,131 @@
+"""The Dataset and Caption tabs in a real browser against the real app."""
+
+import re
+
+import pytest
+from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
+from browser import browser_page, running_app, screenshot, wait_for
+from PIL import Image
+from tiny_blip import save_tiny_blip
+
+from lora_gradio.dataset import read_caption
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The app's URL and its workspace folder."""
+    workspace = tmp_path_factory.mktemp("app") / "workspace"
+    with running_app(workspace) as url:
+        yield url, workspace
+
+
+def create_dataset(page, url, name):
+    page.goto(url)
+    page.locator("#new-dataset").get_by_role("textbox").fill(name)
+    page.locator("#create-dataset").click()
+    wait_for(lambda: page.locator("#dataset-picker").get_by_role("combobox").input_value() == name,
+             what="the new dataset to be selected")
+
+
+def upload(page, files):
+    page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
+
+
+def type_into(box, text):
+    """Replace a textbox's content by typing, as a person does (key events, not a scripted value)."""
+    box.click()
+    box.press("ControlOrMeta+a")
+    box.press_sequentially(text)
+
+
+def results_text(page):
+    return page.locator("#import-results").inner_text()
+
+
+def test_upload_report_caption_and_edit(app, tmp_path):
+    app_url, workspace = app
+    sources = tmp_path / "photos"
+    sources.mkdir()
+    for index in range(10):
+        (sources / f"photo{index:02d}.png").write_bytes(photo_bytes(index))
+    Image.new("RGB", (200, 260), "orange").save(sources / "tiny.png")
+    truncated_jpeg(sources / "corrupt.jpg")
+    blip = save_tiny_blip(tmp_path / "blip")
+    originals = {p.name: p.read_bytes() for p in sources.iterdir()}
+
+    with browser_page() as page:
+        create_dataset(page, app_url, "journey")
+        upload(page, sorted(sources.iterdir()))
+        wait_for(lambda: "corrupt.jpg" in results_text(page), what="import results")
+        table = results_text(page)
+        assert re.search(r"skipped\s+corrupt\.jpg\s+corrupt or truncated", table)
+        assert re.search(r"warning\s+tiny\.png\s+small \(200×260\)", table)
+        report = page.locator("#quality-report")
+        wait_for(lambda: "11 images" in report.inner_text(), what="the quality report")
+        assert "1 image under 512 px on the short side: tiny.png" in report.inner_text()
+        screenshot(page, "dataset-tab")
+
+        page.get_by_role("tab", name="Caption").click()
+        page.get_by_label("Captioning model").click()
+        page.get_by_role("option", name="Local folder…").click()
+        page.locator("#blip-folder").get_by_role("textbox").fill(str(blip))
+        page.locator("#trigger-word").get_by_role("textbox").fill("ohwx")
+        page.locator("#caption-run").click()
+        wait_for(lambda: "Captioned 11 images" in page.locator("#caption-status").inner_text(), timeout=60,
+                 what="captioning to finish")
+        edited = page.get_by_label("photo03.png")
+        wait_for(lambda: edited.input_value().startswith("ohwx, "), what="captions in the editor")
+        type_into(edited, "ohwx, a portrait edited in the page")
+        folder = workspace / "datasets" / "journey" / "images"
+        wait_for(lambda: read_caption(folder / "photo03.png") == "ohwx, a portrait edited in the page",
+                 what="the edited caption on disk")
+        screenshot(page, "caption-tab")
+
+    captions = sorted(folder.glob("*.txt"))
+    assert [c.stem for c in captions] == [f"photo{i:02d}" for i in range(10)] + ["tiny"]
+    for caption in captions:
+        assert caption.read_text(encoding="utf-8").startswith("ohwx, ")
+    assert {p.name: p.read_bytes() for p in sources.iterdir()} == originals
+    assert (folder / "photo00.png").read_bytes() == originals["photo00.png"]
+
+
+def test_bad_files_each_get_a_visible_message_and_the_app_carries_on(app, tmp_path):
+    app_url, workspace = app
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "readme.png").write_text("this is text, not a picture")
+    truncated_jpeg(bad / "half.jpg")
+    Image.new("RGB", (1, 1)).save(bad / "pixel.png")
+    png_bomb(bad / "bomb.png")
+    zip_slip(bad / "slip.zip", photo_bytes(20))
+    zip_bomb(bad / "zipbomb.zip")
+    (bad / "Ünïcode name 写真.png").write_bytes(photo_bytes(21))
+    (bad / "Ünïcode name 写真.txt").write_text("ohwx, " + "very long caption " * 277, encoding="utf-8")
+    originals = {p.name: p.read_bytes() for p in bad.iterdir()}
+
+    with browser_page() as page:
+        create_dataset(page, app_url, "hostile")
+        upload(page, sorted(bad.iterdir()))
+        wait_for(lambda: "Ünïcode" in results_text(page), what="import results")
+        table = results_text(page)
+        for pattern in [r"zero\.png\s+empty file", r"readme\.png\s+not an image", r"half\.jpg\s+corrupt",
+                        r"pixel\.png\s+too small \(1×1\)", r"bomb\.png\s+20000×20000 is over 64 megapixels",
+                        r"\.\./\.\./escaped\.png\s+unsafe path", r"huge\.png\s+.*possible zip bomb",
+                        r"imported\s+ok\.png", r"imported\s+Ünïcode name 写真\.png"]:
+            assert re.search(pattern, table), pattern
+        screenshot(page, "dataset-bad-files")
+
+        page.get_by_role("tab", name="Caption").click()
+        long_box = page.get_by_label("Ünïcode name 写真.png")
+        wait_for(lambda: long_box.input_value().startswith("ohwx, very long"), what="the long caption")
+        assert "only the first 75 are used" in page.locator(".caption-box").filter(has=long_box).inner_text()
+        type_into(long_box, "ohwx, shortened")
+        folder = workspace / "datasets" / "hostile" / "images"
+        wait_for(lambda: read_caption(folder / "Ünïcode name 写真.png") == "ohwx, shortened", what="saved edit")
+
+        create_dataset(page, app_url, "after")  # the app still answers
+    assert {p.name: p.read_bytes() for p in bad.iterdir()} == originals
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["ok.png", "Ünïcode name 写真.png",
+                                                                         "Ünïcode name 写真.txt"]
+    assert not list(workspace.rglob("escaped.png"))
