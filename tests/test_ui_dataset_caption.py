@@ -27,8 +27,12 @@ def create_dataset(page, url, name):
              what="the new dataset to be selected")
 
 
-def upload(page, files):
-    page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
+def import_into_new_dataset(page, url, name, folder, last_name):
+    """Create a dataset, drop every file of ``folder`` on the upload box, and return the import results table."""
+    create_dataset(page, url, name)
+    page.locator("#upload input[type=file]").set_input_files([str(f) for f in sorted(folder.iterdir())])
+    wait_for(lambda: last_name in results_text(page), what="import results")
+    return results_text(page)
 
 
 def type_into(box, text):
@@ -54,10 +58,7 @@ def test_upload_report_caption_and_edit(app, tmp_path):
     originals = {p.name: p.read_bytes() for p in sources.iterdir()}
 
     with browser_page() as page:
-        create_dataset(page, app_url, "journey")
-        upload(page, sorted(sources.iterdir()))
-        wait_for(lambda: "corrupt.jpg" in results_text(page), what="import results")
-        table = results_text(page)
+        table = import_into_new_dataset(page, app_url, "journey", sources, "corrupt.jpg")
         assert re.search(r"skipped\s+corrupt\.jpg\s+corrupt or truncated", table)
         assert re.search(r"warning\s+tiny\.png\s+small \(200×260\)", table)
         report = page.locator("#quality-report")
@@ -105,10 +106,7 @@ def test_bad_files_each_get_a_visible_message_and_the_app_carries_on(app, tmp_pa
     originals = {p.name: p.read_bytes() for p in bad.iterdir()}
 
     with browser_page() as page:
-        create_dataset(page, app_url, "hostile")
-        upload(page, sorted(bad.iterdir()))
-        wait_for(lambda: "Ünïcode" in results_text(page), what="import results")
-        table = results_text(page)
+        table = import_into_new_dataset(page, app_url, "hostile", bad, "Ünïcode")
         for pattern in [r"zero\.png\s+empty file", r"readme\.png\s+not an image", r"half\.jpg\s+corrupt",
                         r"pixel\.png\s+too small \(1×1\)", r"bomb\.png\s+20000×20000 is over 64 megapixels",
                         r"\.\./\.\./escaped\.png\s+unsafe path", r"huge\.png\s+.*possible zip bomb",
