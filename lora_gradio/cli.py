@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .training.loop import TrainEvent, TrainResult
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -57,23 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--cfg", type=float, default=7.0)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M Karras' or DDIM")
     gen.add_argument("--strength-model", type=float, default=1.0, help="LoRA strength on the UNet (ComfyUI)")
     gen.add_argument("--strength-clip", type=float, default=1.0, help="LoRA strength on the text encoder (ComfyUI)")
     gen.add_argument("--output", type=Path, required=True, help="PNG file to write")
     gen.add_argument("--allow-pickle", action="store_true")
+
+    resume = sub.add_parser("resume", help="continue an interrupted training run")
+    resume.add_argument("run", type=Path, help="the run's output folder (it holds job.json)")
 
     sub.add_parser("presets", help="list the presets")
     return parser
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train with a tqdm bar; Ctrl-C stops cleanly and saves what was learned."""
-    from tqdm import tqdm
-
+    """Start a run from a preset, the overrides and a dataset."""
     from .dataset import make_demo_dataset
+    from .jobs import run_training
     from .models import DEMO, DEMO_NOTE, resolve_base
     from .training.config import apply_overrides, load_preset
-    from .training.loop import TrainEvent, train
 
     config, _ = load_preset(args.preset)
     config = apply_overrides(config, parse_overrides(args.overrides))
@@ -85,6 +93,19 @@ def run_train(args: argparse.Namespace) -> int:
         data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word or "lgdemo")
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
+    return with_progress(lambda on_event, stop: run_training(config, base, data, args.output, on_event, stop))
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    """Continue an interrupted run where its last save left off."""
+    from .jobs import resume_training
+
+    return with_progress(lambda on_event, stop: resume_training(args.run, on_event, stop))
+
+
+def with_progress(work: Callable[[Callable, threading.Event], TrainResult]) -> int:
+    """Run training with a tqdm bar and messages on stderr; Ctrl-C stops cleanly and saves what was learned."""
+    from tqdm import tqdm
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -105,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
             bar.write(event.message, file=sys.stderr)
 
     try:
-        result = train(config, base, data, args.output, on_event=on_event, stop=stop)
+        result = work(on_event, stop)
     finally:
         bar.close()
     if main_process:
@@ -117,17 +138,16 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     """One image to a PNG file."""
 
-    from .atomic import write_bytes_atomic
-    from .inference import GenerateRequest, generate
+    from .inference import SCHEDULERS, GenerateRequest, generate, save_png
     from .models import ModelCache, resolve_base
 
+    if args.scheduler not in SCHEDULERS:
+        raise UserError(f"Unknown --scheduler '{args.scheduler}': use one of {', '.join(SCHEDULERS)}.")
     base = resolve_base(args.base, allow_pickle=args.allow_pickle)
     image = generate(ModelCache(), base, GenerateRequest(
-        args.prompt, args.negative, args.seed, args.steps, args.cfg, lora=args.lora,
-        strength_model=args.strength_model, strength_clip=args.strength_clip))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_bytes_atomic(args.output, buffer.getvalue())
+        args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.scheduler,
+        lora=args.lora, strength_model=args.strength_model, strength_clip=args.strength_clip))
+    save_png(image, args.output)
     print(args.output)
     return 0
 
@@ -140,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "resume":
+            return run_resume(args)
         from .training.config import list_presets, load_preset
 
         for name in list_presets():

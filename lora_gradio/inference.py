@@ -1,21 +1,36 @@
-"""Generate images from a cached base model with a LoRA at ComfyUI-style strengths."""
+"""Generate images from the cached base model with a LoRA at ComfyUI-style strengths, and comparison grids.
+
+The base model stays loaded: changing the LoRA, the epoch or a strength only loads, weights or removes an adapter.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
+from .atomic import write_bytes_atomic
+from .errors import UserError
 from .models import BaseModelSpec, ModelCache, pick_device
 from .training import kohya
 
 LORA_ADAPTER = "test_lora"
+# name -> (diffusers scheduler class, extra config), the samplers people know from A1111 and ComfyUI
+SCHEDULERS = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateRequest:
-    """One image's settings. Strengths mean what they mean in ComfyUI's Load LoRA node."""
+    """One image's settings. Strengths mean what they mean in ComfyUI's Load LoRA node (-2 to 2)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -24,27 +39,110 @@ class GenerateRequest:
     cfg: float = 7.0
     width: int | None = None
     height: int | None = None
+    scheduler: str = "Euler"
     lora: Path | None = None
     strength_model: float = 1.0
     strength_clip: float = 1.0
 
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the field and the allowed range."""
+        checks = [(1 <= self.steps <= 150, f"steps = {self.steps}: use 1 to 150"),
+                  (0 <= self.cfg <= 30, f"CFG = {self.cfg}: use 0 to 30"),
+                  (-2 <= self.strength_model <= 2, f"strength_model = {self.strength_model}: use -2 to 2"),
+                  (-2 <= self.strength_clip <= 2, f"strength_clip = {self.strength_clip}: use -2 to 2"),
+                  (self.scheduler in SCHEDULERS, f"scheduler '{self.scheduler}': use one of {', '.join(SCHEDULERS)}"),
+                  (len(self.prompt) <= 2000, f"the prompt is {len(self.prompt)} characters: CLIP reads about 75 "
+                                             "tokens, so shorten it")]
+        for size in (self.width, self.height):
+            checks.append((size is None or (64 <= size <= 2048 and size % 8 == 0),
+                           f"size {size}: use a multiple of 8 from 64 to 2048"))
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise UserError("Cannot generate: " + "; ".join(problems) + ".")
+
+    def parameters_text(self, base: BaseModelSpec, width: int, height: int) -> str:
+        """The A1111-style ``parameters`` text stored in the PNG and shown under the image."""
+        lora = f", Lora: {Path(self.lora).name}, strength_model: {self.strength_model}, " \
+               f"strength_clip: {self.strength_clip}" if self.lora else ""
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.cfg}, "
+                f"Seed: {self.seed}, Size: {width}x{height}, Model: {base.display_name}{lora}")
+
+
+def random_seed() -> int:
+    """A fresh seed for the 'random' button."""
+    return random.randint(0, 2**32 - 1)
+
 
 def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest) -> Image.Image:
-    """One image. ``strength_model`` scales the LoRA on the UNet, ``strength_clip`` on the text encoder."""
+    """One image, carrying its parameters in ``image.info['parameters']`` (saved as PNG text)."""
+    import diffusers
     import torch
 
+    request.validate()
     pipe = cache.pipeline(base)
     device = pick_device()
     pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     pipe.unload_lora_weights()
     if request.lora is not None:
         kohya.load_lora_into(pipe, Path(request.lora), LORA_ADAPTER)
         strengths = {"unet": request.strength_model, "text_encoder": request.strength_clip}
         present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
         pipe.set_adapters([LORA_ADAPTER], adapter_weights=[{k: v for k, v in strengths.items() if k in present}])
+    class_name, extra = SCHEDULERS[request.scheduler]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = request.width or size, request.height or size
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    result = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
-                  num_inference_steps=request.steps, guidance_scale=request.cfg, width=request.width or size,
-                  height=request.height or size, generator=generator)
-    return result.images[0]
+    try:
+        image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
+                     num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
+                     generator=generator).images[0]
+    finally:
+        pipe.unload_lora_weights()
+    image.info["parameters"] = request.parameters_text(base, width, height)
+    return image
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Save with the generation parameters as PNG text, as A1111 and ComfyUI read them back."""
+    info = PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest,
+                 loras: list[tuple[str, Path]], strengths: list[float]) -> Image.Image:
+    """Rows of LoRA files (epochs) by columns of strengths, one seed, labelled axes."""
+    if not loras or not strengths:
+        raise UserError("Pick at least one LoRA file and one strength for the grid.")
+    if len(loras) * len(strengths) > 64:
+        raise UserError(f"A {len(loras)}×{len(strengths)} grid is {len(loras) * len(strengths)} images; "
+                        "keep it to 64 or fewer.")
+    cells = [[generate(cache, base, replace(request, lora=path, strength_model=s, strength_clip=s))
+              for s in strengths] for _, path in loras]
+    return label_grid(cells, [label for label, _ in loras], [f"strength {s:g}" for s in strengths])
+
+
+def label_grid(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+    """Paste equally sized images into a grid with a header row and a label column."""
+    width, height = cells[0][0].size
+    font = ImageFont.load_default(size=max(12, min(width, height) // 12))
+    margin_left, margin_top = max(120, width // 2), max(32, height // 6)
+    grid = Image.new("RGB", (margin_left + width * len(column_labels), margin_top + height * len(row_labels)),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(column_labels):
+        draw.text((margin_left + column * width + 4, 4), label, fill="black", font=font)
+    for row, label in enumerate(row_labels):
+        draw.text((4, margin_top + row * height + 4), label, fill="black", font=font)
+        for column, cell in enumerate(cells[row]):
+            grid.paste(cell, (margin_left + column * width, margin_top + row * height))
+    return grid

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -284,17 +285,46 @@ class ModelCache:
         self._lock = threading.RLock()
         self._key: Hashable | None = None
         self._model: Any = None
+        self._busy: tuple[int, str] | None = None  # (thread, what) while a long job owns the model
         self.loads = 0
 
     def get(self, key: Hashable, loader: Callable[[], T]) -> T:
         """The cached model for ``key``, or ``loader()``'s result after releasing whatever was held."""
         with self._lock:
+            if self._busy and self._busy[0] != threading.get_ident():
+                raise UserError(f"The model is busy with {self._busy[1]}. Try again when it has finished, "
+                                "or stop it first.")
             if self._key != key or self._model is None:
                 self._release()
                 self._model = loader()
                 self._key = key
                 self.loads += 1
             return self._model
+
+    @contextmanager
+    def busy(self, what: str) -> Iterator[None]:
+        """Reserve the cache for this thread during a long job; other threads get a clear 'busy' message."""
+        with self._lock:
+            self._busy = (threading.get_ident(), what)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy = None
+
+    def describe(self) -> str:
+        """What is loaded and how much memory its weights take, for the UI."""
+        with self._lock:
+            if self._model is None:
+                return "Model cache: empty"
+            parts = self._model.components.values() if hasattr(self._model, "components") else [self._model.model]
+            tensors = [p for m in parts if hasattr(m, "parameters") for p in m.parameters()]
+            size = sum(p.numel() * p.element_size() for p in tensors) / 2**30
+            device = tensors[0].device.type if tensors else "cpu"
+            kind, what = self._key
+            label = what.display_name if isinstance(what, BaseModelSpec) else what
+            return f"Model cache: {kind} {label}, {size:.2f} GB on {device}" + (
+                f" (busy: {self._busy[1]})" if self._busy else "")
 
     def pipeline(self, spec: BaseModelSpec) -> StableDiffusionPipeline:
         """The base pipeline for ``spec``."""

@@ -19,6 +19,7 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UnetModule = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 Rate = Annotated[float, Field(gt=0, le=10)]
+SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
 
 
 @dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
@@ -57,6 +58,8 @@ class TrainConfig:
     keep_tokens: Annotated[int, Field(ge=0, le=75)] = 0
     save_every_n_epochs: Annotated[int, Field(ge=0, le=10_000)] = 1
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    sample_prompts: Annotated[list[SamplePrompt], Field(max_length=8)] = dataclasses.field(default_factory=list)
+    sample_steps: Annotated[int, Field(ge=1, le=150)] = 20
 
     @field_validator("unet_modules")
     @classmethod
@@ -90,7 +93,10 @@ def _describe(error: dict[str, Any]) -> str:
     limits = {k: v for k, v in (error.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt", "multiple_of",
                                                                         "pattern")}
     allowed = ", ".join(f"{k} {v}" for k, v in limits.items())
-    return f"{name} = {error.get('input')!r}: {error['msg'].lower()}" + (f" ({allowed})" if allowed else "")
+    value = repr(error.get("input"))
+    if len(value) > 60:
+        value = f"{value[:40]}… ({len(str(error.get('input')))} characters)"
+    return f"{name} = {value}: {error['msg'].lower()}" + (f" ({allowed})" if allowed else "")
 
 
 def make_config(values: dict[str, Any], source: str = "settings") -> TrainConfig:

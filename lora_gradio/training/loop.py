@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import threading
@@ -13,24 +14,28 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..atomic import write_bytes_atomic
 from ..dataset import DatasetScan, scan_training_folder
 from ..errors import UserError
 from ..models import BaseModelSpec, ModelCache, quiet_libraries
 from . import kohya
 from .config import TEXT_ENCODER_MODULES, TrainConfig
 from .data import cache_latents, plan_epoch, process_caption, sample_latents
+from .samples import overtraining_warning, render_samples
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+RESUME_FILE = "resume-state.pt"
+CHECKPOINT_SECONDS = 600  # besides every epoch end, keep resume state at most this old
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class TrainEvent:
-    """One progress report. ``kind`` is status, warning, step, epoch, saved, done, stopped or error."""
+    """One progress report. ``kind`` is status, warning, step, epoch, saved, samples, done, stopped or error."""
 
     kind: str
     message: str = ""
@@ -43,6 +48,7 @@ class TrainEvent:
     it_per_s: float | None = None
     eta_s: float | None = None
     path: str | None = None
+    paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -160,8 +166,11 @@ def add_lora_adapters(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, c
 
 def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: Path,
           on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
-          cache: ModelCache | None = None) -> TrainResult:
-    """Train a LoRA on ``data_dir`` and save kohya files into ``output_dir``; ``stop`` ends it early with a save."""
+          cache: ModelCache | None = None, resume: bool = False) -> TrainResult:
+    """Train a LoRA on ``data_dir`` and save kohya files into ``output_dir``; ``stop`` ends it early with a save.
+
+    With ``resume``, continue the interrupted run in ``output_dir`` from its saved state (same config and data).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -187,9 +196,11 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
         emit(TrainEvent("warning", "Prodigy sets its own step size and expects learning rates near 1.0; "
                                    f"{config.unet_lr} will train very slowly."))
     emit(TrainEvent("status", f"Loading base model {base.display_name}"))
-    pipe = (cache or ModelCache()).pipeline(base)
+    cache = cache or ModelCache()
+    pipe = cache.pipeline(base)
     try:
-        return _train_on(pipe, config, base, scan, output_dir, accelerator, emit, stop)
+        with cache.busy("training"):
+            return _train_on(pipe, config, base, scan, output_dir, accelerator, emit, stop, resume)
     finally:
         pipe.unload_lora_weights()  # the cached base goes back to clean, ready for the next job
         if config.gradient_checkpointing:
@@ -202,7 +213,7 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
 
 def _train_on(pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseModelSpec, scan: DatasetScan,
               output_dir: Path, accelerator: Accelerator, emit: Callable[[TrainEvent], None],
-              stop: threading.Event) -> TrainResult:
+              stop: threading.Event, resume: bool) -> TrainResult:
     """The loop proper, on an already loaded pipeline."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -271,6 +282,23 @@ def _train_on(pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseMode
         captions_by_folder.setdefault(item.folder, []).append(item.caption)
     tag_frequency = kohya.tag_frequency(captions_by_folder)
     result = TrainResult(None, [], 0, 0, False, warnings=list(scan.warnings))
+    generator = torch.Generator().manual_seed(config.seed)
+    caption_rng = random.Random(config.seed)
+    lora_params = trainable_parameters(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
+    start_epoch, skip_batches = 0, 0
+    if resume:
+        state = load_state(output_dir)
+        start_epoch, skip_batches = state["epoch"], state["batches_in_epoch"]
+        result.steps, result.losses = state["step"], list(state["losses"])
+        for name, value in state["lora"].items():
+            lora_params[name].data.copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        caption_rng.setstate(state["caption_rng"])
+        emit(TrainEvent("status", f"Resuming at step {result.steps} (epoch {start_epoch + 1}, batch "
+                                  f"{skip_batches + 1})", step=result.steps, total_steps=total_steps,
+                        epoch=start_epoch, total_epochs=config.epochs))
 
     def save(name: str, epoch: int) -> Path:
         tensors = kohya.lora_state_dict(
@@ -283,16 +311,46 @@ def _train_on(pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseMode
                         total_epochs=config.epochs, path=str(path)))
         return path
 
+    def checkpoint(epoch: int, batches_in_epoch: int) -> None:
+        save_state(output_dir, {
+            "step": result.steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "losses": result.losses,
+            "lora": {k: v.detach().float().cpu() for k, v in lora_params.items()},
+            "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
+            "generator": generator.get_state(), "caption_rng": caption_rng.getstate()})
+
+    sample_dir = output_dir / "samples"
+    first_samples: list[Path] = sorted(sample_dir.glob("epoch0000-*.png")) if resume else []
+
+    def samples(epoch: int) -> list[Path]:
+        if not config.sample_prompts or not accelerator.is_main_process:
+            return []
+        emit(TrainEvent("status", f"Rendering sample images for epoch {epoch}"))
+        vae_device = pipe.vae.device
+        pipe.vae.to(accelerator.device)
+        paths = render_samples(pipe, list(config.sample_prompts), config.seed, config.sample_steps, sample_dir,
+                               epoch)
+        pipe.vae.to(vae_device)
+        emit(TrainEvent("samples", f"Samples for epoch {epoch}", epoch=epoch, total_epochs=config.epochs,
+                        paths=[str(p) for p in paths]))
+        warning = overtraining_warning(first_samples, paths, epoch)
+        if warning:
+            emit(TrainEvent("warning", warning, epoch=epoch))
+        return paths
+
     emit(TrainEvent("status", f"Training {total_steps} steps ({config.epochs} epochs of {steps_per_epoch})",
                     total_steps=total_steps, total_epochs=config.epochs))
-    generator = torch.Generator().manual_seed(config.seed)
-    caption_rng = random.Random(config.seed)
+    if not first_samples:
+        first_samples = samples(0)
     step_times: list[float] = []
     tick = time.perf_counter()
-    for epoch in range(config.epochs):
-        for batch in plan_epoch(cached, config.batch_size, config.seed, epoch, accelerator.process_index,
-                                accelerator.num_processes):
+    last_checkpoint = time.monotonic()
+    for epoch in range(start_epoch, config.epochs):
+        plan = plan_epoch(cached, config.batch_size, config.seed, epoch, accelerator.process_index,
+                          accelerator.num_processes)
+        done_in_epoch = skip_batches if epoch == start_epoch else 0
+        for batch in plan[done_in_epoch:]:
             items = [cached[i] for i in batch]
+            done_in_epoch += 1
             with accelerator.accumulate(*trained):
                 latents = sample_latents(items, generator, scaling).to(accelerator.device, weight_dtype)
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -345,24 +403,63 @@ def _train_on(pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseMode
                             eta_s=(total_steps - result.steps) / rate))
             if stop.is_set():
                 break
+            if accelerator.is_main_process and time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                checkpoint(epoch, done_in_epoch)
+                last_checkpoint = time.monotonic()
         result.epochs = epoch + 1
         if stop.is_set():
             result.stopped = True
+            if accelerator.is_main_process:
+                checkpoint(epoch, done_in_epoch)
             break
         emit(TrainEvent("epoch", f"Epoch {epoch + 1}/{config.epochs} done", step=result.steps,
                         total_steps=total_steps, epoch=epoch + 1, total_epochs=config.epochs))
         last = epoch + 1 == config.epochs
-        if accelerator.is_main_process and not last and config.save_every_n_epochs \
-                and (epoch + 1) % config.save_every_n_epochs == 0:
-            save(f"{config.output_name}-{epoch + 1:06d}", epoch + 1)
+        if accelerator.is_main_process:
+            checkpoint(epoch + 1, 0)
+            last_checkpoint = time.monotonic()
+            if not last and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0:
+                save(f"{config.output_name}-{epoch + 1:06d}", epoch + 1)
+                samples(epoch + 1)
 
     if accelerator.device.type == "cuda":
         result.peak_memory_gb = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     if accelerator.is_main_process:
         result.lora_path = save(config.output_name, result.epochs)
+        if not result.stopped:
+            samples(result.epochs)
+            state_path(output_dir).unlink(missing_ok=True)  # finished: nothing left to resume
     accelerator.wait_for_everyone()
     emit(TrainEvent("stopped" if result.stopped else "done",
                     f"{'Stopped' if result.stopped else 'Finished'} after {result.steps} steps: {result.lora_path}",
                     step=result.steps, total_steps=total_steps, epoch=result.epochs, total_epochs=config.epochs,
                     path=str(result.lora_path) if result.lora_path else None))
     return result
+
+
+def trainable_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters by a stable name, for resume state."""
+    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    named.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    return named
+
+
+def state_path(output_dir: Path) -> Path:
+    """Where an unfinished run keeps what it needs to resume."""
+    return Path(output_dir) / RESUME_FILE
+
+
+def save_state(output_dir: Path, state: dict) -> None:
+    """Write the resume state atomically, so a kill mid-write leaves the previous one."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(state_path(output_dir), buffer.getvalue())
+
+
+def load_state(output_dir: Path) -> dict:
+    """The resume state of an interrupted run, or a clear message when there is none."""
+    path = state_path(output_dir)
+    if not path.is_file():
+        raise UserError(f"There is nothing to resume in '{output_dir}': no {RESUME_FILE} (the run finished, "
+                        "or never saved an epoch).")
+    return torch.load(path, map_location="cpu", weights_only=True)

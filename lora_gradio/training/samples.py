@@ -1,0 +1,65 @@
+"""Per-epoch sample images with a fixed seed, and the over-training check measured on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageStat
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+DARKER = 0.75  # mean brightness under 75% of epoch 0's
+MORE_SATURATED = 1.35  # mean saturation over 135% of epoch 0's
+
+
+def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int, folder: Path,
+                   epoch: int) -> list[Path]:
+    """One image per prompt from the model as it is now, same seed every epoch so changes are the LoRA's doing."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    unet_training, te_training = pipe.unet.training, pipe.text_encoder.training
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    paths = []
+    try:
+        for index, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(seed + index)
+            with torch.inference_mode():
+                image = pipe(prompt, num_inference_steps=steps, generator=generator).images[0]
+            path = folder / f"epoch{epoch:04d}-{index}.png"
+            image.save(path)
+            paths.append(path)
+    finally:
+        pipe.unet.train(unet_training)
+        pipe.text_encoder.train(te_training)
+    return paths
+
+
+def tone(paths: list[Path]) -> tuple[float, float]:
+    """Mean brightness and mean saturation (0-255) over a set of images."""
+    brightness, saturation = [], []
+    for path in paths:
+        with Image.open(path) as img:
+            brightness.append(ImageStat.Stat(img.convert("L")).mean[0])
+            saturation.append(ImageStat.Stat(img.convert("HSV").getchannel("S")).mean[0])
+    return sum(brightness) / len(brightness), sum(saturation) / len(saturation)
+
+
+def overtraining_warning(first: list[Path], now: list[Path], epoch: int) -> str | None:
+    """Advice when samples got much darker or more saturated than at epoch 0, the usual sign of a too-high rate."""
+    if not first or not now:
+        return None
+    (b0, s0), (b1, s1) = tone(first), tone(now)
+    symptoms = []
+    if b0 > 0 and b1 < b0 * DARKER:
+        symptoms.append(f"{100 - 100 * b1 / b0:.0f}% darker")
+    if s0 > 0 and s1 > s0 * MORE_SATURATED:
+        symptoms.append(f"{100 * s1 / s0 - 100:.0f}% more saturated")
+    if not symptoms:
+        return None
+    return (f"Epoch {epoch} samples are {' and '.join(symptoms)} than at epoch 0: the LoRA is probably overcooking. "
+            f"Use an earlier epoch's file, or train again with a lower learning rate.")
