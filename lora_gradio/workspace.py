@@ -85,6 +85,30 @@ class Workspace:
         """One folder per training run."""
         return self.root / "outputs"
 
+    @property
+    def presets_dir(self) -> Path:
+        """Presets saved from the app."""
+        return self.root / "presets"
+
+    def training_data(self, name: str) -> Path:
+        """What a dataset trains on: its prepared copies when there are any, else its images."""
+        folder = self.dataset_dir(name)
+        prepared = folder / "prepared"
+        return prepared if prepared.is_dir() and any(prepared.iterdir()) else folder / "images"
+
+    def lora_files(self) -> dict[str, Path]:
+        """Every LoRA to test, labelled: trained runs' epochs first (newest run first), then models/loras."""
+        files: dict[str, Path] = {}
+        runs = sorted((p for p in self.outputs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
+                      reverse=True) if self.outputs_dir.is_dir() else []
+        for run in runs:
+            for path in sorted(run.glob("*.safetensors")):
+                files[f"{run.name}/{path.name}"] = path
+        if self.loras_dir.is_dir():
+            for path in sorted(self.loras_dir.rglob("*.safetensors")):
+                files[f"loras/{path.relative_to(self.loras_dir)}"] = path
+        return files
+
     def dataset_dir(self, name: str, create: bool = False) -> Path:
         """The folder of a dataset, checking the name so it can never point outside the workspace."""
         name = (name or "").strip()

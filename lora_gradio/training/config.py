@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from ..atomic import write_text_atomic
 from ..errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
@@ -126,6 +127,17 @@ def load_preset(name_or_path: str, presets_dir: Path = PRESETS_DIR) -> tuple[Tra
         raise UserError(f"Preset '{path.name}' is not valid TOML: {exc}.") from exc
     description = str(values.pop("description", ""))
     return make_config(values, f"preset '{path.name}'"), description
+
+
+def save_preset(config: TrainConfig, path: Path, description: str = "") -> Path:
+    """Write the fields that differ from the defaults as a readable TOML preset."""
+    import tomli_w
+
+    defaults = TrainConfig().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
+    text = tomli_w.dumps({"description": description, **changed} if description else changed)
+    write_text_atomic(Path(path), "# Saved from lora-gradio. Unlisted settings keep their defaults.\n" + text)
+    return Path(path)
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from ..errors import UserError
+from ..jobs import TrainingJobs
 from ..models import ModelCache
 from ..workspace import Workspace
 
@@ -26,6 +27,8 @@ class AppContext:
 
     workspace: Workspace
     cache: ModelCache
+    jobs: TrainingJobs
+    app: gr.Blocks
     dataset: gr.Dropdown
     revision: gr.State
 
@@ -45,16 +48,18 @@ def user_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Blocks:
     """The whole app over one workspace and one model cache."""
-    from . import caption_tab, dataset_tab
+    from . import caption_tab, dataset_tab, test_tab, train_tab
 
     with gr.Blocks(title="lora-gradio") as app:
         gr.Markdown("# lora-gradio\nFrom a folder of photos to an SD1.5 LoRA for ComfyUI, A1111/Forge and diffusers.")
+        cache_status = gr.Markdown(elem_id="cache-status")
         with gr.Row(equal_height=True):
             dataset = gr.Dropdown(label="Dataset", choices=workspace.list_datasets(), value=None, scale=3,
                                   elem_id="dataset-picker")
             new_name = gr.Textbox(label="New dataset", placeholder="name, e.g. anna", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
-        ctx = AppContext(workspace, cache or ModelCache(), dataset, gr.State(0))
+        cache = cache or ModelCache()
+        ctx = AppContext(workspace, cache, TrainingJobs(cache), app, dataset, gr.State(0))
 
         @user_errors
         def create_dataset(name: str) -> tuple[dict, str]:
@@ -81,8 +86,11 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
 
         save_models.click(set_models_dir, models_dir, models_note)
 
+        gr.Timer(2.0).tick(cache.describe, None, cache_status, show_progress="hidden")
+        app.load(cache.describe, None, cache_status)
+
         with gr.Tabs():
-            for tab in (dataset_tab, caption_tab):
+            for tab in (dataset_tab, caption_tab, train_tab, test_tab):
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
                     tab.build(ctx)
     return app

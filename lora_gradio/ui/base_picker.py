@@ -1,0 +1,26 @@
+"""The base-model chooser shared by the Train and Test tabs: the demo, models/checkpoints, or a hub id."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..models import DEMO, BaseModelSpec, resolve_base
+from . import AppContext
+
+
+def base_picker(ctx: AppContext) -> tuple[gr.Dropdown, gr.Textbox]:
+    """A dropdown of local models (refreshed on focus) and a box for a Hugging Face repo id."""
+    choice = gr.Dropdown([DEMO, *ctx.workspace.list_checkpoints()], value=DEMO, scale=2,
+                         label="Base model (models/checkpoints, or the demo)")
+    repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                      scale=2)
+    choice.focus(lambda current: gr.update(choices=[DEMO, *ctx.workspace.list_checkpoints()], value=current),
+                 choice, choice)
+    return choice, repo
+
+
+def picked_base(ctx: AppContext, choice: str, repo: str) -> BaseModelSpec:
+    """The repo id when one is typed, else the chosen local model."""
+    if repo and repo.strip():
+        return resolve_base(repo.strip())
+    return resolve_base(choice or DEMO, search_dirs=(ctx.workspace.checkpoints_dir,))

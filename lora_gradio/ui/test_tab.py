@@ -1,0 +1,99 @@
+"""Test tab: any trained epoch or SD1.5 LoRA at ComfyUI strengths on the cached base model, and comparison grids."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from .. import inference
+from ..errors import UserError
+from . import AppContext, user_errors
+from .base_picker import base_picker, picked_base
+
+TITLE = "Test"
+NO_LORA = "(no LoRA: the base model)"
+
+
+def build(ctx: AppContext) -> None:
+    """Widgets and events of the Test tab."""
+    images_dir = ctx.workspace.outputs_dir / "test-images"
+
+    def lora_choices() -> list[str]:
+        return [NO_LORA, *ctx.workspace.lora_files()]
+
+    with gr.Row():
+        base_choice, base_repo = base_picker(ctx)
+        lora = gr.Dropdown(lora_choices(), value=NO_LORA, label="LoRA (run/epoch file, or models/loras)", scale=3,
+                           elem_id="test-lora")
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", lines=2, scale=3, elem_id="test-prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=2, scale=2)
+    with gr.Row():
+        strength_model = gr.Slider(-2, 2, value=1, step=0.05, label="strength_model (UNet)",
+                                   elem_id="strength-model")
+        strength_clip = gr.Slider(-2, 2, value=1, step=0.05, label="strength_clip (text encoder)",
+                                  elem_id="strength-clip")
+    with gr.Row():
+        seed = gr.Number(label="Seed", value=1, precision=0, minimum=0, elem_id="test-seed")
+        dice = gr.Button("🎲 random seed", scale=0)
+        steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="test-steps")
+        cfg = gr.Slider(0, 20, value=7, step=0.5, label="CFG")
+        width = gr.Number(label="Width (0 = model default)", value=0, precision=0, minimum=0)
+        height = gr.Number(label="Height (0 = model default)", value=0, precision=0, minimum=0)
+        scheduler = gr.Dropdown(list(inference.SCHEDULERS), value="Euler", label="Scheduler")
+    generate = gr.Button("Generate", variant="primary", elem_id="test-generate")
+    gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
+                         elem_id="test-gallery")
+    with gr.Accordion("Compare grid: epochs × strengths", open=True):
+        with gr.Row():
+            grid_loras = gr.Dropdown(lora_choices()[1:], multiselect=True, label="LoRA files (rows)", scale=3,
+                                     elem_id="grid-loras")
+            strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Strengths (columns)", scale=2,
+                                   elem_id="grid-strengths")
+            grid_button = gr.Button("Make grid", scale=1, elem_id="grid-run")
+        grid = gr.Image(label="Grid", type="filepath", elem_id="grid-image", interactive=False)
+    history = gr.State([])
+
+    def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
+                     w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
+                     ) -> inference.GenerateRequest:
+        files = ctx.workspace.lora_files()
+        if lora_label != NO_LORA and lora_label not in files:
+            raise UserError(f"LoRA '{lora_label}' is no longer there; refresh the list.")
+        return inference.GenerateRequest(prompt_text, negative_text, int(seed_value or 0), int(step_count),
+                                         float(guidance), int(w) or None, int(h) or None, sampler,
+                                         files.get(lora_label), float(s_model), float(s_clip))
+
+    @user_errors
+    def on_generate(choice: str, repo: str, *values: object) -> tuple[list, list]:
+        *fields, past = values
+        request = request_from(*fields)
+        base = picked_base(ctx, choice, repo)
+        image = inference.generate(ctx.cache, base, request)
+        path = inference.save_png(image, images_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{request.seed}.png")
+        items = [(str(path), image.info["parameters"]), *past]
+        return items, items
+
+    @user_errors
+    def on_grid(choice: str, repo: str, labels: list[str], strength_text: str, *fields: object) -> str:
+        try:
+            values = [float(part) for part in strength_text.replace(";", ",").split(",") if part.strip()]
+        except ValueError as exc:
+            raise UserError(f"Strengths must be numbers separated by commas, like 0, 0.5, 1 ({exc}).") from exc
+        files = ctx.workspace.lora_files()
+        request = request_from(*fields)
+        image = inference.compare_grid(ctx.cache, picked_base(ctx, choice, repo), request,
+                                       [(label, files[label]) for label in labels or [] if label in files], values)
+        image.info["parameters"] = f"grid of {', '.join(labels)} at strengths {strength_text}; " \
+                                   f"{request.parameters_text(picked_base(ctx, choice, repo), *image.size)}"
+        return str(inference.save_png(image, images_dir / f"grid-{time.strftime('%Y%m%d-%H%M%S')}.png"))
+
+    fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
+    generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history], api_name="generate")
+    grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid, api_name="grid")
+    dice.click(inference.random_seed, None, seed)
+    lora.focus(lambda: gr.update(choices=lora_choices()), None, lora)
+    grid_loras.focus(lambda: gr.update(choices=lora_choices()[1:]), None, grid_loras)
+    ctx.app.load(lambda: [gr.update(choices=lora_choices()), gr.update(choices=lora_choices()[1:])], None,
+                 [lora, grid_loras])

@@ -1,0 +1,122 @@
+"""Background jobs, the shared model cache under load, and generation: one job at a time, no reloads."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_gradio.errors import UserError
+from lora_gradio.inference import GenerateRequest, compare_grid, generate
+from lora_gradio.jobs import TrainingJobs, read_job_file, resumable_runs
+from lora_gradio.models import ModelCache, resolve_base
+from lora_gradio.training.config import apply_overrides
+
+
+def wait_until(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_second_start_is_refused_and_generation_waits_for_training(demo_spec, demo_data, quick_config, tmp_path):
+    cache = ModelCache()
+    jobs = TrainingJobs(cache)
+    long_run = apply_overrides(quick_config, {"epochs": 200, "batch_size": 1})
+    jobs.start(long_run, demo_spec, demo_data, tmp_path / "run")
+    wait_until(lambda: jobs.view().step >= 2)
+    with pytest.raises(UserError, match="already running"):
+        jobs.start(long_run, demo_spec, demo_data, tmp_path / "other")
+    with pytest.raises(UserError, match="busy with training"):
+        generate(cache, demo_spec, GenerateRequest("a cat", steps=2))
+    jobs.stop()
+    jobs.wait(60)
+    state = jobs.view()
+    assert state.status == "stopped" and state.saved[-1].endswith("lora.safetensors")
+    assert len(state.losses) == state.step and state.total_steps == 200 * 8
+    assert resumable_runs(tmp_path) == ["run"] and read_job_file(tmp_path / "run")[0] == long_run
+    image = generate(cache, demo_spec, GenerateRequest("a cat", steps=2, lora=tmp_path / "run" / "lora.safetensors"))
+    assert image.size == (64, 64) and cache.loads == 1  # training's base model served the test right after
+
+
+def test_job_that_fails_reports_the_reason(demo_data, quick_config, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    jobs = TrainingJobs(ModelCache())
+    jobs.start(quick_config, resolve_base(str(broken)), demo_data, tmp_path / "run")
+    jobs.wait(60)
+    state = jobs.view()
+    assert state.status == "error" and "not a readable .safetensors" in state.message
+    assert not (tmp_path / "run" / "job.json").exists()
+
+
+def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo_data, quick_config, tmp_path):
+    config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 2})
+    cache = ModelCache()
+    jobs = TrainingJobs(cache)
+    jobs.start(config, demo_spec, demo_data, tmp_path / "whole")
+    jobs.wait(120)
+    whole = jobs.view().losses
+    jobs.start(config, demo_spec, demo_data, tmp_path / "cut")
+    wait_until(lambda: jobs.view().step >= 5)
+    jobs.stop()
+    jobs.wait(60)
+    assert jobs.view().status == "stopped"
+    jobs.resume(tmp_path / "cut")
+    jobs.wait(120)
+    resumed = jobs.view()
+    assert resumed.status == "done" and resumed.step == 12
+    assert [loss for _, loss in resumed.losses] == [loss for step, loss in whole if step > resumed.losses[0][0] - 1]
+    assert resumed.losses[-1][0] == 12 and resumable_runs(tmp_path) == []
+
+
+def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path):
+    cache = ModelCache()
+    jobs = TrainingJobs(cache)
+    jobs.start(apply_overrides(quick_config, {"epochs": 2, "save_every_n_epochs": 1}), demo_spec, demo_data,
+               tmp_path / "run")
+    jobs.wait(120)
+    first, last = tmp_path / "run" / "lora-000001.safetensors", tmp_path / "run" / "lora.safetensors"
+    loads = cache.loads
+    request = GenerateRequest("lgdemo, a red circle", seed=4, steps=3)
+    base = np.asarray(generate(cache, demo_spec, request))
+    for lora, strength in [(last, 1.0), (last, 0.5), (first, 1.0), (last, -1.0), (last, 0.0)]:
+        image = np.asarray(generate(cache, demo_spec, GenerateRequest(
+            "lgdemo, a red circle", seed=4, steps=3, lora=lora, strength_model=strength, strength_clip=strength)))
+        assert np.array_equal(image, base) == (strength == 0.0)
+    grid = compare_grid(cache, demo_spec, request, [("e1", first), ("e2", last), ("e2b", last)], [0.0, 1.0])
+    assert grid.width > 2 * 64 and grid.height > 3 * 64
+    assert cache.loads == loads == 1
+
+
+def test_lora_for_another_architecture_is_refused(demo_spec, tmp_path):
+    xl = tmp_path / "sdxl_style.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)}, xl)
+    with pytest.raises(UserError, match=r"does not fit this SD1.x base model"):
+        generate(ModelCache(), demo_spec, GenerateRequest("a cat", steps=2, lora=xl))
+
+
+def test_impossible_generation_settings_are_named():
+    with pytest.raises(UserError, match=r"steps = 0.*strength_model = 3"):
+        GenerateRequest("a", steps=0, strength_model=3).validate()
+
+
+def test_generated_png_carries_its_parameters(demo_spec, tmp_path):
+    from PIL import Image
+
+    from lora_gradio.inference import save_png
+
+    image = generate(ModelCache(), demo_spec, GenerateRequest("a red circle", seed=9, steps=2, scheduler="DDIM"))
+    path = save_png(image, tmp_path / "out.png")
+    with Image.open(path) as saved:
+        text = saved.text["parameters"]
+    assert text.startswith("a red circle\nSteps: 2, Sampler: DDIM") and "Seed: 9" in text and "Model: demo" in text
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM"])
+def test_each_scheduler_generates(demo_spec, name):
+    assert generate(ModelCache(), demo_spec, GenerateRequest("x", steps=2, scheduler=name)).size == (64, 64)
