@@ -149,7 +149,7 @@ def scan_training_folder(folder: Path, trigger_word: str = "") -> DatasetScan:
     if not folder.is_dir():
         raise UserError(f"Dataset folder '{folder}' does not exist. Point --data at a folder of images.")
     images, warnings = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in list_images(folder):  # hidden folders (thumbnails) are not training data
         match = REPEAT_FOLDER.match(path.parent.name) if path.parent != folder else None
         repeats, class_words = (int(match.group(1)), match.group(2)) if match else (1, "")
         problem = image_problem(path)

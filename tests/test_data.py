@@ -109,3 +109,10 @@ def test_preset_with_a_wrong_field_is_refused(tmp_path):
     (tmp_path / "mine.toml").write_text('description = "x"\nlearning_rate = 1e-4\n')
     with pytest.raises(UserError, match=r"preset 'mine.toml': unknown setting 'learning_rate'"):
         load_preset(str(tmp_path / "mine.toml"))
+
+
+def test_hidden_folders_such_as_thumbnails_are_not_training_data(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / ".thumbs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / ".thumbs" / "a.jpg")
+    assert [i.path.name for i in scan_training_folder(tmp_path).images] == ["a.png"]

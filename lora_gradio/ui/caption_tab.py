@@ -38,7 +38,7 @@ def build(ctx: AppContext) -> None:
     """Widgets and events of the Caption tab."""
     with gr.Row():
         model = gr.Dropdown(label="Captioning model", choices=[*captioning.BLIP_MODELS, LOCAL],
-                            value=next(iter(captioning.BLIP_MODELS)), scale=2)
+                            value=next(iter(captioning.BLIP_MODELS)), scale=2, elem_id="caption-model")
         local = gr.Textbox(label="Local BLIP folder (for 'Local folder…')", placeholder="/models/blip-base",
                            scale=3, elem_id="blip-folder")
     with gr.Row():

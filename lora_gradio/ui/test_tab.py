@@ -25,7 +25,7 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         base_choice, base_repo = base_picker(ctx)
         lora = gr.Dropdown(lora_choices(), value=NO_LORA, label="LoRA (run/epoch file, or models/loras)", scale=3,
-                           elem_id="test-lora")
+                           elem_id="test-lora", allow_custom_value=True)  # new runs appear after start-up
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=2, scale=3, elem_id="test-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=2, scale=2)
@@ -48,7 +48,7 @@ def build(ctx: AppContext) -> None:
     with gr.Accordion("Compare grid: epochs × strengths", open=True):
         with gr.Row():
             grid_loras = gr.Dropdown(lora_choices()[1:], multiselect=True, label="LoRA files (rows)", scale=3,
-                                     elem_id="grid-loras")
+                                     elem_id="grid-loras", allow_custom_value=True)
             strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Strengths (columns)", scale=2,
                                    elem_id="grid-strengths")
             grid_button = gr.Button("Make grid", scale=1, elem_id="grid-run")

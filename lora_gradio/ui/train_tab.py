@@ -41,16 +41,16 @@ def field_widget(name: str) -> gr.components.Component:
     hint = typing.get_type_hints(TrainConfig, include_extras=True)[name]
     if typing.get_origin(hint) is typing.Annotated:
         hint = typing.get_args(hint)[0]
-    label = name.replace("_", " ")
+    label, elem_id = name.replace("_", " "), f"field-{name}"
     if hint is bool:
-        return gr.Checkbox(label=label)
+        return gr.Checkbox(label=label, elem_id=elem_id)
     if typing.get_origin(hint) is typing.Literal:
-        return gr.Dropdown(list(typing.get_args(hint)), label=label)
+        return gr.Dropdown(list(typing.get_args(hint)), label=label, elem_id=elem_id)
     if field_is_list(name):
-        return gr.Textbox(label=f"{label} (comma-separated)")
+        return gr.Textbox(label=f"{label} (comma-separated)", elem_id=elem_id)
     if hint in (int, float):
-        return gr.Number(label=label, precision=0 if hint is int else None)
-    return gr.Textbox(label=label)
+        return gr.Number(label=label, precision=0 if hint is int else None, elem_id=elem_id)
+    return gr.Textbox(label=label, elem_id=elem_id)
 
 
 def to_widget(name: str, value: Any) -> Any:

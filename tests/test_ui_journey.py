@@ -1,0 +1,111 @@
+"""The whole user journey in a real browser with the demo model: dataset, captions, training, testing, a grid."""
+
+import re
+import time
+
+import numpy as np
+import pytest
+from bad_files import photo_bytes
+from browser import browser_page, running_app, screenshot, wait_for
+from PIL import Image
+from test_ui_dataset_caption import import_into_new_dataset
+from tiny_blip import save_tiny_blip
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("journey") / "workspace"
+    with running_app(workspace) as url:
+        yield url, workspace
+
+
+def choose(page, container, option):
+    """Pick an option of a Gradio dropdown, as a person does: open it, click the entry."""
+    page.locator(container).get_by_role("combobox").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def set_number(page, container, value):
+    """Type into the number box of a Gradio slider or number field and confirm it."""
+    box = page.locator(f"{container} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def progress_text(page):
+    return page.locator("#train-progress-text").inner_text()
+
+
+def newest_test_images(workspace, count):
+    folder = workspace / "outputs" / "test-images"
+    singles = [p for p in folder.glob("*.png") if not p.name.startswith("grid-")] if folder.is_dir() else []
+    return sorted(singles, key=lambda p: p.stat().st_mtime)[-count:]
+
+
+def test_dataset_caption_train_test_grid(app, tmp_path):
+    url, workspace = app
+    started = time.monotonic()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(8):
+        (photos / f"shot{index}.png").write_bytes(photo_bytes(index, (160, 192)))
+    blip = save_tiny_blip(tmp_path / "blip")
+
+    with browser_page() as page:
+        import_into_new_dataset(page, url, "journey", photos, "shot7.png")
+        page.get_by_role("tab", name="Caption").click()
+        choose(page, "#caption-model", "Local folder…")
+        page.locator("#blip-folder").get_by_role("textbox").fill(str(blip))
+        page.locator("#trigger-word").get_by_role("textbox").fill("lgdemo")
+        page.locator("#caption-run").click()
+        wait_for(lambda: "Captioned 8 images" in page.locator("#caption-status").inner_text(), 60, "captions")
+
+        page.get_by_role("tab", name="Train").click()
+        choose(page, "#preset", "demo")
+        wait_for(lambda: page.locator("#field-rank input").input_value() == "4", what="the demo preset")
+        set_number(page, "#field-epochs", 6)
+        page.locator("#field-trigger_word").get_by_role("textbox").fill("lgdemo")
+        page.locator("#train-start").click()
+        wait_for(lambda: re.search(r"\*?\*?24 steps", page.locator("#train-estimate").inner_text()), 30, "estimate")
+        wait_for(lambda: re.search(r"running: step ([3-9]|1\d)/24", progress_text(page)), 120, "training to run")
+
+        page.reload()  # the job lives in the backend: a new page shows it live
+        page.get_by_role("tab", name="Train").click()
+        wait_for(lambda: re.search(r"(running|done): step \d+/24", progress_text(page)), 30, "the live job")
+        wait_for(lambda: progress_text(page).startswith("done: step 24/24"), 180, "training to finish")
+        wait_for(lambda: page.locator("#train-samples img").count() >= 7, 30, "sample images")
+        wait_for(lambda: page.locator("#loss-curve svg path, #loss-curve canvas").count() > 0, 30, "the loss curve")
+        assert "lora.safetensors" in page.locator("#saved-files").inner_text()
+        screenshot(page, "train-tab")
+
+        run = next(p for p in (workspace / "outputs").iterdir() if p.name.startswith("lora-"))
+        page.get_by_role("tab", name="Test").click()
+        page.locator("#test-prompt").get_by_role("textbox").fill("lgdemo, portrait")
+        set_number(page, "#test-steps", 4)
+        page.locator("#test-generate").click()  # the base model, no LoRA
+        wait_for(lambda: len(newest_test_images(workspace, 3)) == 1, 60, "the base image")
+        choose(page, "#test-lora", f"{run.name}/lora.safetensors")
+        set_number(page, "#strength-model", 0)
+        set_number(page, "#strength-clip", 0)
+        page.locator("#test-generate").click()
+        wait_for(lambda: len(newest_test_images(workspace, 3)) == 2, 60, "the strength-0 image")
+        set_number(page, "#strength-model", 1)
+        set_number(page, "#strength-clip", 1)
+        page.locator("#test-generate").click()
+        wait_for(lambda: len(newest_test_images(workspace, 3)) == 3, 60, "the strength-1 image")
+        wait_for(lambda: "strength_model: 1.0, strength_clip: 1.0" in page.locator("#test-gallery").inner_text(),
+                 30, "the parameters under the image")
+
+        for epoch_file in ("lora-000001.safetensors", "lora-000003.safetensors", "lora.safetensors"):
+            choose(page, "#grid-loras", f"{run.name}/{epoch_file}")
+        page.locator("#grid-strengths").get_by_role("textbox").fill("0, 1")
+        page.locator("#grid-run").click()
+        wait_for(lambda: list((workspace / "outputs" / "test-images").glob("grid-*.png")), 120, "the grid")
+        screenshot(page, "test-tab")
+
+    base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
+    assert np.array_equal(zero, base)
+    assert np.abs(full - base).mean() > 1.0
+    with Image.open(next((workspace / "outputs" / "test-images").glob("grid-*.png"))) as grid:
+        assert grid.width > 2 * 64 and grid.height > 3 * 64 and "strengths 0, 1" in grid.text["parameters"]
+    assert time.monotonic() - started < 300  # the whole journey in under five minutes on this CPU
