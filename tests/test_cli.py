@@ -130,3 +130,36 @@ def test_two_process_launch_shards_batches_and_saves_once(tmp_path):
     assert done.stdout.split() == [str(out / "lora.safetensors")]  # printed once, by rank 0
     with safe_open(str(out / "lora.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_steps"] == "6"  # 4 batches an epoch, split over 2 processes, 3 epochs
+
+
+def test_resume_after_a_killed_process_continues_at_the_saved_step(tmp_path):
+    import re
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "lora_gradio", "train", "--preset", "demo", "--set", "epochs=6",
+                                "--set", "batch_size=1", "--output", str(out)], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "lora-000002.safetensors").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "training ended or stalled"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)  # no chance to save anything more
+    process.wait()
+    assert not (out / "lora.safetensors").exists()
+
+    done = subprocess.run([sys.executable, "-m", "lora_gradio", "resume", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed_at = int(re.search(r"Resuming at step (\d+)", done.stderr).group(1))
+    assert resumed_at >= 16 and resumed_at % 8 == 0  # a whole number of 8-step epochs, at least two
+    with safe_open(str(out / "lora.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_steps"] == "48" and handle.metadata()["ss_epoch"] == "6"
+    assert not (out / "resume-state.pt").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    code, err = run_cli(capsys, "resume", str(tmp_path))
+    assert code == 2 and "not a lora-gradio run folder" in err

@@ -55,7 +55,7 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
         cache_status = gr.Markdown(elem_id="cache-status")
         with gr.Row(equal_height=True):
             dataset = gr.Dropdown(label="Dataset", choices=workspace.list_datasets(), value=None, scale=3,
-                                  elem_id="dataset-picker")
+                                  elem_id="dataset-picker", allow_custom_value=True)  # other tabs may add some
             new_name = gr.Textbox(label="New dataset", placeholder="name, e.g. anna", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
         cache = cache or ModelCache()
@@ -66,7 +66,7 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
             workspace.dataset_dir(name, create=True)
             return gr.update(choices=workspace.list_datasets(), value=name.strip()), ""
 
-        create.click(create_dataset, new_name, [dataset, new_name])
+        create.click(create_dataset, new_name, [dataset, new_name], api_name="create_dataset")
         new_name.submit(create_dataset, new_name, [dataset, new_name])
         app.load(lambda current: gr.update(choices=workspace.list_datasets(), value=current), dataset, dataset)
 

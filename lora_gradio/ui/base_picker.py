@@ -11,7 +11,7 @@ from . import AppContext
 def base_picker(ctx: AppContext) -> tuple[gr.Dropdown, gr.Textbox]:
     """A dropdown of local models (refreshed on focus) and a box for a Hugging Face repo id."""
     choice = gr.Dropdown([DEMO, *ctx.workspace.list_checkpoints()], value=DEMO, scale=2,
-                         label="Base model (models/checkpoints, or the demo)")
+                         label="Base model (models/checkpoints, or the demo)", allow_custom_value=True)
     repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="stable-diffusion-v1-5/stable-diffusion-v1-5",
                       scale=2)
     choice.focus(lambda current: gr.update(choices=[DEMO, *ctx.workspace.list_checkpoints()], value=current),

@@ -123,7 +123,8 @@ def build(ctx: AppContext) -> None:
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves what was learned)", variant="stop", elem_id="train-stop")
     with gr.Row():
-        runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3)
+        runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3,
+                           allow_custom_value=True)
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row():
@@ -201,7 +202,7 @@ def build(ctx: AppContext) -> None:
                 files, "\n".join(state.log))
 
     inputs = [widgets[n] for n in names]
-    presets.change(on_preset, presets, [description, *inputs])
+    presets.change(on_preset, presets, [description, *inputs], api_name="load_preset")
     widgets["trigger_word"].change(fill_trigger, [widgets["sample_prompts"], widgets["trigger_word"]],
                                    widgets["sample_prompts"])
     check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], plan)
@@ -213,4 +214,8 @@ def build(ctx: AppContext) -> None:
     timer.tick(on_tick, None, [progress, curve, samples, saved, log], show_progress="hidden")
     ctx.app.load(on_preset, presets, [description, *inputs])
     ctx.app.load(on_tick, None, [progress, curve, samples, saved, log])
-    gr.api(lambda: dataclasses.asdict(ctx.jobs.view()), api_name="job_status")
+    def job_status() -> dict:
+        """The training job's full state, for scripts."""
+        return dataclasses.asdict(ctx.jobs.view())
+
+    gr.api(job_status, api_name="job_status")
