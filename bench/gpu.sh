@@ -25,4 +25,6 @@ python3 -m lora_gradio generate --base sd15-random --lora "$out/lora/gpu-bf16.sa
   --steps 20 --output "$out/generate.png" 2>&1 | tr '\r' '\n' | tail -n 3 | tee "$out/generate.log"
 python3 bench/train_speed.py --base sd15-random --resolution 512 --batch-size 4 --mixed-precision bf16 \
   --optimizer adamw8bit --steps 30 2>&1 | tail -n 1 | tee "$out/speed-bf16-b4.json"
+
+python3 bench/generate_speed.py --base sd15-random --steps 20 2>&1 | tail -n 1 | tee "$out/generate-speed.json"
 rm -rf "$out/lora"

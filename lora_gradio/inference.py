@@ -84,9 +84,10 @@ def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest) -
     device = pick_device()
     pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    pipe.unload_lora_weights()
+    if request.lora is not None and not Path(request.lora).is_file():
+        raise UserError(f"LoRA file '{request.lora}' does not exist.")
+    kohya.attach(pipe, request.lora, LORA_ADAPTER)
     if request.lora is not None:
-        kohya.load_lora_into(pipe, Path(request.lora), LORA_ADAPTER)
         strengths = {"unet": request.strength_model, "text_encoder": request.strength_clip}
         present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
         pipe.set_adapters([LORA_ADAPTER], adapter_weights=[{k: v for k, v in strengths.items() if k in present}])
@@ -95,12 +96,9 @@ def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest) -
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = request.width or size, request.height or size
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    try:
-        image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
-                     num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
-                     generator=generator).images[0]
-    finally:
-        pipe.unload_lora_weights()
+    image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
+                 num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
+                 generator=generator).images[0]
     image.info["parameters"] = request.parameters_text(base, width, height)
     return image
 

@@ -151,4 +151,5 @@ def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_conf
     monkeypatch.setattr(torch.nn.functional, "mse_loss", poisoned)
     with pytest.raises(UserError, match=r"diverged.*Lower the learning rate"):
         train(config, demo_spec, demo_data, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-000001.safetensors"]
+    # the last good epoch stays, and the run can resume from it with a lower learning rate
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-000001.safetensors", "resume-state.pt"]

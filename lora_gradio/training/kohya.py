@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 ADAPTER = "default"
+ATTACHED = "_lora_gradio_attached"  # on a pipeline: (file, mtime) of the LoRA attached for testing
 
 
 def kohya_module_name(component: str, module_path: str) -> str:
@@ -140,6 +141,26 @@ def load_lora_into(pipe: StableDiffusionPipeline, path: Path, adapter_name: str)
     check_compatible(tensors, pipe, Path(path).name)
     pipe.load_lora_weights(dict(tensors), adapter_name=adapter_name)
     return metadata
+
+
+def attach(pipe: StableDiffusionPipeline, path: Path | None, adapter_name: str) -> None:
+    """Make ``path`` the pipeline's only LoRA (None: none), reusing it when that same file is already attached.
+
+    Strength changes then cost nothing but ``set_adapters``; the base weights are never touched.
+    """
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns) if path is not None else None
+    if getattr(pipe, ATTACHED, None) == key:
+        return
+    detach(pipe)
+    if path is not None:
+        load_lora_into(pipe, Path(path), adapter_name)
+        setattr(pipe, ATTACHED, key)
+
+
+def detach(pipe: StableDiffusionPipeline) -> None:
+    """Remove every LoRA layer, leaving the clean base model (before training reuses it, say)."""
+    pipe.unload_lora_weights()
+    setattr(pipe, ATTACHED, None)
 
 
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> str:

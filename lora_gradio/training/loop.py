@@ -198,11 +198,12 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
     emit(TrainEvent("status", f"Loading base model {base.display_name}"))
     cache = cache or ModelCache()
     pipe = cache.pipeline(base)
+    kohya.detach(pipe)  # a LoRA attached for testing must not become part of the base we train on
     try:
         with cache.busy("training"):
             return _train_on(pipe, config, base, scan, output_dir, accelerator, emit, stop, resume)
     finally:
-        pipe.unload_lora_weights()  # the cached base goes back to clean, ready for the next job
+        kohya.detach(pipe)  # the cached base goes back to clean, ready for the next job
         if config.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
             pipe.text_encoder.activation_checkpointing_disable()
