@@ -51,3 +51,13 @@ def quick_config():
     from lora_gradio.training.config import apply_overrides, load_preset
 
     return apply_overrides(load_preset("demo")[0], {"epochs": 1, "batch_size": 4})
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The real app on a free local port (one per test module): its URL and its workspace folder."""
+    from browser import running_app
+
+    workspace = tmp_path_factory.mktemp("app") / "workspace"
+    with running_app(workspace) as url:
+        yield url, workspace

@@ -2,21 +2,12 @@
 
 import re
 
-import pytest
 from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
-from browser import browser_page, running_app, screenshot, wait_for
+from browser import browser_page, screenshot, wait_for
 from PIL import Image
 from tiny_blip import save_tiny_blip
 
 from lora_gradio.dataset import read_caption
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """The app's URL and its workspace folder."""
-    workspace = tmp_path_factory.mktemp("app") / "workspace"
-    with running_app(workspace) as url:
-        yield url, workspace
 
 
 def create_dataset(page, url, name):

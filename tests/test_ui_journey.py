@@ -4,19 +4,11 @@ import re
 import time
 
 import numpy as np
-import pytest
 from bad_files import photo_bytes
-from browser import browser_page, running_app, screenshot, wait_for
+from browser import browser_page, screenshot, wait_for
 from PIL import Image
 from test_ui_dataset_caption import import_into_new_dataset
 from tiny_blip import save_tiny_blip
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("journey") / "workspace"
-    with running_app(workspace) as url:
-        yield url, workspace
 
 
 def choose(page, container, option):

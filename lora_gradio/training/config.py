@@ -77,12 +77,15 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def field_type(name: str) -> Any:
+    """A field's type without its validation constraints: int, float, bool, str, a Literal or a list."""
+    hint = typing.get_type_hints(TrainConfig, include_extras=True)[name]
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+
+
 def field_is_list(name: str) -> bool:
     """Whether a field takes a list (the CLI splits such values on commas)."""
-    hint = typing.get_type_hints(TrainConfig, include_extras=True)[name]
-    if typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
-    return typing.get_origin(hint) is list
+    return typing.get_origin(field_type(name)) is list
 
 
 def _describe(error: dict[str, Any]) -> str:

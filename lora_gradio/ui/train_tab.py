@@ -14,7 +14,16 @@ from ..errors import UserError
 from ..estimate import estimate, format_duration
 from ..jobs import JobState, resumable_runs
 from ..models import DEMO, DEMO_NOTE
-from ..training.config import FIELDS, TrainConfig, field_is_list, list_presets, load_preset, make_config, save_preset
+from ..training.config import (
+    FIELDS,
+    TrainConfig,
+    field_is_list,
+    field_type,
+    list_presets,
+    load_preset,
+    make_config,
+    save_preset,
+)
 from . import AppContext, user_errors
 
 TITLE = "Train"
@@ -38,9 +47,7 @@ def preset_choices(ctx: AppContext) -> dict[str, Path]:
 
 def field_widget(name: str) -> gr.components.Component:
     """A widget matching the field's type: checkbox, dropdown of allowed values, number, or comma list."""
-    hint = typing.get_type_hints(TrainConfig, include_extras=True)[name]
-    if typing.get_origin(hint) is typing.Annotated:
-        hint = typing.get_args(hint)[0]
+    hint = field_type(name)
     label, elem_id = name.replace("_", " "), f"field-{name}"
     if hint is bool:
         return gr.Checkbox(label=label, elem_id=elem_id)
@@ -62,8 +69,7 @@ def from_widget(name: str, value: Any) -> Any:
     """A widget value back as the config field expects it."""
     if field_is_list(name):
         return [part.strip() for part in str(value or "").split(",") if part.strip()]
-    hint = FIELDS[name].type
-    if value is not None and "int" in str(hint) and isinstance(value, float) and value.is_integer():
+    if field_type(name) is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
