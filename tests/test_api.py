@@ -97,3 +97,15 @@ def test_no_dataset_and_a_base_that_fails_to_load(api):
     assert "not a readable .safetensors" in job(client)["message"]
     time.sleep(0.5)
     assert generate(client, NO_LORA, 1)["image"]  # the app carries on
+
+
+def test_a_lora_for_another_architecture_is_refused_in_the_test_tab(api):
+    import torch
+    from safetensors.torch import save_file
+
+    client, workspace = api
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 640), f"{name}.lora_up.weight": torch.zeros(640, 4),
+               f"{name}.alpha": torch.tensor(4.0)}, workspace / "models" / "loras" / "xl_style.safetensors")
+    with pytest.raises(AppError, match=r"does not fit this SD1.x base model"):
+        generate(client, "loras/xl_style.safetensors", 1)
