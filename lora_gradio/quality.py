@@ -8,6 +8,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,9 +63,15 @@ def _names(paths: list[str], limit: int = 6) -> str:
 
 def _hash(path: Path) -> imagehash.ImageHash:
     """Perceptual hash: near-identical photos (re-saves, small crops) land a few bits apart."""
+    return _hash_of(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _hash_of(path: str, _mtime_ns: int) -> imagehash.ImageHash:
+    """Cached by file and modification time, so refreshing the report does not decode every photo again."""
     import imagehash
 
-    with open_image(path) as img:
+    with open_image(Path(path)) as img:
         img.draft("RGB", (256, 256))  # JPEGs decode at a fraction of full size
         return imagehash.phash(img.convert("RGB"))
 
