@@ -16,6 +16,7 @@ from .errors import UserError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_ohwx woman" = 10 repeats, class words "ohwx woman"
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+Image.MAX_IMAGE_PIXELS = None  # open_image enforces MAX_PIXELS itself, naming the image's size
 
 
 @dataclass
@@ -43,7 +44,6 @@ class DatasetScan:
 
 def open_image(source: Path | BinaryIO) -> Image.Image:
     """Open lazily, refusing sizes that would exhaust memory before any pixel is decoded."""
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below gives a clearer message than PIL's warning
     img = Image.open(source)
     if img.width * img.height > MAX_PIXELS:
         img.close()
