@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -99,7 +100,21 @@ def with_trigger(caption: str, trigger: str) -> str:
 
 
 def image_problem(source: Path | BinaryIO) -> str | None:
-    """None when the image decodes completely; otherwise why not, in a few words."""
+    """None when the image decodes completely; otherwise why not, in a few words.
+
+    For files the answer is cached by path and modification time: the report, the estimate and training all ask.
+    """
+    if isinstance(source, Path):
+        return _file_problem(str(source), source.stat().st_mtime_ns)
+    return _decode_problem(source)
+
+
+@lru_cache(maxsize=8192)
+def _file_problem(path: str, _mtime_ns: int) -> str | None:
+    return _decode_problem(Path(path))
+
+
+def _decode_problem(source: Path | BinaryIO) -> str | None:
     try:
         with open_image(source) as img:
             img.load()

@@ -115,7 +115,8 @@ def check_dataset(images_dir: Path) -> QualityReport:
     if sizes:
         shapes = Counter("portrait" if h > w * 1.1 else "landscape" if w > h * 1.1 else "square"
                          for w, h in sizes.values())
-        buckets = Counter(pick_bucket(s, make_buckets(GOOD_SIDE)) for s in sizes.values())
+        candidates = make_buckets(GOOD_SIDE)
+        buckets = Counter(pick_bucket(s, candidates) for s in sizes.values())
         spread = ", ".join(f"{n} {kind}" for kind, n in shapes.most_common())
         lonely = sum(1 for n in buckets.values() if n == 1)
         detail = f"{spread}; {len(buckets)} aspect-ratio buckets"

@@ -142,13 +142,20 @@ def build(ctx: AppContext) -> None:
         saved = gr.Dataframe(headers=["epoch file", "size"], label="Saved", interactive=False, elem_id="saved-files")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
 
-    def config_from(values: list[Any], trigger: str | None = None) -> TrainConfig:
+    def config_from(values: list[Any]) -> TrainConfig:
         fields = {name: from_widget(name, value) for name, value in zip(names, values, strict=True)}
         fields["sample_prompts"] = [line.strip() for line in str(values[names.index("sample_prompts")] or "")
                                     .splitlines() if line.strip()]
-        if trigger is not None and fields["trigger_word"] == "":
-            fields["trigger_word"] = trigger
         return make_config(fields)
+
+    def plan_run(dataset: str | None, choice: str, repo: str, values: list[Any]) -> tuple:
+        """The validated config (trigger word filled into the sample prompts), base model and training folder."""
+        config = config_from(values)
+        if not dataset:
+            raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
+        config = dataclasses.replace(config, sample_prompts=[
+            p.replace("{trigger}", config.trigger_word or "") for p in config.sample_prompts])
+        return config, picked_base(ctx, choice, repo), ctx.workspace.training_data(dataset)
 
     @user_errors
     def on_preset(label: str) -> list:
@@ -163,23 +170,13 @@ def build(ctx: AppContext) -> None:
 
     @user_errors
     def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> str:
-        config = config_from(list(values))
-        if not dataset:
-            raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
-        base = picked_base(ctx, choice, repo)
-        data = ctx.workspace.training_data(dataset)
+        config, base, data = plan_run(dataset, choice, repo, list(values))
         note = f"\n\n{DEMO_NOTE}" if base.kind == DEMO else ""
         return (f"{estimate(config, data, demo=base.kind == DEMO).markdown()} Training on `{data}`." + note)
 
     @user_errors
     def on_start(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict]:
-        config = config_from(list(values))
-        if not dataset:
-            raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
-        config = dataclasses.replace(config, sample_prompts=[
-            p.replace("{trigger}", config.trigger_word or "") for p in config.sample_prompts])
-        base = picked_base(ctx, choice, repo)
-        data = ctx.workspace.training_data(dataset)
+        config, base, data = plan_run(dataset, choice, repo, list(values))
         text = estimate(config, data, demo=base.kind == DEMO).markdown()
         run_dir = ctx.workspace.outputs_dir / f"{config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         ctx.jobs.start(config, base, data, run_dir)
