@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .dataset import list_images, read_caption, with_trigger, write_caption
+from .dataset import list_images, open_rgb, read_caption, with_trigger, write_caption
 from .errors import UserError
 from .models import ModelCache, from_hub, pick_device, quiet_libraries
 
@@ -110,8 +110,6 @@ class CaptionResult:
 def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: CaptionOptions,
                     progress: Callable[[int, int], None] | None = None) -> CaptionResult:
     """Caption the dataset's images (only uncaptioned ones unless ``overwrite``), saving each ``.txt`` at once."""
-    from .dataset import open_rgb
-
     images = list_images(images_dir)
     if not images:
         raise UserError("The dataset has no images to caption. Add some in the Dataset tab.")

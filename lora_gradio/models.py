@@ -314,17 +314,16 @@ class ModelCache:
 
     def describe(self) -> str:
         """What is loaded and how much memory its weights take, for the UI."""
-        with self._lock:
-            if self._model is None:
-                return "Model cache: empty"
-            parts = self._model.components.values() if hasattr(self._model, "components") else [self._model.model]
-            tensors = [p for m in parts if hasattr(m, "parameters") for p in m.parameters()]
-            size = sum(p.numel() * p.element_size() for p in tensors) / 2**30
-            device = tensors[0].device.type if tensors else "cpu"
-            kind, what = self._key
-            label = what.display_name if isinstance(what, BaseModelSpec) else what
-            return f"Model cache: {kind} {label}, {size:.2f} GB on {device}" + (
-                f" (busy: {self._busy[1]})" if self._busy else "")
+        model, key, busy = self._model, self._key, self._busy  # no lock: a load in progress must not stall this
+        if model is None or key is None:
+            return "Model cache: empty (or loading)"
+        parts = model.components.values() if hasattr(model, "components") else [model.model]
+        tensors = [p for m in parts if hasattr(m, "parameters") for p in m.parameters()]
+        size = sum(p.numel() * p.element_size() for p in tensors) / 2**30
+        device = tensors[0].device.type if tensors else "cpu"
+        kind, what = key
+        label = what.display_name if isinstance(what, BaseModelSpec) else what
+        return f"Model cache: {kind} {label}, {size:.2f} GB on {device}" + (f" (busy: {busy[1]})" if busy else "")
 
     def pipeline(self, spec: BaseModelSpec) -> StableDiffusionPipeline:
         """The base pipeline for ``spec``."""

@@ -83,10 +83,11 @@ def build(ctx: AppContext) -> None:
             raise UserError(f"Strengths must be numbers separated by commas, like 0, 0.5, 1 ({exc}).") from exc
         files = ctx.workspace.lora_files()
         request = request_from(*fields)
-        image = inference.compare_grid(ctx.cache, picked_base(ctx, choice, repo), request,
+        base = picked_base(ctx, choice, repo)
+        image = inference.compare_grid(ctx.cache, base, request,
                                        [(label, files[label]) for label in labels or [] if label in files], values)
         image.info["parameters"] = f"grid of {', '.join(labels)} at strengths {strength_text}; " \
-                                   f"{request.parameters_text(picked_base(ctx, choice, repo), *image.size)}"
+                                   f"{request.parameters_text(base, *image.size)}"
         return str(inference.save_png(image, images_dir / f"grid-{time.strftime('%Y%m%d-%H%M%S')}.png"))
 
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
