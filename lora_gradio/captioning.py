@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ class CaptionOptions:
     style: Literal["sentence", "tags"] = "sentence"
     overwrite: bool = False
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        problems = [text for ok, text in (
+            (self.style in ("sentence", "tags"), f"style '{self.style}': use sentence or tags"),
+            (10 <= self.max_length <= 75, f"maximum length {self.max_length}: use 10 to 75 tokens"),
+            (1 <= self.batch_size <= 32, f"batch size {self.batch_size}: use 1 to 32"),
+            (all(len(t) <= 200 for t in (self.trigger_word, self.prefix, self.suffix)),
+             "trigger word, prefix and suffix are limited to 200 characters"),
+        ) if not ok]
+        if problems:
+            raise UserError("Cannot caption: " + "; ".join(problems) + ".")
 
 
 class Captioner:
@@ -77,8 +89,9 @@ def load_captioner(source: str) -> Captioner:
                             "contains its config.json, weights and processor files.") from exc
     if Path(source).is_absolute() or source.startswith((".", "~")):
         raise UserError(f"BLIP folder '{source}' does not exist.")
-    return from_hub(load, source, "Connect to the internet for the first use (the weights are cached afterwards), "
-                                  "or choose a local folder holding a downloaded BLIP model.")
+    return from_hub(load, source, "config.json",
+                    "Connect to the internet for the first use (the weights are cached afterwards), "
+                    "or choose a local folder holding a downloaded BLIP model.")
 
 
 def to_tags(sentence: str) -> str:
@@ -108,8 +121,12 @@ class CaptionResult:
 
 
 def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: CaptionOptions,
-                    progress: Callable[[int, int], None] | None = None) -> CaptionResult:
-    """Caption the dataset's images (only uncaptioned ones unless ``overwrite``), saving each ``.txt`` at once."""
+                    progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+                    on_wait: Callable[[str], None] | None = None) -> CaptionResult:
+    """Caption the dataset's images (only uncaptioned ones unless ``overwrite``), saving each ``.txt`` at once.
+
+    The captioner is used under the cache's lease; ``stop`` ends the run between batches, keeping what was written.
+    """
     images = list_images(images_dir)
     if not images:
         raise UserError("The dataset has no images to caption. Add some in the Dataset tab.")
@@ -117,20 +134,22 @@ def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: C
     result = CaptionResult({}, [str(p.relative_to(images_dir)) for p in images if p not in todo], [])
     if not todo:
         return result
-    captioner = cache.get(("captioner", source), lambda: load_captioner(source))
-    for start in range(0, len(todo), options.batch_size):
-        batch, pictures = [], []
-        for path in todo[start:start + options.batch_size]:
-            try:
-                pictures.append(open_rgb(path))
-                batch.append(path)
-            except (OSError, SyntaxError, ValueError) as exc:
-                result.problems.append(f"{path.name}: {exc}")
-        if pictures:
-            for path, text in zip(batch, captioner.caption(pictures, options.max_length), strict=True):
-                caption = compose(text, options)
-                write_caption(path, caption)
-                result.written[str(path.relative_to(images_dir))] = caption
-        if progress:
-            progress(min(start + options.batch_size, len(todo)), len(todo))
+    with cache.use(("captioner", source), lambda: load_captioner(source), "captioning", on_wait=on_wait) as captioner:
+        for start in range(0, len(todo), options.batch_size):
+            if stop is not None and stop.is_set():
+                raise UserError(f"Captioning stopped after {start} of {len(todo)} images; their captions are saved.")
+            batch, pictures = [], []
+            for path in todo[start:start + options.batch_size]:
+                try:
+                    pictures.append(open_rgb(path))
+                    batch.append(path)
+                except (OSError, SyntaxError, ValueError) as exc:
+                    result.problems.append(f"{path.name}: {exc}")
+            if pictures:
+                for path, text in zip(batch, captioner.caption(pictures, options.max_length), strict=True):
+                    caption = compose(text, options)
+                    write_caption(path, caption)
+                    result.written[str(path.relative_to(images_dir))] = caption
+            if progress:
+                progress(min(start + options.batch_size, len(todo)), len(todo))
     return result

@@ -16,7 +16,8 @@ from .errors import UserError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .training.loop import TrainEvent, TrainResult
+    from .events import JobEvent
+    from .training.loop import TrainResult
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -112,7 +113,7 @@ def with_progress(work: Callable[[Callable, threading.Event], TrainResult]) -> i
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, only rank 0 reports
     bar = tqdm(total=0, unit="step", dynamic_ncols=True, disable=not main_process)
 
-    def on_event(event: TrainEvent) -> None:
+    def on_event(event: JobEvent) -> None:
         if not main_process:
             return
         if event.kind == "step":

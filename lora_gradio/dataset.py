@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,7 +18,8 @@ from .errors import UserError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_ohwx woman" = 10 repeats, class words "ohwx woman"
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
-Image.MAX_IMAGE_PIXELS = None  # open_image enforces MAX_PIXELS itself, naming the image's size
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own guard, for every image opened anywhere in the process
+MANIFEST = ".manifest.json"  # in prepared/: which original (size, mtime) each training copy was made from
 
 
 @dataclass
@@ -148,26 +150,93 @@ def find_replace_captions(images_dir: Path, find: str, replace: str) -> int:
     return changed
 
 
+def split_tags(caption: str) -> list[str]:
+    """A caption's comma-separated tags, trimmed and non-empty: one rule for counts, metadata and shuffling."""
+    return [tag for tag in (part.strip() for part in caption.split(",")) if tag]
+
+
 def tag_frequencies(images_dir: Path) -> list[tuple[str, int]]:
     """Comma-separated tags across all captions, most frequent first."""
     counts: dict[str, int] = {}
     for image in list_images(images_dir):
-        for tag in (t.strip() for t in (read_caption(image) or "").split(",")):
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
+        for tag in split_tags(read_caption(image) or ""):
+            counts[tag] = counts.get(tag, 0) + 1
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
-def scan_training_folder(folder: Path, trigger_word: str = "") -> DatasetScan:
-    """Collect images and captions from a folder, including kohya ``N_name`` repeat subfolders."""
+def source_stamp(path: Path) -> list[int]:
+    """Size and modification time: what tells a training copy from a stale one."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def read_manifest(prepared_dir: Path) -> dict:
+    """Prepare's record: resolution, crop, and for each original (relative path) its stamp and its copy."""
+    path = Path(prepared_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # unreadable: every copy counts as stale and training reads the originals
+
+
+def fresh_copy(image: Path, images_dir: Path, manifest: dict, prepared_dir: Path) -> Path | None:
+    """The training copy of ``image`` if Prepare made it from the file as it is now."""
+    entry = manifest.get("files", {}).get(str(image.relative_to(images_dir)))
+    if not entry or entry.get("stamp") != source_stamp(image):
+        return None
+    copy = Path(prepared_dir) / entry["copy"]
+    return copy if copy.is_file() else None
+
+
+@dataclass
+class PreparedStatus:
+    """How the prepared copies differ from the images as they are now."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    def message(self) -> str | None:
+        """What changed since Prepare and what training does about it, or None when the copies are current."""
+        parts = [f"{len(names)} {'image was' if len(names) == 1 else 'images were'} {verb} ({', '.join(names[:3])}"
+                 f"{', …' if len(names) > 3 else ''})"
+                 for names, verb in ((self.added, "added"), (self.changed, "changed"), (self.removed, "removed"))
+                 if names]
+        if not parts:
+            return None
+        return ("Since Prepare, " + "; ".join(parts) + ". Training reads those images from the originals (removed "
+                "ones are left out); press Prepare again to refresh the training copies.")
+
+
+def prepared_status(images_dir: Path, prepared_dir: Path) -> PreparedStatus | None:
+    """Compare the images with Prepare's record; None when the dataset was never prepared."""
+    manifest = read_manifest(prepared_dir)
+    if not manifest:
+        return None
+    recorded = manifest.get("files", {})
+    now = {str(p.relative_to(images_dir)): p for p in list_images(images_dir)}
+    return PreparedStatus(
+        sorted(set(now) - set(recorded)),
+        sorted(name for name, path in now.items()
+               if name in recorded and fresh_copy(path, images_dir, manifest, prepared_dir) is None),
+        sorted(set(recorded) - set(now)))
+
+
+def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | None = None) -> DatasetScan:
+    """Collect images and captions from a folder, including kohya ``N_name`` repeat subfolders.
+
+    Captions always come from ``folder``; with ``prepared``, pixels come from Prepare's copies where they are current.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"Dataset folder '{folder}' does not exist. Point --data at a folder of images.")
+    manifest = read_manifest(prepared) if prepared else {}
     images, warnings = [], []
     for path in list_images(folder):  # hidden folders (thumbnails) are not training data
         match = REPEAT_FOLDER.match(path.parent.name) if path.parent != folder else None
         repeats, class_words = (int(match.group(1)), match.group(2)) if match else (1, "")
-        problem = image_problem(path)
+        pixels = (fresh_copy(path, folder, manifest, prepared) if manifest else None) or path
+        problem = image_problem(pixels)
         rel = path.relative_to(folder)
         if problem:
             warnings.append(f"Skipped {rel}: {problem}.")
@@ -178,14 +247,25 @@ def scan_training_folder(folder: Path, trigger_word: str = "") -> DatasetScan:
             warnings.append(f"{rel} has no caption; training it with '{fallback or 'an empty caption'}'. "
                             f"Add {caption_path(rel).name} to describe it.")
             caption = fallback
-        images.append(TrainImage(path, with_trigger(caption, trigger_word), max(repeats, 1),
+        images.append(TrainImage(pixels, with_trigger(caption, trigger_word), max(repeats, 1),
                                  path.parent.name if path.parent != folder else folder.name))
+    stale = prepared_status(folder, prepared) if manifest else None
+    if stale and stale.message():
+        warnings.insert(0, stale.message())
     if not images:
         raise UserError(
             f"No usable images in '{folder}'. Add .png, .jpg or .webp files (captions as same-name .txt files)."
             + (f" Problems: {' '.join(warnings)}" if warnings else "")
         )
     return DatasetScan(images, warnings)
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """Width and height as training sees them (EXIF rotation applied), read from the header alone."""
+    with open_image(path) as img:
+        width, height = img.size
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
+    return (height, width) if turned else (width, height)
 
 
 DEMO_SUBJECTS = [("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 180, 70)), ("yellow", (230, 200, 40))]

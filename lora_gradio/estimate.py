@@ -6,12 +6,12 @@ gradient checkpointing) and typical memory use; the real numbers show up in the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dataset import scan_training_folder
+from .dataset import prepared_status, scan_training_folder
 from .training.config import TrainConfig
+from .training.data import plan_images, steps_per_epoch
 
 TFLOP_PER_SAMPLE = {False: 1.73, True: 2.54}  # SD1.5 at 512 px, LoRA step, without / with gradient checkpointing
 MFU = 0.35  # a realistic share of the GPU's peak for this workload
@@ -30,6 +30,7 @@ class Estimate:
     peak_gb: float | None
     free_gb: float | None
     device: str
+    stale: str | None = None  # what changed since Prepare, if anything
 
     def markdown(self) -> str:
         """One short paragraph, with a warning when it will not fit."""
@@ -47,6 +48,8 @@ class Estimate:
         if self.free_gb is not None and self.peak_gb is not None and self.peak_gb > self.free_gb:
             text += ("\n\n⚠️ This will probably not fit. Turn on gradient checkpointing, use batch size 1, the "
                      "adamw8bit optimizer, or the low-vram-8gb preset.")
+        if self.stale:
+            text += f"\n\n⚠️ {self.stale}"
         return text
 
 
@@ -72,20 +75,22 @@ def peak_memory_gb(config: TrainConfig) -> float:
     return (frozen + lora + activations) / GB + 0.6  # CUDA context and allocator slack
 
 
-def estimate(config: TrainConfig, data_dir: Path, demo: bool = False) -> Estimate:
-    """Steps from the dataset and config; time and memory for the GPU in this machine, if any."""
+def estimate(config: TrainConfig, data_dir: Path, demo: bool = False, prepared: Path | None = None) -> Estimate:
+    """Steps from the dataset's buckets and the config; time and memory for the GPU in this machine, if any."""
     import torch
 
-    scan = scan_training_folder(Path(data_dir), config.trigger_word)
-    batches = math.ceil(scan.total_repeats / config.batch_size)  # buckets can add a few partial batches
-    steps = math.ceil(batches / config.gradient_accumulation_steps) * config.epochs
+    scan = scan_training_folder(Path(data_dir), config.trigger_word, prepared)
+    planned = plan_images(scan.images, config.resolution, config.enable_buckets)
+    steps = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps) * config.epochs
+    status = prepared_status(Path(data_dir), prepared) if prepared else None
+    stale = status.message() if status else None
     if demo:
-        return Estimate(steps, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model")
+        return Estimate(steps, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model", stale)
     if not torch.cuda.is_available():
-        return Estimate(steps, None, None, None, "the CPU (slow: minutes per step for real SD1.5 models)")
+        return Estimate(steps, None, None, None, "the CPU (slow: minutes per step for real SD1.5 models)", stale)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in DENSE_TFLOPS.items() if k in name), 50)
     per_sample = TFLOP_PER_SAMPLE[config.gradient_checkpointing] * (config.resolution / 512) ** 2
     seconds = steps * config.batch_size * config.gradient_accumulation_steps * per_sample / (peak * MFU)
     free, _ = torch.cuda.mem_get_info()
-    return Estimate(steps, seconds, peak_memory_gb(config), free / GB, name)
+    return Estimate(steps, seconds, peak_memory_gb(config), free / GB, name, stale)

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import io
 import random
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .atomic import write_bytes_atomic
 from .errors import UserError
-from .models import BaseModelSpec, ModelCache, pick_device
+from .events import JobEvent
+from .models import BaseModelSpec, ModelCache, pipeline_view
 from .training import kohya
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 LORA_ADAPTER = "test_lora"
 # name -> (diffusers scheduler class, extra config), the samplers people know from A1111 and ComfyUI
@@ -47,6 +54,7 @@ class GenerateRequest:
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the field and the allowed range."""
         checks = [(1 <= self.steps <= 150, f"steps = {self.steps}: use 1 to 150"),
+                  (0 <= self.seed < 2**63, f"seed = {self.seed}: use 0 to 2^63 - 1"),
                   (0 <= self.cfg <= 30, f"CFG = {self.cfg}: use 0 to 30"),
                   (-2 <= self.strength_model <= 2, f"strength_model = {self.strength_model}: use -2 to 2"),
                   (-2 <= self.strength_clip <= 2, f"strength_clip = {self.strength_clip}: use -2 to 2"),
@@ -60,13 +68,13 @@ class GenerateRequest:
         if problems:
             raise UserError("Cannot generate: " + "; ".join(problems) + ".")
 
-    def parameters_text(self, base: BaseModelSpec, width: int, height: int) -> str:
+    def parameters_text(self, model_name: str, width: int, height: int) -> str:
         """The A1111-style ``parameters`` text stored in the PNG and shown under the image."""
         lora = f", Lora: {Path(self.lora).name}, strength_model: {self.strength_model}, " \
                f"strength_clip: {self.strength_clip}" if self.lora else ""
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.cfg}, "
-                f"Seed: {self.seed}, Size: {width}x{height}, Model: {base.display_name}{lora}")
+                f"Seed: {self.seed}, Size: {width}x{height}, Model: {model_name}{lora}")
 
 
 def random_seed() -> int:
@@ -74,16 +82,21 @@ def random_seed() -> int:
     return random.randint(0, 2**32 - 1)
 
 
-def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest) -> Image.Image:
-    """One image, carrying its parameters in ``image.info['parameters']`` (saved as PNG text)."""
-    import diffusers
-    import torch
-
+def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest,
+             on_wait: Callable[[str], None] | None = None) -> Image.Image:
+    """One image under the cache's lease, carrying its parameters in ``image.info['parameters']`` (PNG text)."""
     request.validate()
-    pipe = cache.pipeline(base)
-    device = pick_device()
-    pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    with cache.pipeline(base, "generation", on_wait=on_wait) as pipe:
+        return generate_on(test_pipeline(cache, pipe), base, request)
+
+
+def test_pipeline(cache: ModelCache, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The Test tab's own view of the leased base: LoRAs attach to it and stay attached between requests."""
+    return cache.derived("test-view", lambda: pipeline_view(pipe))
+
+
+def generate_on(pipe: StableDiffusionPipeline, base: BaseModelSpec, request: GenerateRequest) -> Image.Image:
+    """Attach the request's LoRA at its strengths to a view the caller owns, then render."""
     if request.lora is not None and not Path(request.lora).is_file():
         raise UserError(f"LoRA file '{request.lora}' does not exist.")
     kohya.attach(pipe, request.lora, LORA_ADAPTER)
@@ -91,15 +104,24 @@ def generate(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest) -
         strengths = {"unet": request.strength_model, "text_encoder": request.strength_clip}
         present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
         pipe.set_adapters([LORA_ADAPTER], adapter_weights=[{k: v for k, v in strengths.items() if k in present}])
+    return render(pipe, request, base.display_name)
+
+
+def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: str) -> Image.Image:
+    """Run the pipeline as it is (adapters included) with the request's sampler, seed and size."""
+    import diffusers
+    import torch
+
     class_name, extra = SCHEDULERS[request.scheduler]
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = request.width or size, request.height or size
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
-                 num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
-                 generator=generator).images[0]
-    image.info["parameters"] = request.parameters_text(base, width, height)
+    with torch.inference_mode():
+        image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
+                     num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
+                     generator=generator).images[0]
+    image.info["parameters"] = request.parameters_text(model_name, width, height)
     return image
 
 
@@ -117,15 +139,30 @@ def save_png(image: Image.Image, path: Path) -> Path:
 
 
 def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest,
-                 loras: list[tuple[str, Path]], strengths: list[float]) -> Image.Image:
-    """Rows of LoRA files (epochs) by columns of strengths, one seed, labelled axes."""
+                 loras: list[tuple[str, Path]], strengths: list[float], stop: threading.Event | None = None,
+                 emit: Callable[[JobEvent], None] | None = None) -> Image.Image:
+    """Rows of LoRA files (epochs) by columns of strengths, one seed, labelled axes; one lease for every cell."""
     if not loras or not strengths:
         raise UserError("Pick at least one LoRA file and one strength for the grid.")
     if len(loras) * len(strengths) > 64:
         raise UserError(f"A {len(loras)}×{len(strengths)} grid is {len(loras) * len(strengths)} images; "
                         "keep it to 64 or fewer.")
-    cells = [[generate(cache, base, replace(request, lora=path, strength_model=s, strength_clip=s))
-              for s in strengths] for _, path in loras]
+    for strength in strengths:
+        replace(request, strength_model=strength, strength_clip=strength).validate()
+    emit = emit or (lambda event: None)
+    total = len(loras) * len(strengths)
+    cells: list[list[Image.Image]] = []
+    with cache.pipeline(base, "a comparison grid", on_wait=lambda text: emit(JobEvent("status", text))) as pipe:
+        view = test_pipeline(cache, pipe)
+        for _, path in loras:
+            cells.append([])
+            for strength in strengths:
+                if stop is not None and stop.is_set():
+                    raise UserError("Grid stopped before it was complete.")
+                cells[-1].append(generate_on(view, base, replace(request, lora=path, strength_model=strength,
+                                                                 strength_clip=strength)))
+                done = sum(len(row) for row in cells)
+                emit(JobEvent("progress", f"Rendered {done} of {total} images", step=done, total_steps=total))
     return label_grid(cells, [label for label, _ in loras], [f"strength {s:g}" for s in strengths])
 
 

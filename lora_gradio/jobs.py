@@ -1,79 +1,40 @@
-"""One training job at a time, run in the background; its state lives here, not in any browser tab.
+"""Background jobs: training, captioning, Prepare and grids all run the same way, as ``work(stop, emit) -> result``.
 
-The CLI runs the same ``run_training`` in the foreground. Each run folder holds ``job.json`` (config, base model,
-dataset), so an interrupted run can be resumed after a restart.
+The runner keeps each job's state on the server, so a reloaded page shows it live, and gives each job a secret id:
+only whoever holds it (the page or script that started the job) can stop it. The CLI runs the same work in the
+foreground.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from .atomic import write_text_atomic
 from .errors import UserError
+from .events import Emit, JobEvent
 from .models import BaseModelSpec, ModelCache
-from .training.config import TrainConfig, make_config
-from .training.loop import TrainEvent, TrainResult, check_writable, state_path, train
+from .training.config import TrainConfig
+from .training.loop import TrainResult, train
+from .training.run_folder import RunFolder, RunJob
 
-JOB_FILE = "job.json"
 LOG_LINES = 200
-
-
-def write_job_file(run_dir: Path, config: TrainConfig, base: BaseModelSpec, data_dir: Path) -> None:
-    """Record what a run needs to be resumed: its config, base model and dataset."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / JOB_FILE, json.dumps({
-        "config": config.to_dict(), "base": asdict(base), "data_dir": str(data_dir), "created": time.time()},
-        indent=2) + "\n")
-
-
-def read_job_file(run_dir: Path) -> tuple[TrainConfig, BaseModelSpec, Path]:
-    """The config, base model and dataset of an earlier run."""
-    path = Path(run_dir) / JOB_FILE
-    if not path.is_file():
-        raise UserError(f"'{run_dir}' is not a lora-gradio run folder (no {JOB_FILE}).")
-    job = json.loads(path.read_text(encoding="utf-8"))
-    return make_config(job["config"], f"run '{Path(run_dir).name}'"), BaseModelSpec(**job["base"]), Path(
-        job["data_dir"])
-
-
-def run_training(config: TrainConfig, base: BaseModelSpec, data_dir: Path, run_dir: Path,
-                 on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
-                 cache: ModelCache | None = None) -> TrainResult:
-    """Start a run in ``run_dir``, recording it so it can be resumed (a run that fails before saving leaves none)."""
-    check_writable(Path(run_dir))
-    write_job_file(Path(run_dir), config, base, Path(data_dir))
-    try:
-        return train(config, base, data_dir, run_dir, on_event=on_event, stop=stop, cache=cache)
-    except BaseException:
-        if not state_path(run_dir).is_file():
-            (Path(run_dir) / JOB_FILE).unlink(missing_ok=True)
-        raise
-
-
-def resume_training(run_dir: Path, on_event: Callable[[TrainEvent], None] | None = None,
-                    stop: threading.Event | None = None, cache: ModelCache | None = None) -> TrainResult:
-    """Continue an interrupted run from its last saved state, with its own config and data."""
-    config, base, data_dir = read_job_file(run_dir)
-    if not state_path(run_dir).is_file():
-        raise UserError(f"Run '{Path(run_dir).name}' has nothing to resume: it finished, or stopped before its "
-                        "first save.")
-    return train(config, base, data_dir, run_dir, on_event=on_event, stop=stop, cache=cache, resume=True)
-
-
-def resumable_runs(outputs_dir: Path) -> list[str]:
-    """Run folders that were interrupted and can continue."""
-    return sorted(p.name for p in Path(outputs_dir).glob("*") if (p / JOB_FILE).is_file() and state_path(p).is_file())
+KEEP_FINISHED = 50  # finished jobs whose state stays readable
+log = logging.getLogger(__name__)
+Work = Callable[[threading.Event, Emit], Any]
 
 
 @dataclass
 class JobState:
-    """Everything a page needs to show the job, whichever browser tab asks."""
+    """Everything a page needs to show a job, whichever browser tab asks. ``losses`` start at ``loss_offset``."""
 
+    kind: str = ""
+    title: str = ""
     status: str = "idle"  # idle, running, stopping, done, stopped, error
     run_dir: str = ""
     message: str = ""
@@ -83,99 +44,132 @@ class JobState:
     total_epochs: int = 0
     eta_s: float | None = None
     it_per_s: float | None = None
+    loss_offset: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[tuple[int, str]] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     started: float = 0.0
-
-
-class TrainingJobs:
-    """Runs at most one training job in a background thread and keeps its live state."""
-
-    def __init__(self, cache: ModelCache) -> None:
-        self.cache = cache
-        self._lock = threading.Lock()
-        self._state = JobState()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    result: Any = None
 
     @property
-    def running(self) -> bool:
-        """Whether a job is in progress."""
-        return self._thread is not None and self._thread.is_alive()
+    def active(self) -> bool:
+        """Still working (running, or stopping after a Stop)."""
+        return self.status in ("running", "stopping")
 
-    def start(self, config: TrainConfig, base: BaseModelSpec, data_dir: Path, run_dir: Path) -> None:
-        """Train in the background; a second start while one runs is refused."""
-        self._launch(Path(run_dir), lambda stop, on_event: run_training(
-            config, base, data_dir, run_dir, on_event=on_event, stop=stop, cache=self.cache))
 
-    def resume(self, run_dir: Path) -> None:
-        """Continue an interrupted run in the background."""
-        read_job_file(run_dir)  # fail here, in the caller, when the folder is not a run
-        self._launch(Path(run_dir), lambda stop, on_event: resume_training(
-            run_dir, on_event=on_event, stop=stop, cache=self.cache))
+@dataclass
+class _Job:
+    id: str
+    exclusive: str | None
+    state: JobState
+    stop: threading.Event
+    thread: threading.Thread | None = None
 
-    def stop(self) -> None:
-        """Ask the running job to stop after its current step; it saves what it has learned."""
-        if self.running:
-            self._stop.set()
-            with self._lock:
-                self._state.status = "stopping"
 
-    def view(self) -> JobState:
-        """A consistent copy of the job's state."""
+class JobRunner:
+    """Runs jobs in background threads; jobs that share an ``exclusive`` key (training, say) run one at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+
+    def start(self, kind: str, title: str, work: Work, exclusive: str | None = None, run_dir: str = "") -> str:
+        """Run ``work`` in the background and return the job's id, the key to its Stop."""
         with self._lock:
-            state = self._state
-            return JobState(**{**asdict(state), "losses": list(state.losses), "samples": list(state.samples),
-                               "saved": list(state.saved), "log": list(state.log), "warnings": list(state.warnings)})
+            busy = next((j.state for j in self._jobs.values() if exclusive and j.exclusive == exclusive
+                         and j.state.active), None)
+            if busy is not None:
+                progress = f", step {busy.step}/{busy.total_steps}" if busy.total_steps else ""
+                raise UserError(f"{busy.title} is already running{progress}. Wait for it or press Stop first.")
+            job = _Job(secrets.token_urlsafe(16), exclusive, JobState(
+                kind, title, "running", run_dir, "Starting", started=time.time()), threading.Event())
+            self._jobs[job.id] = job
+            finished = [k for k, j in self._jobs.items() if not j.state.active]
+            for old in finished[:-KEEP_FINISHED]:
+                del self._jobs[old]
+            job.thread = threading.Thread(target=self._run, args=(job, work), name=kind, daemon=True)
+            job.thread.start()
+        return job.id
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the current job ends (for the CLI and tests)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _launch(self, run_dir: Path, work: Callable[[threading.Event, Callable[[TrainEvent], None]], TrainResult],
-                ) -> None:
+    def stop(self, job_id: str) -> None:
+        """Ask the job to stop at its next check; a training job saves what it has learned."""
+        job = self._job(job_id)
         with self._lock:
-            if self.running:
-                raise UserError(f"A training job is already running ({Path(self._state.run_dir).name}, step "
-                                f"{self._state.step}/{self._state.total_steps}). Wait for it or press Stop first.")
-            self._stop = threading.Event()
-            self._state = JobState(status="running", run_dir=str(run_dir), message="Starting", started=time.time())
-            stop = self._stop
-            self._thread = threading.Thread(target=self._run, args=(work, stop), name="training", daemon=True)
-            self._thread.start()
+            if job.state.active:
+                job.stop.set()
+                job.state.status = "stopping"
 
-    def _run(self, work: Callable[..., TrainResult], stop: threading.Event) -> None:
+    def view(self, job_id: str, since: int = 0) -> JobState:
+        """A consistent copy of one job's state, with only the losses from index ``since`` on."""
+        job = self._job(job_id)
+        with self._lock:
+            return self._copy(job.state, since)
+
+    def latest(self, kind: str, since: int = 0) -> JobState:
+        """The newest job of a kind (what every visitor's Train tab shows), or an idle state."""
+        with self._lock:
+            jobs = [j.state for j in self._jobs.values() if j.state.kind == kind]
+            return self._copy(jobs[-1], since) if jobs else JobState(kind)
+
+    def active(self) -> list[JobState]:
+        """The jobs still working, oldest first."""
+        with self._lock:
+            return [self._copy(j.state, 0) for j in self._jobs.values() if j.state.active]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobState:
+        """Block until the job ends (for the API, the CLI and tests)."""
+        job = self._job(job_id)
+        if job.thread is not None:
+            job.thread.join(timeout)
+        return self.view(job_id)
+
+    def _job(self, job_id: str) -> _Job:
+        job = self._jobs.get(str(job_id or ""))
+        if job is None:
+            raise UserError("No job has this id here. Only the page or script that started a job holds its id, "
+                            "and only it can stop the job.")
+        return job
+
+    @staticmethod
+    def _copy(state: JobState, since: int) -> JobState:
+        since = max(0, min(int(since), len(state.losses)))
+        return replace(state, loss_offset=since, losses=state.losses[since:], samples=list(state.samples),
+                       saved=list(state.saved), log=list(state.log), warnings=list(state.warnings))
+
+    def _run(self, job: _Job, work: Work) -> None:
         try:
-            result = work(stop, self._on_event)
-            with self._lock:
-                self._state.status = "stopped" if result.stopped else "done"
+            result = work(job.stop, lambda event: self._on_event(job, event))
+            self._finish(job, "stopped" if getattr(result, "stopped", False) else "done", None, result)
         except UserError as exc:
-            self._fail(str(exc))
+            self._finish(job, "stopped" if job.stop.is_set() else "error", str(exc))
         except Exception as exc:  # a crash must reach the page, not kill the app
-            self._fail(f"Training failed unexpectedly: {type(exc).__name__}: {exc}")
+            log.exception("%s failed", job.state.title)
+            self._finish(job, "error", f"{job.state.title} failed unexpectedly: {type(exc).__name__}: {exc}")
 
-    def _fail(self, message: str) -> None:
+    def _finish(self, job: _Job, status: str, message: str | None, result: Any = None) -> None:
         with self._lock:
-            self._state.status = "error"
-            self._state.message = message
-            self._state.log.append(f"error: {message}")
+            state = job.state
+            state.status, state.result, state.eta_s = status, result, None
+            if message:
+                state.message = message
+                state.log = [*state.log, f"{'error' if status == 'error' else status}: {message}"][-LOG_LINES:]
 
-    def _on_event(self, event: TrainEvent) -> None:
+    def _on_event(self, job: _Job, event: JobEvent) -> None:
         with self._lock:
-            state = self._state
-            if event.kind == "step":
+            state = job.state
+            if event.total_steps:
                 state.step, state.total_steps = event.step, event.total_steps
-                state.epoch, state.total_epochs = event.epoch, event.total_epochs
-                state.eta_s, state.it_per_s = event.eta_s, event.it_per_s
+                state.total_epochs = event.total_epochs or state.total_epochs
+            if event.kind == "step":
+                state.epoch, state.eta_s, state.it_per_s = event.epoch, event.eta_s, event.it_per_s
                 state.losses.append((event.step, float(event.loss)))
                 return
-            if event.total_steps:
-                state.total_steps, state.total_epochs = event.total_steps, event.total_epochs
-            if event.kind == "samples":
+            if event.kind == "progress" and event.step:
+                elapsed = time.time() - state.started
+                state.eta_s = elapsed / event.step * (event.total_steps - event.step)
+            elif event.kind == "samples":
                 state.samples.extend((event.epoch, p) for p in event.paths)
             elif event.kind == "saved" and event.path:
                 state.saved.append(event.path)
@@ -185,3 +179,43 @@ class TrainingJobs:
                 state.message = event.message
                 prefix = f"{event.kind}: " if event.kind in ("warning", "error") else ""
                 state.log = [*state.log, prefix + event.message][-LOG_LINES:]
+
+
+def run_training(config: TrainConfig, base: BaseModelSpec, data_dir: Path, run_dir: Path, on_event: Emit | None = None,
+                 stop: threading.Event | None = None, cache: ModelCache | None = None,
+                 prepared: Path | None = None) -> TrainResult:
+    """Start a run in ``run_dir``, recording it so it can be resumed (a run that fails before saving leaves none)."""
+    run = RunFolder(Path(run_dir))
+    run.check_writable()
+    run.write_job(RunJob(config, base, Path(data_dir), prepared))
+    try:
+        return train(config, base, data_dir, run_dir, on_event=on_event, stop=stop, cache=cache, prepared=prepared)
+    except BaseException:
+        if not run.state_file.is_file():
+            run.job_file.unlink(missing_ok=True)
+        raise
+
+
+def resume_training(run_dir: Path, on_event: Emit | None = None, stop: threading.Event | None = None,
+                    cache: ModelCache | None = None) -> TrainResult:
+    """Continue an interrupted run from its last saved state, with its own config and data."""
+    run = RunFolder(Path(run_dir))
+    job = run.read_job()
+    run.load_state()  # a clear message now when there is nothing to resume
+    return train(job.config, job.base, job.images, run.path, on_event=on_event, stop=stop, cache=cache, resume=True,
+                 prepared=job.prepared)
+
+
+def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, base: BaseModelSpec, data_dir: Path,
+                   run_dir: Path, prepared: Path | None = None) -> str:
+    """Train in the background (one training at a time); returns the job id that Stop needs."""
+    return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: run_training(
+        config, base, data_dir, run_dir, on_event=emit, stop=stop, cache=cache, prepared=prepared),
+        exclusive="training", run_dir=str(run_dir))
+
+
+def start_resume(runner: JobRunner, cache: ModelCache, run_dir: Path) -> str:
+    """Continue an interrupted run in the background; returns the job id that Stop needs."""
+    RunFolder(Path(run_dir)).read_job()  # fail here, in the caller, when the folder is not a run
+    return runner.start("training", f"Training {Path(run_dir).name} (resumed)", lambda stop, emit: resume_training(
+        run_dir, on_event=emit, stop=stop, cache=cache), exclusive="training", run_dir=str(run_dir))

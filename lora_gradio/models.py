@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +24,7 @@ DEMO = "demo"
 RANDOM_SD15 = "sd15-random"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 T = TypeVar("T")
+M = TypeVar("M", bound="torch.nn.Module")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 # Tiny SD1.5-shaped components: the UNet keeps SD1.5's 4 levels of 2 layers so every kohya key pattern exists.
@@ -182,12 +185,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def from_hub(load: Callable[[bool], T], repo_id: str, remedy: str) -> T:
-    """Load from the local cache; download only when the hub is reachable, else explain how to get the files."""
-    try:
-        return load(True)
-    except (OSError, ValueError):
-        pass  # not cached yet
+def from_hub(load: Callable[[bool], T], repo_id: str, marker: str, remedy: str) -> T:
+    """Load from the local cache when ``marker`` (a file every copy has) is there; download only when the hub is
+    reachable, else explain how to get the files. A damaged cached copy is named as such, not as missing."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, marker), str):
+        try:
+            return load(True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"The downloaded copy of '{repo_id}' on this machine is damaged or incomplete ({exc}). "
+                            "Delete its folder under the Hugging Face cache (~/.cache/huggingface/hub/models--"
+                            f"{repo_id.replace('/', '--')}) and load it again.") from exc
     if not hub_reachable():
         raise UserError(f"'{repo_id}' is not on this machine and the Hugging Face Hub cannot be reached "
                         f"(offline, or HF_HUB_OFFLINE is set). {remedy}")
@@ -261,8 +270,9 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
             )
         return from_hub(lambda local_only: StableDiffusionPipeline.from_pretrained(
             spec.location, safety_checker=None, requires_safety_checker=False, local_files_only=local_only),
-            spec.location, "Download the model once on a machine with internet and point to its folder, or "
-                           "use a local .safetensors checkpoint.")
+            spec.location, "model_index.json",
+            "Download the model once on a machine with internet and point to its folder, or use a local .safetensors "
+            "checkpoint.")
     except UserError:
         raise
     except Exception as exc:
@@ -275,73 +285,172 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
         raise UserError(f"Could not load base model '{spec.display_name}': {exc}. {hint}") from exc
 
 
-class ModelCache:
-    """Holds the one heavy model in memory (a base pipeline or the captioner), so the next job skips the load.
+@dataclass(frozen=True)
+class CacheStatus:
+    """A snapshot of the cache for the page and the API: what is loaded, who uses it, who waits."""
 
-    Asking for a different model releases the current one first, so two never compete for GPU memory.
+    model: str | None  # "pipeline demo", "captioner …", or None when empty
+    size_gb: float
+    device: str
+    user: str | None  # what holds the lease now
+    waiting: tuple[str, ...]  # what waits for it, first in line first
+    alive: int  # models this cache loaded that are still in memory: 1 at most unless something leaks one
+    loads: int
+
+    def line(self) -> str:
+        """One line for the top of the page."""
+        if self.model is None:
+            text = "Model cache: empty" + (f" (loading for {self.user})" if self.user else "")
+        else:
+            text = f"Model cache: {self.model}, {self.size_gb:.2f} GB on {self.device}"
+            if self.user:
+                text += f" · in use by {self.user}"
+        if self.waiting:
+            text += f" · waiting: {len(self.waiting)} ({', '.join(self.waiting)})"
+        return text
+
+
+@dataclass
+class _Holder:
+    thread: int
+    what: str
+    long: bool
+
+
+class ModelCache:
+    """Holds the one heavy model in memory (a base pipeline or the captioner) and lends it out under a lease.
+
+    ``with cache.use(key, loader, what) as model`` is the only way to reach the model: the holder has it alone until
+    the block ends, others wait in arrival order, and a long holder (training) makes newcomers get "busy" at once.
+    Asking for a different model releases the current one first, so two never compete for memory. Holders must not
+    change the model; they work on views (:func:`pipeline_view`) and keep derived state with :meth:`derived`.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._cond = threading.Condition()
         self._key: Hashable | None = None
         self._model: Any = None
-        self._busy: tuple[int, str] | None = None  # (thread, what) while a long job owns the model
+        self._derived: dict[str, Any] = {}
+        self._holder: _Holder | None = None
+        self._queue: list[tuple[object, str]] = []  # (ticket, what) of each waiting user, in arrival order
+        self._loaded: list[weakref.ref] = []
         self.loads = 0
 
-    def get(self, key: Hashable, loader: Callable[[], T]) -> T:
-        """The cached model for ``key``, or ``loader()``'s result after releasing whatever was held."""
-        with self._lock:
-            if self._busy and self._busy[0] != threading.get_ident():
-                raise UserError(f"The model is busy with {self._busy[1]}. Try again when it has finished, "
-                                "or stop it first.")
-            if self._key != key or self._model is None:
-                self._release()
-                self._model = loader()
-                self._key = key
-                self.loads += 1
-            return self._model
-
     @contextmanager
-    def busy(self, what: str) -> Iterator[None]:
-        """Reserve the cache for this thread during a long job; other threads get a clear 'busy' message."""
-        with self._lock:
-            self._busy = (threading.get_ident(), what)
+    def use(self, key: Hashable, loader: Callable[[], T], what: str, long: bool = False,
+            on_wait: Callable[[str], None] | None = None) -> Iterator[T]:
+        """Lease the model for ``key`` (loading it with ``loader`` if another or none is held) for ``what``.
+
+        ``on_wait`` hears "waiting for the model: … ahead of you" while others are served first; it runs under the
+        cache's lock, so it must be quick.
+        """
+        self._acquire(what, long, on_wait)
         try:
-            yield
+            if self._key != key or self._model is None:
+                self._drop()
+                model = loader()  # outside the lock: the status line stays live during a long load
+                with self._cond:
+                    self._model, self._key = model, key
+                    self._loaded = [ref for ref in self._loaded if ref() is not None] + [weakref.ref(model)]
+                    self.loads += 1
+            yield self._model
         finally:
-            with self._lock:
-                self._busy = None
+            self._give_back()
 
-    def describe(self) -> str:
-        """What is loaded and how much memory its weights take, for the UI."""
-        model, key, busy = self._model, self._key, self._busy  # no lock: a load in progress must not stall this
-        if model is None or key is None:
-            return "Model cache: empty (or loading)"
-        parts = model.components.values() if hasattr(model, "components") else [model.model]
-        tensors = [p for m in parts if hasattr(m, "parameters") for p in m.parameters()]
-        size = sum(p.numel() * p.element_size() for p in tensors) / 2**30
-        device = tensors[0].device.type if tensors else "cpu"
-        kind, what = key
-        label = what.display_name if isinstance(what, BaseModelSpec) else what
-        return f"Model cache: {kind} {label}, {size:.2f} GB on {device}" + (f" (busy: {busy[1]})" if busy else "")
+    def derived(self, name: str, make: Callable[[], T]) -> T:
+        """State built from the held model (a view with a LoRA attached, say), kept until the model is released."""
+        with self._cond:
+            if self._holder is None or self._holder.thread != threading.get_ident():
+                raise RuntimeError("derived() is for the lease holder only")
+        if name not in self._derived:
+            self._derived[name] = make()
+        return self._derived[name]
 
-    def pipeline(self, spec: BaseModelSpec) -> StableDiffusionPipeline:
-        """The base pipeline for ``spec``."""
-        return self.get(("pipeline", spec), lambda: load_pipeline(spec))
+    def pipeline(self, spec: BaseModelSpec, what: str, long: bool = False,
+                 on_wait: Callable[[str], None] | None = None) -> AbstractContextManager[StableDiffusionPipeline]:
+        """Lease the base pipeline for ``spec``, loaded once onto the best device in its inference precision."""
+        return self.use(("pipeline", spec), lambda: place_pipeline(load_pipeline(spec)), what, long, on_wait)
 
     def release(self) -> None:
-        """Drop the cached model and give its memory back."""
-        with self._lock:
-            self._release()
+        """Drop the cached model and give its memory back, once whoever holds it has finished."""
+        self._acquire("releasing the model", False, None)
+        try:
+            self._drop()
+        finally:
+            self._give_back()
 
-    def _release(self) -> None:
-        self._model, self._key = None, None
-        free_accelerator_memory()
+    def status(self) -> CacheStatus:
+        """What is loaded, who holds it and who waits; never waits for a load in progress."""
+        with self._cond:
+            model, key, holder = self._model, self._key, self._holder
+            waiting = tuple(what for _, what in self._queue)
+            alive = sum(ref() is not None for ref in self._loaded)
+        if model is None or key is None:
+            return CacheStatus(None, 0.0, "", holder.what if holder else None, waiting, alive, self.loads)
+        parts = model.components.values() if hasattr(model, "components") else [getattr(model, "model", model)]
+        tensors = [p for m in parts if hasattr(m, "parameters") for p in m.parameters()]
+        size = sum(p.numel() * p.element_size() for p in tensors) / 2**30
+        return CacheStatus(_label(key), size, tensors[0].device.type if tensors else "cpu",
+                           holder.what if holder else None, waiting, alive, self.loads)
+
+    def describe(self) -> str:
+        """The status as one line, for the top of the page."""
+        return self.status().line()
 
     @property
     def holds(self) -> Hashable | None:
         """The key of what is cached now, for display."""
         return self._key
+
+    def _acquire(self, what: str, long: bool, on_wait: Callable[[str], None] | None) -> None:
+        """Wait for this caller's turn in arrival order, then hold the lease."""
+        ticket = object()
+        with self._cond:
+            self._refuse_during_long_job()
+            if self._holder is not None and self._holder.thread == threading.get_ident():
+                raise RuntimeError(f"{what} asked for the model while this thread already holds it")
+            self._queue.append((ticket, what))
+            try:
+                told = ""
+                while self._holder is not None or self._queue[0][0] is not ticket:
+                    self._refuse_during_long_job()
+                    message = self._waiting_message(ticket)
+                    if on_wait is not None and message != told:
+                        on_wait(message)
+                        told = message
+                    self._cond.wait()
+            finally:
+                self._queue = [entry for entry in self._queue if entry[0] is not ticket]
+                self._cond.notify_all()
+            self._holder = _Holder(threading.get_ident(), what, long)
+
+    def _give_back(self) -> None:
+        with self._cond:
+            self._holder = None
+            self._cond.notify_all()
+
+    def _refuse_during_long_job(self) -> None:
+        if self._holder is not None and self._holder.long:
+            raise UserError(f"The model is busy with {self._holder.what}. Try again when it has finished, "
+                            "or stop it first.")
+
+    def _waiting_message(self, ticket: object) -> str:
+        ahead = next(i for i, (t, _) in enumerate(self._queue) if t is ticket) + (self._holder is not None)
+        using = f"{self._holder.what} is running" if self._holder else "starting"
+        return f"waiting for the model: {using}, {ahead} ahead of you"
+
+    def _drop(self) -> None:
+        with self._cond:
+            self._model, self._key, self._derived = None, None, {}
+        free_accelerator_memory()
+
+
+def _label(key: Hashable) -> str:
+    """'pipeline demo' for ("pipeline", spec), 'captioner Salesforce/…' for ("captioner", source)."""
+    if isinstance(key, tuple) and len(key) == 2:
+        kind, what = key
+        return f"{kind} {what.display_name if isinstance(what, BaseModelSpec) else what}"
+    return str(key)
 
 
 def free_accelerator_memory() -> None:
@@ -353,6 +462,46 @@ def free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def place_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """Put a freshly loaded base where it will be used (fp16 on CUDA) and freeze it: from here on it never changes."""
+    import torch
+
+    device = pick_device()
+    pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    return pipe
+
+
+def module_view(module: M, device: torch.device | None = None, dtype: torch.dtype | None = None) -> M:
+    """A copy of the module's structure over the same weight tensors, so adapters, modes and processors added to it
+    never reach the original; tensors whose device or dtype must change are converted copies instead."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        moved = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        if moved is not tensor and isinstance(tensor, torch.nn.Parameter):
+            moved = torch.nn.Parameter(moved, requires_grad=False)
+        memo[id(tensor)] = moved
+    return copy.deepcopy(module, memo)
+
+
+def pipeline_view(pipe: StableDiffusionPipeline, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """A pipeline over views of the base's UNet, text encoder and VAE, with its own scheduler: work on it freely."""
+    from diffusers import StableDiffusionPipeline
+
+    components = dict(pipe.components)
+    for name in ("unet", "text_encoder", "vae"):
+        components[name] = module_view(components[name], device, dtype)
+    components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    view = StableDiffusionPipeline(**{**components, "requires_safety_checker": False})
+    view.set_progress_bar_config(disable=True)
+    return view
 
 
 def pick_device() -> torch.device:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +19,19 @@ from PIL import Image
 if TYPE_CHECKING:
     import imagehash
 
-from .atomic import write_bytes_atomic
+from .atomic import write_bytes_atomic, write_text_atomic
 from .buckets import fit_to_bucket, make_buckets, pick_bucket
-from .dataset import caption_path, image_problem, list_images, open_image, open_rgb, read_caption, to_rgb
+from .dataset import (
+    MANIFEST,
+    caption_path,
+    image_problem,
+    list_images,
+    open_image,
+    open_rgb,
+    read_caption,
+    source_stamp,
+    to_rgb,
+)
 from .errors import UserError
 
 SWEET_SPOT = (40, 50)
@@ -177,20 +189,26 @@ def remove_images(images_dir: Path, names: list[str]) -> list[str]:
 
 
 def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, center_crop: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[int, list[str]]:
-    """Write training copies: short side at ``resolution`` in aspect-ratio buckets (or a centred square crop).
+                    progress: Callable[[int, int], None] | None = None,
+                    stop: threading.Event | None = None) -> tuple[int, list[str]]:
+    """Write training copies (pixels only): short side at ``resolution`` in aspect-ratio buckets, or a centred square.
 
-    The copies replace the previous ones in one rename at the end, so a failure leaves the last good set in place.
+    Captions stay with the originals, where training reads them. The copies replace the previous ones in one rename
+    at the end, so a failure or a Stop leaves the last good set in place.
     """
     images = list_images(images_dir)
     if not images:
         raise UserError("The dataset has no images to prepare. Add some in the Dataset tab.")
     buckets = [(resolution, resolution)] if center_crop else make_buckets(resolution)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=prepared_dir.parent))
-    skipped = []
+    skipped, files = [], {}
     try:
         for index, path in enumerate(images):
+            if stop is not None and stop.is_set():
+                raise UserError(f"Prepare stopped after {index} of {len(images)} images; the previous training "
+                                "copies (if any) are unchanged.")
             relative = path.relative_to(images_dir)
+            stamp = source_stamp(path)
             try:
                 img = open_rgb(path)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -200,11 +218,11 @@ def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, cente
             target = staging / relative.with_suffix(".png")
             target.parent.mkdir(parents=True, exist_ok=True)
             fitted.save(target)
-            caption = read_caption(path)
-            if caption is not None:
-                shutil.copyfile(caption_path(path), caption_path(target))
+            files[str(relative)] = {"stamp": stamp, "copy": str(relative.with_suffix(".png"))}
             if progress:
                 progress(index + 1, len(images))
+        write_text_atomic(staging / MANIFEST, json.dumps(
+            {"resolution": resolution, "center_crop": center_crop, "files": files}, indent=1))
         old = prepared_dir.with_name(prepared_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if prepared_dir.exists():

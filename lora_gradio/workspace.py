@@ -25,6 +25,7 @@ class Workspace:
     def open(cls, root: Path | str) -> Workspace:
         """Create the folder layout if needed and return the workspace."""
         workspace = cls(Path(root).expanduser().resolve())
+        workspace.settings  # noqa: B018 - a damaged settings file is named at start, before anything uses it
         try:
             for folder in (workspace.datasets_dir, workspace.checkpoints_dir, workspace.loras_dir,
                            workspace.outputs_dir):
@@ -39,9 +40,14 @@ class Workspace:
         """Saved settings (such as a shared ComfyUI models folder)."""
         path = self.root / SETTINGS_FILE
         try:
-            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except json.JSONDecodeError:
-            return {}
+            settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"The workspace settings file '{path}' is damaged ({exc}), so it is left as it is. "
+                            "Fix it in a text editor, or delete it to start with default settings.") from exc
+        if not isinstance(settings, dict):
+            raise UserError(f"The workspace settings file '{path}' should hold a JSON object (like "
+                            '{"models_dir": "/path/to/ComfyUI/models"}). Fix it, or delete it.')
+        return settings
 
     @property
     def models_dir(self) -> Path:
@@ -90,11 +96,11 @@ class Workspace:
         """Presets saved from the app."""
         return self.root / "presets"
 
-    def training_data(self, name: str) -> Path:
-        """What a dataset trains on: its prepared copies when there are any, else its images."""
+    def training_data(self, name: str) -> tuple[Path, Path | None]:
+        """What a dataset trains on: its images (and captions), and its prepared copies' folder if Prepare ran."""
         folder = self.dataset_dir(name)
         prepared = folder / "prepared"
-        return prepared if prepared.is_dir() and any(prepared.iterdir()) else folder / "images"
+        return folder / "images", prepared if prepared.is_dir() else None
 
     def lora_files(self) -> dict[str, Path]:
         """Every LoRA to test, labelled: trained runs' epochs first (newest run first), then models/loras."""

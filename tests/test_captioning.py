@@ -50,8 +50,9 @@ def test_captioner_is_released_when_training_needs_the_memory(tiny_blip, images,
     cache = ModelCache()
     caption_dataset(cache, tiny_blip, images, CaptionOptions())
     assert cache.holds == ("captioner", tiny_blip)
-    cache.pipeline(demo_spec)
-    assert cache.holds == ("pipeline", demo_spec) and cache.loads == 2
+    with cache.pipeline(demo_spec, "generation"):
+        assert cache.holds == ("pipeline", demo_spec) and cache.loads == 2
+        assert cache.status().alive == 1  # the captioner is gone from memory, not just from the cache
 
 
 def test_tags_style_and_composition():

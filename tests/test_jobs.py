@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 
 from lora_gradio.errors import UserError
 from lora_gradio.inference import GenerateRequest, compare_grid, generate
-from lora_gradio.jobs import TrainingJobs, read_job_file, resumable_runs
+from lora_gradio.jobs import JobRunner, start_resume, start_training
 from lora_gradio.models import ModelCache, resolve_base
 from lora_gradio.training.config import apply_overrides
+from lora_gradio.training.run_folder import RunFolder, resumable_runs
 
 
 def wait_until(predicate, timeout=120):
@@ -21,63 +22,68 @@ def wait_until(predicate, timeout=120):
         time.sleep(0.05)
 
 
-def test_second_start_is_refused_and_generation_waits_for_training(demo_spec, demo_data, quick_config, tmp_path):
-    cache = ModelCache()
-    jobs = TrainingJobs(cache)
+def test_second_start_is_refused_and_generation_is_busy_during_training(demo_spec, demo_data, quick_config,
+                                                                         tmp_path):
+    cache, jobs = ModelCache(), JobRunner()
     long_run = apply_overrides(quick_config, {"epochs": 200, "batch_size": 1})
-    jobs.start(long_run, demo_spec, demo_data, tmp_path / "run")
-    wait_until(lambda: jobs.view().step >= 2)
+    job = start_training(jobs, cache, long_run, demo_spec, demo_data, tmp_path / "run")
+    wait_until(lambda: jobs.view(job).step >= 2)
     with pytest.raises(UserError, match="already running"):
-        jobs.start(long_run, demo_spec, demo_data, tmp_path / "other")
-    with pytest.raises(UserError, match="busy with training"):
+        start_training(jobs, cache, long_run, demo_spec, demo_data, tmp_path / "other")
+    with pytest.raises(UserError, match=r"busy with training \(run\)"):
         generate(cache, demo_spec, GenerateRequest("a cat", steps=2))
-    jobs.stop()
-    jobs.wait(60)
-    state = jobs.view()
+    assert cache.status().user == "training (run)"
+    with pytest.raises(UserError, match="Only the page or script that started a job"):
+        jobs.stop("someone-elses-guess")
+    assert jobs.view(job).status == "running"
+    jobs.stop(job)
+    state = jobs.wait(job, 60)
     assert state.status == "stopped" and state.saved[-1].endswith("lora.safetensors")
     assert len(state.losses) == state.step and state.total_steps == 200 * 8
-    assert resumable_runs(tmp_path) == ["run"] and read_job_file(tmp_path / "run")[0] == long_run
+    assert resumable_runs(tmp_path) == ["run"] and RunFolder(tmp_path / "run").read_job().config == long_run
     image = generate(cache, demo_spec, GenerateRequest("a cat", steps=2, lora=tmp_path / "run" / "lora.safetensors"))
     assert image.size == (64, 64) and cache.loads == 1  # training's base model served the test right after
+
+
+def test_a_view_sends_only_the_losses_a_page_has_not_seen(demo_spec, demo_data, quick_config, tmp_path):
+    jobs = JobRunner()
+    job = start_training(jobs, ModelCache(), apply_overrides(quick_config, {"epochs": 2, "batch_size": 2}),
+                         demo_spec, demo_data, tmp_path / "run")
+    everything = jobs.wait(job, 120).losses
+    assert len(everything) == 8
+    later = jobs.view(job, since=6)
+    assert later.loss_offset == 6 and later.losses == everything[6:]
+    assert jobs.view(job, since=8).losses == [] and jobs.latest("training", since=3).losses == everything[3:]
 
 
 def test_job_that_fails_reports_the_reason(demo_data, quick_config, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 64)
-    jobs = TrainingJobs(ModelCache())
-    jobs.start(quick_config, resolve_base(str(broken)), demo_data, tmp_path / "run")
-    jobs.wait(60)
-    state = jobs.view()
+    jobs = JobRunner()
+    job = start_training(jobs, ModelCache(), quick_config, resolve_base(str(broken)), demo_data, tmp_path / "run")
+    state = jobs.wait(job, 60)
     assert state.status == "error" and "not a readable .safetensors" in state.message
     assert not (tmp_path / "run" / "job.json").exists()
 
 
 def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo_data, quick_config, tmp_path):
     config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 2})
-    cache = ModelCache()
-    jobs = TrainingJobs(cache)
-    jobs.start(config, demo_spec, demo_data, tmp_path / "whole")
-    jobs.wait(120)
-    whole = jobs.view().losses
-    jobs.start(config, demo_spec, demo_data, tmp_path / "cut")
-    wait_until(lambda: jobs.view().step >= 5)
-    jobs.stop()
-    jobs.wait(60)
-    assert jobs.view().status == "stopped"
-    jobs.resume(tmp_path / "cut")
-    jobs.wait(120)
-    resumed = jobs.view()
+    cache, jobs = ModelCache(), JobRunner()
+    whole = jobs.wait(start_training(jobs, cache, config, demo_spec, demo_data, tmp_path / "whole"), 120).losses
+    cut = start_training(jobs, cache, config, demo_spec, demo_data, tmp_path / "cut")
+    wait_until(lambda: jobs.view(cut).step >= 5)
+    jobs.stop(cut)
+    assert jobs.wait(cut, 60).status == "stopped"
+    resumed = jobs.wait(start_resume(jobs, cache, tmp_path / "cut"), 120)
     assert resumed.status == "done" and resumed.step == 12
     assert [loss for _, loss in resumed.losses] == [loss for step, loss in whole if step > resumed.losses[0][0] - 1]
     assert resumed.losses[-1][0] == 12 and resumable_runs(tmp_path) == []
 
 
 def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path):
-    cache = ModelCache()
-    jobs = TrainingJobs(cache)
-    jobs.start(apply_overrides(quick_config, {"epochs": 2, "save_every_n_epochs": 1}), demo_spec, demo_data,
-               tmp_path / "run")
-    jobs.wait(120)
+    cache, jobs = ModelCache(), JobRunner()
+    jobs.wait(start_training(jobs, cache, apply_overrides(quick_config, {"epochs": 2, "save_every_n_epochs": 1}),
+                             demo_spec, demo_data, tmp_path / "run"), 120)
     first, last = tmp_path / "run" / "lora-000001.safetensors", tmp_path / "run" / "lora.safetensors"
     loads = cache.loads
     request = GenerateRequest("lgdemo, a red circle", seed=4, steps=3)

@@ -102,10 +102,13 @@ def test_random_bytes_safetensors_refused(tmp_path):
 
 def test_cache_loads_once_per_base(demo_spec, tmp_path):
     cache = ModelCache()
-    first = cache.pipeline(demo_spec)
-    assert cache.pipeline(demo_spec) is first and cache.loads == 1
+    with cache.pipeline(demo_spec, "a test") as first:
+        pass
+    with cache.pipeline(demo_spec, "a test") as again:
+        assert again is first and cache.loads == 1
     assert cache.holds == ("pipeline", demo_spec)
+    del first, again  # the cache can only free what nobody else holds
     cache.release()
-    assert cache.holds is None
-    cache.pipeline(demo_spec)
-    assert cache.loads == 2
+    assert cache.holds is None and cache.status().alive == 0
+    with cache.pipeline(demo_spec, "a test"):
+        assert cache.loads == 2

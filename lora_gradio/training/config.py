@@ -139,6 +139,7 @@ def save_preset(config: TrainConfig, path: Path, description: str = "") -> Path:
     defaults = TrainConfig().to_dict()
     changed = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     text = tomli_w.dumps({"description": description, **changed} if description else changed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(path), "# Saved from lora-gradio. Unlisted settings keep their defaults.\n" + text)
     return Path(path)
 

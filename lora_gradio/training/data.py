@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
 
 from ..buckets import fit_to_bucket, make_buckets, pick_bucket
-from ..dataset import TrainImage, open_rgb
+from ..dataset import TrainImage, open_rgb, oriented_size, split_tags
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+
+
+class Bucketed(Protocol):
+    """What batching needs of an image: its bucket and how often an epoch shows it."""
+
+    bucket: tuple[int, int]
+    repeats: int
+
+
+@dataclass
+class PlannedImage:
+    """An image's bucket and repeats, read from its header: enough to count steps before anything is encoded."""
+
+    bucket: tuple[int, int]
+    repeats: int
+
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB to a CHW float tensor in [-1, 1], the VAE's input range."""
@@ -29,7 +46,7 @@ def process_caption(caption: str, rng: random.Random, shuffle: bool, keep_tokens
         return ""
     if not shuffle:
         return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    tags = split_tags(caption)
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
     return ", ".join(head + tail)
@@ -65,7 +82,7 @@ def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int,
     return cached
 
 
-def plan_epoch(cached: list[CachedImage], batch_size: int, seed: int, epoch: int,
+def plan_epoch(cached: Sequence[Bucketed], batch_size: int, seed: int, epoch: int,
                process_index: int = 0, num_processes: int = 1) -> list[list[int]]:
     """This process's batches for one epoch: same-bucket images, repeats included, in a seeded order.
 
@@ -83,6 +100,20 @@ def plan_epoch(cached: list[CachedImage], batch_size: int, seed: int, epoch: int
     rng.shuffle(batches)
     usable = len(batches) // num_processes * num_processes or len(batches)
     return batches[:usable][process_index::num_processes]
+
+
+def plan_images(images: list[TrainImage], resolution: int, buckets_enabled: bool) -> list[PlannedImage]:
+    """Buckets from image headers, the same ones :func:`cache_latents` will pick after decoding."""
+    buckets = make_buckets(resolution, buckets_enabled)
+    return [PlannedImage(pick_bucket(oriented_size(item.path), buckets), item.repeats) for item in images]
+
+
+def steps_per_epoch(images: Sequence[Bucketed], batch_size: int, accumulation: int, num_processes: int = 1) -> int:
+    """Optimizer steps in one epoch of one process: its batches, ``accumulation`` of them per step.
+
+    The only step count: the estimate, the progress bar and the learning-rate schedule all use it.
+    """
+    return math.ceil(len(plan_epoch(images, batch_size, 0, 0, 0, num_processes)) / accumulation)
 
 
 def sample_latents(cached: Iterable[CachedImage], generator: torch.Generator, scaling: float) -> torch.Tensor:

@@ -11,16 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import write_bytes_atomic
+from ..dataset import split_tags
 from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
+
+    from ..models import BaseModelSpec
+    from .config import TrainConfig
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -169,7 +174,50 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> str:
     for folder, captions in captions_by_folder.items():
         counts = table.setdefault(folder, {})
         for caption in captions:
-            for tag in (t.strip() for t in caption.split(",")):
-                if tag:
-                    counts[tag] = counts.get(tag, 0) + 1
+            for tag in split_tags(caption):
+                counts[tag] = counts.get(tag, 0) + 1
     return json.dumps(table, ensure_ascii=False)
+
+
+def build_metadata(config: TrainConfig, base: BaseModelSpec, started: float, steps: int, epoch: int,
+                   num_images: int, tag_frequency: str) -> dict[str, str]:
+    """The ``ss_*`` metadata (kohya sd-scripts' names) that A1111/Forge and other tools read, all as strings."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_network_args": "{}",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": config.output_name,
+        "ss_sd_model_name": base.display_name,
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(time.time()),
+        "ss_num_train_images": str(num_images),
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_num_epochs": str(config.epochs),
+        "ss_learning_rate": str(config.unet_lr),
+        "ss_unet_lr": str(config.unet_lr),
+        "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0.0),
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_optimizer": config.optimizer,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_enable_bucket": str(config.enable_buckets),
+        "ss_flip_aug": str(config.flip_augment),
+        "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_shuffle_caption": str(config.shuffle_caption),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_seed": str(config.seed),
+        "ss_clip_skip": "1",
+        "ss_tag_frequency": tag_frequency,
+        "ss_training_comment": f"trigger word: {config.trigger_word}" if config.trigger_word else "",
+    }

@@ -10,33 +10,27 @@ from PIL import Image, ImageStat
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
+    from .run_folder import RunFolder
+
 DARKER = 0.75  # mean brightness under 75% of epoch 0's
 MORE_SATURATED = 1.35  # mean saturation over 135% of epoch 0's
 
 
-def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int, folder: Path,
+def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int, run: RunFolder,
                    epoch: int) -> list[Path]:
     """One image per prompt from the model as it is now, same seed every epoch so changes are the LoRA's doing."""
-    import torch
+    from ..inference import GenerateRequest, render, save_png
 
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe.set_progress_bar_config(disable=True)
+    run.samples_dir.mkdir(parents=True, exist_ok=True)
     unet_training, te_training = pipe.unet.training, pipe.text_encoder.training
     pipe.unet.eval()
     pipe.text_encoder.eval()
-    paths = []
     try:
-        for index, prompt in enumerate(prompts):
-            generator = torch.Generator("cpu").manual_seed(seed + index)
-            with torch.inference_mode():
-                image = pipe(prompt, num_inference_steps=steps, generator=generator).images[0]
-            path = folder / f"epoch{epoch:04d}-{index}.png"
-            image.save(path)
-            paths.append(path)
+        return [save_png(render(pipe, GenerateRequest(prompt, seed=seed + index, steps=steps), "training"),
+                         run.sample_file(epoch, index)) for index, prompt in enumerate(prompts)]
     finally:
         pipe.unet.train(unet_training)
         pipe.text_encoder.train(te_training)
-    return paths
 
 
 def tone(paths: list[Path]) -> tuple[float, float]:

@@ -1,7 +1,8 @@
-"""The Gradio app: one module per tab, each a ``build(ctx)`` that only wires widgets to backend calls."""
+"""The Gradio app: one module per tab, each a ``build(ctx)`` that only wires widgets to :class:`Studio` calls."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -10,27 +11,34 @@ from typing import Any
 import gradio as gr
 
 from ..errors import UserError
-from ..jobs import TrainingJobs
+from ..estimate import format_duration
+from ..jobs import JobState
 from ..models import ModelCache
+from ..studio import Studio
 from ..workspace import Workspace
 
 CSS = """
 .caption-row {align-items: flex-start}
 .caption-row img {max-height: 160px; object-fit: contain}
 """
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}  # page wiring; the public API is in api.py
+MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # events that use the model directly queue as one
 
 
 @dataclass
 class AppContext:
-    """What every tab shares: the workspace, the model cache, the dataset picker, and a counter that moves
-    whenever the dataset's files change, so every view of them refreshes."""
+    """What every tab shares: the backend, the dataset picker, and a counter that moves whenever the dataset's files
+    change, so every view of them refreshes."""
 
-    workspace: Workspace
-    cache: ModelCache
-    jobs: TrainingJobs
+    studio: Studio
     app: gr.Blocks
     dataset: gr.Dropdown
     revision: gr.State
+
+    @property
+    def workspace(self) -> Workspace:
+        """The studio's workspace."""
+        return self.studio.workspace
 
 
 def user_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,10 +54,53 @@ def user_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def progress_html(state: JobState) -> str:
+    """A job's progress bar with its counts and ETA, readable by people and by tests; the message is escaped."""
+    fraction = state.step / state.total_steps if state.total_steps else 0.0
+    eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.active else ""
+    speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
+    counts = (f"step {state.step}/{state.total_steps} · epoch {state.epoch}/{state.total_epochs}"
+              if state.kind == "training" else f"{state.step}/{state.total_steps}")
+    return (f'<div id="{state.kind or "job"}-progress-text">{state.status}: {counts}{speed}{eta}</div>'
+            f'<progress value="{fraction:.4f}" max="1" style="width:100%;height:18px"></progress>'
+            f'<div>{html.escape(state.message)}</div>')
+
+
+def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], outputs: list) -> gr.BrowserState:
+    """Progress and Stop for this page's latest ``kind`` job, and ``finish(state)`` for ``outputs`` once it ends.
+
+    The job's id lives in the browser, so a reload finds the job again; the returned state is where a start
+    handler puts the id.
+    """
+    job_id = gr.BrowserState("", storage_key=f"lora-gradio-{kind}-job")
+    finished = gr.State("")
+    with gr.Row(equal_height=True):
+        progress = gr.HTML(elem_id=f"{kind}-progress")
+        stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop")
+    stop.click(user_errors(ctx.studio.jobs.stop), job_id, None, **PRIVATE)
+    skips = [gr.skip()] * len(outputs)
+
+    def tick(current: str, done: str) -> list:
+        if not current:
+            return [gr.skip(), done, *skips]
+        try:
+            state = ctx.studio.jobs.view(current)
+        except UserError:  # the server restarted since: that job is gone
+            return ["", "", *skips]
+        if state.active or done == current:
+            return [progress_html(state), done, *skips]
+        return [progress_html(state), current, *finish(state)]
+
+    gr.Timer(1.0).tick(tick, [job_id, finished], [progress, finished, *outputs], show_progress="hidden", **PRIVATE)
+    ctx.app.load(tick, [job_id, finished], [progress, finished, *outputs], **PRIVATE)
+    return job_id
+
+
 def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Blocks:
     """The whole app over one workspace and one model cache."""
-    from . import caption_tab, dataset_tab, test_tab, train_tab
+    from . import api, caption_tab, dataset_tab, test_tab, train_tab
 
+    studio = Studio(workspace, cache)
     with gr.Blocks(title="lora-gradio") as app:
         gr.Markdown("# lora-gradio\nFrom a folder of photos to an SD1.5 LoRA for ComfyUI, A1111/Forge and diffusers.")
         cache_status = gr.Markdown(elem_id="cache-status")
@@ -58,8 +109,7 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
                                   elem_id="dataset-picker", allow_custom_value=True)  # other tabs may add some
             new_name = gr.Textbox(label="New dataset", placeholder="name, e.g. anna", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
-        cache = cache or ModelCache()
-        ctx = AppContext(workspace, cache, TrainingJobs(cache), app, dataset, gr.State(0))
+        ctx = AppContext(studio, app, dataset, gr.State(0))
 
         @user_errors
         def create_dataset(name: str) -> tuple[dict, str]:
@@ -67,8 +117,9 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
             return gr.update(choices=workspace.list_datasets(), value=name.strip()), ""
 
         create.click(create_dataset, new_name, [dataset, new_name], api_name="create_dataset")
-        new_name.submit(create_dataset, new_name, [dataset, new_name])
-        app.load(lambda current: gr.update(choices=workspace.list_datasets(), value=current), dataset, dataset)
+        new_name.submit(create_dataset, new_name, [dataset, new_name], **PRIVATE)
+        app.load(lambda current: gr.update(choices=workspace.list_datasets(), value=current), dataset, dataset,
+                 **PRIVATE)
 
         with gr.Accordion("Workspace settings", open=False):
             gr.Markdown(f"Workspace: `{workspace.root}`. Point `models/` at a ComfyUI install to share its "
@@ -84,13 +135,14 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
             workspace.use_models_dir(folder.strip() or None)
             return f"Checkpoints: `{workspace.checkpoints_dir}`; LoRAs: `{workspace.loras_dir}`."
 
-        save_models.click(set_models_dir, models_dir, models_note)
+        save_models.click(set_models_dir, models_dir, models_note, **PRIVATE)
 
-        gr.Timer(2.0).tick(cache.describe, None, cache_status, show_progress="hidden")
-        app.load(cache.describe, None, cache_status)
+        gr.Timer(1.0).tick(studio.cache.describe, None, cache_status, show_progress="hidden", **PRIVATE)
+        app.load(studio.cache.describe, None, cache_status, **PRIVATE)
 
         with gr.Tabs():
             for tab in (dataset_tab, caption_tab, train_tab, test_tab):
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
                     tab.build(ctx)
+        api.register(studio)
     return app

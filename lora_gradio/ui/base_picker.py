@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..models import DEMO, BaseModelSpec, resolve_base
+from ..models import DEMO
 from . import AppContext
 
 
@@ -15,12 +15,10 @@ def base_picker(ctx: AppContext) -> tuple[gr.Dropdown, gr.Textbox]:
     repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="stable-diffusion-v1-5/stable-diffusion-v1-5",
                       scale=2)
     choice.focus(lambda current: gr.update(choices=[DEMO, *ctx.workspace.list_checkpoints()], value=current),
-                 choice, choice)
+                 choice, choice, api_visibility="private")
     return choice, repo
 
 
-def picked_base(ctx: AppContext, choice: str, repo: str) -> BaseModelSpec:
-    """The repo id when one is typed, else the chosen local model."""
-    if repo and repo.strip():
-        return resolve_base(repo.strip())
-    return resolve_base(choice or DEMO, search_dirs=(ctx.workspace.checkpoints_dir,))
+def base_name(choice: str | None, repo: str | None) -> str:
+    """The repo id when one is typed, else the chosen local model (resolved by :meth:`Studio.base`)."""
+    return (repo or "").strip() or choice or DEMO

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from functools import cache
 
 import gradio as gr
 
 from .. import captioning, dataset, quality
-from ..errors import UserError
-from . import AppContext, user_errors
-from .dataset_tab import images_dir
+from ..jobs import JobState
+from . import PRIVATE, AppContext, job_panel, user_errors
 
 TITLE = "Caption"
 LOCAL = "Local folder…"
@@ -62,39 +62,44 @@ def build(ctx: AppContext) -> None:
     page = gr.Number(label="Page", value=1, precision=0, minimum=1)
     revision = ctx.revision
 
-    @user_errors
-    def on_caption(name: str | None, choice: str, folder: str, trigger_word: str, before: str, after: str,
-                   how: str, which: str, length: float, batch: float, version: int,
-                   progress: gr.Progress = gr.Progress()) -> tuple[str, int, list]:
-        source = folder.strip() if choice == LOCAL else captioning.BLIP_MODELS[choice]
-        if not source:
-            raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
-        options = captioning.CaptionOptions(trigger_word, before, after, int(length), how,
-                                            which == "overwrite all", int(batch))
-        progress(0, desc="Loading the captioner")
-        result = captioning.caption_dataset(ctx.cache, source, images_dir(ctx, name), options,
-                                            progress=lambda i, n: progress((i, n), desc="Captioning"))
+    def caption_done(state: JobState) -> list:
+        if state.status != "done":
+            return [f"⚠️ {state.message}", time.monotonic_ns()]
+        result = state.result
         lines = [f"Captioned {len(result.written)} images; kept {len(result.skipped)} existing captions."]
         lines += [f"- ⚠️ {p}" for p in result.problems]
-        return "\n".join(lines), version + 1, dataset.tag_frequencies(images_dir(ctx, name))
+        return ["\n".join(lines), time.monotonic_ns()]  # a new revision: every view of the captions refreshes
+
+    caption_job = job_panel(ctx, "caption", caption_done, [status, revision])
+
+    @user_errors
+    def on_caption(name: str | None, choice: str, folder: str, trigger_word: str, before: str, after: str,
+                   how: str, which: str, length: float, batch: float) -> str:
+        source = folder if choice == LOCAL else captioning.BLIP_MODELS[choice]
+        options = captioning.CaptionOptions(trigger_word, before, after, int(length), how,
+                                            which == "overwrite all", int(batch))
+        return ctx.studio.start_caption(name, source, options)
 
     @user_errors
     def on_replace(name: str | None, needle: str, text: str, version: int) -> tuple[str, int, list]:
-        changed = dataset.find_replace_captions(images_dir(ctx, name), needle, text)
-        return f"Replaced in {changed} captions.", version + 1, dataset.tag_frequencies(images_dir(ctx, name))
+        changed = dataset.find_replace_captions(ctx.studio.images_dir(name), needle, text)
+        return f"Replaced in {changed} captions.", version + 1, dataset.tag_frequencies(ctx.studio.images_dir(name))
 
-    run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size,
-                           revision], [status, revision, tags])
-    apply.click(on_replace, [ctx.dataset, find, replace, revision], [status, revision, tags])
-    ctx.dataset.change(lambda name: dataset.tag_frequencies(images_dir(ctx, name)) if name else [], ctx.dataset,
-                       tags)
+    run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size],
+              caption_job, **PRIVATE)
+    apply.click(on_replace, [ctx.dataset, find, replace, revision], [status, revision, tags], **PRIVATE)
+    def refresh_tags(name: str | None) -> list:
+        return dataset.tag_frequencies(ctx.studio.images_dir(name)) if name else []
+
+    revision.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
+    ctx.dataset.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
 
     @gr.render(inputs=[ctx.dataset, page, revision])
     def editor(name: str | None, page_number: float, _version: int) -> None:
         if not name:
             gr.Markdown("Choose or create a dataset above.")
             return
-        folder = images_dir(ctx, name)
+        folder = ctx.studio.images_dir(name)
         images = quality.list_images(folder)
         first = (max(int(page_number or 1), 1) - 1) * PAGE_SIZE
         gr.Markdown(f"Images {first + 1}–{min(first + PAGE_SIZE, len(images))} of {len(images)}. "
@@ -113,5 +118,5 @@ def build(ctx: AppContext) -> None:
                 dataset.write_caption(image, value)
                 return gr.update(info=caption_note(value))
 
-            box.input(save, box, box, trigger_mode="always_last", show_progress="hidden")
-            box.blur(save, box, box, show_progress="hidden")
+            box.input(save, box, box, trigger_mode="always_last", show_progress="hidden", **PRIVATE)
+            box.blur(save, box, box, show_progress="hidden", **PRIVATE)

@@ -8,24 +8,18 @@ import gradio as gr
 
 from .. import imports, quality
 from ..errors import UserError
-from . import AppContext, user_errors
+from ..jobs import JobState
+from . import PRIVATE, AppContext, job_panel, user_errors
 
 TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}
-
-
-def images_dir(ctx: AppContext, name: str | None) -> Path:
-    """The images folder of the selected dataset; a clear message when none is selected."""
-    if not name:
-        raise UserError("Choose or create a dataset first (above the tabs).")
-    return ctx.workspace.dataset_dir(name) / "images"
 
 
 def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
     """Gallery items, report and removable names for the dataset."""
     if not name:
         return [], "Choose or create a dataset above.", gr.update(choices=[], value=[])
-    folder = images_dir(ctx, name)
+    folder = ctx.studio.images_dir(name)
     images = quality.list_images(folder)
     report = quality.check_dataset(folder)
     gallery = []
@@ -68,13 +62,13 @@ def build(ctx: AppContext) -> None:
         resolution = gr.Number(label="Training resolution", value=512, precision=0, minimum=256, maximum=2048,
                                step=64)
         center_crop = gr.Checkbox(label="Centre-crop to a square (otherwise aspect-ratio buckets)", value=False)
-        prepare = gr.Button("Prepare training copies", variant="primary")
-    prepared = gr.Markdown()
+        prepare = gr.Button("Prepare training copies", variant="primary", elem_id="prepare-run")
+    prepared = gr.Markdown(elem_id="prepare-result")
     outputs = [gallery, report, remove_names]  # refreshed whenever the dataset or its files change
 
     @user_errors
     def on_upload(name: str | None, files: list[str] | None, version: int) -> tuple:
-        found = imports.import_sources([Path(f) for f in files or []], images_dir(ctx, name))
+        found = imports.import_sources([Path(f) for f in files or []], ctx.studio.images_dir(name))
         return results_table(found), version + 1, None
 
     @user_errors
@@ -82,25 +76,30 @@ def build(ctx: AppContext) -> None:
         source = Path(path.strip()).expanduser()
         if not source.is_dir():
             raise UserError(f"'{path}' is not a folder on this server.")
-        found = imports.import_entries(imports.folder_entries(source), images_dir(ctx, name))
+        found = imports.import_entries(imports.folder_entries(source), ctx.studio.images_dir(name))
         return results_table(found), version + 1
 
     @user_errors
     def on_remove(name: str | None, names: list[str], version: int) -> tuple:
-        gone = quality.remove_images(images_dir(ctx, name), names or [])
+        gone = quality.remove_images(ctx.studio.images_dir(name), names or [])
         return [["🗑 removed", n, ""] for n in gone], version + 1
 
-    @user_errors
-    def on_prepare(name: str | None, size: float, crop: bool, progress: gr.Progress = gr.Progress()) -> str:
-        folder = images_dir(ctx, name)
-        done, skipped = quality.prepare_dataset(folder, folder.parent / "prepared", int(size), crop,
-                                                progress=lambda i, n: progress((i, n), desc="Preparing"))
-        lines = [f"Prepared {done} training copies at {int(size)} px in `{folder.parent / 'prepared'}`."]
-        return "\n".join(lines + [f"- skipped {s}" for s in skipped])
+    def prepare_done(state: JobState) -> list:
+        if state.status != "done":
+            return [f"⚠️ {state.message}"]
+        done, skipped = state.result
+        return ["\n".join([f"Prepared {done} training copies (pixels only: captions stay with the originals)."]
+                           + [f"- skipped {s}" for s in skipped])]
 
-    upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [results, ctx.revision, upload])
-    import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [results, ctx.revision])
-    remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [results, ctx.revision])
-    prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepared)
-    ctx.revision.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs)
-    ctx.dataset.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs)
+    prepare_job = job_panel(ctx, "prepare", prepare_done, [prepared])
+
+    @user_errors
+    def on_prepare(name: str | None, size: float, crop: bool) -> str:
+        return ctx.studio.start_prepare(name, float(size or 512), bool(crop))
+
+    upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [results, ctx.revision, upload], **PRIVATE)
+    import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [results, ctx.revision], **PRIVATE)
+    remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [results, ctx.revision], **PRIVATE)
+    prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepare_job, **PRIVATE)
+    ctx.revision.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
+    ctx.dataset.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)

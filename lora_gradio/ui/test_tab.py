@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import time
+import math
 
 import gradio as gr
 
 from .. import inference
 from ..errors import UserError
-from . import AppContext, user_errors
-from .base_picker import base_picker, picked_base
+from ..studio import NO_LORA
+from . import MODEL, PRIVATE, AppContext, job_panel, user_errors
+from .base_picker import base_name, base_picker
 
 TITLE = "Test"
-NO_LORA = "(no LoRA: the base model)"
 
 
 def build(ctx: AppContext) -> None:
     """Widgets and events of the Test tab."""
-    images_dir = ctx.workspace.outputs_dir / "test-images"
-
     def lora_choices() -> list[str]:
         return [NO_LORA, *ctx.workspace.lora_files()]
 
@@ -58,43 +56,41 @@ def build(ctx: AppContext) -> None:
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
                      ) -> inference.GenerateRequest:
-        files = ctx.workspace.lora_files()
-        if lora_label != NO_LORA and lora_label not in files:
-            raise UserError(f"LoRA '{lora_label}' is no longer there; refresh the list.")
         return inference.GenerateRequest(prompt_text, negative_text, int(seed_value or 0), int(step_count),
-                                         float(guidance), int(w) or None, int(h) or None, sampler,
-                                         files.get(lora_label), float(s_model), float(s_clip))
+                                         float(guidance), int(w or 0) or None, int(h or 0) or None, sampler,
+                                         ctx.studio.lora(lora_label), float(s_model), float(s_clip))
 
     @user_errors
-    def on_generate(choice: str, repo: str, *values: object) -> tuple[list, list]:
+    def on_generate(choice: str, repo: str, *values: object, progress: gr.Progress = gr.Progress()) -> tuple:
         *fields, past = values
-        request = request_from(*fields)
-        base = picked_base(ctx, choice, repo)
-        image = inference.generate(ctx.cache, base, request)
-        path = inference.save_png(image, images_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{request.seed}.png")
-        items = [(str(path), image.info["parameters"]), *past]
+        path, parameters = ctx.studio.generate(base_name(choice, repo), request_from(*fields),
+                                               on_wait=lambda text: progress(0, desc=text))
+        items = [(str(path), parameters), *past]
         return items, items
 
     @user_errors
     def on_grid(choice: str, repo: str, labels: list[str], strength_text: str, *fields: object) -> str:
-        try:
-            values = [float(part) for part in strength_text.replace(";", ",").split(",") if part.strip()]
-        except ValueError as exc:
-            raise UserError(f"Strengths must be numbers separated by commas, like 0, 0.5, 1 ({exc}).") from exc
-        files = ctx.workspace.lora_files()
-        request = request_from(*fields)
-        base = picked_base(ctx, choice, repo)
-        image = inference.compare_grid(ctx.cache, base, request,
-                                       [(label, files[label]) for label in labels or [] if label in files], values)
-        image.info["parameters"] = f"grid of {', '.join(labels)} at strengths {strength_text}; " \
-                                   f"{request.parameters_text(base, *image.size)}"
-        return str(inference.save_png(image, images_dir / f"grid-{time.strftime('%Y%m%d-%H%M%S')}.png"))
+        return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
+                                     parse_strengths(strength_text))
 
+    grid_job = job_panel(ctx, "grid", lambda state: [state.result if state.status == "done" else gr.skip()
+                                                     ], [grid])
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
-    generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history], api_name="generate")
-    grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid, api_name="grid")
-    dice.click(inference.random_seed, None, seed)
-    lora.focus(lambda: gr.update(choices=lora_choices()), None, lora)
-    grid_loras.focus(lambda: gr.update(choices=lora_choices()[1:]), None, grid_loras)
+    generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history], **PRIVATE, **MODEL)
+    grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
+    dice.click(inference.random_seed, None, seed, **PRIVATE)
+    lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)
+    grid_loras.focus(lambda: gr.update(choices=lora_choices()[1:]), None, grid_loras, **PRIVATE)
     ctx.app.load(lambda: [gr.update(choices=lora_choices()), gr.update(choices=lora_choices()[1:])], None,
-                 [lora, grid_loras])
+                 [lora, grid_loras], **PRIVATE)
+
+
+def parse_strengths(text: str) -> list[float]:
+    """'0, 0.5; 1' as numbers, refusing anything that is not a finite number."""
+    try:
+        values = [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    except ValueError as exc:
+        raise UserError(f"Strengths must be numbers separated by commas, like 0, 0.5, 1 ({exc}).") from exc
+    if not all(math.isfinite(v) for v in values):
+        raise UserError("Strengths must be finite numbers from -2 to 2.")
+    return values

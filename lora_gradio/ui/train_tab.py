@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
+import math
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from ..errors import UserError
-from ..estimate import estimate, format_duration
-from ..jobs import JobState, resumable_runs
+from ..jobs import JobRunner, JobState
 from ..models import DEMO, DEMO_NOTE
+from ..studio import TrainingPlan
 from ..training.config import (
     FIELDS,
     TrainConfig,
@@ -24,7 +23,11 @@ from ..training.config import (
     make_config,
     save_preset,
 )
-from . import AppContext, user_errors
+from ..training.run_folder import resumable_runs
+from . import PRIVATE, AppContext, progress_html, user_errors
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TITLE = "Train"
 MAIN = ["trigger_word", "output_name", "rank", "alpha", "unet_lr", "text_encoder_lr", "optimizer", "epochs",
@@ -32,6 +35,7 @@ MAIN = ["trigger_word", "output_name", "rank", "alpha", "unet_lr", "text_encoder
 SEPARATE = {"sample_prompts"}
 ADVANCED = [name for name in FIELDS if name not in MAIN and name not in SEPARATE]
 SMOOTHING = 0.9
+PLOT_POINTS = 500  # the curve keeps its shape; the page gets at most this many steps
 
 
 def preset_choices(ctx: AppContext) -> dict[str, Path]:
@@ -74,31 +78,34 @@ def from_widget(name: str, value: Any) -> Any:
     return value
 
 
-def progress_html(state: JobState) -> str:
-    """A progress bar with step, epoch and ETA, readable by people and by tests."""
-    fraction = state.step / state.total_steps if state.total_steps else 0.0
-    eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.status == "running" else ""
-    speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
-    return (f'<div id="train-progress-text">{state.status}: step {state.step}/{state.total_steps} · epoch '
-            f'{state.epoch}/{state.total_epochs}{speed}{eta}</div>'
-            f'<progress value="{fraction:.4f}" max="1" style="width:100%;height:18px"></progress>'
-            f'<div>{state.message}</div>')
+def loss_frame(losses: list[list[float]], limit: int = PLOT_POINTS) -> pd.DataFrame:
+    """Raw and exponentially smoothed loss per step for the line plot, thinned to ``limit`` steps on long runs."""
+    import pandas as pd
 
-
-def loss_points(state: JobState) -> list[dict]:
-    """Raw and exponentially smoothed loss per step, for the line plot."""
     points, smooth = [], None
-    for step, loss in state.losses:
+    every = max(1, math.ceil(len(losses) / limit))
+    for index, (step, loss) in enumerate(losses):
         smooth = loss if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * loss
-        points += [{"step": step, "loss": loss, "series": "raw"}, {"step": step, "loss": smooth, "series": "smoothed"}]
-    return points
+        if index % every == 0 or index == len(losses) - 1:
+            points += [{"step": step, "loss": loss, "series": "raw"},
+                       {"step": step, "loss": smooth, "series": "smoothed"}]
+    return pd.DataFrame(points, columns=["step", "loss", "series"])
+
+
+def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
+    """The training job's state with only the losses this page has not seen, the page's new record, and whether
+    the curve changed (new points, or another run)."""
+    have = seen.get("losses", [])
+    state = jobs.latest("training", since=len(have))
+    if state.started != seen.get("started"):
+        have, state = [], jobs.latest("training")
+    losses = have + [list(point) for point in state.losses]
+    return state, {"started": state.started, "losses": losses}, bool(state.losses) or not seen
 
 
 def build(ctx: AppContext) -> None:
     """Widgets and events of the Train tab."""
-    import pandas as pd
-
-    from .base_picker import base_picker, picked_base
+    from .base_picker import base_name, base_picker
 
     with gr.Row():
         base_choice, base_repo = base_picker(ctx)
@@ -133,8 +140,10 @@ def build(ctx: AppContext) -> None:
                            allow_custom_value=True)
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(elem_id="train-progress")
+    train_job = gr.BrowserState("", storage_key="lora-gradio-training-job")  # this page's run: the key to Stop
+    seen_losses = gr.State({})
     with gr.Row():
-        curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": [], "series": []}), x="step", y="loss",
+        curve = gr.LinePlot(loss_frame([]), x="step", y="loss",
                             color="series", title="Loss", height=280, elem_id="loss-curve")
         samples = gr.Gallery(label="Samples by epoch (epoch 0 is the base model)", columns=4, height=320,
                              elem_id="train-samples")
@@ -148,14 +157,8 @@ def build(ctx: AppContext) -> None:
                                     .splitlines() if line.strip()]
         return make_config(fields)
 
-    def plan_run(dataset: str | None, choice: str, repo: str, values: list[Any]) -> tuple:
-        """The validated config (trigger word filled into the sample prompts), base model and training folder."""
-        config = config_from(values)
-        if not dataset:
-            raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
-        config = dataclasses.replace(config, sample_prompts=[
-            p.replace("{trigger}", config.trigger_word or "") for p in config.sample_prompts])
-        return config, picked_base(ctx, choice, repo), ctx.workspace.training_data(dataset)
+    def plan_run(dataset: str | None, choice: str, repo: str, values: list[Any]) -> TrainingPlan:
+        return ctx.studio.plan_training(dataset, base_name(choice, repo), config_from(values))
 
     @user_errors
     def on_preset(label: str) -> list:
@@ -168,26 +171,24 @@ def build(ctx: AppContext) -> None:
     def fill_trigger(prompts: str, trigger: str) -> str:
         return (prompts or "").replace("{trigger}", (trigger or "").strip() or "{trigger}")
 
+    def plan_text(plan: TrainingPlan) -> str:
+        note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
+        return f"{plan.estimate.markdown()} Training on dataset `{plan.images.parent.name}`." + note
+
     @user_errors
     def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> str:
-        config, base, data = plan_run(dataset, choice, repo, list(values))
-        note = f"\n\n{DEMO_NOTE}" if base.kind == DEMO else ""
-        return (f"{estimate(config, data, demo=base.kind == DEMO).markdown()} Training on `{data}`." + note)
+        return plan_text(plan_run(dataset, choice, repo, list(values)))
 
     @user_errors
-    def on_start(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict]:
-        config, base, data = plan_run(dataset, choice, repo, list(values))
-        text = estimate(config, data, demo=base.kind == DEMO).markdown()
-        run_dir = ctx.workspace.outputs_dir / f"{config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        ctx.jobs.start(config, base, data, run_dir)
-        return text, gr.update(choices=resumable_runs(ctx.workspace.outputs_dir))
+    def on_start(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict, str]:
+        plan = plan_run(dataset, choice, repo, list(values))
+        job_id = ctx.studio.start_training(plan)
+        return plan_text(plan), gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id
 
     @user_errors
-    def on_resume(run: str | None) -> dict:
-        if not run:
-            raise UserError("Pick an interrupted run to resume.")
-        ctx.jobs.resume(ctx.workspace.outputs_dir / run)
-        return gr.update(choices=resumable_runs(ctx.workspace.outputs_dir))
+    def on_resume(run: str | None) -> tuple[dict, str]:
+        job_id = ctx.studio.resume_training(run)
+        return gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id
 
     @user_errors
     def on_save(name: str, *values: Any) -> tuple[dict, str]:
@@ -197,28 +198,23 @@ def build(ctx: AppContext) -> None:
         save_preset(config_from(list(values)), ctx.workspace.presets_dir / f"{name}.toml", "Saved from the app.")
         return gr.update(choices=list(preset_choices(ctx)), value=f"{name} (yours)"), ""
 
-    def on_tick() -> tuple:
-        state = ctx.jobs.view()
+    def on_tick(seen: dict) -> tuple:
+        state, seen, changed = follow_losses(ctx.studio.jobs, seen)
         gallery = [(path, f"epoch {epoch}") for epoch, path in state.samples]
         files = [[Path(p).name, f"{Path(p).stat().st_size / 1e6:.1f} MB"] for p in state.saved if Path(p).exists()]
-        return (progress_html(state), pd.DataFrame(loss_points(state), columns=["step", "loss", "series"]), gallery,
-                files, "\n".join(state.log))
+        curve = loss_frame(seen["losses"]) if changed else gr.skip()
+        return progress_html(state), curve, gallery, files, "\n".join(state.log), seen
 
     inputs = [widgets[n] for n in names]
-    presets.change(on_preset, presets, [description, *inputs], api_name="load_preset")
+    presets.change(on_preset, presets, [description, *inputs], **PRIVATE)
     widgets["trigger_word"].change(fill_trigger, [widgets["sample_prompts"], widgets["trigger_word"]],
-                                   widgets["sample_prompts"])
-    check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], plan)
-    start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs], api_name="train_start")
-    stop.click(ctx.jobs.stop, None, None, api_name="train_stop")
-    resume.click(on_resume, runs, runs, api_name="train_resume")
-    save.click(on_save, [preset_name, *inputs], [presets, preset_name])
-    timer = gr.Timer(1.0)
-    timer.tick(on_tick, None, [progress, curve, samples, saved, log], show_progress="hidden")
-    ctx.app.load(on_preset, presets, [description, *inputs])
-    ctx.app.load(on_tick, None, [progress, curve, samples, saved, log])
-    def job_status() -> dict:
-        """The training job's full state, for scripts."""
-        return dataclasses.asdict(ctx.jobs.view())
-
-    gr.api(job_status, api_name="job_status")
+                                   widgets["sample_prompts"], **PRIVATE)
+    check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], plan, **PRIVATE)
+    start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs, train_job], **PRIVATE)
+    stop.click(user_errors(ctx.studio.jobs.stop), train_job, None, **PRIVATE)
+    resume.click(on_resume, runs, [runs, train_job], **PRIVATE)
+    save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
+    shown = [progress, curve, samples, saved, log, seen_losses]
+    gr.Timer(1.0).tick(on_tick, seen_losses, shown, show_progress="hidden", **PRIVATE)
+    ctx.app.load(on_preset, presets, [description, *inputs], **PRIVATE)
+    ctx.app.load(on_tick, seen_losses, shown, **PRIVATE)

@@ -1,0 +1,30 @@
+"""The one progress report every job sends: training, captioning, Prepare and grids alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class JobEvent:
+    """``kind`` is status, progress, warning, step, epoch, saved, samples, done, stopped or error.
+
+    ``step``/``total_steps`` count whatever the job counts (training steps, images); training also fills the rest.
+    """
+
+    kind: str
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    path: str | None = None
+    paths: list[str] = field(default_factory=list)
+
+
+Emit = Callable[[JobEvent], None]

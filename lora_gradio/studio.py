@@ -1,0 +1,151 @@
+"""The app's backend in one object: a workspace, its model cache and its jobs.
+
+The Gradio tabs and the public API endpoints call these methods and nothing else, so a script can do all that the
+page does: ``Studio(Workspace.open("workspace")).start_training("anna", "demo", {"epochs": 4})``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import captioning, inference, quality
+from .errors import UserError
+from .estimate import Estimate, estimate
+from .jobs import JobRunner, start_resume, start_training
+from .models import DEMO, BaseModelSpec, ModelCache, resolve_base
+from .training.config import TrainConfig, make_config
+from .workspace import Workspace
+
+NO_LORA = "(no LoRA: the base model)"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A validated run before it starts: settings, base model, data and the estimate."""
+
+    config: TrainConfig
+    base: BaseModelSpec
+    images: Path
+    prepared: Path | None
+    estimate: Estimate
+
+
+class Studio:
+    """One workspace, one model cache and one job runner, shared by every visitor of the app."""
+
+    def __init__(self, workspace: Workspace, cache: ModelCache | None = None, jobs: JobRunner | None = None) -> None:
+        self.workspace = workspace
+        self.cache = cache or ModelCache()
+        self.jobs = jobs or JobRunner()
+
+    @property
+    def test_images_dir(self) -> Path:
+        """Where Test-tab images and grids are kept."""
+        return self.workspace.outputs_dir / "test-images"
+
+    def base(self, choice: str | None) -> BaseModelSpec:
+        """The base model a visitor picked: ``demo``, a file or folder in models/checkpoints, or a hub repo id."""
+        return resolve_base((choice or DEMO).strip() or DEMO, search_dirs=(self.workspace.checkpoints_dir,))
+
+    def lora(self, label: str | None) -> Path | None:
+        """The LoRA file behind a label of :meth:`Workspace.lora_files`; None for no LoRA."""
+        if not label or label == NO_LORA:
+            return None
+        files = self.workspace.lora_files()
+        if label not in files:
+            raise UserError(f"LoRA '{label}' is not in this workspace (outputs/ or models/loras); refresh the list.")
+        return files[label]
+
+    def plan_training(self, dataset: str | None, base: str | None, settings: dict[str, Any] | TrainConfig,
+                      ) -> TrainingPlan:
+        """Validate settings (unknown keys are named), fill the trigger word into the sample prompts, estimate."""
+        if not dataset:
+            raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
+        config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
+        config = replace(config, sample_prompts=[p.replace("{trigger}", config.trigger_word or "")
+                                                 for p in config.sample_prompts])
+        spec = self.base(base)
+        images, prepared = self.workspace.training_data(dataset)
+        return TrainingPlan(config, spec, images, prepared, estimate(config, images, spec.kind == DEMO, prepared))
+
+    def start_training(self, plan: TrainingPlan) -> str:
+        """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
+        run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.images, run_dir, plan.prepared)
+
+    def resume_training(self, run: str | None) -> str:
+        """Continue an interrupted run of outputs/ by its folder name; returns the job id that Stop needs."""
+        if not run:
+            raise UserError("Pick an interrupted run to resume.")
+        return start_resume(self.jobs, self.cache, self.workspace.outputs_dir / Path(run).name)
+
+    def start_caption(self, dataset: str | None, source: str, options: captioning.CaptionOptions) -> str:
+        """Caption a dataset in the background."""
+        images = self.images_dir(dataset)
+        if not source.strip():
+            raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
+        return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
+            self.cache, source.strip(), images, options, progress=progress_events(emit, "Captioned {} of {} images"),
+            stop=stop, on_wait=status_events(emit)), exclusive=f"dataset {dataset}")
+
+    def start_prepare(self, dataset: str | None, resolution: float, center_crop: bool) -> str:
+        """Write a dataset's training copies in the background."""
+        images = self.images_dir(dataset)
+        if not math.isfinite(resolution) or not 64 <= resolution <= 2048 or resolution % 64:
+            raise UserError(f"Training resolution {resolution}: use a multiple of 64 from 64 to 2048.")
+        return self.jobs.start("prepare", f"Preparing {dataset}", lambda stop, emit: quality.prepare_dataset(
+            images, images.parent / "prepared", int(resolution), center_crop,
+            progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"dataset {dataset}")
+
+    def start_grid(self, base: str | None, request: inference.GenerateRequest, labels: list[str],
+                   strengths: list[float]) -> str:
+        """Render an epochs × strengths grid in the background; its result is the saved PNG's path."""
+        spec = self.base(base)
+        loras = [(label, self.lora(label)) for label in labels]
+        request.validate()
+
+        def work(stop: Any, emit: Callable) -> str:
+            image = inference.compare_grid(self.cache, spec, request, loras, strengths, stop, emit)
+            image.info["parameters"] = (f"grid of {', '.join(labels)} at strengths "
+                                        f"{', '.join(f'{s:g}' for s in strengths)}; "
+                                        f"{request.parameters_text(spec.display_name, *image.size)}")
+            return str(inference.save_png(image, self.test_images_dir / f"grid-{stamp()}.png"))
+
+        return self.jobs.start("grid", "Comparison grid", work)
+
+    def generate(self, base: str | None, request: inference.GenerateRequest,
+                 on_wait: Callable[[str], None] | None = None) -> tuple[Path, str]:
+        """One image, saved with its parameters in outputs/test-images; returns its path and parameters text."""
+        image = inference.generate(self.cache, self.base(base), request, on_wait)
+        return inference.save_png(image, self.test_images_dir / f"{stamp()}-{request.seed}.png"), \
+            image.info["parameters"]
+
+    def images_dir(self, dataset: str | None) -> Path:
+        """The images folder of a dataset; a clear message when none is chosen."""
+        if not dataset:
+            raise UserError("Choose or create a dataset first (above the tabs).")
+        return self.workspace.dataset_dir(dataset) / "images"
+
+
+def stamp() -> str:
+    """A file-name time stamp that sorts, unique per call even within one second."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{time.perf_counter_ns() % 10**6:06d}"
+
+
+def progress_events(emit: Callable, text: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that reports as job events."""
+    from .events import JobEvent
+
+    return lambda done, total: emit(JobEvent("progress", text.format(done, total), step=done, total_steps=total))
+
+
+def status_events(emit: Callable) -> Callable[[str], None]:
+    """An ``on_wait`` callback that shows the cache's queue position as the job's message."""
+    from .events import JobEvent
+
+    return lambda text: emit(JobEvent("status", text))

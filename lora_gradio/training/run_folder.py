@@ -1,0 +1,128 @@
+"""The layout of one training run's folder, owned here: ``job.json``, the resume state, LoRA files and samples.
+
+Both the job runner and the training loop go through :class:`RunFolder`; neither knows the other's files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_bytes_atomic, write_text_atomic
+from ..errors import UserError
+from ..models import BaseModelSpec
+from .config import TrainConfig, make_config
+
+JOB_FILE = "job.json"
+RESUME_FILE = "resume-state.pt"
+SAMPLES = "samples"
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """What a run trains: its settings, base model, images folder and (optional) prepared copies."""
+
+    config: TrainConfig
+    base: BaseModelSpec
+    images: Path
+    prepared: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder; every path inside it is named here."""
+
+    path: Path
+
+    @property
+    def job_file(self) -> Path:
+        """The recorded :class:`RunJob`, so the run can be resumed after a restart."""
+        return self.path / JOB_FILE
+
+    @property
+    def state_file(self) -> Path:
+        """What an unfinished run needs to continue exactly where it stopped."""
+        return self.path / RESUME_FILE
+
+    @property
+    def samples_dir(self) -> Path:
+        """Sample images, ``epoch0003-1.png`` for epoch 3's second prompt."""
+        return self.path / SAMPLES
+
+    def lora_file(self, name: str, epoch: int | None = None) -> Path:
+        """``name-000004.safetensors`` for an epoch save, ``name.safetensors`` for the final one."""
+        return self.path / (f"{name}-{epoch:06d}.safetensors" if epoch is not None else f"{name}.safetensors")
+
+    def sample_file(self, epoch: int, index: int) -> Path:
+        """Where epoch ``epoch``'s sample for prompt ``index`` goes."""
+        return self.samples_dir / f"epoch{epoch:04d}-{index}.png"
+
+    def samples_of(self, epoch: int) -> list[Path]:
+        """The samples already rendered for an epoch (epoch 0's, when a run resumes)."""
+        return sorted(self.samples_dir.glob(f"epoch{epoch:04d}-*.png"))
+
+    def check_writable(self) -> None:
+        """Fail before any work if the folder cannot take files."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"Cannot write to output folder '{self.path}': {exc.strerror or exc}. "
+                            "Choose a folder you have write access to.") from exc
+
+    def write_job(self, job: RunJob) -> None:
+        """Record what the run trains on."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.job_file, json.dumps({
+            "config": job.config.to_dict(), "base": asdict(job.base), "data_dir": str(job.images),
+            "prepared_dir": str(job.prepared) if job.prepared else None, "created": time.time()}, indent=2) + "\n")
+
+    def read_job(self) -> RunJob:
+        """The recorded job, or a clear message when this is not a run folder."""
+        if not self.job_file.is_file():
+            raise UserError(f"'{self.path}' is not a lora-gradio run folder (no {JOB_FILE}).")
+        try:
+            job = json.loads(self.job_file.read_text(encoding="utf-8"))
+            prepared = job.get("prepared_dir")
+            return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]),
+                          Path(job["data_dir"]), Path(prepared) if prepared else None)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"The {JOB_FILE} of run '{self.path.name}' is damaged ({exc}); it cannot be resumed. "
+                            "Start a new run instead.") from exc
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the run was interrupted with a state to continue from."""
+        return self.job_file.is_file() and self.state_file.is_file()
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """Write the resume state atomically, so a kill mid-write leaves the previous one."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.state_file, buffer.getvalue())
+
+    def load_state(self) -> dict[str, Any]:
+        """The resume state, or a clear message when there is none."""
+        import torch
+
+        if not self.state_file.is_file():
+            raise UserError(f"Run '{self.path.name}' has nothing to resume: it finished, or stopped before its "
+                            "first save.")
+        return torch.load(self.state_file, map_location="cpu", weights_only=True)
+
+    def finish(self) -> None:
+        """A finished run has nothing left to resume."""
+        self.state_file.unlink(missing_ok=True)
+
+
+def resumable_runs(outputs_dir: Path) -> list[str]:
+    """Run folders that were interrupted and can continue."""
+    return sorted(p.name for p in Path(outputs_dir).glob("*") if RunFolder(p).resumable)

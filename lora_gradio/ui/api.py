@@ -1,0 +1,100 @@
+"""The public API: named endpoints with declared inputs, making the same :class:`Studio` calls as the page.
+
+Long work (captioning, Prepare, grids) runs as a job, as from the page; these endpoints wait for it and return its
+result. Training returns at once with the job id that ``/train_stop`` needs.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from .. import captioning
+from ..inference import GenerateRequest
+from ..jobs import JobState
+from ..studio import Studio
+from ..training.config import load_preset
+from . import MODEL, user_errors
+
+
+def plain(value: Any) -> Any:
+    """A job's result or state as JSON values (paths as strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def register(studio: Studio) -> None:
+    """Add every public endpoint to the Blocks being built."""
+
+    def finished(job_id: str) -> JobState:
+        state = studio.jobs.wait(job_id)
+        if state.status != "done":
+            raise gr.Error(state.message, print_exception=False)
+        return state
+
+    def train_start(dataset: str, base: str = "demo", settings: dict | None = None) -> dict:
+        """Start training on a dataset. ``settings`` holds TrainConfig fields (a preset's, from /preset, changed as
+        you like); an unknown key is refused by name. Keep the returned job_id: /train_stop needs it."""
+        plan = studio.plan_training(dataset, base, settings or {})
+        job_id = studio.start_training(plan)
+        return {"job_id": job_id, "run": Path(studio.jobs.view(job_id).run_dir).name,
+                "estimate": plan.estimate.markdown()}
+
+    def train_stop(job_id: str) -> str:
+        """Stop the training job started with this id; it saves what was learned. Other ids are refused."""
+        studio.jobs.stop(job_id)
+        return "stopping"
+
+    def train_resume(run: str) -> dict:
+        """Continue an interrupted run (its folder name under outputs/); returns the new job id."""
+        job_id = studio.resume_training(run)
+        return {"job_id": job_id, "run": Path(run).name}
+
+    def job_status(job_id: str = "", since: int = 0) -> dict:
+        """A job's state (without an id: the current training job's), with losses from index ``since`` on."""
+        return plain(studio.jobs.view(job_id, since) if job_id else studio.jobs.latest("training", since))
+
+    def preset(name: str = "seed-recommended") -> dict:
+        """A preset's settings, ready to change and pass to /train_start."""
+        return load_preset(name)[0].to_dict()
+
+    def generate(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+                 width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
+                 strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo") -> dict:
+        """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none."""
+        path, parameters = studio.generate(base, GenerateRequest(
+            prompt, negative_prompt, seed, steps, cfg, width or None, height or None, scheduler, studio.lora(lora),
+            strength_model, strength_clip))
+        return {"image": FileData(path=str(path)), "parameters": parameters}
+
+    def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
+             steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo") -> dict:
+        """A grid of LoRA files (rows) by strengths (columns, applied to model and clip alike)."""
+        request = GenerateRequest(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler)
+        state = finished(studio.start_grid(base, request, loras, strengths))
+        return {"image": FileData(path=state.result)}
+
+    def caption(dataset: str, model: str = captioning.DEFAULT_BLIP, trigger_word: str = "", prefix: str = "",
+                suffix: str = "", style: str = "sentence", overwrite: bool = False, max_length: int = 40,
+                batch_size: int = 8) -> dict:
+        """BLIP captions for a dataset; ``model`` is a hub id or a local BLIP folder."""
+        options = captioning.CaptionOptions(trigger_word, prefix, suffix, max_length, style, overwrite, batch_size)
+        return plain(finished(studio.start_caption(dataset, model, options)).result)
+
+    def prepare(dataset: str, resolution: int = 512, center_crop: bool = False) -> dict:
+        """Write the dataset's training copies at ``resolution``."""
+        done, skipped = finished(studio.start_prepare(dataset, resolution, center_crop)).result
+        return {"prepared": done, "skipped": skipped}
+
+    def cache_status() -> dict:
+        """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
+        return plain(studio.cache.status())
+
+    for endpoint in (train_start, train_stop, train_resume, job_status, preset, grid, caption, prepare,
+                     cache_status):
+        gr.api(user_errors(endpoint), api_name=endpoint.__name__)
+    gr.api(user_errors(generate), api_name="generate", **MODEL)

@@ -1,0 +1,197 @@
+"""What several visitors share: step counts that agree, prepared copies that stay true, and small guards."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from bad_files import photo_bytes, png_bomb
+from PIL import Image
+
+from lora_gradio.dataset import (
+    make_demo_dataset,
+    prepared_status,
+    scan_training_folder,
+    split_tags,
+    write_caption,
+)
+from lora_gradio.errors import UserError
+from lora_gradio.estimate import estimate
+from lora_gradio.jobs import JobState
+from lora_gradio.quality import prepare_dataset
+from lora_gradio.training.config import TrainConfig, apply_overrides, save_preset
+from lora_gradio.training.data import process_caption
+from lora_gradio.training.loop import snr_weights, train
+from lora_gradio.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mixed_dataset(folder: Path) -> Path:
+    """Eight squares and five wide images: two buckets, so batches are not a simple division."""
+    make_demo_dataset(folder)
+    for index in range(5):
+        (folder / f"wide{index}.png").write_bytes(photo_bytes(index, (160, 96)))
+        write_caption(folder / f"wide{index}.png", "lgdemo, wide")
+    return folder
+
+
+def test_the_estimate_counts_the_steps_training_takes(demo_spec, quick_config, tmp_path):
+    data = mixed_dataset(tmp_path / "data")
+    config = apply_overrides(quick_config, {"batch_size": 3, "gradient_accumulation_steps": 2, "epochs": 2})
+    planned = estimate(config, data, demo=True).steps
+    totals = []
+    result = train(config, demo_spec, data, tmp_path / "run",
+                   on_event=lambda e: totals.append(e.total_steps) if e.kind == "step" else None)
+    # squares: 3 batches, wides: 2 batches, so 5 batches and 3 optimizer steps an epoch
+    assert planned == result.steps == set(totals).pop() == 6
+
+
+def test_two_processes_scale_the_schedule_so_the_rate_falls_evenly_to_the_last_step(tmp_path):
+    # accelerate's multi-process launcher (torchrun underneath), kept on the CPU: two ranks talk over gloo
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(ROOT / "tests" / "lr_probe.py"), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads((tmp_path / "lr.json").read_text())
+    steps, rates = zip(*probe["steps"], strict=True)
+    print("learning rate by step, 2 processes:", probe["steps"])
+    # 8 images in batches of 2 over 2 processes: 2 steps an epoch, 4 epochs
+    assert probe["totals"] == [8] and list(steps) == list(range(1, 9))
+    assert rates == pytest.approx([1e-3 * (8 - s) / 8 for s in steps])  # zero at step 8, not at step 4
+
+
+def test_an_edit_after_prepare_reaches_training_and_an_addition_is_announced(tmp_path):
+    images = make_demo_dataset(tmp_path / "ds" / "images")
+    prepared = tmp_path / "ds" / "prepared"
+    prepare_dataset(images, prepared, 64)
+    assert not list(prepared.rglob("*.txt"))  # pixels only
+    write_caption(images / "00_red_circle.png", "lgdemo, a crimson disc")
+    scan = scan_training_folder(images, "lgdemo", prepared)
+    item = next(i for i in scan.images if i.path.stem == "00_red_circle")
+    assert item.caption == "lgdemo, a crimson disc" and item.path.parent == prepared  # new words, prepared pixels
+    assert prepared_status(images, prepared).message() is None
+
+    (images / "new.png").write_bytes(photo_bytes(3, (96, 96)))
+    (images / "01_blue_circle.png").unlink()
+    status = prepared_status(images, prepared)
+    assert status.added == ["new.png"] and status.removed == ["01_blue_circle.png"]
+    config = TrainConfig(trigger_word="lgdemo", resolution=64, epochs=1)
+    text = estimate(config, images, demo=True, prepared=prepared).markdown()
+    assert "1 image was added (new.png)" in text and "press Prepare again" in text
+    scan = scan_training_folder(images, "lgdemo", prepared)
+    assert {i.path.name for i in scan.images} >= {"new.png"} and "1 image was removed" in scan.warnings[0]
+
+
+def test_a_stopped_prepare_keeps_the_previous_copies(tmp_path):
+    import threading
+
+    images = make_demo_dataset(tmp_path / "ds" / "images")
+    prepared = tmp_path / "ds" / "prepared"
+    prepare_dataset(images, prepared, 64)
+    before = sorted(p.name for p in prepared.iterdir())
+    stop = threading.Event()
+    with pytest.raises(UserError, match="stopped after 2 of 8"):
+        prepare_dataset(images, prepared, 128, progress=lambda done, total: stop.set() if done == 2 else None,
+                        stop=stop)
+    assert sorted(p.name for p in prepared.iterdir()) == before
+    with Image.open(next(prepared.glob("*.png"))) as copy:
+        assert copy.size == (64, 64)
+
+
+def test_one_rule_for_tags():
+    assert split_tags(" ohwx,  red hat ,,blue ") == ["ohwx", "red hat", "blue"]
+    import random
+
+    assert process_caption("ohwx, red hat,, blue", random.Random(0), True, 1, 0).split(", ")[0] == "ohwx"
+    assert sorted(process_caption("ohwx, red hat,, blue", random.Random(0), True, 1, 0).split(", ")) == \
+        ["blue", "ohwx", "red hat"]
+
+
+def test_v_prediction_uses_its_own_snr_weight():
+    from diffusers import DDPMScheduler
+
+    timesteps = torch.tensor([10, 500, 990])
+    for kind, offset in (("epsilon", 0), ("v_prediction", 1)):
+        scheduler = DDPMScheduler(prediction_type=kind)
+        alphas = scheduler.alphas_cumprod[timesteps]
+        snr = alphas / (1 - alphas)
+        assert torch.allclose(snr_weights(scheduler, timesteps, 5.0), snr.clamp(max=5.0) / (snr + offset))
+
+
+def test_a_damaged_settings_file_is_named_and_never_overwritten(tmp_path):
+    workspace = Workspace.open(tmp_path / "ws")
+    settings = workspace.root / "settings.json"
+    settings.write_text('{"models_dir": "/data/ComfyUI/models",')  # cut off mid-write by hand
+    with pytest.raises(UserError, match=r"settings file .* is damaged"):
+        workspace.use_models_dir(tmp_path)
+    with pytest.raises(UserError, match="damaged"):
+        Workspace.open(tmp_path / "ws")
+    assert settings.read_text() == '{"models_dir": "/data/ComfyUI/models",'
+
+
+def test_a_preset_saves_on_a_fresh_workspace(tmp_path):
+    workspace = Workspace.open(tmp_path / "fresh")
+    path = save_preset(TrainConfig(rank=8), workspace.presets_dir / "mine.toml")
+    assert "rank = 8" in path.read_text()
+
+
+def test_atomic_writes_leave_the_process_umask_alone(tmp_path, monkeypatch):
+    from lora_gradio.atomic import write_text_atomic
+
+    def forbidden(_mask):
+        raise AssertionError("os.umask changes a setting every thread shares")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    write_text_atomic(tmp_path / "a.txt", "fine")
+    assert (tmp_path / "a.txt").read_text() == "fine"
+
+
+def test_pillows_own_bomb_guard_stays_on(tmp_path):
+    bomb = png_bomb(tmp_path / "bomb.png", side=12000)  # 144 megapixels: over twice the app's limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+
+
+def test_a_damaged_hub_download_is_called_damaged_not_missing(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from lora_gradio.captioning import load_captioner
+
+    snapshot = tmp_path / "models--someone--blip" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{not json")
+    (tmp_path / "models--someone--blip" / "refs").mkdir()
+    (tmp_path / "models--someone--blip" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="damaged or incomplete") as caught:
+        load_captioner("someone/blip")
+    assert "not on this machine" not in str(caught.value)
+
+
+def test_the_progress_line_shows_a_message_as_text_not_markup():
+    from lora_gradio.ui import progress_html
+
+    html = progress_html(JobState("captioning", status="error", message='<img src=x onerror="alert(1)">'))
+    assert "<img" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+
+
+def test_a_page_is_sent_only_new_losses(demo_spec, demo_data, quick_config, tmp_path):
+    from lora_gradio.jobs import JobRunner, start_training
+    from lora_gradio.models import ModelCache
+    from lora_gradio.ui.train_tab import follow_losses
+
+    jobs = JobRunner()
+    state, seen, changed = follow_losses(jobs, {})
+    assert changed and seen["losses"] == []
+    jobs.wait(start_training(jobs, ModelCache(), apply_overrides(quick_config, {"epochs": 2, "batch_size": 2}),
+                             demo_spec, demo_data, tmp_path / "run"), 120)
+    state, seen, changed = follow_losses(jobs, seen)  # another run: everything, once
+    assert changed and len(state.losses) == len(seen["losses"]) == 8
+    state, again, changed = follow_losses(jobs, seen)
+    assert not changed and state.losses == [] and again["losses"] == seen["losses"]
