@@ -47,7 +47,13 @@ class DatasetScan:
 
 def open_image(source: Path | BinaryIO) -> Image.Image:
     """Open lazily, refusing sizes that would exhaust memory before any pixel is decoded."""
-    img = Image.open(source)
+    try:
+        img = Image.open(source)
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice the limit: say it in our words
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) // 1_000_000} megapixels" if found else "the image"
+        raise Image.DecompressionBombError(
+            f"{size} is over {MAX_PIXELS // 1_000_000} megapixels (a possible decompression bomb)") from exc
     if img.width * img.height > MAX_PIXELS:
         img.close()
         raise Image.DecompressionBombError(

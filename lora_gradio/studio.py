@@ -91,7 +91,7 @@ class Studio:
             raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
             self.cache, source.strip(), images, options, progress=progress_events(emit, "Captioned {} of {} images"),
-            stop=stop, on_wait=status_events(emit)), exclusive=f"dataset {dataset}")
+            stop=stop, on_wait=status_events(emit)), exclusive=f"captioning {dataset}")
 
     def start_prepare(self, dataset: str | None, resolution: float, center_crop: bool) -> str:
         """Write a dataset's training copies in the background."""
@@ -100,7 +100,7 @@ class Studio:
             raise UserError(f"Training resolution {resolution}: use a multiple of 64 from 64 to 2048.")
         return self.jobs.start("prepare", f"Preparing {dataset}", lambda stop, emit: quality.prepare_dataset(
             images, images.parent / "prepared", int(resolution), center_crop,
-            progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"dataset {dataset}")
+            progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"preparing {dataset}")
 
     def start_grid(self, base: str | None, request: inference.GenerateRequest, labels: list[str],
                    strengths: list[float]) -> str:

@@ -1,7 +1,6 @@
-"""The same events through gradio_client, as scripts and other tools use the app; bad input gets clear errors."""
+"""The public API through gradio_client, as scripts and other tools use the app; bad input gets clear errors."""
 
 import shutil
-import time
 
 import pytest
 from browser import running_app, wait_for
@@ -9,8 +8,6 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from lora_gradio.dataset import make_demo_dataset
-
-NO_LORA = "(no LoRA: the base model)"
 
 
 @pytest.fixture(scope="module")
@@ -21,54 +18,52 @@ def api(tmp_path_factory):
 
 
 def demo_settings(client, **changes):
-    """The demo preset's values, in the Train tab's order, with some changed by field position name."""
-    from lora_gradio.ui.train_tab import ADVANCED, MAIN
-
-    names = [*MAIN, "sample_prompts", *ADVANCED]
-    _, *values = client.predict("demo", api_name="/load_preset")
-    for name, value in changes.items():
-        values[names.index(name)] = value
-    return values
+    """The demo preset's settings, some changed."""
+    return {**client.predict("demo", api_name="/preset"), **changes}
 
 
-def job(client):
-    return client.predict(api_name="/job_status")
+def job(client, job_id=""):
+    return client.predict(job_id, 0, api_name="/job_status")
 
 
-def generate(client, lora, strength, seed=3):
-    result = client.predict("demo", "", "lgdemo, a red circle", "", seed, 3, 7, 0, 0, "Euler", lora, strength, strength,
-                            api_name="/generate")
-    return result[0]
+def generate(client, lora="", strength=1.0, seed=3):
+    return client.predict(prompt="lgdemo, a red circle", seed=seed, steps=3, lora=lora, strength_model=strength,
+                          strength_clip=strength, api_name="/generate")
 
 
 def test_train_stop_generate_and_grid_through_the_api(api):
     client, workspace = api
     client.predict("apidata", api_name="/create_dataset")
     make_demo_dataset(workspace / "datasets" / "apidata" / "images")
-    plan, _ = client.predict("apidata", "demo", "", *demo_settings(client, epochs=400, trigger_word="lgdemo"),
-                             api_name="/train_start")
-    assert "1600 steps" in plan
+    started = client.predict(dataset="apidata", base="demo",
+                             settings=demo_settings(client, epochs=400, trigger_word="lgdemo"), api_name="/train_start")
+    assert "1600 steps" in started["estimate"] and started["job_id"]
     wait_for(lambda: job(client)["step"] >= 3, 60, "training to start")
     with pytest.raises(AppError, match="already running"):
-        client.predict("apidata", "demo", "", *demo_settings(client), api_name="/train_start")
+        client.predict(dataset="apidata", settings=demo_settings(client), api_name="/train_start")
     with pytest.raises(AppError, match="busy with training"):
-        generate(client, NO_LORA, 1)
-    client.predict(api_name="/train_stop")
+        generate(client)
+    other = Client(client.src, verbose=False)  # another visitor, without the job id
+    with pytest.raises(AppError, match="Only the page or script that started a job"):
+        other.predict(job_id="", api_name="/train_stop")
+    with pytest.raises(AppError, match="Only the page or script that started a job"):
+        other.predict(job_id="guessed-id", api_name="/train_stop")
+    assert job(client)["status"] == "running"
+    client.predict(job_id=started["job_id"], api_name="/train_stop")
     wait_for(lambda: job(client)["status"] == "stopped", 60, "the stop")
-    state = job(client)
+    state = job(client, started["job_id"])
     assert state["saved"][-1].endswith("lora.safetensors") and len(state["losses"]) == state["step"]
-    run = workspace / "outputs" / state["run_dir"].rsplit("/", 1)[-1]
-    lora = f"{run.name}/lora.safetensors"
+    assert "job_id" not in state and started["job_id"] not in str(state)  # the key to Stop is never shown
+    lora = f"{started['run']}/lora.safetensors"
     image = generate(client, lora, 0.5)
-    assert "strength_model: 0.5, strength_clip: 0.5" in image["caption"]
-    grid = client.predict("demo", "", [lora], "0, 1", "lgdemo", "", 1, 2, 7, 0, 0, "Euler", lora, 1, 1,
-                          api_name="/grid")
-    assert grid.endswith(".png")
+    assert "strength_model: 0.5, strength_clip: 0.5" in image["parameters"] and image["image"].endswith(".png")
+    grid = client.predict(loras=[lora], strengths=[0, 1], prompt="lgdemo", steps=2, api_name="/grid")
+    assert grid["image"].endswith(".png")
 
-    client.predict(run.name, api_name="/train_resume")  # continue the stopped run where it left off
+    resumed = client.predict(run=started["run"], api_name="/train_resume")  # continue where it left off
     wait_for(lambda: job(client)["step"] > state["step"], 60, "the resumed run")
-    assert job(client)["losses"][0][0] == state["step"] + 1
-    client.predict(api_name="/train_stop")
+    assert job(client, resumed["job_id"])["losses"][0][0] == state["step"] + 1
+    client.predict(job_id=resumed["job_id"], api_name="/train_stop")
     wait_for(lambda: job(client)["status"] == "stopped", 60, "the second stop")
 
 
@@ -76,27 +71,43 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     ({"rank": 0}, "rank = 0"),
     ({"unet_lr": -0.001}, "unet_lr = -0.001"),
     ({"epochs": 0}, "epochs = 0"),
-    ({"sample_prompts": "x" * 2000}, "at most 1000 characters"),
+    ({"sample_prompts": ["x" * 2000]}, "at most 1000 characters"),
+    ({"learning_rate": 1e-4}, "unknown setting 'learning_rate'"),
+    ({"rnak": 8}, "unknown setting 'rnak' \\(did you mean 'rank'\\?\\)"),
 ])
-def test_impossible_settings_are_refused_with_the_field_named(api, changes, message):
+def test_impossible_settings_and_unknown_keys_are_refused_by_name(api, changes, message):
     client, _ = api
     with pytest.raises(AppError, match=message):
-        client.predict("apidata", "demo", "", *demo_settings(client, **changes), api_name="/train_start")
+        client.predict(dataset="apidata", settings=demo_settings(client, **changes), api_name="/train_start")
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"steps": 0}, "steps = 0"),
+    ({"seed": -1}, "seed = -1"),
+    ({"strength_model": 7}, "strength_model = 7"),
+    ({"width": 4000}, "size 4000"),
+    ({"scheduler": "Heun"}, "scheduler 'Heun'"),
+    ({"lora": "../../etc/passwd"}, "not in this workspace"),
+])
+def test_silly_generation_parameters_are_refused(api, arguments, message):
+    client, _ = api
+    with pytest.raises(AppError, match=message):
+        client.predict(**{"prompt": "x", "steps": 2, **arguments}, api_name="/generate")
 
 
 def test_no_dataset_and_a_base_that_fails_to_load(api):
     client, workspace = api
     with pytest.raises(AppError, match="Choose a dataset"):
-        client.predict(None, "demo", "", *demo_settings(client), api_name="/train_start")
+        client.predict(dataset="", settings=demo_settings(client), api_name="/train_start")
     broken = workspace / "models" / "checkpoints" / "broken.safetensors"
     broken.write_bytes(b"\x00" * 100)
     client.predict("brokenbase", api_name="/create_dataset")
     shutil.copytree(workspace / "datasets" / "apidata" / "images", workspace / "datasets" / "brokenbase" / "images")
-    client.predict("brokenbase", "broken.safetensors", "", *demo_settings(client), api_name="/train_start")
-    wait_for(lambda: job(client)["status"] == "error", 60, "the failure")
+    started = client.predict(dataset="brokenbase", base="broken.safetensors", settings=demo_settings(client),
+                             api_name="/train_start")
+    wait_for(lambda: job(client, started["job_id"])["status"] == "error", 60, "the failure")
     assert "not a readable .safetensors" in job(client)["message"]
-    time.sleep(0.5)
-    assert generate(client, NO_LORA, 1)["image"]  # the app carries on
+    assert generate(client)["image"]  # the app carries on
 
 
 def test_a_lora_for_another_architecture_is_refused_in_the_test_tab(api):
@@ -108,4 +119,4 @@ def test_a_lora_for_another_architecture_is_refused_in_the_test_tab(api):
     save_file({f"{name}.lora_down.weight": torch.zeros(4, 640), f"{name}.lora_up.weight": torch.zeros(640, 4),
                f"{name}.alpha": torch.tensor(4.0)}, workspace / "models" / "loras" / "xl_style.safetensors")
     with pytest.raises(AppError, match=r"does not fit this SD1.x base model"):
-        generate(client, "loras/xl_style.safetensors", 1)
+        generate(client, "loras/xl_style.safetensors")

@@ -109,6 +109,8 @@ def test_lora_for_another_architecture_is_refused(demo_spec, tmp_path):
 def test_impossible_generation_settings_are_named():
     with pytest.raises(UserError, match=r"steps = 0.*strength_model = 3"):
         GenerateRequest("a", steps=0, strength_model=3).validate()
+    with pytest.raises(UserError, match=r"CFG = nan.*strength_clip = nan"):
+        GenerateRequest("a", cfg=float("nan"), strength_clip=float("nan")).validate()
 
 
 def test_generated_png_carries_its_parameters(demo_spec, tmp_path):

@@ -25,7 +25,7 @@ def set_number(page, container, value):
 
 
 def progress_text(page):
-    return page.locator("#train-progress-text").inner_text()
+    return page.locator("#training-progress-text").inner_text()
 
 
 def newest_test_images(workspace, count):

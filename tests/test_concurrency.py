@@ -1,0 +1,78 @@
+"""Many visitors at once through gradio_client: generations, captioning and Prepare meet on one model cache."""
+
+import threading
+
+import pytest
+from browser import running_app
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from tiny_blip import save_tiny_blip
+
+from lora_gradio.dataset import make_demo_dataset, read_caption
+
+GENERATIONS = 8
+
+
+@pytest.fixture(scope="module")
+def crowd_app(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("crowd") / "workspace"
+    with running_app(workspace) as url:
+        yield url, workspace
+
+
+def test_eight_generations_a_captioning_and_a_prepare_at_once(crowd_app):
+    url, workspace = crowd_app
+    Client(url, verbose=False).predict("crowd", api_name="/create_dataset")
+    images = make_demo_dataset(workspace / "datasets" / "crowd" / "images")
+    blip = save_tiny_blip(workspace / "models" / "blip")
+    start = threading.Barrier(GENERATIONS + 2)
+    outcomes: dict[str, object] = {}
+
+    def visitor(name, call):
+        client = Client(url, verbose=False)
+        start.wait(60)
+        try:
+            outcomes[name] = call(client)
+        except AppError as exc:
+            outcomes[name] = exc
+
+    calls = {f"generate-{i}": (lambda client, seed=i: client.predict(
+        prompt="lgdemo, a red circle", seed=seed, steps=3, api_name="/generate")) for i in range(GENERATIONS)}
+    calls["caption"] = lambda client: client.predict(dataset="crowd", model=str(blip), trigger_word="lgcrowd",
+                                                     overwrite=True, batch_size=2, api_name="/caption")
+    calls["prepare"] = lambda client: client.predict(dataset="crowd", resolution=64, api_name="/prepare")
+
+    samples, done = [], threading.Event()
+
+    def watch():  # what the cache holds, sampled all through the run
+        client = Client(url, verbose=False)
+        while not done.is_set():
+            samples.append(client.predict(api_name="/cache_status"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=visitor, args=(name, call)) for name, call in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(240)
+    done.set()
+    watcher.join(60)
+
+    failures = {name: str(result) for name, result in outcomes.items() if isinstance(result, AppError)}
+    assert len(outcomes) == GENERATIONS + 2 and not failures, failures
+    for index in range(GENERATIONS):
+        result = outcomes[f"generate-{index}"]
+        assert result["image"].endswith(".png") and f"Seed: {index}" in result["parameters"]
+    assert len(outcomes["caption"]["written"]) == 8 and read_caption(images / "00_red_circle.png").startswith(
+        "lgcrowd, ")
+    assert outcomes["prepare"] == {"prepared": 8, "skipped": []}
+
+    assert samples and all(sample["alive"] <= 1 for sample in samples), [s for s in samples if s["alive"] > 1]
+    users = {sample["user"] for sample in samples}
+    assert {"captioning", "generation"} <= users, users  # both really held the model during the run
+    log = next(workspace.parent.glob("app-*.log")).read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+    after = Client(url, verbose=False).predict(prompt="lgdemo", steps=2, api_name="/generate")
+    assert after["image"].endswith(".png")
