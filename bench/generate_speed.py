@@ -20,22 +20,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_gradio.inference import GenerateRequest, generate
-from lora_gradio.models import BaseModelSpec, ModelCache, pick_device, resolve_base
+from lora_gradio.models import BaseModelSpec, ModelCache, pick_device, pipeline_view, resolve_base
 from lora_gradio.training import kohya
 from lora_gradio.training.config import TrainConfig
-from lora_gradio.training.loop import add_lora_adapters
+from lora_gradio.training.network import add_lora_adapters
 
 
 def write_lora(cache: ModelCache, base: BaseModelSpec, folder: Path, seed: int) -> Path:
     """A random rank-16 LoRA on the base model's attention layers, saved in kohya format."""
-    pipe = cache.pipeline(base)
-    add_lora_adapters(pipe.unet, pipe.text_encoder, TrainConfig(rank=16, alpha=16, train_text_encoder=True))
-    torch.manual_seed(seed)
-    for name, param in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.01)
-    tensors = kohya.lora_state_dict({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, torch.float16)
-    pipe.unload_lora_weights()
+    with cache.pipeline(base, "writing a benchmark LoRA") as base_pipe:
+        pipe = pipeline_view(base_pipe)
+        add_lora_adapters(pipe.unet, pipe.text_encoder, TrainConfig(rank=16, alpha=16, train_text_encoder=True))
+        torch.manual_seed(seed)
+        for name, param in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.01)
+        tensors = kohya.lora_state_dict({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, torch.float16)
     return kohya.save_lora(folder / f"lora{seed}.safetensors", tensors, {"ss_network_dim": "16"})
 
 
@@ -66,9 +66,10 @@ def main() -> None:
         later = [timed(lambda lora=lora, s=s: generate(cache, base, GenerateRequest(
             "a portrait photo", seed=1, steps=args.steps, lora=lora, strength_model=s, strength_clip=s)))
             for lora, s in changes]
-    pipe = cache.pipeline(base)
-    reference = [timed(lambda: pipe("a portrait photo", num_inference_steps=args.steps,
-                                    generator=torch.Generator().manual_seed(1))) for _ in range(3)]
+    with cache.pipeline(base, "the reference call") as base_pipe:
+        pipe = pipeline_view(base_pipe)
+        reference = [timed(lambda: pipe("a portrait photo", num_inference_steps=args.steps,
+                                        generator=torch.Generator().manual_seed(1))) for _ in range(3)]
     print(json.dumps({
         "device": torch.cuda.get_device_name() if pick_device().type == "cuda" else "cpu", "base": args.base,
         "steps": args.steps, "first_image_s": round(first, 3),

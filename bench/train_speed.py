@@ -21,15 +21,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_gradio.dataset import make_demo_dataset
-from lora_gradio.models import ModelCache, pick_device, resolve_base
+from lora_gradio.models import ModelCache, pick_device, pipeline_view, resolve_base
 from lora_gradio.training.config import make_config
-from lora_gradio.training.loop import DTYPES, add_lora_adapters, make_optimizer, train
+from lora_gradio.training.loop import DTYPES, train
+from lora_gradio.training.network import add_lora_adapters, make_optimizer
 
 
 def reference_loop(pipe, config, steps: int, device: torch.device) -> dict:
     """The bare LoRA step, timed over ``steps`` after two warm-up steps."""
     dtype = DTYPES[config.mixed_precision]
-    unet = pipe.unet.to(device, dtype).requires_grad_(False)
+    unet = pipeline_view(pipe, device, dtype).unet  # adapters go on a view; the cached base stays as it is
     groups = add_lora_adapters(unet, None, config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -56,7 +57,6 @@ def reference_loop(pipe, config, steps: int, device: torch.device) -> dict:
             torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - start)
-    pipe.unload_lora_weights()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"it_per_s": len(times) / sum(times), "peak_memory_gb": peak}
 
@@ -84,7 +84,8 @@ def main() -> None:
         repeats = -(-args.steps * args.batch_size // 8)  # the demo dataset has 8 images
         make_demo_dataset(Path(tmp) / "data" / f"{repeats}_demo", size=args.resolution)
         ours = train(config, base, Path(tmp) / "data", Path(tmp) / "out", cache=cache)
-    reference = reference_loop(cache.pipeline(base), config, args.steps, device)
+    with cache.pipeline(base, "the reference loop") as pipe:
+        reference = reference_loop(pipe, config, args.steps, device)
     print(json.dumps({
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "base": args.base, "resolution": args.resolution, "batch_size": args.batch_size,

@@ -128,8 +128,9 @@ class JobRunner:
     def _job(self, job_id: str) -> _Job:
         job = self._jobs.get(str(job_id or ""))
         if job is None:
-            raise UserError("No job has this id here. Only the page or script that started a job holds its id, "
-                            "and only it can stop the job.")
+            start = "This page did not start that job" if not job_id else "No job has this id here"
+            raise UserError(f"{start}. Only the page or script that started a job holds its id, and only it can "
+                            "stop the job.")
         return job
 
     @staticmethod

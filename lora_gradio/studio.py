@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import captioning, inference, quality
+from .dataset import read_manifest
 from .errors import UserError
 from .estimate import Estimate, estimate
 from .jobs import JobRunner, start_resume, start_training
@@ -101,6 +102,14 @@ class Studio:
         return self.jobs.start("prepare", f"Preparing {dataset}", lambda stop, emit: quality.prepare_dataset(
             images, images.parent / "prepared", int(resolution), center_crop,
             progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"preparing {dataset}")
+
+    def prepare_again(self, dataset: str | None) -> str:
+        """Refresh a dataset's training copies with the settings of its last Prepare."""
+        images = self.images_dir(dataset)
+        manifest = read_manifest(images.parent / "prepared")
+        if not manifest:
+            raise UserError(f"Dataset '{dataset}' has no training copies yet: use Prepare in the Dataset tab.")
+        return self.start_prepare(dataset, manifest["resolution"], manifest["center_crop"])
 
     def start_grid(self, base: str | None, request: inference.GenerateRequest, labels: list[str],
                    strengths: list[float]) -> str:

@@ -50,18 +50,27 @@ def running_app(workspace: Path, timeout: float = 90):
 
 
 @contextmanager
-def browser_page():
-    """A headless chromium page at a desktop size."""
+def browser_pages(count: int = 1):
+    """Headless chromium pages at a small laptop's size, each in its own context: separate visitors, separate
+    local storage."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            yield page
+            pages = [browser.new_context(viewport={"width": 1024, "height": 768}).new_page() for _ in range(count)]
+            for page in pages:
+                page.set_default_timeout(60_000)
+            yield pages
         finally:
             browser.close()
+
+
+@contextmanager
+def browser_page():
+    """One visitor's page."""
+    with browser_pages(1) as (page,):
+        yield page
 
 
 def screenshot(page, name: str) -> None:

@@ -34,6 +34,7 @@ class AppContext:
     app: gr.Blocks
     dataset: gr.Dropdown
     revision: gr.State
+    prepare_job: gr.BrowserState | None = None  # the Dataset tab's Prepare job, which the Train tab can start too
 
     @property
     def workspace(self) -> Workspace:

@@ -59,8 +59,8 @@ def build(ctx: AppContext) -> None:
             remove_names = gr.Dropdown(label="Remove from the dataset", multiselect=True, choices=[])
             remove = gr.Button("Remove selected", variant="stop")
     with gr.Row():
-        resolution = gr.Number(label="Training resolution", value=512, precision=0, minimum=256, maximum=2048,
-                               step=64)
+        resolution = gr.Number(label="Training resolution", elem_id="prepare-resolution", value=512, precision=0,
+                               minimum=256, maximum=2048, step=64)
         center_crop = gr.Checkbox(label="Centre-crop to a square (otherwise aspect-ratio buckets)", value=False)
         prepare = gr.Button("Prepare training copies", variant="primary", elem_id="prepare-run")
     prepared = gr.Markdown(elem_id="prepare-result")
@@ -91,7 +91,7 @@ def build(ctx: AppContext) -> None:
         return ["\n".join([f"Prepared {done} training copies (pixels only: captions stay with the originals)."]
                            + [f"- skipped {s}" for s in skipped])]
 
-    prepare_job = job_panel(ctx, "prepare", prepare_done, [prepared])
+    prepare_job = ctx.prepare_job = job_panel(ctx, "prepare", prepare_done, [prepared])
 
     @user_errors
     def on_prepare(name: str | None, size: float, crop: bool) -> str:

@@ -133,6 +133,7 @@ def build(ctx: AppContext) -> None:
     plan = gr.Markdown(elem_id="train-estimate")
     with gr.Row():
         check = gr.Button("Estimate")
+        prepare_again = gr.Button("Prepare again", visible=False, elem_id="train-prepare-again")
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves what was learned)", variant="stop", elem_id="train-stop")
     with gr.Row():
@@ -176,14 +177,22 @@ def build(ctx: AppContext) -> None:
         return f"{plan.estimate.markdown()} Training on dataset `{plan.images.parent.name}`." + note
 
     @user_errors
-    def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> str:
-        return plan_text(plan_run(dataset, choice, repo, list(values)))
+    def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict]:
+        plan = plan_run(dataset, choice, repo, list(values))
+        return plan_text(plan), gr.update(visible=plan.estimate.stale is not None)
 
     @user_errors
-    def on_start(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict, str]:
+    def on_start(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict, str, dict]:
         plan = plan_run(dataset, choice, repo, list(values))
         job_id = ctx.studio.start_training(plan)
-        return plan_text(plan), gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id
+        return (plan_text(plan), gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id,
+                gr.update(visible=plan.estimate.stale is not None))
+
+    @user_errors
+    def on_prepare_again(dataset: str | None) -> tuple[str, str, dict]:
+        job_id = ctx.studio.prepare_again(dataset)
+        return job_id, "Preparing the training copies again; the Dataset tab shows the progress.", \
+            gr.update(visible=False)
 
     @user_errors
     def on_resume(run: str | None) -> tuple[dict, str]:
@@ -209,8 +218,10 @@ def build(ctx: AppContext) -> None:
     presets.change(on_preset, presets, [description, *inputs], **PRIVATE)
     widgets["trigger_word"].change(fill_trigger, [widgets["sample_prompts"], widgets["trigger_word"]],
                                    widgets["sample_prompts"], **PRIVATE)
-    check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], plan, **PRIVATE)
-    start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs, train_job], **PRIVATE)
+    check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], [plan, prepare_again], **PRIVATE)
+    start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs, train_job, prepare_again],
+                **PRIVATE)
+    prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
     stop.click(user_errors(ctx.studio.jobs.stop), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, [runs, train_job], **PRIVATE)
     save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)

@@ -1,0 +1,64 @@
+"""Jobs in the browser as two visitors meet them: a shared live view, a Stop only for the page that started."""
+
+import re
+
+from bad_files import photo_bytes
+from browser import browser_pages, screenshot, wait_for
+from test_ui_dataset_caption import type_into
+from test_ui_journey import choose, set_number
+
+from lora_gradio.dataset import make_demo_dataset
+
+
+def progress(page, kind="training"):
+    return page.locator(f"#{kind}-progress-text").inner_text()
+
+
+def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
+    url, workspace = app
+    make_demo_dataset(workspace / "datasets" / "owners" / "images")
+    with browser_pages(2) as (starter, visitor):
+        for page in (starter, visitor):
+            page.goto(url)
+            choose(page, "#dataset-picker", "owners")
+        starter.get_by_role("tab", name="Dataset").click()
+        set_number(starter, "#prepare-resolution", 256)
+        starter.locator("#prepare-run").click()
+        wait_for(lambda: "Prepared 8 training copies" in starter.locator("#prepare-result").inner_text(), 60,
+                 "Prepare, run as a job")
+        assert re.match(r"done: 8/8", progress(starter, "prepare"))
+
+        (workspace / "datasets" / "owners" / "images" / "late.png").write_bytes(photo_bytes(5, (96, 96)))
+        starter.get_by_role("tab", name="Train").click()
+        choose(starter, "#preset", "demo")
+        wait_for(lambda: starter.locator("#field-rank input").input_value() == "4", what="the demo preset")
+        starter.get_by_role("button", name="Estimate").click()
+        wait_for(lambda: "1 image was added (late.png)" in starter.locator("#train-estimate").inner_text(), 30,
+                 "the warning that the copies are stale")
+        starter.locator("#train-prepare-again").click()  # offered right there
+        wait_for(lambda: progress(starter, "prepare").startswith("done: 9/9"), 60, "Prepare, again")
+        assert not starter.locator("#train-prepare-again").is_visible()
+        set_number(starter, "#field-epochs", 500)
+        type_into(starter.locator("#field-trigger_word").get_by_role("textbox"), "lgdemo")
+        starter.locator("#train-start").click()
+        wait_for(lambda: re.search(r"running: step [1-9]\d*/2500", progress(starter)), 60, "training to run")
+        assert "Since Prepare" not in starter.locator("#train-estimate").inner_text()  # the copies are current
+
+        visitor.get_by_role("tab", name="Train").click()
+        wait_for(lambda: progress(visitor).startswith("running"), 30, "the visitor to see the same run")
+        wait_for(lambda: "in use by training" in visitor.locator("#cache-status").inner_text(), 30, "the cache line")
+        visitor.locator("#train-stop").click()
+        toast = visitor.locator(".toast-body")
+        wait_for(lambda: "Only the page or script that started a job" in toast.first.inner_text(), 30,
+                 "the refusal, on screen")
+        screenshot(visitor, "stop-refused")
+        step = int(re.search(r"step (\d+)", progress(starter)).group(1))
+        wait_for(lambda: int(re.search(r"step (\d+)", progress(starter)).group(1)) > step, 30, "training to go on")
+
+        starter.reload()  # the page keeps the key to its own job
+        starter.get_by_role("tab", name="Train").click()
+        wait_for(lambda: progress(starter).startswith("running"), 30, "the live job after the reload")
+        starter.locator("#train-stop").click()
+        wait_for(lambda: progress(starter).startswith("stopped"), 60, "the owner's stop")
+        wait_for(lambda: progress(visitor).startswith("stopped"), 30, "the visitor to see the stop")
+        assert "lora.safetensors" in starter.locator("#saved-files").inner_text()
