@@ -27,4 +27,5 @@ python3 bench/train_speed.py --base sd15-random --resolution 512 --batch-size 4 
   --optimizer adamw8bit --steps 30 2>&1 | tail -n 1 | tee "$out/speed-bf16-b4.json"
 
 python3 bench/generate_speed.py --base sd15-random --steps 20 2>&1 | tail -n 1 | tee "$out/generate-speed.json"
+python3 bench/view_speed.py --base sd15-random 2>&1 | tail -n 1 | tee "$out/view-speed.json"
 rm -rf "$out/lora"

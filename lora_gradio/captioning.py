@@ -41,7 +41,7 @@ class CaptionOptions:
     def __post_init__(self) -> None:
         problems = [text for ok, text in (
             (self.style in ("sentence", "tags"), f"style '{self.style}': use sentence or tags"),
-            (10 <= self.max_length <= 75, f"maximum length {self.max_length}: use 10 to 75 tokens"),
+            (1 <= self.max_length <= 75, f"maximum length {self.max_length}: use 1 to 75 tokens"),
             (1 <= self.batch_size <= 32, f"batch size {self.batch_size}: use 1 to 32"),
             (all(len(t) <= 200 for t in (self.trigger_word, self.prefix, self.suffix)),
              "trigger word, prefix and suffix are limited to 200 characters"),

@@ -71,3 +71,11 @@ def test_no_weights_and_no_internet_names_both_remedies():
 def test_local_folder_that_is_not_blip(tmp_path):
     with pytest.raises(UserError, match="does not hold a BLIP captioning model"):
         load_captioner(str(tmp_path))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batch_size": 0}, "batch size 0"), ({"max_length": 500}, "maximum length 500"), ({"style": "poem"}, "style"),
+])
+def test_silly_caption_options_are_refused_by_name(changes, message):
+    with pytest.raises(UserError, match=message):
+        CaptionOptions(**changes)
