@@ -8,6 +8,7 @@ import gradio as gr
 
 from .. import inference
 from ..errors import UserError
+from ..jobs import JobState
 from ..studio import NO_LORA
 from . import MODEL, PRIVATE, AppContext, job_panel, user_errors
 from .base_picker import base_name, base_picker
@@ -56,9 +57,13 @@ def build(ctx: AppContext) -> None:
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
                      ) -> inference.GenerateRequest:
-        return inference.GenerateRequest(prompt_text, negative_text, int(seed_value or 0), int(step_count),
-                                         float(guidance), int(w or 0) or None, int(h or 0) or None, sampler,
-                                         ctx.studio.lora(lora_label), float(s_model), float(s_clip))
+        try:
+            numbers = [int(seed_value or 0), int(step_count), float(guidance), int(w or 0) or None,
+                       int(h or 0) or None]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UserError(f"Seed, steps, CFG and size must be numbers ({exc}).") from exc
+        return inference.GenerateRequest(prompt_text, negative_text, *numbers, sampler, ctx.studio.lora(lora_label),
+                                         float(s_model), float(s_clip))
 
     @user_errors
     def on_generate(choice: str, repo: str, *values: object, progress: gr.Progress = gr.Progress()) -> tuple:
@@ -73,8 +78,10 @@ def build(ctx: AppContext) -> None:
         return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
                                      parse_strengths(strength_text))
 
-    grid_job = job_panel(ctx, "grid", lambda state: [state.result if state.status == "done" else gr.skip()
-                                                     ], [grid])
+    def grid_done(state: JobState) -> list:
+        return [state.result if state.status == "done" else gr.skip()]
+
+    grid_job = job_panel(ctx, "grid", grid_done, [grid])
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
     generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history], **PRIVATE, **MODEL)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
