@@ -1,49 +1,135 @@
-"""Start the lora-gradio web app: ``python app.py [--host H] [--port P] [--workspace DIR] [--share]``."""
+"""Start the lora-gradio web app: ``python app.py [--host H] [--port P] [--workspace DIR] [--share] [--auth U:P]``."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("lora_gradio")
+NO_AUTH = ("error: {where} would let anyone who reaches it use this server (its GPU, its files), so it needs a "
+           "password: add --auth user:password, --auth-file FILE or LORA_GRADIO_AUTH=user:password "
+           "(or --insecure-no-auth if you really mean it).")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags, each with an environment-variable equivalent for Docker and services."""
+    """Flags, each with an environment-variable equivalent for Docker, Spaces and services."""
+    env = os.environ.get
     parser = argparse.ArgumentParser(description="lora-gradio: train SD1.5 LoRAs in the browser.")
-    parser.add_argument("--host", default=os.environ.get("LORA_GRADIO_HOST", "127.0.0.1"),
+    parser.add_argument("--host", default=env("LORA_GRADIO_HOST", "127.0.0.1"),
                         help="address to serve on; 0.0.0.0 for other machines (env LORA_GRADIO_HOST)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("LORA_GRADIO_PORT", "7860")),
+    parser.add_argument("--port", type=int, default=int(env("LORA_GRADIO_PORT", "7860")),
                         help="port (env LORA_GRADIO_PORT)")
-    parser.add_argument("--workspace", default=os.environ.get("LORA_GRADIO_WORKSPACE", "workspace"),
-                        help="folder for datasets, models and outputs (env LORA_GRADIO_WORKSPACE)")
-    parser.add_argument("--share", action="store_true", default=os.environ.get("LORA_GRADIO_SHARE") == "1",
-                        help="also open a temporary public Gradio link (env LORA_GRADIO_SHARE=1)")
+    parser.add_argument("--workspace", default=env("LORA_GRADIO_WORKSPACE") or default_workspace(),
+                        help="folder for datasets, models and outputs (env LORA_GRADIO_WORKSPACE; on a Space with "
+                             "persistent storage, /data)")
+    parser.add_argument("--share", action="store_true", default=env("LORA_GRADIO_SHARE") == "1",
+                        help="also open a temporary public Gradio link (env LORA_GRADIO_SHARE=1); needs --auth")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                        help="a login for the page and the API (repeatable); env LORA_GRADIO_AUTH takes the same, "
+                             "several separated by commas, and keeps the password out of the process list")
+    parser.add_argument("--auth-file", type=Path, default=env("LORA_GRADIO_AUTH_FILE"),
+                        help="a file with one user:password per line (env LORA_GRADIO_AUTH_FILE)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve a shared link or a public address without a password (not recommended)")
+    parser.add_argument("--allow-dir", action="append", default=[d for d in env("LORA_GRADIO_ALLOW_DIRS", "").split(
+        os.pathsep) if d], metavar="DIR", help="a server folder visitors may import from or load models from, "
+                                               "besides the workspace (repeatable; env LORA_GRADIO_ALLOW_DIRS, "
+                                               f"separated by '{os.pathsep}')")
+    limits = parser.add_argument_group("limits for each visitor (shown on the page)")
+    limits.add_argument("--max-upload-mb", type=int, default=int(env("LORA_GRADIO_MAX_UPLOAD_MB", "200")),
+                        help="largest uploaded file (env LORA_GRADIO_MAX_UPLOAD_MB)")
+    limits.add_argument("--max-images", type=int, default=1000, help="images per dataset")
+    limits.add_argument("--max-grid", type=int, default=36, help="images per comparison grid")
+    limits.add_argument("--max-image-side", type=int, default=1024, help="width and height of a test image")
+    limits.add_argument("--max-steps", type=int, default=100, help="sampling steps of a test image")
     return parser.parse_args(argv)
 
 
+def default_workspace() -> str:
+    """``/data`` on a Hugging Face Space with persistent storage, else ``./workspace``."""
+    return "/data" if env_is_space() and Path("/data").is_dir() else "workspace"
+
+
+def env_is_space() -> bool:
+    """Whether the app runs on a Hugging Face Space (the platform sets SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def logins(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Every user:password from the flags, the file and the environment; a malformed one is named by position."""
+    entries = [(f"--auth #{i + 1}", value) for i, value in enumerate(args.auth)]
+    if args.auth_file:
+        try:
+            lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read --auth-file {args.auth_file}: {exc.strerror or exc}") from exc
+        entries += [(f"line {i + 1} of {args.auth_file}", line.strip()) for i, line in enumerate(lines)
+                    if line.strip() and not line.lstrip().startswith("#")]
+    variable = os.environ.get("LORA_GRADIO_AUTH", "")
+    entries += [(f"entry {i + 1} of LORA_GRADIO_AUTH", part.strip()) for i, part in enumerate(variable.split(","))
+                if part.strip()]
+    found = []
+    for where, entry in entries:
+        user, _, password = entry.partition(":")
+        if not user.strip() or not password:
+            raise ValueError(f"{where} is not user:password")  # never echo the entry: it may hold a password
+        found.append((user.strip(), password))
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach the address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Build the app over the workspace and serve it until interrupted."""
+    """Check the exposure and logins, build the app over the workspace and serve it until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
+    try:
+        auth = logins(args)
+    except ValueError as exc:
+        print(f"error: {exc}.", file=sys.stderr)
+        return 2
+    public = args.share or not is_loopback(args.host)
+    if public and not auth:
+        if not args.insecure_no_auth:
+            where = "--share" if args.share else f"--host {args.host}"
+            print(NO_AUTH.format(where=where), file=sys.stderr)
+            return 2
+        log.warning("WARNING: serving %s WITHOUT A PASSWORD (--insecure-no-auth): anyone who reaches it can use "
+                    "this server.", "a public share link" if args.share else f"on {args.host}")
     from lora_gradio.errors import UserError
-    from lora_gradio.ui import CSS, build_app
     from lora_gradio.workspace import Workspace
 
+    home = [] if public else [str(Path.home())]  # your own files, when nobody else can reach the app
+    allowed = list(args.allow_dir) + home
     try:
-        workspace = Workspace.open(args.workspace)
+        workspace = Workspace.open(args.workspace, tuple(allowed))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = build_app(workspace)
+    os.environ["GRADIO_TEMP_DIR"] = str(workspace.root / ".cache" / "gradio")  # uploads stay in the workspace
+    from lora_gradio.studio import Limits
+    from lora_gradio.ui import CSS, build_app
+
+    limits = Limits(args.max_images, args.max_grid, args.max_image_side, args.max_steps, args.max_upload_mb)
+    app = build_app(workspace, limits=limits)
     app.queue(default_concurrency_limit=4)
-    log.info("lora-gradio: workspace %s", workspace.root)
+    log.info("lora-gradio: workspace %s%s", workspace.root, f", sign-in for {len(auth)} user(s)" if auth else "")
     log.info("lora-gradio: open http://%s:%d in your browser", args.host, args.port)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, quiet=True,
-               allowed_paths=[str(workspace.root)], footer_links=["api"])
+               auth=auth or None, max_file_size=f"{limits.max_upload_mb}mb", footer_links=["api"])
     return 0
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .atomic import write_bytes_atomic
-from .dataset import IMAGE_SUFFIXES, REPEAT_FOLDER, image_problem, open_image, to_rgb, write_caption
+from .dataset import IMAGE_SUFFIXES, REPEAT_FOLDER, image_problem, list_images, open_image, to_rgb, write_caption
 
 MAX_FILE_BYTES = 100 * 2**20  # one image, packed or unpacked
 MAX_ZIP_BYTES = 4 * 2**30  # everything a zip may unpack to
@@ -100,10 +100,13 @@ def import_image(data: bytes, path: PurePosixPath, images_dir: Path) -> FileResu
     return FileResult(target.name, "imported", "; ".join(notes) or f"{width}×{height}")
 
 
-def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path) -> list[FileResult]:
-    """Import images first, then attach ``.txt`` captions to the images of the same name."""
+def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path,
+                   max_images: int | None = None) -> list[FileResult]:
+    """Import images first, then attach ``.txt`` captions to the images of the same name; past ``max_images`` in
+    the dataset, images are refused."""
     images_dir.mkdir(parents=True, exist_ok=True)
     results, captions, stored = [], [], {}
+    room = max_images - len(list_images(images_dir)) if max_images is not None else None
     for entry in entries:
         if isinstance(entry, FileResult):
             results.append(entry)
@@ -115,6 +118,10 @@ def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path) -> l
         if suffix not in IMAGE_SUFFIXES:
             results.append(FileResult(entry.path.name, "skipped", f"not an image type ({suffix or 'no extension'})"))
             continue
+        if room is not None and room <= 0:
+            results.append(FileResult(entry.path.name, "skipped", f"the dataset is full: {max_images} images is "
+                                                                  "this server's limit per dataset"))
+            continue
         try:
             data = entry.read()
         except ValueError as exc:  # a bounded read that went past its limit
@@ -123,6 +130,7 @@ def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path) -> l
         result = import_image(data, entry.path, images_dir)
         results.append(result)
         if result.status != "skipped":
+            room = room - 1 if room is not None else None
             stored[(entry.path.parent.name, Path(entry.path.name).stem)] = _target_folder(
                 images_dir, entry.path) / result.name
     for entry in captions:
@@ -189,14 +197,19 @@ def zip_entries(zip_path: Path) -> Iterator[Entry | FileResult]:
             yield Entry(member, read)
 
 
-def folder_entries(folder: Path) -> Iterator[Entry]:
-    """Images and captions of a folder on the server, including kohya ``N_name`` subfolders."""
-    folder = Path(folder)
+def folder_entries(folder: Path) -> Iterator[Entry | FileResult]:
+    """Images and captions of a folder on the server, including kohya ``N_name`` subfolders; links that lead out of
+    the folder are refused."""
+    folder = Path(folder).resolve()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        yield _file_entry(path, PurePosixPath(*path.relative_to(folder).parts))
+        inside = PurePosixPath(*path.relative_to(folder).parts)
+        if folder not in path.resolve().parents:
+            yield FileResult(str(inside), "skipped", "a link to a file outside the imported folder; refused")
+            continue
+        yield _file_entry(path, inside)
 
 
-def import_sources(paths: Iterable[Path], images_dir: Path) -> list[FileResult]:
+def import_sources(paths: Iterable[Path], images_dir: Path, max_images: int | None = None) -> list[FileResult]:
     """Import uploads of any mix: images, ``.txt`` captions, and zips."""
     def expand() -> Iterator[Entry | FileResult]:
         for path in paths:
@@ -206,4 +219,4 @@ def import_sources(paths: Iterable[Path], images_dir: Path) -> list[FileResult]:
             else:
                 yield _file_entry(path, PurePosixPath(path.name))
 
-    return import_entries(expand(), images_dir)
+    return import_entries(expand(), images_dir, max_images)

@@ -259,6 +259,9 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
         return build_pipeline(*_sd15_component_configs())
     try:
         if spec.kind == "single_file":
+            if Path(spec.location).suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
+                raise UserError(f"'{spec.display_name}' is a pickle checkpoint, and pickle files can run code when "
+                                "opened. Use a .safetensors version of this model.")
             check_single_file(Path(spec.location), config_dir)
             return StableDiffusionPipeline.from_single_file(
                 spec.location, config=str(config_dir), local_files_only=True, safety_checker=None,

@@ -13,16 +13,45 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import captioning, inference, quality
+from . import captioning, imports, inference, quality
 from .dataset import read_manifest
 from .errors import UserError
 from .estimate import Estimate, estimate
 from .jobs import JobRunner, start_resume, start_training
-from .models import DEMO, BaseModelSpec, ModelCache, resolve_base
+from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import TrainConfig, make_config
-from .workspace import Workspace
+from .training.run_folder import RunFolder, RunJob
+from .workspace import MODEL_SUFFIXES, Workspace
 
 NO_LORA = "(no LoRA: the base model)"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one visitor's request may ask of the server; the page states them up front."""
+
+    max_images: int = 1000  # per dataset
+    max_grid_cells: int = 36
+    max_image_side: int = 1024  # pixels, for Test-tab images and grids
+    max_steps: int = 100  # sampling steps per image
+    max_upload_mb: int = 200  # per uploaded file (Gradio refuses larger ones)
+
+    def check(self, request: inference.GenerateRequest, images: int = 1) -> None:
+        """Refuse a generation or a grid past the server's limits, naming the limit."""
+        sides = [s for s in (request.width, request.height) if s]
+        problems = [text for ok, text in (
+            (all(s <= self.max_image_side for s in sides), f"images up to {self.max_image_side} px a side"),
+            (request.steps <= self.max_steps, f"up to {self.max_steps} steps"),
+            (images <= self.max_grid_cells, f"grids up to {self.max_grid_cells} images ({images} asked)"),
+        ) if not ok]
+        if problems:
+            raise UserError("This server allows " + "; ".join(problems) + ".")
+
+    def describe(self) -> str:
+        """The limits as one line for the page."""
+        return (f"Limits on this server: {self.max_images} images per dataset, uploads up to {self.max_upload_mb} MB "
+                f"a file, images up to {self.max_image_side} px and {self.max_steps} steps, grids up to "
+                f"{self.max_grid_cells} images.")
 
 
 @dataclass(frozen=True)
@@ -39,8 +68,10 @@ class TrainingPlan:
 class Studio:
     """One workspace, one model cache and one job runner, shared by every visitor of the app."""
 
-    def __init__(self, workspace: Workspace, cache: ModelCache | None = None, jobs: JobRunner | None = None) -> None:
+    def __init__(self, workspace: Workspace, cache: ModelCache | None = None, jobs: JobRunner | None = None,
+                 limits: Limits | None = None) -> None:
         self.workspace = workspace
+        self.limits = limits or Limits()
         self.cache = cache or ModelCache()
         self.jobs = jobs or JobRunner()
 
@@ -50,8 +81,35 @@ class Studio:
         return self.workspace.outputs_dir / "test-images"
 
     def base(self, choice: str | None) -> BaseModelSpec:
-        """The base model a visitor picked: ``demo``, a file or folder in models/checkpoints, or a hub repo id."""
-        return resolve_base((choice or DEMO).strip() or DEMO, search_dirs=(self.workspace.checkpoints_dir,))
+        """The base model a visitor picked: ``demo``, a file or folder in models/checkpoints, a hub repo id, or a
+        path inside the workspace or an allowed folder. Anything else is refused before it is opened."""
+        name = (choice or DEMO).strip() or DEMO
+        if name in (DEMO, RANDOM_SD15):
+            return resolve_base(name)
+        listed = self.workspace.checkpoints_dir / name
+        if Path(name).name == name and listed.exists():
+            return resolve_base(str(self.workspace.check_allowed(listed, "Base model")))
+        if REPO_ID.match(name) and not name.lower().endswith(MODEL_SUFFIXES):
+            return BaseModelSpec("hub", name)
+        return resolve_base(str(self.workspace.check_allowed(name, "Base model")))
+
+    def import_folder(self, dataset: str | None, folder: str) -> list[imports.FileResult]:
+        """Import a folder on the server (inside the workspace or an allowed folder) into a dataset."""
+        images = self.images_dir(dataset)
+        source = self.workspace.check_allowed(folder.strip(), "Folder")
+        if not source.is_dir():
+            raise UserError(f"'{folder}' is not a folder on this server.")
+        return imports.import_entries(imports.folder_entries(source), images, self.limits.max_images)
+
+    def set_models_dir(self, folder: str) -> str:
+        """Share checkpoints and LoRAs with a ComfyUI install (a folder that passes the path rule); empty: none."""
+        self.workspace.use_models_dir(folder.strip() or None)
+        return (f"Checkpoints: `{self.workspace.relative(self.workspace.checkpoints_dir)}`; LoRAs: "
+                f"`{self.workspace.relative(self.workspace.loras_dir)}`.")
+
+    def import_uploads(self, dataset: str | None, files: list[Path]) -> list[imports.FileResult]:
+        """Import uploaded images, captions and zips into a dataset."""
+        return imports.import_sources(files, self.images_dir(dataset), self.limits.max_images)
 
     def lora(self, label: str | None) -> Path | None:
         """The LoRA file behind a label of :meth:`Workspace.lora_files`; None for no LoRA."""
@@ -83,7 +141,23 @@ class Studio:
         """Continue an interrupted run of outputs/ by its folder name; returns the job id that Stop needs."""
         if not run:
             raise UserError("Pick an interrupted run to resume.")
-        return start_resume(self.jobs, self.cache, self.workspace.outputs_dir / Path(run).name)
+        if Path(run).name != run or run in (".", ".."):
+            raise UserError(f"'{run}' is not a run name: resume takes the name of a folder in outputs/, as listed "
+                            "under Interrupted runs.")
+        folder = self.workspace.outputs_dir / run
+        self.check_job(RunFolder(folder).read_job())
+        return start_resume(self.jobs, self.cache, folder)
+
+    def check_job(self, job: RunJob) -> None:
+        """A run's recorded base model and data must pass today's rules, whatever its job.json says."""
+        if job.base.allow_pickle:
+            raise UserError("This run was recorded with a pickle base model, which the app does not load. Resume it "
+                            "from the command line if you trust the file.")
+        if job.base.kind in ("single_file", "diffusers"):
+            resolve_base(str(self.workspace.check_allowed(job.base.location, "The run's base model")))
+        for folder in (job.images, job.prepared):
+            if folder is not None:
+                self.workspace.check_allowed(folder, "The run's dataset folder")
 
     def start_caption(self, dataset: str | None, source: str, options: captioning.CaptionOptions) -> str:
         """Caption a dataset in the background."""
@@ -117,6 +191,7 @@ class Studio:
         spec = self.base(base)
         loras = [(label, self.lora(label)) for label in labels]
         request.validate()
+        self.limits.check(request, len(loras) * len(strengths))
 
         def work(stop: Any, emit: Callable) -> str:
             image = inference.compare_grid(self.cache, spec, request, loras, strengths, stop, emit)
@@ -130,6 +205,8 @@ class Studio:
     def generate(self, base: str | None, request: inference.GenerateRequest,
                  on_wait: Callable[[str], None] | None = None) -> tuple[Path, str]:
         """One image, saved with its parameters in outputs/test-images; returns its path and parameters text."""
+        request.validate()
+        self.limits.check(request)
         image = inference.generate(self.cache, self.base(base), request, on_wait)
         return inference.save_png(image, self.test_images_dir / f"{stamp()}-{request.seed}.png"), \
             image.info["parameters"]

@@ -12,19 +12,25 @@ from .errors import UserError
 
 DATASET_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 SETTINGS_FILE = "settings.json"
-MODEL_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
 class Workspace:
-    """One folder holding ``datasets/<name>/``, ``models/checkpoints``, ``models/loras`` and ``outputs/<run>/``."""
+    """One folder holding ``datasets/<name>/``, ``models/checkpoints``, ``models/loras`` and ``outputs/<run>/``.
+
+    ``allowed_dirs`` are the other server folders the app may read (imports, checkpoints, a ComfyUI install); every
+    path a visitor names must resolve inside the workspace or one of them.
+    """
 
     root: Path
+    allowed_dirs: tuple[Path, ...] = ()
 
     @classmethod
-    def open(cls, root: Path | str) -> Workspace:
+    def open(cls, root: Path | str, allowed_dirs: tuple[Path | str, ...] = ()) -> Workspace:
         """Create the folder layout if needed and return the workspace."""
-        workspace = cls(Path(root).expanduser().resolve())
+        workspace = cls(Path(root).expanduser().resolve(),
+                        tuple(Path(d).expanduser().resolve() for d in allowed_dirs))
         workspace.settings  # noqa: B018 - a damaged settings file is named at start, before anything uses it
         try:
             for folder in (workspace.datasets_dir, workspace.checkpoints_dir, workspace.loras_dir,
@@ -49,6 +55,21 @@ class Workspace:
                             '{"models_dir": "/path/to/ComfyUI/models"}). Fix it, or delete it.')
         return settings
 
+    def check_allowed(self, path: Path | str, what: str) -> Path:
+        """The resolved path (links followed) if it lies inside the workspace or an allowed folder; else a message
+        that names the rule, before anything is read, created or said about the path."""
+        resolved = Path(path).expanduser().resolve()
+        if any(resolved == folder or folder in resolved.parents for folder in (self.root, *self.allowed_dirs)):
+            return resolved
+        raise UserError(f"{what} '{path}' is outside the folders this app may use: the workspace and the folders "
+                        "its operator allowed with --allow-dir. Copy the files into the workspace, or ask the "
+                        "operator to start the app with --allow-dir for that folder.")
+
+    def relative(self, path: Path | str) -> str:
+        """A path as the page shows it: relative to the workspace, never the server's absolute layout."""
+        resolved = Path(path).resolve()
+        return str(resolved.relative_to(self.root)) if self.root in resolved.parents else Path(path).name
+
     @property
     def models_dir(self) -> Path:
         """``models/`` here, or the models folder of a ComfyUI install when one is set."""
@@ -59,7 +80,7 @@ class Workspace:
         """Point ``models/`` at an existing folder (e.g. ``ComfyUI/models``) so checkpoints and LoRAs are shared."""
         settings = self.settings
         if folder:
-            path = Path(folder).expanduser().resolve()
+            path = self.check_allowed(folder, "The models folder")
             if path.name != "models" and (path / "models").is_dir():
                 path = path / "models"  # the ComfyUI install itself was given
             if not path.is_dir():

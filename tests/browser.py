@@ -24,13 +24,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(workspace: Path, timeout: float = 90):
-    """Start ``python app.py`` on 127.0.0.1 and yield its URL; stop it afterwards."""
+def running_app(workspace: Path, *flags: str, env: dict[str, str] | None = None, timeout: float = 90):
+    """Start ``python app.py`` on 127.0.0.1 (with extra ``flags`` and environment) and yield its URL; stop it
+    afterwards. Its output goes to ``app-PORT.log`` beside the workspace."""
     port = free_port()
     log = (workspace.parent / f"app-{port}.log").open("w")
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace",
-                                str(workspace)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                str(workspace), *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout
@@ -42,6 +43,7 @@ def running_app(workspace: Path, timeout: float = 90):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"app did not start: {Path(log.name).read_text()[-2000:]}") from None
                 time.sleep(0.5)
+        running_app.pid = process.pid
         yield url
     finally:
         process.terminate()

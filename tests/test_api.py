@@ -59,6 +59,8 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     assert "strength_model: 0.5, strength_clip: 0.5" in image["parameters"] and image["image"].endswith(".png")
     grid = client.predict(loras=[lora], strengths=[0, 1], prompt="lgdemo", steps=2, api_name="/grid")
     assert grid["image"].endswith(".png")
+    with pytest.raises(AppError, match=r"grids up to 36 images \(37 asked\)"):
+        client.predict(loras=[lora], strengths=[0.05 * i for i in range(37)], prompt="x", api_name="/grid")
 
     resumed = client.predict(run=started["run"], api_name="/train_resume")  # continue where it left off
     wait_for(lambda: job(client)["step"] > state["step"], 60, "the resumed run")
@@ -88,6 +90,8 @@ def test_impossible_settings_and_unknown_keys_are_refused_by_name(api, changes, 
     ({"width": 4000}, "size 4000"),
     ({"scheduler": "Heun"}, "scheduler 'Heun'"),
     ({"lora": "../../etc/passwd"}, "not in this workspace"),
+    ({"width": 2048}, "This server allows images up to 1024 px a side"),  # the server's limits, named
+    ({"steps": 120}, "up to 100 steps"),
 ])
 def test_silly_generation_parameters_are_refused(api, arguments, message):
     client, _ = api

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
+from ..atomic import write_bytes_atomic
 from ..errors import UserError
 from ..estimate import format_duration
 from ..jobs import JobState
 from ..models import ModelCache
-from ..studio import Studio
+from ..studio import Limits, Studio
 from ..workspace import Workspace
 
 CSS = """
@@ -53,6 +58,24 @@ def user_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(str(exc), print_exception=False) from exc
 
     return wrapped
+
+
+def shown(path: Path | str) -> str:
+    """A workspace file the page shows (thumbnail, sample, test image), linked into Gradio's upload folder.
+
+    Gradio serves that folder and nothing else of the workspace: settings, job files and originals stay private.
+    """
+    source = Path(path)
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:24]
+    target = Path(get_upload_folder()) / "shown" / key / source.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # another file system: a copy, written whole before it appears
+            write_bytes_atomic(target, source.read_bytes())
+    return str(target)
 
 
 def progress_html(state: JobState) -> str:
@@ -97,12 +120,13 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     return job_id
 
 
-def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Blocks:
+def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Limits | None = None) -> gr.Blocks:
     """The whole app over one workspace and one model cache."""
     from . import api, caption_tab, dataset_tab, test_tab, train_tab
 
-    studio = Studio(workspace, cache)
+    studio = Studio(workspace, cache, limits=limits)
     with gr.Blocks(title="lora-gradio") as app:
+        api.register(studio)  # first, so the public names are theirs
         gr.Markdown("# lora-gradio\nFrom a folder of photos to an SD1.5 LoRA for ComfyUI, A1111/Forge and diffusers.")
         cache_status = gr.Markdown(elem_id="cache-status")
         with gr.Row(equal_height=True):
@@ -123,20 +147,16 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
                  **PRIVATE)
 
         with gr.Accordion("Workspace settings", open=False):
-            gr.Markdown(f"Workspace: `{workspace.root}`. Point `models/` at a ComfyUI install to share its "
-                        "checkpoints and LoRAs instead of copying them; leave empty for the workspace's own.")
+            gr.Markdown(f"Workspace: `{workspace.root.name}`. Point `models/` at a ComfyUI install to share its "
+                        "checkpoints and LoRAs instead of copying them; leave empty for the workspace's own. The "
+                        "folder must be inside the workspace, or one the server's operator allowed (--allow-dir).")
             with gr.Row(equal_height=True):
                 models_dir = gr.Textbox(label="ComfyUI models folder", value=str(workspace.settings.get(
                     "models_dir", "")), placeholder="/path/to/ComfyUI/models", scale=4)
                 save_models = gr.Button("Save", scale=1)
             models_note = gr.Markdown()
 
-        @user_errors
-        def set_models_dir(folder: str) -> str:
-            workspace.use_models_dir(folder.strip() or None)
-            return f"Checkpoints: `{workspace.checkpoints_dir}`; LoRAs: `{workspace.loras_dir}`."
-
-        save_models.click(set_models_dir, models_dir, models_note, **PRIVATE)
+        save_models.click(user_errors(studio.set_models_dir), models_dir, models_note, **PRIVATE)
 
         gr.Timer(1.0).tick(studio.cache.describe, None, cache_status, show_progress="hidden", **PRIVATE)
         app.load(studio.cache.describe, None, cache_status, **PRIVATE)
@@ -145,5 +165,4 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None) -> gr.Block
             for tab in (dataset_tab, caption_tab, train_tab, test_tab):
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
                     tab.build(ctx)
-        api.register(studio)
     return app

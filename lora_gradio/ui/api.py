@@ -17,7 +17,7 @@ from ..inference import GenerateRequest
 from ..jobs import JobState
 from ..studio import Studio
 from ..training.config import load_preset
-from . import MODEL, user_errors
+from . import MODEL, shown, user_errors
 
 
 def plain(value: Any) -> Any:
@@ -69,14 +69,14 @@ def register(studio: Studio) -> None:
         path, parameters = studio.generate(base, GenerateRequest(
             prompt, negative_prompt, seed, steps, cfg, width or None, height or None, scheduler, studio.lora(lora),
             strength_model, strength_clip))
-        return {"image": FileData(path=str(path)), "parameters": parameters}
+        return {"image": FileData(path=shown(path)), "parameters": parameters}
 
     def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
              steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo") -> dict:
         """A grid of LoRA files (rows) by strengths (columns, applied to model and clip alike)."""
         request = GenerateRequest(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler)
         state = finished(studio.start_grid(base, request, loras, strengths))
-        return {"image": FileData(path=state.result)}
+        return {"image": FileData(path=shown(state.result))}
 
     def caption(dataset: str, model: str = captioning.DEFAULT_BLIP, trigger_word: str = "", prefix: str = "",
                 suffix: str = "", style: str = "sentence", overwrite: bool = False, max_length: int = 40,
@@ -90,11 +90,19 @@ def register(studio: Studio) -> None:
         done, skipped = finished(studio.start_prepare(dataset, resolution, center_crop)).result
         return {"prepared": done, "skipped": skipped}
 
+    def import_folder(dataset: str, folder: str) -> list:
+        """Import a server folder (inside the workspace or one the operator allowed) into a dataset."""
+        return plain(studio.import_folder(dataset, folder))
+
+    def set_models_dir(folder: str) -> str:
+        """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none."""
+        return studio.set_models_dir(folder)
+
     def cache_status() -> dict:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, grid, caption, prepare,
-                     cache_status):
+                     import_folder, set_models_dir, cache_status):
         gr.api(user_errors(endpoint), api_name=endpoint.__name__)
     gr.api(user_errors(generate), api_name="generate", **MODEL)

@@ -9,7 +9,7 @@ import gradio as gr
 
 from .. import captioning, dataset, quality
 from ..jobs import JobState
-from . import PRIVATE, AppContext, job_panel, user_errors
+from . import PRIVATE, AppContext, job_panel, shown, user_errors
 
 TITLE = "Caption"
 LOCAL = "Local folder…"
@@ -108,7 +108,7 @@ def build(ctx: AppContext) -> None:
             relative = str(path.relative_to(folder))
             text = dataset.read_caption(path) or ""
             with gr.Row(elem_classes="caption-row"):
-                gr.Image(str(quality.thumbnail(path, folder)), show_label=False, interactive=False, scale=1,
+                gr.Image(shown(quality.thumbnail(path, folder)), show_label=False, interactive=False, scale=1,
                          buttons=["fullscreen"],
                          height=160)
                 box = gr.Textbox(text, label=relative, info=caption_note(text), lines=3, scale=4, interactive=True,

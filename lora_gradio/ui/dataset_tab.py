@@ -7,9 +7,8 @@ from pathlib import Path
 import gradio as gr
 
 from .. import imports, quality
-from ..errors import UserError
 from ..jobs import JobState
-from . import PRIVATE, AppContext, job_panel, user_errors
+from . import PRIVATE, AppContext, job_panel, shown, user_errors
 
 TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}
@@ -26,7 +25,7 @@ def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
     for path in images:
         relative = str(path.relative_to(folder))
         problems = report.per_image.get(relative, [])
-        gallery.append((str(quality.thumbnail(path, folder)),
+        gallery.append((shown(quality.thumbnail(path, folder)),
                         f"{'⚠️ ' if problems else ''}{relative}" + (f": {'; '.join(problems)}" if problems else "")))
     names = [str(p.relative_to(folder)) for p in images]
     return gallery, report.markdown(), gr.update(choices=names, value=[])
@@ -40,7 +39,8 @@ def results_table(results: list[imports.FileResult]) -> list[list[str]]:
 def build(ctx: AppContext) -> None:
     """Widgets and events of the Dataset tab."""
     gr.Markdown("Drop 15–200 photos of one subject or style (40–50 is the sweet spot). Captions as same-name `.txt` "
-                "files, zips and kohya folders (`10_ohwx woman/`) work too. Your original files are never changed.")
+                "files, zips and kohya folders (`10_ohwx woman/`) work too. Your original files are never changed.\n\n"
+                + ctx.studio.limits.describe(), elem_id="dataset-limits")
     with gr.Row():
         upload = gr.File(label="Drop images, .txt captions or a .zip", file_count="multiple",
                          file_types=["image", ".zip", ".txt", ".webp"], elem_id="upload", scale=3)
@@ -68,16 +68,12 @@ def build(ctx: AppContext) -> None:
 
     @user_errors
     def on_upload(name: str | None, files: list[str] | None, version: int) -> tuple:
-        found = imports.import_sources([Path(f) for f in files or []], ctx.studio.images_dir(name))
+        found = ctx.studio.import_uploads(name, [Path(f) for f in files or []])
         return results_table(found), version + 1, None
 
     @user_errors
     def on_folder(name: str | None, path: str, version: int) -> tuple:
-        source = Path(path.strip()).expanduser()
-        if not source.is_dir():
-            raise UserError(f"'{path}' is not a folder on this server.")
-        found = imports.import_entries(imports.folder_entries(source), ctx.studio.images_dir(name))
-        return results_table(found), version + 1
+        return results_table(ctx.studio.import_folder(name, path)), version + 1
 
     @user_errors
     def on_remove(name: str | None, names: list[str], version: int) -> tuple:

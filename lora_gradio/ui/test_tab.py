@@ -10,7 +10,7 @@ from .. import inference
 from ..errors import UserError
 from ..jobs import JobState
 from ..studio import NO_LORA
-from . import MODEL, PRIVATE, AppContext, job_panel, user_errors
+from . import MODEL, PRIVATE, AppContext, job_panel, shown, user_errors
 from .base_picker import base_name, base_picker
 
 TITLE = "Test"
@@ -42,6 +42,7 @@ def build(ctx: AppContext) -> None:
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, minimum=0)
         scheduler = gr.Dropdown(list(inference.SCHEDULERS), value="Euler", label="Scheduler")
     generate = gr.Button("Generate", variant="primary", elem_id="test-generate")
+    gr.Markdown(ctx.studio.limits.describe(), elem_id="test-limits")
     gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
                          elem_id="test-gallery")
     with gr.Accordion("Compare grid: epochs × strengths", open=True):
@@ -70,7 +71,7 @@ def build(ctx: AppContext) -> None:
         *fields, past = values
         path, parameters = ctx.studio.generate(base_name(choice, repo), request_from(*fields),
                                                on_wait=lambda text: progress(0, desc=text))
-        items = [(str(path), parameters), *past]
+        items = [(shown(path), parameters), *past]
         return items, items
 
     @user_errors
@@ -79,7 +80,7 @@ def build(ctx: AppContext) -> None:
                                      parse_strengths(strength_text))
 
     def grid_done(state: JobState) -> list:
-        return [state.result if state.status == "done" else gr.skip()]
+        return [shown(state.result) if state.status == "done" else gr.skip()]
 
     grid_job = job_panel(ctx, "grid", grid_done, [grid])
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]

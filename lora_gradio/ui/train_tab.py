@@ -24,7 +24,7 @@ from ..training.config import (
     save_preset,
 )
 from ..training.run_folder import resumable_runs
-from . import PRIVATE, AppContext, progress_html, user_errors
+from . import PRIVATE, AppContext, progress_html, shown, user_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -209,7 +209,7 @@ def build(ctx: AppContext) -> None:
 
     def on_tick(seen: dict) -> tuple:
         state, seen, changed = follow_losses(ctx.studio.jobs, seen)
-        gallery = [(path, f"epoch {epoch}") for epoch, path in state.samples]
+        gallery = [(shown(path), f"epoch {epoch}") for epoch, path in state.samples if Path(path).exists()]
         files = [[Path(p).name, f"{Path(p).stat().st_size / 1e6:.1f} MB"] for p in state.saved if Path(p).exists()]
         curve = loss_frame(seen["losses"]) if changed else gr.skip()
         return progress_html(state), curve, gallery, files, "\n".join(state.log), seen
@@ -225,7 +225,7 @@ def build(ctx: AppContext) -> None:
     stop.click(user_errors(ctx.studio.jobs.stop), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, [runs, train_job], **PRIVATE)
     save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
-    shown = [progress, curve, samples, saved, log, seen_losses]
-    gr.Timer(1.0).tick(on_tick, seen_losses, shown, show_progress="hidden", **PRIVATE)
+    live = [progress, curve, samples, saved, log, seen_losses]
+    gr.Timer(1.0).tick(on_tick, seen_losses, live, show_progress="hidden", **PRIVATE)
     ctx.app.load(on_preset, presets, [description, *inputs], **PRIVATE)
-    ctx.app.load(on_tick, seen_losses, shown, **PRIVATE)
+    ctx.app.load(on_tick, seen_losses, live, **PRIVATE)
