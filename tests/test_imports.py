@@ -176,7 +176,7 @@ def test_tag_frequencies(tmp_path):
 
 
 def test_workspace_layout_and_dataset_names(tmp_path):
-    workspace = Workspace.open(tmp_path / "ws")
+    workspace = Workspace.open(tmp_path / "ws", allowed_dirs=(tmp_path / "ComfyUI",))
     for folder in ("datasets", "models/checkpoints", "models/loras", "outputs"):
         assert (tmp_path / "ws" / folder).is_dir()
     workspace.dataset_dir("anna 2", create=True)
