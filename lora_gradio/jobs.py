@@ -65,6 +65,7 @@ class _Job:
     exclusive: str | None
     state: JobState
     stop: threading.Event
+    owner: str | None = None  # the signed-in user who started it, when the app has logins
     thread: threading.Thread | None = None
 
 
@@ -75,8 +76,9 @@ class JobRunner:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
 
-    def start(self, kind: str, title: str, work: Work, exclusive: str | None = None, run_dir: str = "") -> str:
-        """Run ``work`` in the background and return the job's id, the key to its Stop."""
+    def start(self, kind: str, title: str, work: Work, exclusive: str | None = None, run_dir: str = "",
+              owner: str | None = None) -> str:
+        """Run ``work`` in the background and return the job's id, the key to its Stop (with ``owner``'s login)."""
         with self._lock:
             busy = next((j.state for j in self._jobs.values() if exclusive and j.exclusive == exclusive
                          and j.state.active), None)
@@ -84,7 +86,7 @@ class JobRunner:
                 progress = f", step {busy.step}/{busy.total_steps}" if busy.total_steps else ""
                 raise UserError(f"{busy.title} is already running{progress}. Wait for it or press Stop first.")
             job = _Job(secrets.token_urlsafe(16), exclusive, JobState(
-                kind, title, "running", run_dir, "Starting", started=time.time()), threading.Event())
+                kind, title, "running", run_dir, "Starting", started=time.time()), threading.Event(), owner)
             self._jobs[job.id] = job
             finished = [k for k, j in self._jobs.items() if not j.state.active]
             for old in finished[:-KEEP_FINISHED]:
@@ -93,9 +95,12 @@ class JobRunner:
             job.thread.start()
         return job.id
 
-    def stop(self, job_id: str) -> None:
-        """Ask the job to stop at its next check; a training job saves what it has learned."""
+    def stop(self, job_id: str, user: str | None = None) -> None:
+        """Ask the job to stop at its next check; a training job saves what it has learned. A job started by a
+        signed-in user stops only for that user, whoever else holds its id."""
         job = self._job(job_id)
+        if job.owner is not None and user != job.owner:
+            raise UserError("Another signed-in user started this job; only they can stop it.")
         with self._lock:
             if job.state.active:
                 job.stop.set()
@@ -208,15 +213,15 @@ def resume_training(run_dir: Path, on_event: Emit | None = None, stop: threading
 
 
 def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, base: BaseModelSpec, data_dir: Path,
-                   run_dir: Path, prepared: Path | None = None) -> str:
+                   run_dir: Path, prepared: Path | None = None, owner: str | None = None) -> str:
     """Train in the background (one training at a time); returns the job id that Stop needs."""
     return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: run_training(
         config, base, data_dir, run_dir, on_event=emit, stop=stop, cache=cache, prepared=prepared),
-        exclusive="training", run_dir=str(run_dir))
+        exclusive="training", run_dir=str(run_dir), owner=owner)
 
 
-def start_resume(runner: JobRunner, cache: ModelCache, run_dir: Path) -> str:
+def start_resume(runner: JobRunner, cache: ModelCache, run_dir: Path, owner: str | None = None) -> str:
     """Continue an interrupted run in the background; returns the job id that Stop needs."""
     RunFolder(Path(run_dir)).read_job()  # fail here, in the caller, when the folder is not a run
     return runner.start("training", f"Training {Path(run_dir).name} (resumed)", lambda stop, emit: resume_training(
-        run_dir, on_event=emit, stop=stop, cache=cache), exclusive="training", run_dir=str(run_dir))
+        run_dir, on_event=emit, stop=stop, cache=cache), exclusive="training", run_dir=str(run_dir), owner=owner)

@@ -1,7 +1,8 @@
 """The app's backend in one object: a workspace, its model cache and its jobs.
 
 The Gradio tabs and the public API endpoints call these methods and nothing else, so a script can do all that the
-page does: ``Studio(Workspace.open("workspace")).start_training("anna", "demo", {"epochs": 4})``.
+page does: ``studio.start_training(studio.plan_training("anna", "demo", {"epochs": 4}))``. Methods that start a job
+take the signed-in ``owner``, if any: only that user can stop the job.
 """
 
 from __future__ import annotations
@@ -132,12 +133,13 @@ class Studio:
         images, prepared = self.workspace.training_data(dataset)
         return TrainingPlan(config, spec, images, prepared, estimate(config, images, spec.kind == DEMO, prepared))
 
-    def start_training(self, plan: TrainingPlan) -> str:
+    def start_training(self, plan: TrainingPlan, owner: str | None = None) -> str:
         """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
         run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.images, run_dir, plan.prepared)
+        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.images, run_dir, plan.prepared,
+                              owner)
 
-    def resume_training(self, run: str | None) -> str:
+    def resume_training(self, run: str | None, owner: str | None = None) -> str:
         """Continue an interrupted run of outputs/ by its folder name; returns the job id that Stop needs."""
         if not run:
             raise UserError("Pick an interrupted run to resume.")
@@ -146,7 +148,7 @@ class Studio:
                             "under Interrupted runs.")
         folder = self.workspace.outputs_dir / run
         self.check_job(RunFolder(folder).read_job())
-        return start_resume(self.jobs, self.cache, folder)
+        return start_resume(self.jobs, self.cache, folder, owner)
 
     def check_job(self, job: RunJob) -> None:
         """A run's recorded base model and data must pass today's rules, whatever its job.json says."""
@@ -159,34 +161,37 @@ class Studio:
             if folder is not None:
                 self.workspace.check_allowed(folder, "The run's dataset folder")
 
-    def start_caption(self, dataset: str | None, source: str, options: captioning.CaptionOptions) -> str:
+    def start_caption(self, dataset: str | None, source: str, options: captioning.CaptionOptions,
+                      owner: str | None = None) -> str:
         """Caption a dataset in the background."""
         images = self.images_dir(dataset)
         if not source.strip():
             raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
             self.cache, source.strip(), images, options, progress=progress_events(emit, "Captioned {} of {} images"),
-            stop=stop, on_wait=status_events(emit)), exclusive=f"captioning {dataset}")
+            stop=stop, on_wait=status_events(emit)), exclusive=f"captioning {dataset}", owner=owner)
 
-    def start_prepare(self, dataset: str | None, resolution: float, center_crop: bool) -> str:
+    def start_prepare(self, dataset: str | None, resolution: float, center_crop: bool, owner: str | None = None,
+                      ) -> str:
         """Write a dataset's training copies in the background."""
         images = self.images_dir(dataset)
         if not math.isfinite(resolution) or not 64 <= resolution <= 2048 or resolution % 64:
             raise UserError(f"Training resolution {resolution}: use a multiple of 64 from 64 to 2048.")
         return self.jobs.start("prepare", f"Preparing {dataset}", lambda stop, emit: quality.prepare_dataset(
             images, images.parent / "prepared", int(resolution), center_crop,
-            progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"preparing {dataset}")
+            progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"preparing {dataset}",
+            owner=owner)
 
-    def prepare_again(self, dataset: str | None) -> str:
+    def prepare_again(self, dataset: str | None, owner: str | None = None) -> str:
         """Refresh a dataset's training copies with the settings of its last Prepare."""
         images = self.images_dir(dataset)
         manifest = read_manifest(images.parent / "prepared")
         if not manifest:
             raise UserError(f"Dataset '{dataset}' has no training copies yet: use Prepare in the Dataset tab.")
-        return self.start_prepare(dataset, manifest["resolution"], manifest["center_crop"])
+        return self.start_prepare(dataset, manifest["resolution"], manifest["center_crop"], owner)
 
     def start_grid(self, base: str | None, request: inference.GenerateRequest, labels: list[str],
-                   strengths: list[float]) -> str:
+                   strengths: list[float], owner: str | None = None) -> str:
         """Render an epochs × strengths grid in the background; its result is the saved PNG's path."""
         spec = self.base(base)
         loras = [(label, self.lora(label)) for label in labels]
@@ -200,7 +205,7 @@ class Studio:
                                         f"{request.parameters_text(spec.display_name, *image.size)}")
             return str(inference.save_png(image, self.test_images_dir / f"grid-{stamp()}.png"))
 
-        return self.jobs.start("grid", "Comparison grid", work)
+        return self.jobs.start("grid", "Comparison grid", work, owner=owner)
 
     def generate(self, base: str | None, request: inference.GenerateRequest,
                  on_wait: Callable[[str], None] | None = None) -> tuple[Path, str]:

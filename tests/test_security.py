@@ -179,3 +179,18 @@ def test_an_upload_over_the_limit_is_refused_with_the_limit(tmp_path):
                             timeout=30)
     assert answer.status_code == 413 and "1048576 bytes" in answer.text
     assert not list((tmp_path / "workspace").rglob("big.png"))
+
+
+def test_a_job_stops_only_for_the_signed_in_user_who_started_it(client, locked):
+    url, _, _ = locked
+    started = client.predict(dataset="mine", settings={**client.predict("demo", api_name="/preset"), "epochs": 300},
+                             api_name="/train_start")
+    ben = Client(url, auth=("ben", "another-Passw0rd"), verbose=False)
+    with pytest.raises(AppError, match="Another signed-in user started this job"):
+        ben.predict(job_id=started["job_id"], api_name="/train_stop")  # even with the id in hand
+    assert client.predict(started["job_id"], 0, api_name="/job_status")["status"] == "running"
+    client.predict(job_id=started["job_id"], api_name="/train_stop")
+    state = client.predict(started["job_id"], 0, api_name="/job_status")
+    while state["status"] not in ("stopped", "done", "error"):
+        state = client.predict(started["job_id"], 0, api_name="/job_status")
+    assert state["status"] == "stopped"

@@ -90,6 +90,16 @@ def progress_html(state: JobState) -> str:
             f'<div>{html.escape(state.message)}</div>')
 
 
+def stop_handler(studio: Studio) -> Callable[[str, gr.Request], None]:
+    """A Stop button's handler: this page's job id, and the signed-in user when the app has logins."""
+
+    @user_errors
+    def stop_job(job_id: str, request: gr.Request) -> None:
+        studio.jobs.stop(job_id, request.username)
+
+    return stop_job
+
+
 def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], outputs: list) -> gr.BrowserState:
     """Progress and Stop for this page's latest ``kind`` job, and ``finish(state)`` for ``outputs`` once it ends.
 
@@ -101,7 +111,7 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     with gr.Row(equal_height=True):
         progress = gr.HTML(elem_id=f"{kind}-progress")
         stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop")
-    stop.click(user_errors(ctx.studio.jobs.stop), job_id, None, **PRIVATE)
+    stop.click(stop_handler(ctx.studio), job_id, None, **PRIVATE)
     skips = [gr.skip()] * len(outputs)
 
     def tick(current: str, done: str) -> list:

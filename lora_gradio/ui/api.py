@@ -36,22 +36,22 @@ def register(studio: Studio) -> None:
             raise gr.Error(state.message, print_exception=False)
         return state
 
-    def train_start(dataset: str, base: str = "demo", settings: dict | None = None) -> dict:
+    def train_start(request: gr.Request, dataset: str, base: str = "demo", settings: dict | None = None) -> dict:
         """Start training on a dataset. ``settings`` holds TrainConfig fields (a preset's, from /preset, changed as
         you like); an unknown key is refused by name. Keep the returned job_id: /train_stop needs it."""
         plan = studio.plan_training(dataset, base, settings or {})
-        job_id = studio.start_training(plan)
+        job_id = studio.start_training(plan, request.username)
         return {"job_id": job_id, "run": Path(studio.jobs.view(job_id).run_dir).name,
                 "estimate": plan.estimate.markdown()}
 
-    def train_stop(job_id: str) -> str:
-        """Stop the training job started with this id; it saves what was learned. Other ids are refused."""
-        studio.jobs.stop(job_id)
+    def train_stop(request: gr.Request, job_id: str) -> str:
+        """Stop the training job started with this id (by this login); it saves what was learned."""
+        studio.jobs.stop(job_id, request.username)
         return "stopping"
 
-    def train_resume(run: str) -> dict:
+    def train_resume(request: gr.Request, run: str) -> dict:
         """Continue an interrupted run (its folder name under outputs/); returns the new job id."""
-        job_id = studio.resume_training(run)
+        job_id = studio.resume_training(run, request.username)
         return {"job_id": job_id, "run": Path(run).name}
 
     def job_status(job_id: str = "", since: int = 0) -> dict:

@@ -74,11 +74,11 @@ def build(ctx: AppContext) -> None:
 
     @user_errors
     def on_caption(name: str | None, choice: str, folder: str, trigger_word: str, before: str, after: str,
-                   how: str, which: str, length: float, batch: float) -> str:
+                   how: str, which: str, length: float, batch: float, request: gr.Request) -> str:
         source = folder if choice == LOCAL else captioning.BLIP_MODELS[choice]
         options = captioning.CaptionOptions(trigger_word, before, after, int(length), how,
                                             which == "overwrite all", int(batch))
-        return ctx.studio.start_caption(name, source, options)
+        return ctx.studio.start_caption(name, source, options, request.username)
 
     @user_errors
     def on_replace(name: str | None, needle: str, text: str, version: int) -> tuple[str, int, list]:

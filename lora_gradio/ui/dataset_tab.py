@@ -90,8 +90,8 @@ def build(ctx: AppContext) -> None:
     prepare_job = ctx.prepare_job = job_panel(ctx, "prepare", prepare_done, [prepared])
 
     @user_errors
-    def on_prepare(name: str | None, size: float, crop: bool) -> str:
-        return ctx.studio.start_prepare(name, float(size or 512), bool(crop))
+    def on_prepare(name: str | None, size: float, crop: bool, request: gr.Request) -> str:
+        return ctx.studio.start_prepare(name, float(size or 512), bool(crop), request.username)
 
     upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [results, ctx.revision, upload], **PRIVATE)
     import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [results, ctx.revision], **PRIVATE)

@@ -67,17 +67,21 @@ def build(ctx: AppContext) -> None:
                                          float(s_model), float(s_clip))
 
     @user_errors
-    def on_generate(choice: str, repo: str, *values: object, progress: gr.Progress = gr.Progress()) -> tuple:
-        *fields, past = values
-        path, parameters = ctx.studio.generate(base_name(choice, repo), request_from(*fields),
+    def on_generate(choice: str, repo: str, prompt_text: str, negative_text: str, seed_value: float,
+                    step_count: float, guidance: float, w: float, h: float, sampler: str, lora_label: str,
+                    s_model: float, s_clip: float, past: list, progress: gr.Progress = gr.Progress()) -> tuple:
+        request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
+                               lora_label, s_model, s_clip)
+        path, parameters = ctx.studio.generate(base_name(choice, repo), request,
                                                on_wait=lambda text: progress(0, desc=text))
         items = [(shown(path), parameters), *past]
         return items, items
 
     @user_errors
-    def on_grid(choice: str, repo: str, labels: list[str], strength_text: str, *fields: object) -> str:
+    def on_grid(page: gr.Request, choice: str, repo: str, labels: list[str], strength_text: str, *fields: object,
+                ) -> str:
         return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
-                                     parse_strengths(strength_text))
+                                     parse_strengths(strength_text), page.username)
 
     def grid_done(state: JobState) -> list:
         return [shown(state.result) if state.status == "done" else gr.skip()]

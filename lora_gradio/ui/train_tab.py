@@ -24,7 +24,7 @@ from ..training.config import (
     save_preset,
 )
 from ..training.run_folder import resumable_runs
-from . import PRIVATE, AppContext, progress_html, shown, user_errors
+from . import PRIVATE, AppContext, progress_html, shown, stop_handler, user_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,21 +182,22 @@ def build(ctx: AppContext) -> None:
         return plan_text(plan), gr.update(visible=plan.estimate.stale is not None)
 
     @user_errors
-    def on_start(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict, str, dict]:
+    def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, *values: Any,
+                 ) -> tuple[str, dict, str, dict]:
         plan = plan_run(dataset, choice, repo, list(values))
-        job_id = ctx.studio.start_training(plan)
+        job_id = ctx.studio.start_training(plan, request.username)
         return (plan_text(plan), gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id,
                 gr.update(visible=plan.estimate.stale is not None))
 
     @user_errors
-    def on_prepare_again(dataset: str | None) -> tuple[str, str, dict]:
-        job_id = ctx.studio.prepare_again(dataset)
+    def on_prepare_again(dataset: str | None, request: gr.Request) -> tuple[str, str, dict]:
+        job_id = ctx.studio.prepare_again(dataset, request.username)
         return job_id, "Preparing the training copies again; the Dataset tab shows the progress.", \
             gr.update(visible=False)
 
     @user_errors
-    def on_resume(run: str | None) -> tuple[dict, str]:
-        job_id = ctx.studio.resume_training(run)
+    def on_resume(run: str | None, request: gr.Request) -> tuple[dict, str]:
+        job_id = ctx.studio.resume_training(run, request.username)
         return gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id
 
     @user_errors
@@ -222,7 +223,7 @@ def build(ctx: AppContext) -> None:
     start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs, train_job, prepare_again],
                 **PRIVATE)
     prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
-    stop.click(user_errors(ctx.studio.jobs.stop), train_job, None, **PRIVATE)
+    stop.click(stop_handler(ctx.studio), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, [runs, train_job], **PRIVATE)
     save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
     live = [progress, curve, samples, saved, log, seen_losses]
