@@ -6,6 +6,7 @@ import pytest
 from browser import running_app, wait_for
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from safetensors import safe_open
 
 from lora_gradio.dataset import make_demo_dataset
 
@@ -55,6 +56,10 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     assert state["saved"][-1].endswith("lora.safetensors") and len(state["losses"]) == state["step"]
     assert "job_id" not in state and started["job_id"] not in str(state)  # the key to Stop is never shown
     lora = f"{started['run']}/lora.safetensors"
+    with safe_open(client.predict(lora, api_name="/download_lora"), "pt") as downloaded:
+        assert downloaded.metadata()["ss_network_module"] == "networks.lora"
+    with pytest.raises(AppError, match="not in this workspace"):
+        client.predict("../../settings.json", api_name="/download_lora")
     image = generate(client, lora, 0.5)
     assert "strength_model: 0.5, strength_clip: 0.5" in image["parameters"] and image["image"].endswith(".png")
     grid = client.predict(loras=[lora], strengths=[0, 1], prompt="lgdemo", steps=2, api_name="/grid")

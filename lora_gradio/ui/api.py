@@ -98,11 +98,18 @@ def register(studio: Studio) -> None:
         """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none."""
         return studio.set_models_dir(folder)
 
+    def download_lora(lora: str) -> FileData:
+        """A LoRA file of this workspace by its label (run/file.safetensors or loras/file.safetensors)."""
+        path = studio.lora(lora)
+        if path is None:
+            raise gr.Error("Name a LoRA file, such as run-name/lora.safetensors.", print_exception=False)
+        return FileData(path=shown(path))
+
     def cache_status() -> dict:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, grid, caption, prepare,
-                     import_folder, set_models_dir, cache_status):
+                     import_folder, set_models_dir, download_lora, cache_status):
         gr.api(user_errors(endpoint), api_name=endpoint.__name__)
     gr.api(user_errors(generate), api_name="generate", **MODEL)
