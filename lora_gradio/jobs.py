@@ -118,11 +118,6 @@ class JobRunner:
             jobs = [j.state for j in self._jobs.values() if j.state.kind == kind]
             return self._copy(jobs[-1], since) if jobs else JobState(kind)
 
-    def active(self) -> list[JobState]:
-        """The jobs still working, oldest first."""
-        with self._lock:
-            return [self._copy(j.state, 0) for j in self._jobs.values() if j.state.active]
-
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
         """Block until the job ends (for the API, the CLI and tests)."""
         job = self._job(job_id)
