@@ -19,8 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, each with an environment-variable equivalent for Docker, Spaces and services."""
     env = os.environ.get
     parser = argparse.ArgumentParser(description="lora-gradio: train SD1.5 LoRAs in the browser.")
-    parser.add_argument("--host", default=env("LORA_GRADIO_HOST", "127.0.0.1"),
-                        help="address to serve on; 0.0.0.0 for other machines (env LORA_GRADIO_HOST)")
+    parser.add_argument("--host", default=env("LORA_GRADIO_HOST") or ("0.0.0.0" if env_is_space() else "127.0.0.1"),
+                        help="address to serve on; 0.0.0.0 for other machines (env LORA_GRADIO_HOST; on a Space, "
+                             "0.0.0.0)")
     parser.add_argument("--port", type=int, default=int(env("LORA_GRADIO_PORT", "7860")),
                         help="port (env LORA_GRADIO_PORT)")
     parser.add_argument("--workspace", default=env("LORA_GRADIO_WORKSPACE") or default_workspace(),

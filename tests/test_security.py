@@ -17,8 +17,8 @@ from lora_gradio.dataset import make_demo_dataset
 USER, PASSWORD = "anna", "s3cret-Passw0rd"
 
 
-def start_refused(*flags):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_GRADIO_")}
+def start_refused(*flags, **extra_env):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LORA_GRADIO_")}, **extra_env}
     return subprocess.run([sys.executable, str(ROOT / "app.py"), *flags], capture_output=True, text=True,
                           timeout=60, env=env)
 
@@ -29,6 +29,11 @@ def test_an_open_server_without_a_password_refuses_to_start(flags, tmp_path):
     assert done.returncode == 2
     assert "needs a password: add --auth user:password" in done.stderr and "--insecure-no-auth" in done.stderr
     assert "gradio.live" not in done.stdout + done.stderr and not (tmp_path / "ws").exists()  # nothing started
+
+
+def test_on_a_space_the_app_listens_publicly_so_it_needs_the_secret(tmp_path):
+    done = start_refused("--workspace", str(tmp_path / "ws"), SPACE_ID="someone/lora-gradio")
+    assert done.returncode == 2 and "--host 0.0.0.0 would let anyone" in done.stderr
 
 
 def test_a_malformed_login_is_named_without_echoing_it(tmp_path):
