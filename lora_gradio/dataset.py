@@ -38,6 +38,7 @@ class DatasetScan:
 
     images: list[TrainImage]
     warnings: list[str] = field(default_factory=list)
+    stale: str | None = None  # what changed in the images since Prepare, when training copies exist
 
     @property
     def total_repeats(self) -> int:
@@ -214,9 +215,10 @@ class PreparedStatus:
                 "ones are left out); press Prepare again to refresh the training copies.")
 
 
-def prepared_status(images_dir: Path, prepared_dir: Path) -> PreparedStatus | None:
-    """Compare the images with Prepare's record; None when the dataset was never prepared."""
-    manifest = read_manifest(prepared_dir)
+def prepared_status(images_dir: Path, prepared_dir: Path, manifest: dict | None = None) -> PreparedStatus | None:
+    """Compare the images with Prepare's record (read here unless given); None when the dataset was never
+    prepared."""
+    manifest = read_manifest(prepared_dir) if manifest is None else manifest
     if not manifest:
         return None
     recorded = manifest.get("files", {})
@@ -255,15 +257,16 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
             caption = fallback
         images.append(TrainImage(pixels, with_trigger(caption, trigger_word), max(repeats, 1),
                                  path.parent.name if path.parent != folder else folder.name))
-    stale = prepared_status(folder, prepared) if manifest else None
-    if stale and stale.message():
-        warnings.insert(0, stale.message())
+    status = prepared_status(folder, prepared, manifest) if manifest else None
+    stale = status.message() if status else None
+    if stale:
+        warnings.insert(0, stale)
     if not images:
         raise UserError(
             f"No usable images in '{folder}'. Add .png, .jpg or .webp files (captions as same-name .txt files)."
             + (f" Problems: {' '.join(warnings)}" if warnings else "")
         )
-    return DatasetScan(images, warnings)
+    return DatasetScan(images, warnings, stale)
 
 
 def oriented_size(path: Path) -> tuple[int, int]:

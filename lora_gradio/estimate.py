@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dataset import prepared_status, scan_training_folder
+from .dataset import scan_training_folder
 from .training.config import TrainConfig
 from .training.data import plan_images, steps_per_epoch
 
@@ -82,8 +82,7 @@ def estimate(config: TrainConfig, data_dir: Path, demo: bool = False, prepared: 
     scan = scan_training_folder(Path(data_dir), config.trigger_word, prepared)
     planned = plan_images(scan.images, config.resolution, config.enable_buckets)
     steps = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps) * config.epochs
-    status = prepared_status(Path(data_dir), prepared) if prepared else None
-    stale = status.message() if status else None
+    stale = scan.stale
     if demo:
         return Estimate(steps, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model", stale)
     if not torch.cuda.is_available():

@@ -8,6 +8,7 @@ take the signed-in ``owner``, if any: only that user can stop the job.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from . import captioning, imports, inference, quality
 from .dataset import read_manifest
 from .errors import UserError
 from .estimate import Estimate, estimate
+from .events import Emit, JobEvent
 from .jobs import JobRunner, start_resume, start_training
 from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import TrainConfig, make_config
@@ -198,7 +200,7 @@ class Studio:
         request.validate()
         self.limits.check(request, len(loras) * len(strengths))
 
-        def work(stop: Any, emit: Callable) -> str:
+        def work(stop: threading.Event, emit: Emit) -> str:
             image = inference.compare_grid(self.cache, spec, request, loras, strengths, stop, emit)
             image.info["parameters"] = (f"grid of {', '.join(labels)} at strengths "
                                         f"{', '.join(f'{s:g}' for s in strengths)}; "
@@ -228,15 +230,11 @@ def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + f"-{time.perf_counter_ns() % 10**6:06d}"
 
 
-def progress_events(emit: Callable, text: str) -> Callable[[int, int], None]:
+def progress_events(emit: Emit, text: str) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback that reports as job events."""
-    from .events import JobEvent
-
     return lambda done, total: emit(JobEvent("progress", text.format(done, total), step=done, total_steps=total))
 
 
-def status_events(emit: Callable) -> Callable[[str], None]:
+def status_events(emit: Emit) -> Callable[[str], None]:
     """An ``on_wait`` callback that shows the cache's queue position as the job's message."""
-    from .events import JobEvent
-
     return lambda text: emit(JobEvent("status", text))

@@ -70,12 +70,12 @@ def test_training_makes_newcomers_and_waiters_busy_at_once():
     cache = ModelCache()
     entered, release = threading.Event(), threading.Event()
     first = holder(cache, "captioning", entered, release)
-    refused, queued = [], threading.Event()
+    refused, served, queued = [], [], threading.Event()
 
     def waiter():
         try:
             with cache.use("model", Model, "generation", on_wait=lambda text: queued.set()):
-                pass
+                served.append(cache.status().user)
         except UserError as exc:
             refused.append(str(exc))
 
@@ -88,10 +88,11 @@ def test_training_makes_newcomers_and_waiters_busy_at_once():
     training = holder(cache, "training (anna-1)", trained, stop, long=True)
     waiting.join(30)
     with pytest.raises(UserError, match=r"busy with training \(anna-1\)"), cache.use("model", Model, "generation"):
-        pass
+        raise AssertionError("let in beside training")
     stop.set()
     training.join(30)
-    assert len(refused) <= 1  # the waiter was served before training, or refused by name, never let in with it
+    assert len(refused) + len(served) == 1  # the waiter was served before training, or refused by name
+    assert served in ([], ["generation"])  # and when served, it held the model alone
     assert all("busy with training (anna-1)" in text for text in refused)
 
 
@@ -103,7 +104,7 @@ def test_only_the_holder_keeps_derived_state_and_a_nested_lease_is_a_bug():
         view = cache.derived("view", object)
         assert cache.derived("view", object) is view
         with pytest.raises(RuntimeError, match="already holds"), cache.use("model", Model, "grid"):
-            pass
+            raise AssertionError("a second lease in the same thread")
 
 
 def test_the_base_stays_the_base_through_bf16_training_and_other_schedulers(demo_spec, demo_data, quick_config,

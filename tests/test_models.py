@@ -103,7 +103,7 @@ def test_random_bytes_safetensors_refused(tmp_path):
 def test_cache_loads_once_per_base(demo_spec, tmp_path):
     cache = ModelCache()
     with cache.pipeline(demo_spec, "a test") as first:
-        pass
+        assert cache.status().user == "a test" and cache.loads == 1
     with cache.pipeline(demo_spec, "a test") as again:
         assert again is first and cache.loads == 1
     assert cache.holds == ("pipeline", demo_spec)

@@ -107,8 +107,8 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
                             on_wait=lambda text: emit(JobEvent("status", text))) as pipe:
             return Trainer(pipe, config, base, scan, run, accelerator, emit, stop or threading.Event()).run(resume)
     finally:
-        accelerator.free_memory()
-        free_accelerator_memory()
+        accelerator.free_memory()  # drops its references to the run's views (it collects before it drops them) ...
+        free_accelerator_memory()  # ... so their GPU memory goes back only after this second collection
 
 
 class Trainer:
