@@ -36,6 +36,17 @@ def test_on_a_space_the_app_listens_publicly_so_it_needs_the_secret(tmp_path):
     assert done.returncode == 2 and "--host 0.0.0.0 would let anyone" in done.stderr
 
 
+def test_the_readme_is_a_space_card_for_the_pinned_gradio():
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(ROOT / "README.md").data
+    pinned = next(line.split("==")[1].split()[0] for line in (ROOT / "requirements.txt").read_text().splitlines()
+                  if line.startswith("gradio=="))
+    assert (card.sdk, card.sdk_version, card.app_file) == ("gradio", pinned, "app.py")
+    assert card.title and card.license == "apache-2.0" and (ROOT / "LICENSE").is_file()
+    assert isinstance(card.to_dict()["pinned"], bool)
+
+
 def test_a_malformed_login_is_named_without_echoing_it(tmp_path):
     done = start_refused("--auth", "no-colon-secret", "--workspace", str(tmp_path / "ws"))
     assert done.returncode == 2 and "--auth #1 is not user:password" in done.stderr
