@@ -1,8 +1,15 @@
 """Atomic file writes: a crash or a full disk never leaves a half-written file under the final name."""
 
+import hashlib
 import os
+import re
 import tempfile
+import unicodedata
 from pathlib import Path
+
+# Names the app gives files: under the usual 255-byte limit with room for a ' (12)' suffix and the temporary name.
+MAX_NAME_BYTES = 200
+UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f-\x9f<>:"/\\|?*]')  # control characters and what Windows forbids
 
 
 def _read_umask() -> int:
@@ -18,7 +25,7 @@ UMASK = _read_umask()
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename it over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:32]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -34,3 +41,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Text flavour of :func:`write_bytes_atomic` (UTF-8)."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def disk_name(name: str, fallback: str = "file") -> str:
+    """The one rule for a file name the app writes: NFC, no separators or control characters, and at most
+    ``MAX_NAME_BYTES`` of UTF-8, shortened with a stable hash of the full name so that two long names stay apart."""
+    name = UNSAFE_CHARS.sub("_", unicodedata.normalize("NFC", name)).strip(" .")
+    stem, dot, suffix = name.rpartition(".") if "." in name[1:] else (name, "", "")
+    stem, suffix = (stem or fallback), dot + suffix
+    if len((stem + suffix).encode()) <= MAX_NAME_BYTES:
+        return stem + suffix
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    room = MAX_NAME_BYTES - len((tag + suffix[:16]).encode())
+    return stem.encode()[:room].decode(errors="ignore").rstrip(" .") + tag + suffix[:16]

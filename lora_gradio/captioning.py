@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .dataset import list_images, open_rgb, read_caption, with_trigger, write_caption
+from .dataset import invisible_characters, list_images, open_rgb, read_caption, with_trigger, write_caption
 from .errors import UserError
 from .models import ModelCache, from_hub, pick_device, quiet_libraries
 
@@ -45,6 +45,8 @@ class CaptionOptions:
             (1 <= self.batch_size <= 32, f"batch size {self.batch_size}: use 1 to 32"),
             (all(len(t) <= 200 for t in (self.trigger_word, self.prefix, self.suffix)),
              "trigger word, prefix and suffix are limited to 200 characters"),
+            (not invisible_characters(self.trigger_word), "the trigger word holds invisible characters "
+             f"({', '.join(invisible_characters(self.trigger_word))}); retype it"),
         ) if not ok]
         if problems:
             raise UserError("Cannot caption: " + "; ".join(problems) + ".")

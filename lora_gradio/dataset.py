@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageStat
+from pillow_heif import register_heif_opener
 
 from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+register_heif_opener()  # HEIC photos from phones
+Image.init()
+# Pillow formats that need a program or a handler it does not ship with, or that are not pictures.
+UNDECODABLE = {"BUFR", "EPS", "GRIB", "HDF5", "MPEG", "WMF"}
+IMAGE_SUFFIXES = {suffix for suffix, kind in Image.registered_extensions().items()
+                  if kind in Image.OPEN and kind not in UNDECODABLE}
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_ohwx woman" = 10 repeats, class words "ohwx woman"
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own guard, for every image opened anywhere in the process
+MAX_ASPECT = 4  # the widest bucket is 4:1; beyond that, training crops most of the picture away
+FLAT = 2.0  # pixel standard deviation (0-255) below which an image is one flat colour
 MANIFEST = ".manifest.json"  # in prepared/: which original (size, mtime) each training copy was made from
 
 
@@ -76,10 +86,62 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_advice(img: Image.Image) -> list[str]:
+    """Readable images that still teach nothing: a single flat colour, or a panorama no bucket can hold."""
+    width, height = img.size
+    notes = []
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > MAX_ASPECT:
+        notes.append(f"extreme shape ({ratio:.0f}:1): training crops it to {MAX_ASPECT}:1 at most, so crop it around "
+                     "the subject first")
+    img.draft("RGB", (128, 128))
+    small = to_rgb(img)
+    small.thumbnail((128, 128))
+    if max(ImageStat.Stat(small).stddev) < FLAT:
+        notes.append("one flat colour (blank): there is nothing to learn from it; remove it")
+    return notes
+
+
 def open_rgb(path: Path) -> Image.Image:
     """Decode an image file to normalised RGB (see :func:`to_rgb`)."""
     with open_image(path) as img:
         return to_rgb(img)
+
+
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # longest first: UTF-32 LE starts FF FE
+ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]?")  # terminal colours and other escape sequences
+
+
+def invisible(char: str) -> bool:
+    """Characters that show as nothing (or as a plain space) but change what the tokenizer sees."""
+    kind = unicodedata.category(char)
+    return kind in ("Cc", "Cf", "Zl", "Zp") or (kind == "Zs" and char != " ")
+
+
+def invisible_characters(text: str) -> list[str]:
+    """The invisible characters in ``text`` by code point and name, e.g. 'U+200B ZERO WIDTH SPACE'."""
+    return [f"U+{ord(c):04X} {unicodedata.name(c, 'control character')}" for c in dict.fromkeys(text) if invisible(c)]
+
+
+def decode_caption(data: bytes) -> tuple[str, list[str]]:
+    """Caption bytes as the text a person meant: BOM-aware (UTF-8, UTF-16, UTF-32), Windows-1252 when not UTF-8,
+    control and invisible characters removed, NFC; with a note for each repair."""
+    notes = []
+    encoding = next((name for bom, name in BOMS if data.startswith(bom)), None)
+    if encoding:
+        text = data.decode(encoding, errors="replace")
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("cp1252", errors="replace")
+            notes.append("not UTF-8, read as Windows-1252: check its accented letters")
+    text = ESCAPES.sub("\x00", text)
+    kept = "".join(c for c in text if c in "\t\n\r" or not invisible(c))
+    if len(kept) != len(text):
+        notes.append(f"{len(text) - len(kept)} control or invisible characters removed")
+    return unicodedata.normalize("NFC", kept).strip(), notes
 
 
 def caption_path(image: Path) -> Path:
@@ -87,10 +149,15 @@ def caption_path(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
+def load_caption(image: Path) -> tuple[str | None, list[str]]:
+    """The caption text (None without a caption file) and what had to be repaired to read it."""
+    path = caption_path(image)
+    return decode_caption(path.read_bytes()) if path.is_file() else (None, [])
+
+
 def read_caption(image: Path) -> str | None:
     """The caption text, or None when the image has no caption file."""
-    path = caption_path(image)
-    return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else None
+    return load_caption(image)[0]
 
 
 def write_caption(image: Path, text: str) -> None:
@@ -239,7 +306,7 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
     if not folder.is_dir():
         raise UserError(f"Dataset folder '{folder}' does not exist. Point --data at a folder of images.")
     manifest = read_manifest(prepared) if prepared else {}
-    images, warnings = [], []
+    images, warnings, zero_folders = [], [], set()
     for path in list_images(folder):  # hidden folders (thumbnails) are not training data
         match = REPEAT_FOLDER.match(path.parent.name) if path.parent != folder else None
         repeats, class_words = (int(match.group(1)), match.group(2)) if match else (1, "")
@@ -249,7 +316,12 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
         if problem:
             warnings.append(f"Skipped {rel}: {problem}.")
             continue
-        caption = read_caption(path)
+        caption, notes = load_caption(path)
+        warnings += [f"{caption_path(rel)}: {note}." for note in notes]
+        if match and repeats == 0 and match.group(0) not in zero_folders:
+            zero_folders.add(match.group(0))
+            warnings.append(f"Folder '{match.group(0)}' asks for 0 repeats; its images are trained once per epoch. "
+                            f"Rename it to '1_{class_words}' (or more) to say how often.")
         if caption is None or not caption:
             fallback = trigger_word or class_words
             warnings.append(f"{rel} has no caption; training it with '{fallback or 'an empty caption'}'. "

@@ -24,6 +24,7 @@ from .buckets import fit_to_bucket, make_buckets, pick_bucket
 from .dataset import (
     MANIFEST,
     caption_path,
+    image_advice,
     image_problem,
     list_images,
     open_image,
@@ -88,6 +89,17 @@ def _hash_of(path: str, _mtime_ns: int) -> imagehash.ImageHash:
         return imagehash.phash(img.convert("RGB"))
 
 
+def _advice(path: Path) -> list[str]:
+    return _advice_of(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _advice_of(path: str, _mtime_ns: int) -> list[str]:
+    """Blank and panorama checks, cached like the hashes: they decode a small version of each image."""
+    with open_image(Path(path)) as img:
+        return image_advice(img)
+
+
 def check_dataset(images_dir: Path) -> QualityReport:
     """Count, size, aspect-ratio spread, near-duplicates, corrupt files and captions, each as a check."""
     images = list_images(images_dir)
@@ -147,6 +159,16 @@ def check_dataset(images_dir: Path) -> QualityReport:
         checks.append(Check(WARN, _count(len(pairs), "near-duplicate pair"), _names(
             [f"{a.name} ≈ {b.name}" for a, b in pairs]) + ". Keep the better one of each.") if pairs
                       else Check(OK, "No near-duplicates"))
+
+        useless = []
+        for path in sizes:
+            advice = _advice(path)
+            if advice:
+                useless.append(path.name)
+                per_image.setdefault(str(path.relative_to(images_dir)), []).extend(advice)
+        checks.append(Check(WARN, _count(len(useless), "image") + " with little to learn (blank or extreme shape)",
+                            _names(useless) + ". Remove or crop them.") if useless
+                      else Check(OK, "No blank or panorama images"))
 
     uncaptioned = [str(p.relative_to(images_dir)) for p in images if not read_caption(p)]
     checks.append(Check(WARN, _count(len(uncaptioned), "image") + " without a caption",

@@ -96,13 +96,13 @@ class Studio:
             return BaseModelSpec("hub", name)
         return resolve_base(str(self.workspace.check_allowed(name, "Base model")))
 
-    def import_folder(self, dataset: str | None, folder: str) -> list[imports.FileResult]:
+    def import_folder(self, dataset: str | None, folder: str) -> imports.ImportReport:
         """Import a folder on the server (inside the workspace or an allowed folder) into a dataset."""
         images = self.images_dir(dataset)
         source = self.workspace.check_allowed(folder.strip(), "Folder")
         if not source.is_dir():
             raise UserError(f"'{folder}' is not a folder on this server.")
-        return imports.import_entries(imports.folder_entries(source), images, self.limits.max_images)
+        return imports.import_folder(source, images, self.limits.max_images)
 
     def set_models_dir(self, folder: str) -> str:
         """Share checkpoints and LoRAs with a ComfyUI install (a folder that passes the path rule); empty: none."""
@@ -110,7 +110,7 @@ class Studio:
         return (f"Checkpoints: `{self.workspace.relative(self.workspace.checkpoints_dir)}`; LoRAs: "
                 f"`{self.workspace.relative(self.workspace.loras_dir)}`.")
 
-    def import_uploads(self, dataset: str | None, files: list[Path]) -> list[imports.FileResult]:
+    def import_uploads(self, dataset: str | None, files: list[Path]) -> imports.ImportReport:
         """Import uploaded images, captions and zips into a dataset."""
         return imports.import_sources(files, self.images_dir(dataset), self.limits.max_images)
 

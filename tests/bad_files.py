@@ -64,3 +64,24 @@ def photo_bytes(seed: int, size: tuple[int, int] = (640, 768)) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+
+def zip_with_header(path: Path, name: str, data: bytes, *, flags: int = 0, method: int = 0) -> Path:
+    """A one-member zip whose headers claim what zipfile cannot write: ``flags`` bit 0 (encrypted), or a compression
+    ``method`` such as Deflate64 (9). Written stored, then the fields of both headers are rewritten."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(name, data)
+    raw = bytearray(path.read_bytes())
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the method field follows the flags
+        start = raw.index(signature) + flag_at
+        raw[start:start + 4] = struct.pack("<HH", flags, method)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def zip_link(name: str) -> zipfile.ZipInfo:
+    """A zip member header that marks a symbolic link (Unix mode in the external attributes)."""
+    info = zipfile.ZipInfo(name, date_time=(2024, 5, 1, 12, 0, 0))
+    info.external_attr = (0o120777) << 16
+    return info

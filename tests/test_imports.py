@@ -9,13 +9,13 @@ from PIL import Image
 
 from lora_gradio.dataset import read_caption, tag_frequencies, write_caption
 from lora_gradio.errors import UserError
-from lora_gradio.imports import folder_entries, import_entries, import_sources
+from lora_gradio.imports import import_folder, import_sources
 from lora_gradio.quality import check_dataset, list_images, prepare_dataset, remove_images
 from lora_gradio.workspace import Workspace
 
 
-def by_name(results):
-    return {r.name: r for r in results}
+def by_name(report):
+    return {r.name: r for r in report.files}
 
 
 @pytest.fixture
@@ -27,9 +27,9 @@ def sources(tmp_path):
 
 def import_one(path: Path, dataset: Path):
     before = path.read_bytes()
-    results = import_sources([path], dataset)
+    report = import_sources([path], dataset)
     assert path.read_bytes() == before  # the original is never touched
-    return results
+    return report
 
 
 def empty(folder):
@@ -56,7 +56,7 @@ def one_pixel(folder):
 ])
 def test_bad_single_files_get_a_message_and_are_not_imported(sources, tmp_path, make, message):
     path = make(sources)
-    (result,) = import_one(path, tmp_path / "dataset")
+    (result,) = import_one(path, tmp_path / "dataset").files
     assert result.status == "skipped" and message in result.message
     assert list_images(tmp_path / "dataset") == []
 
@@ -72,7 +72,7 @@ def test_zip_slip_members_are_refused_and_nothing_escapes(sources, tmp_path):
 
 
 def test_zip_bomb_is_refused(sources, tmp_path):
-    (result,) = import_one(zip_bomb(sources / "bomb.zip"), tmp_path / "dataset")
+    (result,) = import_one(zip_bomb(sources / "bomb.zip"), tmp_path / "dataset").files
     assert result.status == "skipped" and "possible zip bomb" in result.message
 
 
@@ -114,8 +114,9 @@ def test_kohya_folder_import_keeps_repeats_and_captions(tmp_path):
     source.mkdir(parents=True)
     (source / "a.png").write_bytes(photo_bytes(3))
     (source / "a.txt").write_text("ohwx woman, smiling")
-    results = import_entries(folder_entries(tmp_path / "kohya"), tmp_path / "dataset")
-    assert {r.status for r in results} == {"imported"}
+    report = import_folder(tmp_path / "kohya", tmp_path / "dataset")
+    assert {r.status for r in report.files} == {"imported"}
+    assert report.summary() == "1 image and 1 caption imported from kohya."
     assert read_caption(tmp_path / "dataset" / "10_ohwx woman" / "a.png") == "ohwx woman, smiling"
 
 
@@ -135,7 +136,9 @@ def test_report_flags_count_size_duplicates_and_corrupt_files(tmp_path):
     assert "1 image under 512 px" in text and "small.png" in text
     assert "**1 near-duplicate pair**: copy.png ≈ p0.png" in text
     assert "7 images without a caption" in text
-    assert report.per_image["small.png"] == ["small: 300×200"]
+    assert report.per_image["small.png"] == ["small: 300×200", "one flat colour (blank): there is nothing to learn "
+                                                               "from it; remove it"]
+    assert "**1 image with little to learn (blank or extreme shape)**: small.png" in text
 
 
 def test_prepare_writes_bucketed_copies_and_leaves_originals(tmp_path):
@@ -194,6 +197,6 @@ def test_image_bytes_of_jpeg_kept_exactly(sources, tmp_path):
     buffer = io.BytesIO()
     Image.effect_noise((600, 600), 20).convert("RGB").save(buffer, format="JPEG", quality=90)
     (sources / "photo.JPG").write_bytes(buffer.getvalue())
-    (result,) = import_sources([sources / "photo.JPG"], tmp_path / "dataset")
+    (result,) = import_sources([sources / "photo.JPG"], tmp_path / "dataset").files
     assert result.status == "imported"
     assert (tmp_path / "dataset" / "photo.jpg").read_bytes() == buffer.getvalue()

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from ..atomic import write_text_atomic
+from ..dataset import invisible_characters
 from ..errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
@@ -23,11 +24,19 @@ Rate = Annotated[float, Field(gt=0, le=10)]
 SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
 
 
+def check_visible(text: str, what: str) -> str:
+    """Refuse invisible characters (a zero-width space pasted with a word): the tokenizer sees another word."""
+    hidden = invisible_characters(text)
+    if hidden:
+        raise ValueError(f"{what} holds invisible characters ({', '.join(hidden)}); retype it")
+    return text
+
+
 @dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
 class TrainConfig:
     """All hyperparameters of one LoRA training run, with kohya's meanings (scale = alpha / rank)."""
 
-    output_name: Annotated[str, Field(pattern=r"^[\w.-]{1,100}$")] = "lora"
+    output_name: Annotated[str, Field(pattern=r"^\w[\w.-]{0,99}$")] = "lora"  # a file name, never '..' or hidden
     trigger_word: Annotated[str, Field(max_length=100)] = ""
     resolution: Annotated[int, Field(ge=64, le=2048, multiple_of=64)] = 512
     enable_buckets: bool = True
@@ -69,11 +78,17 @@ class TrainConfig:
             raise ValueError("lists a module twice")
         return modules
 
+    @field_validator("trigger_word")
+    @classmethod
+    def _visible(cls, word: str) -> str:
+        return check_visible(word, "the trigger word")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for metadata and preset files."""
         return dataclasses.asdict(self)
 
 
+PATTERN_HINTS = {"output_name": "use a file name of letters, digits, '-', '_' and '.', starting with a letter or digit"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -100,7 +115,10 @@ def _describe(error: dict[str, Any]) -> str:
     value = repr(error.get("input"))
     if len(value) > 60:
         value = f"{value[:40]}… ({len(str(error.get('input')))} characters)"
-    return f"{name} = {value}: {error['msg'].lower()}" + (f" ({allowed})" if allowed else "")
+    if error["type"] == "string_pattern_mismatch" and name in PATTERN_HINTS:
+        return f"{name} = {value}: {PATTERN_HINTS[name]}"
+    message = error["msg"][:1].lower() + error["msg"][1:]
+    return f"{name} = {value}: {message}" + (f" ({allowed})" if allowed else "")
 
 
 def make_config(values: dict[str, Any], source: str = "settings") -> TrainConfig:

@@ -90,9 +90,11 @@ def register(studio: Studio) -> None:
         done, skipped = finished(studio.start_prepare(dataset, resolution, center_crop)).result
         return {"prepared": done, "skipped": skipped}
 
-    def import_folder(dataset: str, folder: str) -> list:
-        """Import a server folder (inside the workspace or one the operator allowed) into a dataset."""
-        return plain(studio.import_folder(dataset, folder))
+    def import_folder(dataset: str, folder: str) -> dict:
+        """Import a server folder (inside the workspace or one the operator allowed) into a dataset: a summary line
+        and each file's outcome."""
+        report = studio.import_folder(dataset, folder)
+        return {"summary": report.summary(), "files": plain(report.shown)}
 
     def set_models_dir(folder: str) -> str:
         """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none."""

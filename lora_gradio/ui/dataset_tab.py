@@ -7,11 +7,12 @@ from pathlib import Path
 import gradio as gr
 
 from .. import imports, quality
+from ..dataset import IMAGE_SUFFIXES
 from ..jobs import JobState
 from . import PRIVATE, AppContext, job_panel, shown, user_errors
 
 TITLE = "Dataset"
-STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}
+STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}  # "ignored" files are only counted
 
 
 def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
@@ -31,9 +32,10 @@ def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
     return gallery, report.markdown(), gr.update(choices=names, value=[])
 
 
-def results_table(results: list[imports.FileResult]) -> list[list[str]]:
-    """Per-file outcomes as table rows."""
-    return [[f"{STATUS_SYMBOL[r.status]} {r.status}", r.name, r.message] for r in results]
+def results_table(report: imports.ImportReport) -> tuple[str, list[list[str]]]:
+    """The import's summary line and its per-file outcomes as table rows."""
+    return (f"**{report.summary()}**", [[f"{STATUS_SYMBOL[r.status]} {r.status}", r.name, r.message]
+                                        for r in report.shown])
 
 
 def build(ctx: AppContext) -> None:
@@ -43,11 +45,12 @@ def build(ctx: AppContext) -> None:
                 + ctx.studio.limits.describe(), elem_id="dataset-limits")
     with gr.Row():
         upload = gr.File(label="Drop images, .txt captions or a .zip", file_count="multiple",
-                         file_types=["image", ".zip", ".txt", ".webp"], elem_id="upload", scale=3)
+                         file_types=sorted(IMAGE_SUFFIXES | {".zip", ".txt"}), elem_id="upload", scale=3)
         with gr.Column(scale=2):
             folder = gr.Textbox(label="…or import a folder on this server", placeholder="/path/to/photos",
                                 elem_id="import-folder")
             import_folder = gr.Button("Import folder")
+    summary = gr.Markdown(elem_id="import-summary")
     results = gr.Dataframe(headers=["status", "file", "message"], label="Import results", interactive=False,
                            wrap=True, elem_id="import-results")
     with gr.Row():
@@ -69,16 +72,16 @@ def build(ctx: AppContext) -> None:
     @user_errors
     def on_upload(name: str | None, files: list[str] | None, version: int) -> tuple:
         found = ctx.studio.import_uploads(name, [Path(f) for f in files or []])
-        return results_table(found), version + 1, None
+        return *results_table(found), version + 1, None
 
     @user_errors
     def on_folder(name: str | None, path: str, version: int) -> tuple:
-        return results_table(ctx.studio.import_folder(name, path)), version + 1
+        return *results_table(ctx.studio.import_folder(name, path)), version + 1
 
     @user_errors
     def on_remove(name: str | None, names: list[str], version: int) -> tuple:
         gone = quality.remove_images(ctx.studio.images_dir(name), names or [])
-        return [["🗑 removed", n, ""] for n in gone], version + 1
+        return f"**{len(gone)} removed.**", [["🗑 removed", n, ""] for n in gone], version + 1
 
     def prepare_done(state: JobState) -> list:
         if state.status != "done":
@@ -93,9 +96,9 @@ def build(ctx: AppContext) -> None:
     def on_prepare(name: str | None, size: float, crop: bool, request: gr.Request) -> str:
         return ctx.studio.start_prepare(name, float(size or 512), bool(crop), request.username)
 
-    upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [results, ctx.revision, upload], **PRIVATE)
-    import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [results, ctx.revision], **PRIVATE)
-    remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [results, ctx.revision], **PRIVATE)
+    upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [summary, results, ctx.revision, upload], **PRIVATE)
+    import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
+    remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
     prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepare_job, **PRIVATE)
     ctx.revision.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
     ctx.dataset.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
