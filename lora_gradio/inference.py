@@ -6,12 +6,13 @@ The base model stays loaded: changing the LoRA, the epoch or a strength only loa
 from __future__ import annotations
 
 import io
+import math
 import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -19,8 +20,8 @@ from PIL.PngImagePlugin import PngInfo
 from .atomic import write_bytes_atomic
 from .errors import UserError
 from .events import JobEvent
+from .lora_map import attach
 from .models import BaseModelSpec, ModelCache, pipeline_view
-from .training import kohya
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -51,6 +52,40 @@ class GenerateRequest:
     strength_model: float = 1.0
     strength_clip: float = 1.0
 
+    @classmethod
+    def checked(cls, prompt: object, negative_prompt: object = "", seed: object = 0, steps: object = 20,
+                cfg: object = 7.0, width: object = None, height: object = None, scheduler: object = "Euler",
+                lora: Path | None = None, strength_model: object = 1.0, strength_clip: object = 1.0,
+                ) -> GenerateRequest:
+        """A request from values a visitor sent: a wrong type, NaN or a fraction is named like an out-of-range
+        value, never a crash."""
+        problems: list[str] = []
+
+        def number(name: str, value: object, whole: bool = False) -> Any:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if ok and whole and value != int(value):
+                ok = False
+            if not ok:
+                problems.append(f"{name} = {value!r}: use a {'whole ' if whole else ''}number")
+                return 0
+            return int(value) if whole else float(value)
+
+        def text(name: str, value: object) -> str:
+            if value is None or isinstance(value, str):
+                return value or ""
+            problems.append(f"{name}: use text")
+            return ""
+
+        request = cls(text("prompt", prompt), text("negative prompt", negative_prompt), number("seed", seed, True),
+                      number("steps", steps, True), number("CFG", cfg),
+                      None if width is None else number("width", width, True),
+                      None if height is None else number("height", height, True), text("scheduler", scheduler),
+                      lora, number("strength_model", strength_model), number("strength_clip", strength_clip))
+        if problems:
+            raise UserError("Cannot generate: " + "; ".join(problems) + ".")
+        request.validate()
+        return request
+
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the field and the allowed range."""
         checks = [(1 <= self.steps <= 150, f"steps = {self.steps}: use 1 to 150"),
@@ -60,7 +95,9 @@ class GenerateRequest:
                   (-2 <= self.strength_clip <= 2, f"strength_clip = {self.strength_clip}: use -2 to 2"),
                   (self.scheduler in SCHEDULERS, f"scheduler '{self.scheduler}': use one of {', '.join(SCHEDULERS)}"),
                   (len(self.prompt) <= 2000, f"the prompt is {len(self.prompt)} characters: CLIP reads about 75 "
-                                             "tokens, so shorten it")]
+                                             "tokens, so shorten it"),
+                  (len(self.negative_prompt) <= 2000, f"the negative prompt is {len(self.negative_prompt)} "
+                                                      "characters: CLIP reads about 75 tokens, so shorten it")]
         for size in (self.width, self.height):
             checks.append((size is None or (64 <= size <= 2048 and size % 8 == 0),
                            f"size {size}: use a multiple of 8 from 64 to 2048"))
@@ -96,15 +133,19 @@ def test_pipeline(cache: ModelCache, pipe: StableDiffusionPipeline) -> StableDif
 
 
 def generate_on(pipe: StableDiffusionPipeline, base: BaseModelSpec, request: GenerateRequest) -> Image.Image:
-    """Attach the request's LoRA at its strengths to a view the caller owns, then render."""
+    """Attach the request's LoRA at its strengths to a view the caller owns, then render. The image's
+    ``info['lora']`` says which of the file's modules were applied."""
     if request.lora is not None and not Path(request.lora).is_file():
         raise UserError(f"LoRA file '{request.lora}' does not exist.")
-    kohya.attach(pipe, request.lora, LORA_ADAPTER)
+    fit = attach(pipe, request.lora, LORA_ADAPTER)
     if request.lora is not None:
         strengths = {"unet": request.strength_model, "text_encoder": request.strength_clip}
         present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
         pipe.set_adapters([LORA_ADAPTER], adapter_weights=[{k: v for k, v in strengths.items() if k in present}])
-    return render(pipe, request, base.display_name)
+    image = render(pipe, request, base.display_name)
+    if fit is not None:
+        image.info["lora"] = fit.line()
+    return image
 
 
 def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: str) -> Image.Image:

@@ -68,6 +68,15 @@ class TrainingPlan:
     estimate: Estimate
 
 
+@dataclass(frozen=True)
+class GeneratedImage:
+    """A Test-tab image on disk, its A1111-style parameters, and which modules of its LoRA were applied."""
+
+    path: Path
+    parameters: str
+    lora: str
+
+
 class Studio:
     """One workspace, one model cache and one job runner, shared by every visitor of the app."""
 
@@ -210,13 +219,13 @@ class Studio:
         return self.jobs.start("grid", "Comparison grid", work, owner=owner)
 
     def generate(self, base: str | None, request: inference.GenerateRequest,
-                 on_wait: Callable[[str], None] | None = None) -> tuple[Path, str]:
-        """One image, saved with its parameters in outputs/test-images; returns its path and parameters text."""
+                 on_wait: Callable[[str], None] | None = None) -> GeneratedImage:
+        """One image, saved with its parameters in outputs/test-images."""
         request.validate()
         self.limits.check(request)
         image = inference.generate(self.cache, self.base(base), request, on_wait)
-        return inference.save_png(image, self.test_images_dir / f"{stamp()}-{request.seed}.png"), \
-            image.info["parameters"]
+        path = inference.save_png(image, self.test_images_dir / f"{stamp()}-{request.seed}.png")
+        return GeneratedImage(path, image.info["parameters"], image.info.get("lora", ""))
 
     def images_dir(self, dataset: str | None) -> Path:
         """The images folder of a dataset; a clear message when none is chosen."""

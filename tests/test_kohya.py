@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lora_gradio.errors import UserError
+from lora_gradio.lora_map import fit_lora
 from lora_gradio.models import SD15_CONFIG_DIR
 from lora_gradio.training import kohya
 from lora_gradio.training.config import TrainConfig
@@ -66,7 +67,7 @@ def test_sdxl_lora_is_refused_on_sd15(demo_pipe):
     tensors = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32)}
     with pytest.raises(UserError, match=r"does not fit this SD1.x base model.*SDXL"):
-        kohya.check_compatible(tensors, demo_pipe, "xl.safetensors")
+        fit_lora(tensors, {}, demo_pipe, "xl.safetensors")
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):

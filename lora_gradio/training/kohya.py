@@ -22,7 +22,6 @@ from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from ..models import BaseModelSpec
     from .config import TrainConfig
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 ADAPTER = "default"
-ATTACHED = "_lora_gradio_attached"  # on a pipeline: (file, mtime) of the LoRA attached for testing
 
 
 def kohya_module_name(component: str, module_path: str) -> str:
@@ -94,78 +92,6 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         raise UserError(f"Could not write the LoRA to '{path}': {exc.strerror or exc}. "
                         "Choose an output folder you can write to, with free space.") from exc
     return path
-
-
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file, with a clear message for files that are not one."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"LoRA file '{path}' does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise UserError(f"'{path.name}' is not a readable .safetensors LoRA ({exc}).") from exc
-    return tensors, metadata
-
-
-def module_table(pipe: StableDiffusionPipeline) -> dict[str, tuple[str, str]]:
-    """Every kohya module name this pipeline can take, mapped to (component, module path)."""
-    import torch
-
-    table = {}
-    for component in ("unet", "text_encoder"):
-        for path, module in getattr(pipe, component).named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".base_layer" not in path \
-                    and ".lora_" not in path:
-                table[kohya_module_name(component, path)] = (component, path)
-    return table
-
-
-def check_compatible(tensors: dict[str, torch.Tensor], pipe: StableDiffusionPipeline, name: str) -> None:
-    """Refuse a LoRA whose modules this base model lacks (another architecture), instead of half-loading it."""
-    table = module_table(pipe)
-    modules = {k.split(".")[0] for k in tensors if k.endswith(".lora_down.weight")}
-    if not modules:
-        raise UserError(f"'{name}' holds no kohya LoRA weights (no '.lora_down.weight' keys).")
-    missing = sorted(modules - table.keys())
-    if missing:
-        hint = "SDXL" if any("input_blocks" in m or "_te1_" in m or "_te2_" in m for m in missing) else "another model"
-        raise UserError(
-            f"'{name}' does not fit this SD1.x base model: {len(missing)} of its {len(modules)} modules do not exist "
-            f"here (first: {missing[0]}). It was probably trained for {hint}; use an SD1.x LoRA."
-        )
-
-
-def load_lora_into(pipe: StableDiffusionPipeline, path: Path, adapter_name: str) -> dict[str, str]:
-    """Load a kohya SD1.x LoRA (ours or anyone's) as a peft adapter on the pipeline; returns its metadata."""
-    tensors, metadata = read_lora(path)
-    check_compatible(tensors, pipe, Path(path).name)
-    pipe.load_lora_weights(dict(tensors), adapter_name=adapter_name)
-    return metadata
-
-
-def attach(pipe: StableDiffusionPipeline, path: Path | None, adapter_name: str) -> None:
-    """Make ``path`` the pipeline's only LoRA (None: none), reusing it when that same file is already attached.
-
-    Strength changes then cost nothing but ``set_adapters``; the base weights are never touched.
-    """
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns) if path is not None else None
-    if getattr(pipe, ATTACHED, None) == key:
-        return
-    detach(pipe)
-    if path is not None:
-        load_lora_into(pipe, Path(path), adapter_name)
-        setattr(pipe, ATTACHED, key)
-
-
-def detach(pipe: StableDiffusionPipeline) -> None:
-    """Remove every LoRA layer, leaving the clean base model (before training reuses it, say)."""
-    pipe.unload_lora_weights()
-    setattr(pipe, ATTACHED, None)
 
 
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> str:

@@ -65,16 +65,17 @@ def register(studio: Studio) -> None:
     def generate(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
                  width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
                  strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo") -> dict:
-        """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none."""
-        path, parameters = studio.generate(base, GenerateRequest(
+        """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none. The
+        answer's ``lora`` says which of the file's modules were applied."""
+        made = studio.generate(base, GenerateRequest.checked(
             prompt, negative_prompt, seed, steps, cfg, width or None, height or None, scheduler, studio.lora(lora),
             strength_model, strength_clip))
-        return {"image": FileData(path=shown(path)), "parameters": parameters}
+        return {"image": FileData(path=shown(made.path)), "parameters": made.parameters, "lora": made.lora}
 
     def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
              steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo") -> dict:
         """A grid of LoRA files (rows) by strengths (columns, applied to model and clip alike)."""
-        request = GenerateRequest(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler)
+        request = GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler)
         state = finished(studio.start_grid(base, request, loras, strengths))
         return {"image": FileData(path=shown(state.result))}
 

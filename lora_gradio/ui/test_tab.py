@@ -45,6 +45,7 @@ def build(ctx: AppContext) -> None:
     gr.Markdown(ctx.studio.limits.describe(), elem_id="test-limits")
     gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
                          elem_id="test-gallery")
+    applied = gr.Markdown(elem_id="test-lora-report")
     with gr.Accordion("Compare grid: epochs × strengths", open=True):
         with gr.Row():
             grid_loras = gr.Dropdown(lora_choices()[1:], multiselect=True, label="LoRA files (rows)", scale=3,
@@ -58,13 +59,9 @@ def build(ctx: AppContext) -> None:
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
                      ) -> inference.GenerateRequest:
-        try:
-            numbers = [int(seed_value or 0), int(step_count), float(guidance), int(w or 0) or None,
-                       int(h or 0) or None]
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise UserError(f"Seed, steps, CFG and size must be numbers ({exc}).") from exc
-        return inference.GenerateRequest(prompt_text, negative_text, *numbers, sampler, ctx.studio.lora(lora_label),
-                                         float(s_model), float(s_clip))
+        return inference.GenerateRequest.checked(prompt_text, negative_text, seed_value or 0, step_count, guidance,
+                                                 w or None, h or None, sampler, ctx.studio.lora(lora_label), s_model,
+                                                 s_clip)
 
     @user_errors
     def on_generate(choice: str, repo: str, prompt_text: str, negative_text: str, seed_value: float,
@@ -72,10 +69,9 @@ def build(ctx: AppContext) -> None:
                     s_model: float, s_clip: float, past: list, progress: gr.Progress = gr.Progress()) -> tuple:
         request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
                                lora_label, s_model, s_clip)
-        path, parameters = ctx.studio.generate(base_name(choice, repo), request,
-                                               on_wait=lambda text: progress(0, desc=text))
-        items = [(shown(path), parameters), *past]
-        return items, items
+        made = ctx.studio.generate(base_name(choice, repo), request, on_wait=lambda text: progress(0, desc=text))
+        items = [(shown(made.path), made.parameters), *past]
+        return items, items, made.lora
 
     @user_errors
     def on_grid(page: gr.Request, choice: str, repo: str, labels: list[str], strength_text: str, *fields: object,
@@ -88,7 +84,8 @@ def build(ctx: AppContext) -> None:
 
     grid_job = job_panel(ctx, "grid", grid_done, [grid])
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
-    generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history], **PRIVATE, **MODEL)
+    generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
+                   **MODEL)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
     dice.click(inference.random_seed, None, seed, **PRIVATE)
     lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)

@@ -1,0 +1,244 @@
+"""Any SD1.x LoRA file, in the layouts people share, as kohya-named modules mapped onto a pipeline's own modules.
+
+Layouts (key names are facts of each format):
+- kohya and LyCORIS LoCon: ``lora_unet_{path}.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
+- diffusers/peft: ``unet.{path}.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.{path}…``, alpha = rank
+  unless an ``.alpha`` tensor is present;
+- old diffusers: ``unet.{path}.lora.down.weight``, ``{path}.processor.to_q_lora.down.weight`` (attention
+  processors) and ``text_encoder.{path}.lora_linear_layer.down.weight``.
+Every module of a file is either applied or named with the reason it was not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+from .training.kohya import kohya_module_name
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_\w+)\.(lora_down|lora_up)\.weight$")
+KOHYA_ALPHA = re.compile(r"^(lora_(?:unet|te\d?)_\w+)\.alpha$")
+PEFT = re.compile(r"^(?:base_model\.model\.)?(unet|text_encoder)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+PEFT_ALPHA = re.compile(r"^(unet|text_encoder)\.(.+)\.alpha$")
+OLD = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+OLD_PROCESSOR = re.compile(r"^(?:unet\.)?(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+ROLE = {"lora_down": "down", "lora_A": "down", "down": "down", "lora_up": "up", "lora_B": "up", "up": "up"}
+SD2_MARKS = ("_te_text_model_encoder_layers_12_", "_te_text_model_encoder_layers_22_")  # SD1's CLIP has 12 layers
+
+
+@dataclass
+class LoraModule:
+    """One LoRA pair by its kohya name; ``alpha`` None means alpha = rank (scale 1)."""
+
+    name: str
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    extra: list[str] = field(default_factory=list)  # keys of this module in no layout we apply
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank: rows of the down matrix."""
+        return int(self.down.shape[0])
+
+
+@dataclass
+class LoraFit:
+    """Which modules of a file go where on this pipeline, and which are not applied, with the reason."""
+
+    applied: dict[str, tuple[str, str, LoraModule]]  # kohya name -> (component, module path, weights)
+    not_applied: dict[str, str]
+
+    def line(self) -> str:
+        """'All 24 modules applied (16 UNet, 8 text encoder).' or which were not, and why."""
+        by_part = {"unet": 0, "text_encoder": 0}
+        for component, _, _ in self.applied.values():
+            by_part[component] += 1
+        parts = f"{by_part['unet']} UNet, {by_part['text_encoder']} text encoder"
+        if not self.not_applied:
+            return f"All {len(self.applied)} LoRA modules applied ({parts})."
+        total = len(self.applied) + len(self.not_applied)
+        missed = "; ".join(f"{name}: {why}" for name, why in list(self.not_applied.items())[:5])
+        more = f"; and {len(self.not_applied) - 5} more" if len(self.not_applied) > 5 else ""
+        return f"{len(self.applied)} of {total} LoRA modules applied ({parts}). Not applied: {missed}{more}."
+
+
+def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
+    """Group a file's tensors into modules by kohya name, whatever the layout."""
+    modules: dict[str, LoraModule] = {}
+
+    def module(name: str) -> LoraModule:
+        return modules.setdefault(name, LoraModule(name))
+
+    for key, tensor in tensors.items():
+        if found := KOHYA.match(key):
+            setattr(module(found.group(1)), ROLE[found.group(2)], tensor)
+        elif found := KOHYA_ALPHA.match(key):
+            module(found.group(1)).alpha = float(tensor)
+        elif found := PEFT.match(key):
+            setattr(module(kohya_module_name(found.group(1), found.group(2))), ROLE[found.group(3)], tensor)
+        elif found := PEFT_ALPHA.match(key):
+            module(kohya_module_name(found.group(1), found.group(2))).alpha = float(tensor)
+        elif found := OLD_PROCESSOR.match(key):
+            path = f"{found.group(1)}.{found.group(2)}" + (".0" if found.group(2) == "to_out" else "")
+            setattr(module(kohya_module_name("unet", path)), ROLE[found.group(3)], tensor)
+        elif found := OLD.match(key):
+            name = kohya_module_name(found.group(1) or "unet", found.group(2))
+            setattr(module(name), ROLE[found.group(3)], tensor)
+        else:
+            module(key.split(".")[0]).extra.append(key)
+    return modules
+
+
+def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse a file with NaN or infinite weights: it renders black images, whatever the strength."""
+    import torch
+
+    broken = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise UserError(f"'{name}' holds NaN or infinite values in {len(broken)} of its {len(tensors)} tensors "
+                        f"(first: {broken[0]}): it was saved from a training run that diverged, or it is damaged. "
+                        "Use an earlier epoch, or download it again.")
+
+
+def module_table(pipe: StableDiffusionPipeline) -> dict[str, tuple[str, str, torch.nn.Module]]:
+    """Every kohya module name this pipeline can take, mapped to (component, module path, module)."""
+    import torch
+
+    table = {}
+    for component in ("unet", "text_encoder"):
+        for path, module in getattr(pipe, component).named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".base_layer" not in path \
+                    and ".lora_" not in path:
+                table[kohya_module_name(component, path)] = (component, path, module)
+    return table
+
+
+def _fitted(item: LoraModule, target: torch.nn.Module) -> str | None:
+    """Shape the pair for ``target`` (a 1×1 conv takes linear weights and back); the reason when it cannot fit."""
+    import torch
+
+    if item.down is None or item.up is None:
+        return "only one of its two matrices is in the file"
+    conv = isinstance(target, torch.nn.Conv2d)
+    if conv and item.down.dim() == 2 and target.kernel_size == (1, 1):
+        item.down, item.up = item.down[..., None, None], item.up[..., None, None]
+    if not conv and item.down.dim() == 4 and item.down.shape[2:] == (1, 1):
+        item.down, item.up = item.down.flatten(1), item.up.flatten(1)
+    if conv:
+        expected_down = (item.rank, target.in_channels, *target.kernel_size)
+        expected_up = (target.out_channels, item.rank, 1, 1)
+    else:
+        expected_down, expected_up = (item.rank, target.in_features), (target.out_features, item.rank)
+    if tuple(item.down.shape) != expected_down or tuple(item.up.shape) != expected_up:
+        return (f"its shapes {tuple(item.down.shape)} and {tuple(item.up.shape)} do not fit this model's "
+                f"{tuple(target.weight.shape)} weight")
+    return None
+
+
+def fit_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe: StableDiffusionPipeline,
+             name: str) -> LoraFit:
+    """Map a file's modules onto the pipeline; refuse it when it is for another model or holds broken weights."""
+    check_finite(tensors, name)
+    modules = read_modules(tensors)
+    table = module_table(pipe)
+    applied, not_applied, misfits = {}, {}, []
+    for key, item in modules.items():
+        if item.down is None and item.up is None:
+            not_applied[key] = f"{', '.join(k.split('.', 1)[1] for k in item.extra)}: a kind of weight this app does " \
+                               "not load (LyCORIS LoHa/LoKr, say)"
+        elif key not in table:
+            not_applied[key] = "no such module in an SD1.x model"
+        elif reason := _fitted(item, table[key][2]):
+            misfits.append(f"{key}: {reason}")
+        else:
+            applied[key] = (*table[key][:2], item)
+            if item.extra:
+                not_applied[f"{key} (extra)"] = f"{', '.join(item.extra)} not applied (only the LoRA pair is)"
+    sd2 = metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2") or any(
+        mark in key for key in modules for mark in SD2_MARKS)
+    if sd2:
+        raise UserError(f"'{name}' is an SD2 LoRA: it does not fit this SD1.x base model. Use an SD1.x LoRA.")
+    if misfits or not applied:
+        xl = any("input_blocks" in k or "_te1_" in k or "_te2_" in k for k in modules)
+        hint = "SDXL" if xl else "another model (or another rank layout)"
+        first = misfits[0] if misfits else next(iter(not_applied), "no LoRA weights")
+        count = len(misfits) or len(not_applied)
+        raise UserError(f"'{name}' does not fit this SD1.x base model: {count} of its {len(modules)} modules do not "
+                        f"fit (first: {first}). It was probably trained for {hint}; use an SD1.x LoRA.")
+    return LoraFit(applied, not_applied)
+
+
+def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) -> None:
+    """Add one peft adapter per component with each module's own rank and alpha, holding the file's weights."""
+    import torch
+    from peft import LoraConfig
+
+    for component in ("unet", "text_encoder"):
+        items = {path: item for part, path, item in fit.applied.values() if part == component}
+        if not items:
+            continue
+        model = getattr(pipe, component)
+        ranks = {re.escape(path): item.rank for path, item in items.items()}
+        alphas = {re.escape(path): item.alpha if item.alpha is not None else float(item.rank)
+                  for path, item in items.items()}
+        model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=list(items), rank_pattern=ranks,
+                                     alpha_pattern=alphas), adapter_name=adapter_name)
+        with torch.no_grad():
+            for path, item in items.items():
+                layer = model.get_submodule(path)
+                layer.lora_A[adapter_name].weight.copy_(item.down)
+                layer.lora_B[adapter_name].weight.copy_(item.up)
+
+
+ATTACHED = "_lora_gradio_attached"  # on a pipeline: ((file, mtime), fit) of the LoRA attached for testing
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file, with a clear message for files that are not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file '{path}' does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise UserError(f"'{path.name}' is not a readable .safetensors LoRA ({exc}).") from exc
+    return tensors, metadata
+
+
+def attach(pipe: StableDiffusionPipeline, path: Path | None, adapter_name: str) -> LoraFit | None:
+    """Make ``path`` the pipeline's only LoRA (None: none), reusing it when that same file is already attached;
+    returns what was applied. Strength changes then cost nothing but ``set_adapters``; the base is never touched."""
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns) if path is not None else None
+    attached = getattr(pipe, ATTACHED, None)
+    if attached is not None and attached[0] == key:
+        return attached[1]
+    detach(pipe)
+    if path is None:
+        return None
+    tensors, metadata = read_lora(Path(path))
+    fit = fit_lora(tensors, metadata, pipe, Path(path).name)
+    try:
+        apply_fit(pipe, fit, adapter_name)
+    except BaseException:
+        detach(pipe)  # a half-added adapter must not stay on the view
+        raise
+    setattr(pipe, ATTACHED, (key, fit))
+    return fit
+
+
+def detach(pipe: StableDiffusionPipeline) -> None:
+    """Remove every LoRA layer, leaving the clean base model."""
+    pipe.unload_lora_weights()
+    setattr(pipe, ATTACHED, None)
