@@ -228,9 +228,11 @@ def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path, max_
                                                                   f"({entry.path.with_suffix('')}.*)", entry.source))
             continue
         try:
-            results.append(import_caption(data, entry.path.name, image))
+            result = import_caption(data, entry.path.name, image)
         except OSError as exc:
-            results.append(FileResult(entry.path.name, "skipped", f"could not be stored ({exc.strerror or exc})"))
+            result = FileResult(entry.path.name, "skipped", f"could not be stored ({exc.strerror or exc})")
+        result.source = entry.source
+        results.append(result)
     zero = sorted({p.parent.name for p in list_images(images_dir) if p.parent != images_dir
                    and REPEAT_FOLDER.match(p.parent.name) and REPEAT_FOLDER.match(p.parent.name).group(1) == "0"})
     notes = [f"folder '{name}' asks for 0 repeats, so its images train once per epoch: rename it to "

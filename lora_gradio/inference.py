@@ -66,7 +66,7 @@ class GenerateRequest:
             if ok and whole and value != int(value):
                 ok = False
             if not ok:
-                problems.append(f"{name} = {value!r}: use a {'whole ' if whole else ''}number")
+                problems.append(f"{name} = {short(value)}: use a {'whole ' if whole else ''}number")
                 return 0
             return int(value) if whole else float(value)
 
@@ -89,7 +89,7 @@ class GenerateRequest:
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the field and the allowed range."""
         checks = [(1 <= self.steps <= 150, f"steps = {self.steps}: use 1 to 150"),
-                  (0 <= self.seed < 2**63, f"seed = {self.seed}: use 0 to 2^63 - 1"),
+                  (0 <= self.seed < 2**63, f"seed = {short(self.seed)}: use 0 to 2^63 - 1"),
                   (0 <= self.cfg <= 30, f"CFG = {self.cfg}: use 0 to 30"),
                   (-2 <= self.strength_model <= 2, f"strength_model = {self.strength_model}: use -2 to 2"),
                   (-2 <= self.strength_clip <= 2, f"strength_clip = {self.strength_clip}: use -2 to 2"),
@@ -112,6 +112,12 @@ class GenerateRequest:
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.cfg}, "
                 f"Seed: {self.seed}, Size: {width}x{height}, Model: {model_name}{lora}")
+
+
+def short(value: object) -> str:
+    """A value as a message shows it: a huge number or long text cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}…"
 
 
 def random_seed() -> int:

@@ -251,41 +251,73 @@ def quiet_libraries() -> None:
 def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> StableDiffusionPipeline:
     """Load a base model in fp32 on the CPU; callers move and cast it. Hub access happens only for hub ids."""
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
 
     if spec.kind == DEMO:
         return build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER)
     if spec.kind == RANDOM_SD15:
         return build_pipeline(*_sd15_component_configs())
     try:
-        if spec.kind == "single_file":
-            if Path(spec.location).suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
-                raise UserError(f"'{spec.display_name}' is a pickle checkpoint, and pickle files can run code when "
-                                "opened. Use a .safetensors version of this model.")
-            check_single_file(Path(spec.location), config_dir)
-            return StableDiffusionPipeline.from_single_file(
-                spec.location, config=str(config_dir), local_files_only=True, safety_checker=None,
-                requires_safety_checker=False,
-            )
-        if spec.kind == "diffusers":
-            return StableDiffusionPipeline.from_pretrained(
-                spec.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
-            )
-        return from_hub(lambda local_only: StableDiffusionPipeline.from_pretrained(
-            spec.location, safety_checker=None, requires_safety_checker=False, local_files_only=local_only),
-            spec.location, "model_index.json",
-            "Download the model once on a machine with internet and point to its folder, or use a local .safetensors "
-            "checkpoint.")
+        pipe = _load_from_files(spec, config_dir)
     except UserError:
         raise
     except Exception as exc:
-        hint = (
-            "The first use of a hub id needs internet (and HF_HUB_OFFLINE unset); otherwise download the model "
-            "and point to the local file or folder."
-            if spec.kind == "hub"
-            else "Check that the file is a complete SD1.x checkpoint; download it again if it may be damaged."
+        raise UserError(_load_failure(spec, exc)) from exc
+    check_finite_weights(pipe, spec.display_name)
+    return pipe
+
+
+def _load_from_files(spec: BaseModelSpec, config_dir: Path) -> StableDiffusionPipeline:
+    """A checkpoint file, a diffusers folder or a hub id, through diffusers' own loaders."""
+    from diffusers import StableDiffusionPipeline
+
+    if spec.kind == "single_file":
+        if Path(spec.location).suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
+            raise UserError(f"'{spec.display_name}' is a pickle checkpoint, and pickle files can run code when "
+                            "opened. Use a .safetensors version of this model.")
+        check_single_file(Path(spec.location), config_dir)
+        return StableDiffusionPipeline.from_single_file(
+            spec.location, config=str(config_dir), local_files_only=True, safety_checker=None,
+            requires_safety_checker=False,
         )
-        raise UserError(f"Could not load base model '{spec.display_name}': {exc}. {hint}") from exc
+    if spec.kind == "diffusers":
+        return StableDiffusionPipeline.from_pretrained(
+            spec.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    return from_hub(lambda local_only: StableDiffusionPipeline.from_pretrained(
+        spec.location, safety_checker=None, requires_safety_checker=False, local_files_only=local_only),
+        spec.location, "model_index.json",
+        "Download the model once on a machine with internet and point to its folder, or use a local .safetensors "
+        "checkpoint.")
+
+
+def _load_failure(spec: BaseModelSpec, exc: Exception) -> str:
+    """What went wrong when diffusers could not load a base model, and what to do about it."""
+    name = spec.display_name
+    if spec.allow_pickle and "Unable to load weights from checkpoint file" in str(exc):
+        return (f"'{name}' is a pickle checkpoint that diffusers refuses to unpickle: besides the weights it holds "
+                "Python objects, which could run code. Get the .safetensors version of this model, or convert the "
+                "file to .safetensors with a tool you trust.")
+    if "meta tensor" in str(exc):
+        return (f"'{name}' lacks weights an SD1.x model needs ({exc}): it is incomplete or another kind of model. "
+                "Download it again, or pick an SD1.x checkpoint.")
+    if spec.kind == "hub":
+        return (f"Could not load base model '{name}': {exc}. The first use of a hub id needs internet (and "
+                "HF_HUB_OFFLINE unset); otherwise download the model and point to the local file or folder.")
+    return (f"Could not load base model '{name}': {exc}. Check that the file is a complete SD1.x checkpoint; "
+            "download it again if it may be damaged.")
+
+
+def check_finite_weights(pipe: StableDiffusionPipeline, name: str) -> None:
+    """Refuse a base model with NaN or infinite weights: it trains to NaN losses and renders black images."""
+    import torch
+
+    for component in ("unet", "vae", "text_encoder"):
+        broken = [key for key, weight in getattr(pipe, component).named_parameters()
+                  if not torch.isfinite(weight).all()]
+        if broken:
+            raise UserError(f"'{name}' holds NaN or infinite weights in {len(broken)} tensors of its {component} "
+                            f"(first: {broken[0]}): the file is damaged or was saved from a training run that "
+                            "diverged. Download it again, or pick another checkpoint.")
 
 
 @dataclass(frozen=True)

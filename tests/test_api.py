@@ -1,8 +1,10 @@
 """The public API through gradio_client, as scripts and other tools use the app; bad input gets clear errors."""
 
+import json
 import shutil
 
 import pytest
+import torch
 from browser import running_app, wait_for
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -129,3 +131,67 @@ def test_a_lora_for_another_architecture_is_refused_in_the_test_tab(api):
                f"{name}.alpha": torch.tensor(4.0)}, workspace / "models" / "loras" / "xl_style.safetensors")
     with pytest.raises(AppError, match=r"does not fit this SD1.x base model"):
         generate(client, "loras/xl_style.safetensors")
+
+
+def raw_generate(url, values):
+    """/generate with a JSON body that gradio_client would not send (NaN, null, huge numbers), as any script may."""
+    import httpx
+
+    body = '{"data": [' + values + ', "Euler", "", 1.0, 1.0, "demo"]}'  # prompt … height, then the rest
+    event = httpx.post(f"{url}gradio_api/call/generate", content=body,
+                       headers={"content-type": "application/json"}).json()["event_id"]
+    kind, data = httpx.get(f"{url}gradio_api/call/generate/{event}", timeout=120).text.split("\n", 1)
+    return json.loads(data.removeprefix("data: "))["error"] if kind == "event: error" else kind
+
+
+@pytest.mark.parametrize(("values", "answer"), [
+    ('"a", "", NaN, 2, 7.0, 0, 0', "Cannot generate: seed = nan: use a whole number."),
+    ('"a", "", 1, 2, 7.0, NaN, 0', "Cannot generate: width = nan: use a whole number."),
+    ('"a", "", 1e300, 2, 7.0, 0, 0', "Cannot generate: seed = 10000000000000000525…: use 0 to 2^63 - 1."),
+    ('"a", "", 1, 2, Infinity, 0, 0', "Cannot generate: CFG = inf: use a number."),
+    ('"a", "' + "x" * 2500 + '", 1, 2, 7.0, 0, 0', "the negative prompt is 2500 characters"),
+    ('null, null, 4294967297, 2, 7.0, 0, 0', "event: complete"),  # an empty prompt and a seed above 2^32 work
+])
+def test_hostile_generation_values_get_the_pages_messages(api, values, answer):
+    client, _ = api
+    assert answer in raw_generate(client.src, values)
+
+
+def test_a_run_name_that_is_not_a_file_name_is_refused(api):
+    client, _ = api
+    with pytest.raises(AppError, match=r"output_name = '\.\.': use a file name"):
+        client.predict(dataset="apidata", settings=demo_settings(client, output_name=".."), api_name="/train_start")
+
+
+def test_a_mac_zip_a_linked_folder_and_third_party_loras_through_the_api(api, demo_pipe, tmp_path):
+    import os
+
+    from gradio_client import handle_file
+    from test_brought_files import mac_zip
+    from test_lora_files import kohya_file, peft_file
+
+    client, workspace = api
+    client.predict("brought", api_name="/create_dataset")
+    answer = client.predict("brought", [handle_file(mac_zip(tmp_path / "photos.zip"))], api_name="/import_files")
+    assert answer["summary"].startswith("2 images and 2 captions imported from photos.zip; 2 system files ignored")
+    assert {row["name"]: row["status"] for row in answer["files"]} == {
+        "Café.jpg": "imported", "beach.png": "imported", "Café.txt": "imported", "beach.txt": "imported"}
+    images = workspace / "datasets" / "brought" / "images"
+    assert (images / "Café.txt").read_text() == "ohwx, a café terrace\n"
+
+    folder = workspace / "incoming"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.png").write_bytes((images / "beach.png").read_bytes())
+    os.symlink(tmp_path, folder / "elsewhere")
+    client.predict("linked", api_name="/create_dataset")
+    answer = client.predict("linked", str(folder), api_name="/import_folder")
+    assert "incoming held 1 unsafe entry" in answer["summary"]
+    assert answer["files"][0]["name"] == "elsewhere" and "outside the imported folder" in answer["files"][0]["message"]
+
+    loras = workspace / "models" / "loras"
+    peft_file(demo_pipe, loras / "diffusers_style.safetensors")
+    assert generate(client, "loras/diffusers_style.safetensors")["lora"].startswith("All 17 LoRA modules applied")
+    kohya_file(demo_pipe, loras / "diverged.safetensors",
+               **{"lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(float("inf"))})
+    with pytest.raises(AppError, match=r"'diverged.safetensors' holds NaN or infinite values"):
+        generate(client, "loras/diverged.safetensors")

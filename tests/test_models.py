@@ -112,3 +112,28 @@ def test_cache_loads_once_per_base(demo_spec, tmp_path):
     assert cache.holds is None and cache.status().alive == 0
     with cache.pipeline(demo_spec, "a test"):
         assert cache.loads == 2
+
+
+class TrainerCallback:
+    """Stands for the Python objects training tools pickle beside the weights."""
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path, demo_pipe, tiny_checkpoint):
+    from ldm_layout import pipeline_to_ldm
+
+    state = pipeline_to_ldm(demo_pipe)
+    key = next(k for k in state if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, tmp_path / "diverged.safetensors")
+    with pytest.raises(UserError, match=r"'diverged.safetensors' holds NaN or infinite weights in 1 tensors of its "
+                                        r"unet \(first: .*\): the file is damaged"):
+        load_pipeline(resolve_base(str(tmp_path / "diverged.safetensors")), tiny_checkpoint[1])
+
+
+def test_an_allowed_pickle_that_diffusers_refuses_says_what_to_do(tmp_path, demo_pipe, tiny_checkpoint):
+    from ldm_layout import pipeline_to_ldm
+
+    torch.save({"state_dict": pipeline_to_ldm(demo_pipe), "callbacks": TrainerCallback()}, tmp_path / "old.ckpt")
+    with pytest.raises(UserError, match=r"'old.ckpt' is a pickle checkpoint that diffusers refuses to unpickle.*"
+                                        r"Get the .safetensors version"):
+        load_pipeline(resolve_base(str(tmp_path / "old.ckpt"), allow_pickle=True), tiny_checkpoint[1])

@@ -118,3 +118,27 @@ def test_bad_files_each_get_a_visible_message_and_the_app_carries_on(app, tmp_pa
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["ok.png", "Ünïcode name 写真.png",
                                                                          "Ünïcode name 写真.txt"]
     assert not list(workspace.rglob("escaped.png"))
+
+
+def test_zips_from_a_mac_and_from_windows_show_their_captions_in_the_caption_tab(app, tmp_path):
+    from test_brought_files import mac_zip, windows_zip
+
+    app_url, _ = app
+    zips = tmp_path / "zips"
+    zips.mkdir()
+    mac_zip(zips / "photos.zip")
+    windows_zip(zips / "trip.zip")
+    with browser_page() as page:
+        import_into_new_dataset(page, app_url, "zipped", zips, "IMG_0001 (2).txt")
+        summary = page.locator("#import-summary")
+        assert summary.inner_text().startswith("4 images and 4 captions imported from photos.zip, trip.zip; "
+                                               "4 system files ignored")
+        assert re.search(r"warning\s+IMG_0001 \(2\)\.txt\s+caption for IMG_0001 \(2\)\.jpg; not UTF-8",
+                         results_text(page))
+        page.get_by_role("tab", name="Caption").click()
+        expected = {"Café.jpg": "ohwx, a café terrace", "beach.png": "ohwx, on a beach",
+                    "IMG_0001.jpg": "ohwx, first", "IMG_0001 (2).jpg": "ohwx, second, déjà vu"}
+        for label, caption in expected.items():
+            box = page.get_by_label(label)
+            wait_for(lambda box=box, caption=caption: box.input_value() == caption, what=f"the caption of {label}")
+        screenshot(page, "caption-from-zips")

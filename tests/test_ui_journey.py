@@ -87,6 +87,8 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: len(newest_test_images(workspace, 3)) == 3, 60, "the strength-1 image")
         wait_for(lambda: "strength_model: 1.0, strength_clip: 1.0" in page.locator("#test-gallery").inner_text(),
                  30, "the parameters under the image")
+        assert re.fullmatch(r"All \d+ LoRA modules applied \(\d+ UNet, \d+ text encoder\)\.",
+                            page.locator("#test-lora-report").inner_text().strip())
 
         for epoch_file in ("lora-000001.safetensors", "lora-000003.safetensors", "lora.safetensors"):
             choose(page, "#grid-loras", f"{run.name}/{epoch_file}")

@@ -21,10 +21,13 @@ from . import MODEL, shown, user_errors
 
 
 def plain(value: Any) -> Any:
-    """A job's result or state as JSON values (paths as strings)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    return json.loads(json.dumps(value, default=str))
+    """A job's result or state, or a list of outcomes, as JSON values (dataclasses as objects, paths as strings)."""
+    def convert(item: Any) -> Any:
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return dataclasses.asdict(item)
+        return str(item)
+
+    return json.loads(json.dumps(value, default=convert))
 
 
 def register(studio: Studio) -> None:
@@ -97,6 +100,13 @@ def register(studio: Studio) -> None:
         report = studio.import_folder(dataset, folder)
         return {"summary": report.summary(), "files": plain(report.shown)}
 
+    def import_files(dataset: str, files: list[FileData]) -> dict:
+        """Import uploaded images, ``.txt`` captions and zips into a dataset: a summary line and each file's
+        outcome (upload with gradio_client's ``handle_file``)."""
+        report = studio.import_uploads(dataset, [Path(f["path"] if isinstance(f, dict) else f.path)
+                                                 for f in files or []])
+        return {"summary": report.summary(), "files": plain(report.shown)}
+
     def set_models_dir(folder: str) -> str:
         """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none."""
         return studio.set_models_dir(folder)
@@ -113,6 +123,6 @@ def register(studio: Studio) -> None:
         return plain(studio.cache.status())
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, grid, caption, prepare,
-                     import_folder, set_models_dir, download_lora, cache_status):
+                     import_folder, import_files, set_models_dir, download_lora, cache_status):
         gr.api(user_errors(endpoint), api_name=endpoint.__name__)
     gr.api(user_errors(generate), api_name="generate", **MODEL)
