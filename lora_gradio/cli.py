@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue an interrupted training run")
     resume.add_argument("run", type=Path, help="the run's output folder (it holds job.json)")
 
+    brought = sub.add_parser("import", help="import photos, captions, zips and folders into a training folder")
+    brought.add_argument("sources", type=Path, nargs="+", help="images, .txt captions, .zip files or folders")
+    brought.add_argument("--into", type=Path, required=True, help="the folder to train on (train --data)")
+
     sub.add_parser("presets", help="list the presets")
     return parser
 
@@ -95,6 +99,20 @@ def run_train(args: argparse.Namespace) -> int:
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
     return with_progress(lambda on_event, stop: run_training(config, base, data, args.output, on_event, stop))
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """Import as the Dataset tab does: a line for each file that was skipped or needs a look, then the summary."""
+    from .imports import import_folder, import_sources
+
+    reports = [import_folder(source, args.into) if source.is_dir() else import_sources([source], args.into)
+               for source in args.sources]
+    for report in reports:
+        for result in report.shown:
+            if result.status != "imported":
+                print(f"{result.status}: {result.name}: {result.message}", file=sys.stderr)
+        print(report.summary())
+    return 0
 
 
 def run_resume(args: argparse.Namespace) -> int:
@@ -149,6 +167,8 @@ def run_generate(args: argparse.Namespace) -> int:
         args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.scheduler,
         lora=args.lora, strength_model=args.strength_model, strength_clip=args.strength_clip))
     save_png(image, args.output)
+    if "lora" in image.info:
+        print(image.info["lora"], file=sys.stderr)
     print(args.output)
     return 0
 
@@ -163,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "resume":
             return run_resume(args)
+        if args.command == "import":
+            return run_import(args)
         from .training.config import list_presets, load_preset
 
         for name in list_presets():

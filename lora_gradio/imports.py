@@ -93,7 +93,7 @@ class ImportReport:
         if not kept and not counts["skipped"]:
             parts[0] += f": it holds no image files ({', '.join(sorted(PREFERRED))} and more)"
         if counts["skipped"]:
-            parts.append(f"{counts['skipped']} skipped (reasons below)")
+            parts.append(f"{counts['skipped']} skipped (see each file's reason)")
         if counts["ignored"]:
             kinds = sorted({r.name for r in self.files if r.status == "ignored"})
             parts.append(f"{counts['ignored']} system files ignored ({_names(kinds, 3)})")

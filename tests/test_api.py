@@ -133,14 +133,14 @@ def test_a_lora_for_another_architecture_is_refused_in_the_test_tab(api):
         generate(client, "loras/xl_style.safetensors")
 
 
-def raw_generate(url, values):
-    """/generate with a JSON body that gradio_client would not send (NaN, null, huge numbers), as any script may."""
+def raw_call(url, endpoint, values):
+    """An endpoint called with a JSON body that gradio_client would not send (NaN, null, huge numbers), as any
+    script may; returns the error message, or the event's kind when there is none."""
     import httpx
 
-    body = '{"data": [' + values + ', "Euler", "", 1.0, 1.0, "demo"]}'  # prompt … height, then the rest
-    event = httpx.post(f"{url}gradio_api/call/generate", content=body,
+    event = httpx.post(f"{url}gradio_api/call/{endpoint}", content='{"data": [' + values + "]}",
                        headers={"content-type": "application/json"}).json()["event_id"]
-    kind, data = httpx.get(f"{url}gradio_api/call/generate/{event}", timeout=120).text.split("\n", 1)
+    kind, data = httpx.get(f"{url}gradio_api/call/{endpoint}/{event}", timeout=120).text.split("\n", 1)
     return json.loads(data.removeprefix("data: "))["error"] if kind == "event: error" else kind
 
 
@@ -154,7 +154,13 @@ def raw_generate(url, values):
 ])
 def test_hostile_generation_values_get_the_pages_messages(api, values, answer):
     client, _ = api
-    assert answer in raw_generate(client.src, values)
+    assert answer in raw_call(client.src, "generate", values + ', "Euler", "", 1.0, 1.0, "demo"')
+
+
+@pytest.mark.parametrize("since", ["NaN", "-1", "1.5", '"x"'])
+def test_a_job_status_from_a_hostile_index_is_refused_by_name(api, since):
+    client, _ = api
+    assert raw_call(client.src, "job_status", f'"", {since}').startswith("since = ")
 
 
 def test_a_run_name_that_is_not_a_file_name_is_refused(api):

@@ -154,8 +154,8 @@ def test_encrypted_and_deflate64_entries_get_a_reason_and_the_rest_is_kept(tmp_p
     assert found["link.png"].unsafe and "a link inside the zip" in found["link.png"].message
     assert [p.name for p in list_images(tmp_path / "ds")] == ["fine.png"]
     assert report.summary() == ("1 image and 0 captions imported from secret.zip, odd.zip and 1 more; 4 skipped "
-                                "(reasons below); mixed.zip held 2 unsafe entries (paths leading outside, links), "
-                                "skipped; everything else in it was imported.")
+                                "(see each file's reason); mixed.zip held 2 unsafe entries (paths leading outside, "
+                                "links), skipped; everything else in it was imported.")
 
 
 def test_a_zip_member_that_is_damaged_is_named(tmp_path):

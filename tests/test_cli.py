@@ -163,3 +163,19 @@ def test_resume_after_a_killed_process_continues_at_the_saved_step(tmp_path):
 def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
     code, err = run_cli(capsys, "resume", str(tmp_path))
     assert code == 2 and "not a lora-gradio run folder" in err
+
+
+def test_import_from_the_command_line_reports_like_the_page(tmp_path, capsys):
+    from test_brought_files import windows_zip
+
+    windows_zip(tmp_path / "trip.zip")
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "note.pdf").write_bytes(b"%PDF-1.4")
+    code = main(["import", str(tmp_path / "trip.zip"), str(tmp_path / "loose"), "--into", str(tmp_path / "data")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.splitlines() == ["2 images and 2 captions imported from trip.zip; 2 system files ignored (Thumbs.db, "
+                                "desktop.ini).",
+                                "0 images and 0 captions imported from loose; 1 skipped (see each file's reason)."]
+    assert "warning: IMG_0001 (2).txt: caption for IMG_0001 (2).jpg; not UTF-8" in err
+    assert "skipped: note.pdf: not an image type (.pdf)" in err

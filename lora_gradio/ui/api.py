@@ -13,7 +13,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from .. import captioning
-from ..inference import GenerateRequest
+from ..inference import GenerateRequest, short
 from ..jobs import JobState
 from ..studio import Studio
 from ..training.config import load_preset
@@ -59,6 +59,9 @@ def register(studio: Studio) -> None:
 
     def job_status(job_id: str = "", since: int = 0) -> dict:
         """A job's state (without an id: the current training job's), with losses from index ``since`` on."""
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            raise gr.Error(f"since = {short(since)}: use a whole number from 0 (the first loss to return).",
+                           print_exception=False)
         return plain(studio.jobs.view(job_id, since) if job_id else studio.jobs.latest("training", since))
 
     def preset(name: str = "seed-recommended") -> dict:
