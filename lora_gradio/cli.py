@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .events import JobEvent
+    from .inference import GenerateRequest
     from .training.loop import TrainResult
 
 
@@ -55,20 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt base models (they can run code)")
 
     gen = sub.add_parser("generate", help="generate an image with a LoRA")
-    gen.add_argument("--base", default="demo")
-    gen.add_argument("--lora", type=Path)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative", default="")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=7.0)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--scheduler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M Karras' or DDIM")
-    gen.add_argument("--strength-model", type=float, default=1.0, help="LoRA strength on the UNet (ComfyUI)")
-    gen.add_argument("--strength-clip", type=float, default=1.0, help="LoRA strength on the text encoder (ComfyUI)")
+    image_settings(gen, "--prompt")
     gen.add_argument("--output", type=Path, required=True, help="PNG file to write")
     gen.add_argument("--allow-pickle", action="store_true")
+
+    flow = sub.add_parser("workflow", help="write the ComfyUI workflow JSON that uses a LoRA")
+    image_settings(flow, "--prompt", "ohwx, portrait photo")
+    flow.add_argument("--format", choices=["ui", "api"], default="ui",
+                      help="ui: drop onto ComfyUI or open with Load; api: what ComfyUI's /prompt takes")
+    flow.add_argument("--output", type=Path, required=True, help="JSON file to write")
 
     resume = sub.add_parser("resume", help="continue an interrupted training run")
     resume.add_argument("run", type=Path, help="the run's output folder (it holds job.json)")
@@ -79,6 +75,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets")
     return parser
+
+
+def image_settings(parser: argparse.ArgumentParser, prompt: str, default_prompt: str | None = None) -> None:
+    """The flags of one image: base, LoRA, prompt, sampler and the two ComfyUI strengths."""
+    parser.add_argument("--base", default="demo", help="checkpoint file (for workflow: its name in ComfyUI)")
+    parser.add_argument("--lora", type=Path)
+    parser.add_argument(prompt, required=default_prompt is None, default=default_prompt)
+    parser.add_argument("--negative", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--scheduler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M Karras' or DDIM")
+    parser.add_argument("--strength-model", type=float, default=1.0, help="LoRA strength on the UNet (ComfyUI)")
+    parser.add_argument("--strength-clip", type=float, default=1.0, help="LoRA strength on the text encoder")
+
+
+def image_request(args: argparse.Namespace) -> GenerateRequest:
+    """The image flags as a checked request."""
+    from .inference import GenerateRequest
+
+    return GenerateRequest.checked(args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width,
+                                   args.height, args.scheduler, args.lora, args.strength_model, args.strength_clip)
+
+
+def run_workflow(args: argparse.Namespace) -> int:
+    """Write the ComfyUI graph for the flags, with the checkpoint and LoRA by file name."""
+    from . import comfyui
+    from .atomic import write_text_atomic
+
+    request = image_request(args)
+    nodes = comfyui.build_graph(request.workflow(Path(args.base).name, args.width or 512, args.height or 512))
+    graph = comfyui.api_prompt(nodes) if args.format == "api" else comfyui.ui_workflow(nodes)
+    write_text_atomic(args.output, json.dumps(graph, indent=2, ensure_ascii=False))
+    print(args.output)
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -157,15 +190,12 @@ def with_progress(work: Callable[[Callable, threading.Event], TrainResult]) -> i
 def run_generate(args: argparse.Namespace) -> int:
     """One image to a PNG file."""
 
-    from .inference import SCHEDULERS, GenerateRequest, generate, save_png
+    from .inference import generate, save_png
     from .models import ModelCache, resolve_base
 
-    if args.scheduler not in SCHEDULERS:
-        raise UserError(f"Unknown --scheduler '{args.scheduler}': use one of {', '.join(SCHEDULERS)}.")
+    request = image_request(args)
     base = resolve_base(args.base, allow_pickle=args.allow_pickle)
-    image = generate(ModelCache(), base, GenerateRequest(
-        args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.scheduler,
-        lora=args.lora, strength_model=args.strength_model, strength_clip=args.strength_clip))
+    image = generate(ModelCache(), base, request)
     save_png(image, args.output)
     if "lora" in image.info:
         print(image.info["lora"], file=sys.stderr)
@@ -185,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_resume(args)
         if args.command == "import":
             return run_import(args)
+        if args.command == "workflow":
+            return run_workflow(args)
         from .training.config import list_presets, load_preset
 
         for name in list_presets():

@@ -7,6 +7,7 @@ take the signed-in ``owner``, if any: only that user can stop the job.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -15,7 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import captioning, imports, inference, quality
+from . import captioning, comfyui, imports, inference, quality
+from .atomic import write_text_atomic
 from .dataset import read_manifest
 from .errors import UserError
 from .estimate import Estimate, estimate
@@ -226,6 +228,17 @@ class Studio:
         image = inference.generate(self.cache, self.base(base), request, on_wait)
         path = inference.save_png(image, self.test_images_dir / f"{stamp()}-{request.seed}.png")
         return GeneratedImage(path, image.info["parameters"], image.info.get("lora", ""))
+
+    def workflow(self, base: str | None, request: inference.GenerateRequest, api: bool = False) -> Path:
+        """The ComfyUI workflow (UI format, or API format) for a Test-tab image, saved in outputs/test-images."""
+        request.validate()
+        nodes = comfyui.build_graph(request.workflow(self.base(base).display_name, request.width or 512,
+                                                     request.height or 512))
+        graph = comfyui.api_prompt(nodes) if api else comfyui.ui_workflow(nodes)
+        path = self.test_images_dir / f"workflow-{stamp()}{'.api' if api else ''}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(graph, indent=2, ensure_ascii=False))
+        return path
 
     def images_dir(self, dataset: str | None) -> Path:
         """The images folder of a dataset; a clear message when none is chosen."""

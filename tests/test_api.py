@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,14 @@ def test_a_mac_zip_a_linked_folder_and_third_party_loras_through_the_api(api, de
                **{"lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(float("inf"))})
     with pytest.raises(AppError, match=r"'diverged.safetensors' holds NaN or infinite values"):
         generate(client, "loras/diverged.safetensors")
+
+
+def test_the_workflow_endpoint_returns_both_comfyui_formats(api):
+    from lora_gradio.comfyui import api_from_ui
+
+    client, _ = api
+    graphs = [json.loads(Path(client.predict(prompt="ohwx, portrait", seed=11, base="demo", api_format=api_format,
+                                             api_name="/workflow")).read_text(encoding="utf-8"))
+              for api_format in (False, True)]
+    assert api_from_ui(graphs[0]) == graphs[1]
+    assert graphs[1]["6"]["inputs"]["seed"] == 11 and graphs[1]["3"]["inputs"]["text"] == "ohwx, portrait"

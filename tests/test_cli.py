@@ -1,5 +1,6 @@
 """The command line: the fresh-clone demo run, and one clear line plus a non-zero exit for each bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -179,3 +180,19 @@ def test_import_from_the_command_line_reports_like_the_page(tmp_path, capsys):
                                 "0 images and 0 captions imported from loose; 1 skipped (see each file's reason)."]
     assert "warning: IMG_0001 (2).txt: caption for IMG_0001 (2).jpg; not UTF-8" in err
     assert "skipped: note.pdf: not an image type (.pdf)" in err
+
+
+@pytest.mark.parametrize("fmt", ["ui", "api"])
+def test_the_workflow_command_writes_comfyuis_json(tmp_path, capsys, fmt):
+    from lora_gradio.comfyui import api_from_ui
+
+    out = tmp_path / "anna.json"
+    code = main(["workflow", "--lora", "loras/anna.safetensors", "--base", "/models/dreamshaper_8.safetensors",
+                 "--prompt", "ohwx, portrait", "--seed", "7", "--scheduler", "DDIM", "--strength-clip", "0.5",
+                 "--format", fmt, "--output", str(out)])
+    assert code == 0
+    graph = json.loads(out.read_text())
+    prompt = graph if fmt == "api" else api_from_ui(graph)
+    assert prompt["1"]["inputs"]["ckpt_name"] == "dreamshaper_8.safetensors"
+    assert prompt["2"]["inputs"]["lora_name"] == "anna.safetensors" and prompt["2"]["inputs"]["strength_clip"] == 0.5
+    assert (prompt["6"]["inputs"]["seed"], prompt["6"]["inputs"]["scheduler"]) == (7, "ddim_uniform")

@@ -1,7 +1,9 @@
 """The whole user journey in a real browser with the demo model: dataset, captions, training, testing, a grid."""
 
+import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 from bad_files import photo_bytes
@@ -9,6 +11,8 @@ from browser import browser_page, screenshot, wait_for
 from PIL import Image
 from test_ui_dataset_caption import import_into_new_dataset
 from tiny_blip import save_tiny_blip
+
+from lora_gradio.comfyui import api_from_ui
 
 
 def choose(page, container, option):
@@ -89,6 +93,15 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
                  30, "the parameters under the image")
         assert re.fullmatch(r"All \d+ LoRA modules applied \(\d+ UNet, \d+ text encoder\)\.",
                             page.locator("#test-lora-report").inner_text().strip())
+        page.locator("#test-workflow").click()
+        link = page.locator("#test-workflow-file a[download]").first
+        link.wait_for(timeout=30_000)
+        with page.expect_download() as download:
+            link.click()
+        workflow = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+        prompt = api_from_ui(workflow)
+        assert prompt["2"]["inputs"]["lora_name"] == "lora.safetensors"
+        assert prompt["3"]["inputs"]["text"] == "lgdemo, portrait" and prompt["6"]["inputs"]["steps"] == 4
 
         for epoch_file in ("lora-000001.safetensors", "lora-000003.safetensors", "lora.safetensors"):
             choose(page, "#grid-loras", f"{run.name}/{epoch_file}")

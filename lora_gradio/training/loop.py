@@ -330,7 +330,8 @@ class Trainer:
         self.emit(JobEvent("status", f"Rendering sample images for epoch {epoch}"))
         with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
             paths = render_samples(self.pipe, list(self.config.sample_prompts), self.config.seed,
-                                   self.config.sample_steps, self.folder, epoch)
+                                   self.config.sample_steps, self.folder, epoch, self.base.display_name,
+                                   self.folder.lora_file(self.config.output_name, epoch) if epoch else None)
         self.emit(self.event("samples", f"Samples for epoch {epoch}", epoch=epoch, paths=[str(p) for p in paths]))
         warning = overtraining_warning(self.first_samples, paths, epoch)
         if warning:

@@ -17,8 +17,9 @@ MORE_SATURATED = 1.35  # mean saturation over 135% of epoch 0's
 
 
 def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int, run: RunFolder,
-                   epoch: int) -> list[Path]:
-    """One image per prompt from the model as it is now, same seed every epoch so changes are the LoRA's doing."""
+                   epoch: int, base_name: str, lora: Path | None) -> list[Path]:
+    """One image per prompt from the model as it is now, same seed every epoch so changes are the LoRA's doing.
+    Each PNG names the base and the epoch's LoRA file, so its parameters and ComfyUI workflow reproduce it."""
     from ..inference import GenerateRequest, render, save_png
 
     run.samples_dir.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,7 @@ def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int,
     pipe.unet.eval()
     pipe.text_encoder.eval()
     try:
-        return [save_png(render(pipe, GenerateRequest(prompt, seed=seed + index, steps=steps), "training"),
+        return [save_png(render(pipe, GenerateRequest(prompt, seed=seed + index, steps=steps, lora=lora), base_name),
                          run.sample_file(epoch, index)) for index, prompt in enumerate(prompts)]
     finally:
         pipe.unet.train(unet_training)

@@ -39,6 +39,12 @@ def register(studio: Studio) -> None:
             raise gr.Error(state.message, print_exception=False)
         return state
 
+    def request_of(prompt: object, negative_prompt: object, seed: object, steps: object, cfg: object, width: object,
+                   height: object, scheduler: object, lora: str, strength_model: object, strength_clip: object,
+                   ) -> GenerateRequest:
+        return GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, width or None, height or None,
+                                       scheduler, studio.lora(lora), strength_model, strength_clip)
+
     def train_start(request: gr.Request, dataset: str, base: str = "demo", settings: dict | None = None) -> dict:
         """Start training on a dataset. ``settings`` holds TrainConfig fields (a preset's, from /preset, changed as
         you like); an unknown key is refused by name. Keep the returned job_id: /train_stop needs it."""
@@ -73,10 +79,19 @@ def register(studio: Studio) -> None:
                  strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo") -> dict:
         """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none. The
         answer's ``lora`` says which of the file's modules were applied."""
-        made = studio.generate(base, GenerateRequest.checked(
-            prompt, negative_prompt, seed, steps, cfg, width or None, height or None, scheduler, studio.lora(lora),
-            strength_model, strength_clip))
+        made = studio.generate(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler,
+                                                lora, strength_model, strength_clip))
         return {"image": FileData(path=shown(made.path)), "parameters": made.parameters, "lora": made.lora}
+
+    def workflow(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+                 width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
+                 strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
+                 api_format: bool = False) -> FileData:
+        """The ComfyUI workflow for these settings: the UI format (drop it onto ComfyUI) or, with ``api_format``,
+        what ComfyUI's ``/prompt`` takes."""
+        request = request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler, lora,
+                             strength_model, strength_clip)
+        return FileData(path=shown(studio.workflow(base, request, api_format)))
 
     def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
              steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo") -> dict:
@@ -125,7 +140,7 @@ def register(studio: Studio) -> None:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
-    for endpoint in (train_start, train_stop, train_resume, job_status, preset, grid, caption, prepare,
+    for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, grid, caption, prepare,
                      import_folder, import_files, set_models_dir, download_lora, cache_status):
         gr.api(user_errors(endpoint), api_name=endpoint.__name__)
     gr.api(user_errors(generate), api_name="generate", **MODEL)

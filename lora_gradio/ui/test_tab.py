@@ -41,7 +41,11 @@ def build(ctx: AppContext) -> None:
         width = gr.Number(label="Width (0 = model default)", value=0, precision=0, minimum=0)
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, minimum=0)
         scheduler = gr.Dropdown(list(inference.SCHEDULERS), value="Euler", label="Scheduler")
-    generate = gr.Button("Generate", variant="primary", elem_id="test-generate")
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id="test-generate", scale=3)
+        workflow = gr.Button("Download ComfyUI workflow", elem_id="test-workflow", scale=1)
+    workflow_file = gr.File(label="ComfyUI workflow: drop it onto the ComfyUI page, or open it with Load",
+                            visible=False, interactive=False, elem_id="test-workflow-file")
     gr.Markdown(ctx.studio.limits.describe(), elem_id="test-limits")
     gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
                          elem_id="test-gallery")
@@ -79,6 +83,11 @@ def build(ctx: AppContext) -> None:
         return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
                                      parse_strengths(strength_text), page.username)
 
+    @user_errors
+    def on_workflow(choice: str, repo: str, *fields: object) -> dict:
+        path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields))
+        return gr.update(value=shown(path), visible=True)
+
     def grid_done(state: JobState) -> list:
         return [shown(state.result) if state.status == "done" else gr.skip()]
 
@@ -86,6 +95,7 @@ def build(ctx: AppContext) -> None:
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
     generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
                    **MODEL)
+    workflow.click(on_workflow, [base_choice, base_repo, *fields], workflow_file, **PRIVATE)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
     dice.click(inference.random_seed, None, seed, **PRIVATE)
     lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)

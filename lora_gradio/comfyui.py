@@ -1,0 +1,165 @@
+"""ComfyUI's two workflow formats for a LoRA: the graph a user drops onto the ComfyUI page, and the prompt its API
+queues. Both come from one node list, so they always describe the same graph.
+
+Facts of the formats (ComfyUI's documented node inputs and outputs; the frontend's workflow JSON, version 0.4):
+- API format (``POST /prompt``, PNG text ``prompt``): ``{node id: {"class_type", "inputs": {name: value, or
+  [source node id, output slot] for a link}}}``.
+- UI format (``Load``, drag and drop, PNG text ``workflow``): nodes with a position, typed ``inputs`` (each with its
+  link id) and ``outputs`` (each with its link ids), and ``widgets_values`` in the node's widget order; ``links`` is a
+  list of ``[link id, source node, source slot, target node, target slot, type]``.
+- In ``widgets_values`` the frontend stores a "control after generate" value right after KSampler's seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A ComfyUI node class: its linked inputs, its widgets in the frontend's order, and its outputs."""
+
+    inputs: tuple[tuple[str, str], ...]
+    widgets: tuple[str, ...]
+    outputs: tuple[tuple[str, str], ...]
+
+
+NODE_TYPES = {
+    "CheckpointLoaderSimple": NodeType((), ("ckpt_name",), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
+    "LoraLoader": NodeType((("model", "MODEL"), ("clip", "CLIP")), ("lora_name", "strength_model", "strength_clip"),
+                           (("MODEL", "MODEL"), ("CLIP", "CLIP"))),
+    "CLIPTextEncode": NodeType((("clip", "CLIP"),), ("text",), (("CONDITIONING", "CONDITIONING"),)),
+    "EmptyLatentImage": NodeType((), ("width", "height", "batch_size"), (("LATENT", "LATENT"),)),
+    "KSampler": NodeType((("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent_image", "LATENT")),
+                         ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"), (("LATENT", "LATENT"),)),
+    "VAEDecode": NodeType((("samples", "LATENT"), ("vae", "VAE")), (), (("IMAGE", "IMAGE"),)),
+    "SaveImage": NodeType((("images", "IMAGE"),), ("filename_prefix",), ()),
+}
+SEED_CONTROL = {"KSampler": "seed"}  # the widget the frontend follows with "control after generate"
+# our scheduler names -> ComfyUI's (sampler_name, scheduler)
+SAMPLERS = {"Euler": ("euler", "normal"), "Euler a": ("euler_ancestral", "normal"),
+            "DPM++ 2M Karras": ("dpmpp_2m", "karras"), "DDIM": ("ddim", "ddim_uniform")}
+NODE_WIDTH, NODE_HEIGHT, COLUMN, ROW = 320, 140, 400, 200
+
+
+@dataclass(frozen=True)
+class WorkflowSettings:
+    """What the graph reproduces: base and LoRA by the names ComfyUI lists them under, and one image's settings."""
+
+    checkpoint: str
+    lora: str | None
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 512
+    height: int = 512
+    scheduler: str = "Euler"
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    filename_prefix: str = "lora-gradio"
+
+
+@dataclass
+class Node:
+    """One node of the graph: its values by widget name, and its linked inputs as (source node id, output slot)."""
+
+    id: int
+    type: str
+    values: dict[str, Any]
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    column: int = 0
+    row: int = 0
+    title: str | None = None
+
+
+def build_graph(settings: WorkflowSettings) -> list[Node]:
+    """Load Checkpoint → Load LoRA → two CLIP Text Encodes → Empty Latent → KSampler → VAE Decode → Save Image,
+    left to right; without a LoRA the checkpoint feeds the rest directly."""
+    sampler, scheduler = SAMPLERS[settings.scheduler]
+    nodes = [Node(1, "CheckpointLoaderSimple", {"ckpt_name": settings.checkpoint}, title="Load Checkpoint (base)")]
+    model, clip = (1, 0), (1, 1)
+    if settings.lora is not None:
+        nodes.append(Node(2, "LoraLoader", {"lora_name": settings.lora, "strength_model": settings.strength_model,
+                                            "strength_clip": settings.strength_clip},
+                          {"model": model, "clip": clip}, column=1, title="Load LoRA (lora-gradio)"))
+        model, clip = (2, 0), (2, 1)
+    nodes += [
+        Node(3, "CLIPTextEncode", {"text": settings.prompt}, {"clip": clip}, column=2, title="Positive prompt"),
+        Node(4, "CLIPTextEncode", {"text": settings.negative_prompt}, {"clip": clip}, column=2, row=1,
+             title="Negative prompt"),
+        Node(5, "EmptyLatentImage", {"width": settings.width, "height": settings.height, "batch_size": 1},
+             column=2, row=2),
+        Node(6, "KSampler", {"seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg,
+                             "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
+             {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}, column=3),
+        Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, column=4),
+        Node(8, "SaveImage", {"filename_prefix": settings.filename_prefix}, {"images": (7, 0)}, column=5),
+    ]
+    return nodes
+
+
+def api_prompt(nodes: list[Node]) -> dict[str, Any]:
+    """The API format of a graph: what ``POST /prompt`` takes, and the PNG ``prompt`` text."""
+    return {str(node.id): {"class_type": node.type,
+                           "inputs": {**node.values, **{name: [str(src), slot] for name, (src, slot)
+                                                        in node.links.items()}},
+                           "_meta": {"title": node.title or node.type}}
+            for node in nodes}
+
+
+def ui_workflow(nodes: list[Node]) -> dict[str, Any]:
+    """The UI format of a graph: what ComfyUI opens from a file or a dropped PNG."""
+    links: list[list[Any]] = []
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    incoming: dict[tuple[int, str], int] = {}
+    for node in nodes:
+        for name, (source, slot) in node.links.items():
+            kind = NODE_TYPES[next(n.type for n in nodes if n.id == source)].outputs[slot][1]
+            link_id = len(links) + 1
+            target_slot = [n for n, _ in NODE_TYPES[node.type].inputs].index(name)
+            links.append([link_id, source, slot, node.id, target_slot, kind])
+            outgoing.setdefault((source, slot), []).append(link_id)
+            incoming[(node.id, name)] = link_id
+    rendered = []
+    for order, node in enumerate(nodes):
+        kind = NODE_TYPES[node.type]
+        widgets: list[Any] = []
+        for name in kind.widgets:
+            widgets.append(node.values[name])
+            if SEED_CONTROL.get(node.type) == name:
+                widgets.append("fixed")
+        entry = {
+            "id": node.id, "type": node.type, "pos": [50 + node.column * COLUMN, 50 + node.row * ROW],
+            "size": [NODE_WIDTH, NODE_HEIGHT], "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": typ, "link": incoming[(node.id, name)]} for name, typ in kind.inputs],
+            "outputs": [{"name": name, "type": typ, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
+                        for slot, (name, typ) in enumerate(kind.outputs)],
+            "properties": {"Node name for S&R": node.type}, "widgets_values": widgets,
+        }
+        if node.title:
+            entry["title"] = node.title
+        rendered.append(entry)
+    return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": rendered, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+
+def api_from_ui(workflow: dict[str, Any]) -> dict[str, Any]:
+    """Read a UI-format graph back into the API format (what ComfyUI's frontend does before it queues)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        kind = NODE_TYPES[node["type"]]
+        values = list(node["widgets_values"])
+        if node["type"] in SEED_CONTROL:
+            del values[kind.widgets.index(SEED_CONTROL[node["type"]]) + 1]
+        inputs: dict[str, Any] = dict(zip(kind.widgets, values, strict=True))
+        for slot in node["inputs"]:
+            _, source, source_slot, _, _, _ = links[slot["link"]]
+            inputs[slot["name"]] = [str(source), source_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                   "_meta": {"title": node.get("title", node["type"])}}
+    return prompt

@@ -1,0 +1,100 @@
+"""ComfyUI workflow JSON checked against the node inputs ComfyUI documents, in both of its formats."""
+
+import json
+
+import pytest
+
+from lora_gradio.comfyui import WorkflowSettings, api_from_ui, api_prompt, build_graph, ui_workflow
+
+SETTINGS = WorkflowSettings("dreamshaper_8.safetensors", "anna.safetensors", "ohwx, portrait", "blurry", seed=1234,
+                            steps=25, cfg=6.5, width=512, height=768, scheduler="DPM++ 2M Karras",
+                            strength_model=0.8, strength_clip=0.6)
+# ComfyUI's documented inputs: linked inputs (name, type), then widget values in the frontend's order, and outputs.
+DOCUMENTED = {
+    "CheckpointLoaderSimple": ([], ["dreamshaper_8.safetensors"], ["MODEL", "CLIP", "VAE"]),
+    "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")], ["anna.safetensors", 0.8, 0.6], ["MODEL", "CLIP"]),
+    "EmptyLatentImage": ([], [512, 768, 1], ["LATENT"]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [1234, "fixed", 25, 6.5, "dpmpp_2m", "karras", 1.0], ["LATENT"]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], ["IMAGE"]),
+    "SaveImage": ([("images", "IMAGE")], ["lora-gradio"], []),
+}
+
+
+def by_type(workflow, kind):
+    return [n for n in workflow["nodes"] if n["type"] == kind]
+
+
+def test_each_node_has_comfyuis_inputs_widget_order_and_outputs():
+    workflow = ui_workflow(build_graph(SETTINGS))
+    for kind, (inputs, widgets, outputs) in DOCUMENTED.items():
+        (node,) = by_type(workflow, kind)
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == inputs, kind
+        assert node["widgets_values"] == widgets, kind
+        assert [o["type"] for o in node["outputs"]] == outputs, kind
+    texts = sorted(n["widgets_values"][0] for n in by_type(workflow, "CLIPTextEncode"))
+    assert texts == ["blurry", "ohwx, portrait"]
+    assert by_type(workflow, "LoraLoader")[0]["title"] == "Load LoRA (lora-gradio)"
+
+
+@pytest.mark.parametrize("lora", ["anna.safetensors", None])
+def test_links_nodes_and_ids_agree(lora):
+    workflow = ui_workflow(build_graph(WorkflowSettings("base.safetensors", lora, "a cat")))
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] == max(nodes)
+    link_ids = [link[0] for link in workflow["links"]]
+    assert len(set(link_ids)) == len(link_ids) and workflow["last_link_id"] == max(link_ids)
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        out, into = nodes[source]["outputs"][source_slot], nodes[target]["inputs"][target_slot]
+        assert out["type"] == into["type"] == kind
+        assert link_id in out["links"] and into["link"] == link_id
+    used_in = sorted(i["link"] for n in nodes.values() for i in n["inputs"])
+    used_out = sorted(link for n in nodes.values() for o in n["outputs"] for link in o["links"])
+    assert used_in == used_out == sorted(link_ids)
+    assert ("LoraLoader" in {n["type"] for n in nodes.values()}) == (lora is not None)
+    columns = [n["pos"][0] for n in sorted(nodes.values(), key=lambda n: n["order"])]
+    assert columns == sorted(columns)  # left to right in the order the graph runs
+
+
+def test_the_api_format_is_the_same_graph():
+    nodes = build_graph(SETTINGS)
+    prompt = api_prompt(nodes)
+    assert api_from_ui(json.loads(json.dumps(ui_workflow(nodes)))) == prompt
+    sampler = prompt["6"]["inputs"]
+    assert sampler["model"] == ["2", 0] and sampler["positive"] == ["3", 0] and sampler["seed"] == 1234
+    assert prompt["2"]["inputs"] == {"lora_name": "anna.safetensors", "strength_model": 0.8, "strength_clip": 0.6,
+                                     "model": ["1", 0], "clip": ["1", 1]}
+
+
+@pytest.mark.parametrize(("ours", "sampler", "scheduler"), [
+    ("Euler", "euler", "normal"), ("Euler a", "euler_ancestral", "normal"),
+    ("DPM++ 2M Karras", "dpmpp_2m", "karras"), ("DDIM", "ddim", "ddim_uniform")])
+def test_samplers_map_to_comfyuis_names(ours, sampler, scheduler):
+    inputs = api_prompt(build_graph(WorkflowSettings("b", None, "p", scheduler=ours)))["6"]["inputs"]
+    assert (inputs["sampler_name"], inputs["scheduler"]) == (sampler, scheduler)
+
+
+def test_test_tab_images_and_samples_carry_the_workflow_that_made_them(demo_spec, tmp_path):
+    from PIL import Image
+
+    from lora_gradio.inference import GenerateRequest, generate, save_png
+    from lora_gradio.models import ModelCache
+    from lora_gradio.training.run_folder import RunFolder
+    from lora_gradio.training.samples import render_samples
+
+    request = GenerateRequest("lgdemo, a red circle", "blurry", seed=5, steps=2, scheduler="Euler a")
+    cache = ModelCache()
+    path = save_png(generate(cache, demo_spec, request), tmp_path / "test.png")
+    with cache.pipeline(demo_spec, "samples") as pipe:
+        (sample,) = render_samples(pipe, ["lgdemo"], 9, 2, RunFolder(tmp_path / "run"), 3, "base.safetensors",
+                                   tmp_path / "run" / "anna-000003.safetensors")
+    with Image.open(path) as image:
+        workflow, prompt = json.loads(image.text["workflow"]), json.loads(image.text["prompt"])
+    assert api_from_ui(workflow) == prompt
+    assert prompt["6"]["inputs"]["seed"] == 5 and prompt["6"]["inputs"]["sampler_name"] == "euler_ancestral"
+    assert prompt["1"]["inputs"]["ckpt_name"] == "demo" and "2" not in prompt  # no LoRA, no LoRA node
+    with Image.open(sample) as image:
+        sample_prompt = json.loads(image.text["prompt"])
+    assert sample_prompt["2"]["inputs"]["lora_name"] == "anna-000003.safetensors"
+    assert sample_prompt["1"]["inputs"]["ckpt_name"] == "base.safetensors"
+    assert api_from_ui(json.loads(image.text["workflow"])) == sample_prompt
