@@ -107,7 +107,7 @@ def run_workflow(args: argparse.Namespace) -> int:
     from .atomic import write_text_atomic
 
     request = image_request(args)
-    nodes = comfyui.build_graph(request.workflow(Path(args.base).name, args.width or 512, args.height or 512))
+    nodes = comfyui.build_graph(request, Path(args.base).name, args.width or 512, args.height or 512)
     graph = comfyui.api_prompt(nodes) if args.format == "api" else comfyui.ui_workflow(nodes)
     write_text_atomic(args.output, json.dumps(graph, indent=2, ensure_ascii=False))
     print(args.output)

@@ -13,7 +13,11 @@ Facts of the formats (ComfyUI's documented node inputs and outputs; the frontend
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .inference import GenerateRequest
 
 
 @dataclass(frozen=True)
@@ -44,25 +48,6 @@ SAMPLERS = {"Euler": ("euler", "normal"), "Euler a": ("euler_ancestral", "normal
 NODE_WIDTH, NODE_HEIGHT, COLUMN, ROW = 320, 140, 400, 200
 
 
-@dataclass(frozen=True)
-class WorkflowSettings:
-    """What the graph reproduces: base and LoRA by the names ComfyUI lists them under, and one image's settings."""
-
-    checkpoint: str
-    lora: str | None
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 7.0
-    width: int = 512
-    height: int = 512
-    scheduler: str = "Euler"
-    strength_model: float = 1.0
-    strength_clip: float = 1.0
-    filename_prefix: str = "lora-gradio"
-
-
 @dataclass
 class Node:
     """One node of the graph: its values by widget name, and its linked inputs as (source node id, output slot)."""
@@ -76,28 +61,31 @@ class Node:
     title: str | None = None
 
 
-def build_graph(settings: WorkflowSettings) -> list[Node]:
+def build_graph(request: GenerateRequest, checkpoint: str, width: int, height: int,
+                filename_prefix: str = "lora-gradio") -> list[Node]:
     """Load Checkpoint → Load LoRA → two CLIP Text Encodes → Empty Latent → KSampler → VAE Decode → Save Image,
-    left to right; without a LoRA the checkpoint feeds the rest directly."""
-    sampler, scheduler = SAMPLERS[settings.scheduler]
-    nodes = [Node(1, "CheckpointLoaderSimple", {"ckpt_name": settings.checkpoint}, title="Load Checkpoint (base)")]
+    left to right, for one image; checkpoint and LoRA go by the file names ComfyUI lists them under. Without a
+    LoRA the checkpoint feeds the rest directly."""
+    sampler, scheduler = SAMPLERS[request.scheduler]
+    nodes = [Node(1, "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, title="Load Checkpoint (base)")]
     model, clip = (1, 0), (1, 1)
-    if settings.lora is not None:
-        nodes.append(Node(2, "LoraLoader", {"lora_name": settings.lora, "strength_model": settings.strength_model,
-                                            "strength_clip": settings.strength_clip},
+    if request.lora is not None:
+        nodes.append(Node(2, "LoraLoader", {"lora_name": Path(request.lora).name,
+                                            "strength_model": request.strength_model,
+                                            "strength_clip": request.strength_clip},
                           {"model": model, "clip": clip}, column=1, title="Load LoRA (lora-gradio)"))
         model, clip = (2, 0), (2, 1)
     nodes += [
-        Node(3, "CLIPTextEncode", {"text": settings.prompt}, {"clip": clip}, column=2, title="Positive prompt"),
-        Node(4, "CLIPTextEncode", {"text": settings.negative_prompt}, {"clip": clip}, column=2, row=1,
+        Node(3, "CLIPTextEncode", {"text": request.prompt}, {"clip": clip}, column=2, title="Positive prompt"),
+        Node(4, "CLIPTextEncode", {"text": request.negative_prompt}, {"clip": clip}, column=2, row=1,
              title="Negative prompt"),
-        Node(5, "EmptyLatentImage", {"width": settings.width, "height": settings.height, "batch_size": 1},
+        Node(5, "EmptyLatentImage", {"width": width, "height": height, "batch_size": 1},
              column=2, row=2),
-        Node(6, "KSampler", {"seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg,
+        Node(6, "KSampler", {"seed": request.seed, "steps": request.steps, "cfg": request.cfg,
                              "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
              {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}, column=3),
         Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, column=4),
-        Node(8, "SaveImage", {"filename_prefix": settings.filename_prefix}, {"images": (7, 0)}, column=5),
+        Node(8, "SaveImage", {"filename_prefix": filename_prefix}, {"images": (7, 0)}, column=5),
     ]
     return nodes
 

@@ -107,12 +107,6 @@ class GenerateRequest:
         if problems:
             raise UserError("Cannot generate: " + "; ".join(problems) + ".")
 
-    def workflow(self, checkpoint: str, width: int, height: int) -> comfyui.WorkflowSettings:
-        """The ComfyUI graph settings that reproduce this image, with the checkpoint and LoRA by file name."""
-        return comfyui.WorkflowSettings(
-            checkpoint, Path(self.lora).name if self.lora else None, self.prompt, self.negative_prompt, self.seed,
-            self.steps, self.cfg, width, height, self.scheduler, self.strength_model, self.strength_clip)
-
     def parameters_text(self, model_name: str, width: int, height: int) -> str:
         """The A1111-style ``parameters`` text stored in the PNG and shown under the image."""
         lora = f", Lora: {Path(self.lora).name}, strength_model: {self.strength_model}, " \
@@ -177,7 +171,7 @@ def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: 
                      num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
                      generator=generator).images[0]
     image.info["parameters"] = request.parameters_text(model_name, width, height)
-    nodes = comfyui.build_graph(request.workflow(model_name, width, height))
+    nodes = comfyui.build_graph(request, model_name, width, height)
     image.info["prompt"] = json.dumps(comfyui.api_prompt(nodes))  # the text chunks ComfyUI writes and reads back
     image.info["workflow"] = json.dumps(comfyui.ui_workflow(nodes))
     return image

@@ -232,8 +232,8 @@ class Studio:
     def workflow(self, base: str | None, request: inference.GenerateRequest, api: bool = False) -> Path:
         """The ComfyUI workflow (UI format, or API format) for a Test-tab image, saved in outputs/test-images."""
         request.validate()
-        nodes = comfyui.build_graph(request.workflow(self.base(base).display_name, request.width or 512,
-                                                     request.height or 512))
+        nodes = comfyui.build_graph(request, self.base(base).display_name, request.width or 512,
+                                    request.height or 512)
         graph = comfyui.api_prompt(nodes) if api else comfyui.ui_workflow(nodes)
         path = self.test_images_dir / f"workflow-{stamp()}{'.api' if api else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,15 @@
 """ComfyUI workflow JSON checked against the node inputs ComfyUI documents, in both of its formats."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from lora_gradio.comfyui import WorkflowSettings, api_from_ui, api_prompt, build_graph, ui_workflow
+from lora_gradio.comfyui import api_from_ui, api_prompt, build_graph, ui_workflow
+from lora_gradio.inference import GenerateRequest
 
-SETTINGS = WorkflowSettings("dreamshaper_8.safetensors", "anna.safetensors", "ohwx, portrait", "blurry", seed=1234,
-                            steps=25, cfg=6.5, width=512, height=768, scheduler="DPM++ 2M Karras",
-                            strength_model=0.8, strength_clip=0.6)
+REQUEST = GenerateRequest("ohwx, portrait", "blurry", seed=1234, steps=25, cfg=6.5, scheduler="DPM++ 2M Karras",
+                          lora=Path("outputs/anna/anna.safetensors"), strength_model=0.8, strength_clip=0.6)
 # ComfyUI's documented inputs: linked inputs (name, type), then widget values in the frontend's order, and outputs.
 DOCUMENTED = {
     "CheckpointLoaderSimple": ([], ["dreamshaper_8.safetensors"], ["MODEL", "CLIP", "VAE"]),
@@ -26,7 +27,7 @@ def by_type(workflow, kind):
 
 
 def test_each_node_has_comfyuis_inputs_widget_order_and_outputs():
-    workflow = ui_workflow(build_graph(SETTINGS))
+    workflow = ui_workflow(build_graph(REQUEST, "dreamshaper_8.safetensors", 512, 768))
     for kind, (inputs, widgets, outputs) in DOCUMENTED.items():
         (node,) = by_type(workflow, kind)
         assert [(i["name"], i["type"]) for i in node["inputs"]] == inputs, kind
@@ -39,7 +40,8 @@ def test_each_node_has_comfyuis_inputs_widget_order_and_outputs():
 
 @pytest.mark.parametrize("lora", ["anna.safetensors", None])
 def test_links_nodes_and_ids_agree(lora):
-    workflow = ui_workflow(build_graph(WorkflowSettings("base.safetensors", lora, "a cat")))
+    request = GenerateRequest("a cat", lora=Path(lora) if lora else None)
+    workflow = ui_workflow(build_graph(request, "base.safetensors", 512, 512))
     nodes = {n["id"]: n for n in workflow["nodes"]}
     assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] == max(nodes)
     link_ids = [link[0] for link in workflow["links"]]
@@ -57,7 +59,7 @@ def test_links_nodes_and_ids_agree(lora):
 
 
 def test_the_api_format_is_the_same_graph():
-    nodes = build_graph(SETTINGS)
+    nodes = build_graph(REQUEST, "dreamshaper_8.safetensors", 512, 768)
     prompt = api_prompt(nodes)
     assert api_from_ui(json.loads(json.dumps(ui_workflow(nodes)))) == prompt
     sampler = prompt["6"]["inputs"]
@@ -70,7 +72,7 @@ def test_the_api_format_is_the_same_graph():
     ("Euler", "euler", "normal"), ("Euler a", "euler_ancestral", "normal"),
     ("DPM++ 2M Karras", "dpmpp_2m", "karras"), ("DDIM", "ddim", "ddim_uniform")])
 def test_samplers_map_to_comfyuis_names(ours, sampler, scheduler):
-    inputs = api_prompt(build_graph(WorkflowSettings("b", None, "p", scheduler=ours)))["6"]["inputs"]
+    inputs = api_prompt(build_graph(GenerateRequest("p", scheduler=ours), "b", 512, 512))["6"]["inputs"]
     assert (inputs["sampler_name"], inputs["scheduler"]) == (sampler, scheduler)
 
 
