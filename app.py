@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         os.pathsep) if d], metavar="DIR", help="a server folder visitors may import from or load models from, "
                                                "besides the workspace (repeatable; env LORA_GRADIO_ALLOW_DIRS, "
                                                f"separated by '{os.pathsep}')")
+    parser.add_argument("--comfyui-url", default=env("LORA_GRADIO_COMFYUI_URL", "http://127.0.0.1:8188"),
+                        help="a running ComfyUI that 'Queue in ComfyUI' sends to (visitors cannot change it)")
     limits = parser.add_argument_group("limits for each visitor (shown on the page)")
     limits.add_argument("--max-upload-mb", type=int, default=int(env("LORA_GRADIO_MAX_UPLOAD_MB", "200")),
                         help="largest uploaded file (env LORA_GRADIO_MAX_UPLOAD_MB)")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora_gradio.ui import CSS, build_app
 
     limits = Limits(args.max_images, args.max_grid, args.max_image_side, args.max_steps, args.max_upload_mb)
-    app = build_app(workspace, limits=limits)
+    app = build_app(workspace, limits=limits, comfyui_url=args.comfyui_url)
     app.queue(default_concurrency_limit=4)
     log.info("lora-gradio: workspace %s%s", workspace.root, f", sign-in for {len(auth)} user(s)" if auth else "")
     log.info("lora-gradio: open http://%s:%d in your browser", args.host, args.port)

@@ -3,9 +3,13 @@
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 # Names the app gives files: under the usual 255-byte limit with room for a ' (12)' suffix and the temporary name.
 MAX_NAME_BYTES = 200
@@ -22,13 +26,14 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename it over ``path``."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A handle on a temporary file in the same folder as ``path``, renamed over it once everything is on disk."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:32]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
@@ -36,6 +41,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename it over ``path``."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """Copy a file (a LoRA of hundreds of MB, say) in chunks, atomically."""
+    with atomic_writer(path) as handle, Path(source).open("rb") as original:
+        shutil.copyfileobj(original, handle, 2**22)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

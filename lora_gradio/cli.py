@@ -64,7 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     image_settings(flow, "--prompt", "ohwx, portrait photo")
     flow.add_argument("--format", choices=["ui", "api"], default="ui",
                       help="ui: drop onto ComfyUI or open with Load; api: what ComfyUI's /prompt takes")
-    flow.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    flow.add_argument("--output", type=Path, help="JSON file to write")
+    flow.add_argument("--queue", nargs="?", const="http://127.0.0.1:8188", metavar="URL",
+                      help="also queue it in a running ComfyUI (default address http://127.0.0.1:8188)")
+
+    install = sub.add_parser("install", help="copy a LoRA into a ComfyUI install's models/loras")
+    install.add_argument("lora", type=Path, help="the .safetensors LoRA")
+    install.add_argument("--comfyui", type=Path, required=True, help="the ComfyUI folder (or its models folder)")
+    install.add_argument("--base", help="the base checkpoint file, to check that ComfyUI has it too")
+    install.add_argument("--link-base", action="store_true", help="link the base checkpoint into ComfyUI if missing")
+    install.add_argument("--replace", action="store_true", help="replace a different file of the same name")
+
+    inspect = sub.add_parser("inspect", help="what a LoRA file holds and whether it fits SD1.5")
+    inspect.add_argument("lora", type=Path)
 
     resume = sub.add_parser("resume", help="continue an interrupted training run")
     resume.add_argument("run", type=Path, help="the run's output folder (it holds job.json)")
@@ -106,11 +118,41 @@ def run_workflow(args: argparse.Namespace) -> int:
     from . import comfyui
     from .atomic import write_text_atomic
 
+    if args.output is None and args.queue is None:
+        raise UserError("Give --output FILE.json, --queue, or both.")
     request = image_request(args)
     nodes = comfyui.build_graph(request, Path(args.base).name, args.width or 512, args.height or 512)
-    graph = comfyui.api_prompt(nodes) if args.format == "api" else comfyui.ui_workflow(nodes)
-    write_text_atomic(args.output, json.dumps(graph, indent=2, ensure_ascii=False))
-    print(args.output)
+    if args.output is not None:
+        graph = comfyui.api_prompt(nodes) if args.format == "api" else comfyui.ui_workflow(nodes)
+        write_text_atomic(args.output, json.dumps(graph, indent=2, ensure_ascii=False))
+        print(args.output)
+    if args.queue is not None:
+        print(comfyui.queue(args.queue, comfyui.api_prompt(nodes)), file=sys.stderr)
+    return 0
+
+
+def run_install(args: argparse.Namespace) -> int:
+    """Copy a LoRA into ComfyUI, and check (or link) its base checkpoint there."""
+    from . import comfyui
+    from .models import resolve_base
+
+    models = comfyui.models_folder(args.comfyui)
+    print(comfyui.install_lora(args.lora, models, args.replace))
+    if args.base:
+        base = resolve_base(args.base)
+        note = comfyui.checkpoint_note(base, models)
+        if note and args.link_base:
+            print(comfyui.link_checkpoint(base, models))
+        elif note:
+            print(note.replace("with 'Link the base model'", "with --link-base"))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print the LoRA inspector's report."""
+    from .lora_map import inspect_lora
+
+    print(inspect_lora(args.lora).text())
     return 0
 
 
@@ -203,25 +245,24 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_presets(_args: argparse.Namespace) -> int:
+    """List the presets with their descriptions."""
+    from .training.config import list_presets, load_preset
+
+    for name in list_presets():
+        print(f"{name:18} {load_preset(name)[1]}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "generate": run_generate, "resume": run_resume, "import": run_import,
+            "workflow": run_workflow, "install": run_install, "inspect": run_inspect, "presets": run_presets}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn user errors into one line and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return run_train(args)
-        if args.command == "generate":
-            return run_generate(args)
-        if args.command == "resume":
-            return run_resume(args)
-        if args.command == "import":
-            return run_import(args)
-        if args.command == "workflow":
-            return run_workflow(args)
-        from .training.config import list_presets, load_preset
-
-        for name in list_presets():
-            print(f"{name:18} {load_preset(name)[1]}")
-        return 0
+        return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""ComfyUI's two workflow formats for a LoRA: the graph a user drops onto the ComfyUI page, and the prompt its API
-queues. Both come from one node list, so they always describe the same graph.
+"""The hand-off to ComfyUI: its two workflow formats (the graph a user drops onto the ComfyUI page, and the prompt
+its API queues, both from one node list), installing a LoRA into its models folder, and queueing a prompt.
 
 Facts of the formats (ComfyUI's documented node inputs and outputs; the frontend's workflow JSON, version 0.4):
 - API format (``POST /prompt``, PNG text ``prompt``): ``{node id: {"class_type", "inputs": {name: value, or
@@ -12,12 +12,21 @@ Facts of the formats (ComfyUI's documented node inputs and outputs; the frontend
 
 from __future__ import annotations
 
+import filecmp
+import json
+import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import copy_atomic, disk_name
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .inference import GenerateRequest
+    from .models import BaseModelSpec
 
 
 @dataclass(frozen=True)
@@ -151,3 +160,93 @@ def api_from_ui(workflow: dict[str, Any]) -> dict[str, Any]:
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
                                    "_meta": {"title": node.get("title", node["type"])}}
     return prompt
+
+
+DEFAULT_URL = "http://127.0.0.1:8188"  # where ComfyUI listens unless told otherwise
+
+
+def models_folder(folder: Path) -> Path:
+    """ComfyUI's ``models`` folder, given the install or the models folder itself."""
+    folder = Path(folder).expanduser()
+    if (folder / "models").is_dir():
+        return folder / "models"
+    if (folder / "loras").is_dir() or (folder / "checkpoints").is_dir():
+        return folder
+    raise UserError(f"'{folder}' is not a ComfyUI folder: it has no 'models' folder (nor 'loras' or "
+                    "'checkpoints'). Give the ComfyUI install folder, or its 'models' folder.")
+
+
+def install_lora(lora: Path, models: Path, replace: bool = False) -> str:
+    """Copy a LoRA into ComfyUI's ``models/loras``, atomically; the same file there is a no-op, and a different
+    file of the same name is replaced only when asked. Returns what happened, in a sentence."""
+    loras = Path(models) / "loras"
+    target = loras / disk_name(Path(lora).name)
+    if target.resolve() == Path(lora).resolve():
+        return f"{target.name} is already in ComfyUI's models/loras: this workspace shares ComfyUI's models folder."
+    if target.is_file():
+        if filecmp.cmp(target, lora, shallow=False):
+            return f"{target.name} is already in ComfyUI's models/loras (the same file); nothing to do."
+        if not replace:
+            raise UserError(f"ComfyUI's models/loras already has a different {target.name}. Replace it (tick "
+                            "'Replace a different file' or pass --replace), or rename your LoRA first.")
+    loras.mkdir(parents=True, exist_ok=True)
+    copy_atomic(lora, target)
+    return f"Copied to ComfyUI's models/loras as {target.name}: pick it in the Load LoRA node (refresh the page)."
+
+
+def checkpoint_note(base: BaseModelSpec, models: Path) -> str | None:
+    """When the base model file is not among ComfyUI's checkpoints: say so, and how to link it there."""
+    if base.kind != "single_file":
+        return None
+    if (Path(models) / "checkpoints" / Path(base.location).name).exists():
+        return None
+    return (f"The base model {base.display_name} is not in ComfyUI's models/checkpoints. Link it there (no copy of "
+            "the gigabytes) with 'Link the base model', or copy it yourself.")
+
+
+def link_checkpoint(base: BaseModelSpec, models: Path) -> str:
+    """A symbolic link to the base model file in ComfyUI's ``models/checkpoints``."""
+    if base.kind != "single_file":
+        raise UserError(f"{base.display_name} is not a single checkpoint file, so ComfyUI cannot load it from "
+                        "models/checkpoints. Use a .safetensors checkpoint.")
+    link = Path(models) / "checkpoints" / Path(base.location).name
+    if link.exists():
+        return f"{link.name} is already in ComfyUI's models/checkpoints."
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(Path(base.location).resolve(), link)
+    return f"Linked {link.name} into ComfyUI's models/checkpoints."
+
+
+def queue(url: str, prompt: dict[str, Any], timeout: float = 10) -> str:
+    """POST an API-format prompt to a running ComfyUI; its answer, or its error word for word."""
+    body = json.dumps({"prompt": prompt, "client_id": "lora-gradio"}).encode()
+    request = urllib.request.Request(f"{url.rstrip('/')}/prompt", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            queued = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"ComfyUI refused the workflow (HTTP {exc.code}): {comfy_error(exc.read())}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"ComfyUI does not answer at {url} ({reason}). Start ComfyUI there, or start this app with "
+                        "--comfyui-url pointing at it.") from exc
+    return f"Queued in ComfyUI at {url}: prompt {queued.get('prompt_id')}, number {queued.get('number')}."
+
+
+def comfy_error(body: bytes) -> str:
+    """ComfyUI's error answer as text: its message and details, then each node's errors."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:2000]
+    if not isinstance(answer, dict):
+        return str(answer)[:2000]
+    error = answer.get("error") or {}
+    parts = [": ".join(p for p in (error.get("message"), error.get("details")) if p)] if isinstance(error, dict) \
+        else [str(error)]
+    for node, found in (answer.get("node_errors") or {}).items():
+        for item in found.get("errors", []):
+            parts.append(f"node {node} ({found.get('class_type', '?')}): "
+                         + ": ".join(p for p in (item.get("message"), item.get("details")) if p))
+    return "; ".join(p for p in parts if p) or body.decode(errors="replace")[:2000]

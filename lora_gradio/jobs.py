@@ -207,16 +207,28 @@ def resume_training(run_dir: Path, on_event: Emit | None = None, stop: threading
                  prepared=job.prepared)
 
 
+Finish = Callable[[TrainResult, Emit], None]  # runs after training in the same job, e.g. to install the LoRA
+
+
+def _then(result: TrainResult, emit: Emit, finish: Finish | None) -> TrainResult:
+    if finish is not None and result.lora_path is not None:
+        finish(result, emit)
+    return result
+
+
 def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, base: BaseModelSpec, data_dir: Path,
-                   run_dir: Path, prepared: Path | None = None, owner: str | None = None) -> str:
+                   run_dir: Path, prepared: Path | None = None, owner: str | None = None,
+                   finish: Finish | None = None) -> str:
     """Train in the background (one training at a time); returns the job id that Stop needs."""
-    return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: run_training(
-        config, base, data_dir, run_dir, on_event=emit, stop=stop, cache=cache, prepared=prepared),
+    return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: _then(run_training(
+        config, base, data_dir, run_dir, on_event=emit, stop=stop, cache=cache, prepared=prepared), emit, finish),
         exclusive="training", run_dir=str(run_dir), owner=owner)
 
 
-def start_resume(runner: JobRunner, cache: ModelCache, run_dir: Path, owner: str | None = None) -> str:
+def start_resume(runner: JobRunner, cache: ModelCache, run_dir: Path, owner: str | None = None,
+                 finish: Finish | None = None) -> str:
     """Continue an interrupted run in the background; returns the job id that Stop needs."""
     RunFolder(Path(run_dir)).read_job()  # fail here, in the caller, when the folder is not a run
-    return runner.start("training", f"Training {Path(run_dir).name} (resumed)", lambda stop, emit: resume_training(
-        run_dir, on_event=emit, stop=stop, cache=cache), exclusive="training", run_dir=str(run_dir), owner=owner)
+    return runner.start("training", f"Training {Path(run_dir).name} (resumed)", lambda stop, emit: _then(
+        resume_training(run_dir, on_event=emit, stop=stop, cache=cache), emit, finish), exclusive="training",
+        run_dir=str(run_dir), owner=owner)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ class LoraModule:
     up: torch.Tensor | None = None
     alpha: float | None = None
     extra: list[str] = field(default_factory=list)  # keys of this module in no layout we apply
+    keys: list[str] = field(default_factory=list)  # every key of the file that belongs to this module
+    layout: str = ""  # kohya, diffusers/peft or old diffusers
 
     @property
     def rank(self) -> int:
@@ -55,6 +58,7 @@ class LoraFit:
 
     applied: dict[str, tuple[str, str, LoraModule]]  # kohya name -> (component, module path, weights)
     not_applied: dict[str, str]
+    misfits: list[str] = field(default_factory=list)  # modules that exist here with other shapes, and why
 
     def line(self) -> str:
         """'All 24 modules applied (16 UNet, 8 text encoder).' or which were not, and why."""
@@ -74,27 +78,42 @@ def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
     """Group a file's tensors into modules by kohya name, whatever the layout."""
     modules: dict[str, LoraModule] = {}
 
-    def module(name: str) -> LoraModule:
-        return modules.setdefault(name, LoraModule(name))
+    def module(name: str, key: str, layout: str = "") -> LoraModule:
+        item = modules.setdefault(name, LoraModule(name))
+        item.keys.append(key)
+        item.layout = layout or item.layout
+        return item
 
     for key, tensor in tensors.items():
         if found := KOHYA.match(key):
-            setattr(module(found.group(1)), ROLE[found.group(2)], tensor)
+            setattr(module(found.group(1), key, "kohya"), ROLE[found.group(2)], tensor)
         elif found := KOHYA_ALPHA.match(key):
-            module(found.group(1)).alpha = float(tensor)
+            module(found.group(1), key).alpha = float(tensor)
         elif found := PEFT.match(key):
-            setattr(module(kohya_module_name(found.group(1), found.group(2))), ROLE[found.group(3)], tensor)
+            name = kohya_module_name(found.group(1), found.group(2))
+            setattr(module(name, key, "diffusers/peft"), ROLE[found.group(3)], tensor)
         elif found := PEFT_ALPHA.match(key):
-            module(kohya_module_name(found.group(1), found.group(2))).alpha = float(tensor)
+            module(kohya_module_name(found.group(1), found.group(2)), key).alpha = float(tensor)
         elif found := OLD_PROCESSOR.match(key):
             path = f"{found.group(1)}.{found.group(2)}" + (".0" if found.group(2) == "to_out" else "")
-            setattr(module(kohya_module_name("unet", path)), ROLE[found.group(3)], tensor)
+            setattr(module(kohya_module_name("unet", path), key, "old diffusers"), ROLE[found.group(3)], tensor)
         elif found := OLD.match(key):
             name = kohya_module_name(found.group(1) or "unet", found.group(2))
-            setattr(module(name), ROLE[found.group(3)], tensor)
+            setattr(module(name, key, "old diffusers"), ROLE[found.group(3)], tensor)
         else:
-            module(key.split(".")[0]).extra.append(key)
+            module(key.split(".")[0], key).extra.append(key)
     return modules
+
+
+def architecture(modules: dict[str, LoraModule], metadata: dict[str, str]) -> str:
+    """The model family a LoRA was made for, from its metadata and its module names: SD1.x, SD2 or SDXL."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl") or any("input_blocks" in k or "_te1_" in k or "_te2_" in k for k in modules):
+        return "SDXL"
+    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2") or any(
+            mark in key for key in modules for mark in SD2_MARKS):
+        return "SD2"
+    return "SD1.x"
 
 
 def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
@@ -143,37 +162,40 @@ def _fitted(item: LoraModule, target: torch.nn.Module) -> str | None:
     return None
 
 
+def match_modules(modules: dict[str, LoraModule], table: dict[str, tuple[str, str, torch.nn.Module]]) -> LoraFit:
+    """Which modules land on a module of the model with fitting shapes, which do not exist there, which misfit."""
+    fit = LoraFit({}, {})
+    for key, item in modules.items():
+        if item.down is None and item.up is None:
+            kinds = ", ".join(k.split(".", 1)[1] for k in item.extra)
+            fit.not_applied[key] = f"{kinds}: a kind of weight this app does not load (LyCORIS LoHa/LoKr, say)"
+        elif key not in table:
+            fit.not_applied[key] = "no such module in an SD1.x model"
+        elif reason := _fitted(item, table[key][2]):
+            fit.misfits.append(f"{key}: {reason}")
+        else:
+            fit.applied[key] = (*table[key][:2], item)
+            if item.extra:
+                fit.not_applied[f"{key} (extra)"] = f"{', '.join(item.extra)} not applied (only the LoRA pair is)"
+    return fit
+
+
 def fit_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe: StableDiffusionPipeline,
              name: str) -> LoraFit:
     """Map a file's modules onto the pipeline; refuse it when it is for another model or holds broken weights."""
     check_finite(tensors, name)
     modules = read_modules(tensors)
-    table = module_table(pipe)
-    applied, not_applied, misfits = {}, {}, []
-    for key, item in modules.items():
-        if item.down is None and item.up is None:
-            not_applied[key] = f"{', '.join(k.split('.', 1)[1] for k in item.extra)}: a kind of weight this app does " \
-                               "not load (LyCORIS LoHa/LoKr, say)"
-        elif key not in table:
-            not_applied[key] = "no such module in an SD1.x model"
-        elif reason := _fitted(item, table[key][2]):
-            misfits.append(f"{key}: {reason}")
-        else:
-            applied[key] = (*table[key][:2], item)
-            if item.extra:
-                not_applied[f"{key} (extra)"] = f"{', '.join(item.extra)} not applied (only the LoRA pair is)"
-    sd2 = metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2") or any(
-        mark in key for key in modules for mark in SD2_MARKS)
-    if sd2:
+    fit = match_modules(modules, module_table(pipe))
+    family = architecture(modules, metadata)
+    if family == "SD2":
         raise UserError(f"'{name}' is an SD2 LoRA: it does not fit this SD1.x base model. Use an SD1.x LoRA.")
-    if misfits or not applied:
-        xl = any("input_blocks" in k or "_te1_" in k or "_te2_" in k for k in modules)
-        hint = "SDXL" if xl else "another model (or another rank layout)"
-        first = misfits[0] if misfits else next(iter(not_applied), "no LoRA weights")
-        count = len(misfits) or len(not_applied)
+    if fit.misfits or not fit.applied:
+        hint = "SDXL" if family == "SDXL" else "another model (or another rank layout)"
+        first = fit.misfits[0] if fit.misfits else next(iter(fit.not_applied), "no LoRA weights")
+        count = len(fit.misfits) or len(fit.not_applied)
         raise UserError(f"'{name}' does not fit this SD1.x base model: {count} of its {len(modules)} modules do not "
                         f"fit (first: {first}). It was probably trained for {hint}; use an SD1.x LoRA.")
-    return LoraFit(applied, not_applied)
+    return fit
 
 
 def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) -> None:
@@ -242,3 +264,85 @@ def detach(pipe: StableDiffusionPipeline) -> None:
     """Remove every LoRA layer, leaving the clean base model."""
     pipe.unload_lora_weights()
     setattr(pipe, ATTACHED, None)
+
+
+BLOCK = re.compile(r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+|[a-z_]+?)_")
+METADATA_SHOWN = 300  # characters of each metadata value in the report (tag frequencies can be long)
+
+
+@dataclass
+class LoraInspection:
+    """What a LoRA file holds and how it maps onto SD1.5: the Test tab's inspector and ``inspect``."""
+
+    name: str
+    layout: str
+    family: str
+    fit: LoraFit
+    blocks: dict[str, tuple[set[int], set[float]]]
+    metadata: dict[str, str]
+    keys: int
+    mapped_keys: int
+    broken: int  # tensors with NaN or infinite values
+
+    def text(self) -> str:
+        """The report as plain text (metadata is shown as text, never as markup)."""
+        by_part = {"unet": 0, "text_encoder": 0}
+        for component, _, _ in self.fit.applied.values():
+            by_part[component] += 1
+        share = 100 * self.mapped_keys / self.keys if self.keys else 0
+        lines = [self.name, f"Layout: {self.layout}", f"Made for: {self.family}",
+                 f"Modules: {by_part['unet']} UNet, {by_part['text_encoder']} text encoder",
+                 f"Keys that map onto SD1.5: {self.mapped_keys} of {self.keys} ({share:.0f}%)"]
+        if self.broken:
+            lines.append(f"NaN or infinite values in {self.broken} tensors: this file renders black images.")
+        problems = [*self.fit.misfits, *(f"{key}: {why}" for key, why in self.fit.not_applied.items())]
+        lines += ["Not mapped:", *(f"  {p}" for p in problems)] if problems else []
+        lines.append("Rank and alpha per block:")
+        for block, (ranks, alphas) in self.blocks.items():
+            alpha = ", ".join(f"{a:g}" for a in sorted(alphas))
+            lines.append(f"  {block}: rank {', '.join(map(str, sorted(ranks)))}, alpha {alpha}")
+        lines.append("Metadata:" if self.metadata else "Metadata: none")
+        for key, value in sorted(self.metadata.items()):
+            shown = value if len(value) <= METADATA_SHOWN else f"{value[:METADATA_SHOWN]}… ({len(value)} characters)"
+            lines.append(f"  {key}: {shown}")
+        return "\n".join(lines)
+
+
+def block_of(key: str, component: str) -> str:
+    """The block a module belongs to, for the per-block ranks: ``down_blocks.1``, ``mid_block``, ``text encoder``."""
+    found = BLOCK.match(key)
+    if component == "text_encoder":
+        return "text encoder"
+    return found.group(1).replace("s_", "s.") if found else "other"
+
+
+@lru_cache(maxsize=1)
+def sd15_table() -> dict[str, tuple[str, str, torch.nn.Module]]:
+    """The module table of the full SD1.5 architecture, built once on the meta device."""
+    from .models import sd15_skeleton
+
+    return module_table(sd15_skeleton())
+
+
+def inspect_lora(path: Path) -> LoraInspection:
+    """Read a LoRA file and map it onto the full SD1.5 architecture (built on the meta device), loading no model."""
+    import torch
+
+    tensors, metadata = read_lora(path)
+    modules = read_modules(tensors)
+    fit = match_modules(modules, sd15_table())
+    layouts = sorted({m.layout for m in modules.values() if m.layout}) or ["no LoRA layout this app reads"]
+    layout = " + ".join(layouts)
+    if any(m.down is not None and m.down.dim() == 4 and m.down.shape[2:] != (1, 1) for m in modules.values()):
+        layout += " with conv layers (LoCon)"
+    if metadata.get("ss_network_module", "").startswith("lycoris"):
+        layout += f", made with {metadata['ss_network_module']}"
+    blocks: dict[str, tuple[set[int], set[float]]] = {}
+    for key, (component, _, item) in sorted(fit.applied.items()):
+        ranks, alphas = blocks.setdefault(block_of(key, component), (set(), set()))
+        ranks.add(item.rank)
+        alphas.add(item.alpha if item.alpha is not None else float(item.rank))
+    mapped = sum(len(item.keys) - len(item.extra) for _, _, item in fit.applied.values())
+    broken = sum(1 for t in tensors.values() if t.is_floating_point() and not torch.isfinite(t).all())
+    return LoraInspection(Path(path).name, layout, architecture(modules, metadata), fit, blocks, metadata,
+                          len(tensors), mapped, broken)

@@ -237,6 +237,14 @@ def _sd15_component_configs() -> tuple[dict, dict, dict]:
     return tuple(loaded)
 
 
+def sd15_skeleton() -> StableDiffusionPipeline:
+    """The full SD1.5 architecture on the meta device: its real module names and shapes, without memory or files."""
+    import torch
+
+    with torch.device("meta"):
+        return build_pipeline(*_sd15_component_configs())
+
+
 def quiet_libraries() -> None:
     """Keep transformers' and diffusers' info chatter (optional backends, missing keys of fresh LoRAs) off the log."""
     import transformers

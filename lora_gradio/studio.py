@@ -23,8 +23,10 @@ from .errors import UserError
 from .estimate import Estimate, estimate
 from .events import Emit, JobEvent
 from .jobs import JobRunner, start_resume, start_training
+from .lora_map import inspect_lora
 from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import TrainConfig, make_config
+from .training.loop import TrainResult
 from .training.run_folder import RunFolder, RunJob
 from .workspace import MODEL_SUFFIXES, Workspace
 
@@ -83,8 +85,9 @@ class Studio:
     """One workspace, one model cache and one job runner, shared by every visitor of the app."""
 
     def __init__(self, workspace: Workspace, cache: ModelCache | None = None, jobs: JobRunner | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, comfyui_url: str = comfyui.DEFAULT_URL) -> None:
         self.workspace = workspace
+        self.comfyui_url = comfyui_url
         self.limits = limits or Limits()
         self.cache = cache or ModelCache()
         self.jobs = jobs or JobRunner()
@@ -150,7 +153,7 @@ class Studio:
         """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
         run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return start_training(self.jobs, self.cache, plan.config, plan.base, plan.images, run_dir, plan.prepared,
-                              owner)
+                              owner, self.install_trained)
 
     def resume_training(self, run: str | None, owner: str | None = None) -> str:
         """Continue an interrupted run of outputs/ by its folder name; returns the job id that Stop needs."""
@@ -161,7 +164,7 @@ class Studio:
                             "under Interrupted runs.")
         folder = self.workspace.outputs_dir / run
         self.check_job(RunFolder(folder).read_job())
-        return start_resume(self.jobs, self.cache, folder, owner)
+        return start_resume(self.jobs, self.cache, folder, owner, self.install_trained)
 
     def check_job(self, job: RunJob) -> None:
         """A run's recorded base model and data must pass today's rules, whatever its job.json says."""
@@ -229,16 +232,62 @@ class Studio:
         path = inference.save_png(image, self.test_images_dir / f"{stamp()}-{request.seed}.png")
         return GeneratedImage(path, image.info["parameters"], image.info.get("lora", ""))
 
+    def graph(self, base: str | None, request: inference.GenerateRequest) -> list[comfyui.Node]:
+        """The ComfyUI graph that makes a Test-tab image, with the base and LoRA by their file names."""
+        request.validate()
+        return comfyui.build_graph(request, self.base(base).display_name, request.width or 512,
+                                   request.height or 512)
+
     def workflow(self, base: str | None, request: inference.GenerateRequest, api: bool = False) -> Path:
         """The ComfyUI workflow (UI format, or API format) for a Test-tab image, saved in outputs/test-images."""
-        request.validate()
-        nodes = comfyui.build_graph(request, self.base(base).display_name, request.width or 512,
-                                    request.height or 512)
+        nodes = self.graph(base, request)
         graph = comfyui.api_prompt(nodes) if api else comfyui.ui_workflow(nodes)
         path = self.test_images_dir / f"workflow-{stamp()}{'.api' if api else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(graph, indent=2, ensure_ascii=False))
         return path
+
+    def queue_in_comfyui(self, base: str | None, request: inference.GenerateRequest) -> str:
+        """Queue the Test tab's image in the ComfyUI this app's operator pointed it at (never a visitor's URL)."""
+        return comfyui.queue(self.comfyui_url, comfyui.api_prompt(self.graph(base, request)))
+
+    def comfyui_models(self) -> Path:
+        """The models folder of the ComfyUI install the workspace shares; a message when none is set."""
+        shared = self.workspace.settings.get("models_dir")
+        if not shared:
+            raise UserError("No ComfyUI folder is set: give the path of your ComfyUI install in Workspace settings "
+                            "(at the top of the page), then send the LoRA again.")
+        return Path(shared)
+
+    def send_to_comfyui(self, label: str | None, base: str | None, replace: bool = False) -> str:
+        """Install a LoRA into the shared ComfyUI's models/loras, and say when its base model is missing there."""
+        models = self.comfyui_models()
+        lora = self.lora(label)
+        if lora is None:
+            raise UserError("Pick the LoRA to send to ComfyUI.")
+        note = comfyui.checkpoint_note(self.base(base), models)
+        return comfyui.install_lora(lora, models, replace) + (f" {note}" if note else "")
+
+    def install_trained(self, result: TrainResult, emit: Emit) -> None:
+        """When the workspace shares a ComfyUI models folder, a finished run's LoRA goes into its models/loras."""
+        shared = self.workspace.settings.get("models_dir")
+        if not shared:
+            return
+        try:
+            emit(JobEvent("status", "ComfyUI: " + comfyui.install_lora(result.lora_path, Path(shared))))
+        except (UserError, OSError) as exc:
+            emit(JobEvent("warning", f"The LoRA was not copied into ComfyUI: {exc}"))
+
+    def link_base_into_comfyui(self, base: str | None) -> str:
+        """Link the base model file into the shared ComfyUI's models/checkpoints."""
+        return comfyui.link_checkpoint(self.base(base), self.comfyui_models())
+
+    def inspect(self, label: str | None) -> str:
+        """The LoRA inspector's report for a LoRA of this workspace, as plain text."""
+        lora = self.lora(label)
+        if lora is None:
+            raise UserError("Pick a LoRA to inspect.")
+        return inspect_lora(lora).text()
 
     def images_dir(self, dataset: str | None) -> Path:
         """The images folder of a dataset; a clear message when none is chosen."""

@@ -140,3 +140,58 @@ def test_the_test_tab_reports_what_was_applied(demo_spec, demo_pipe, tmp_path):
     image = generate(ModelCache(), demo_spec, GenerateRequest(
         "lgdemo", steps=2, lora=kohya_file(demo_pipe, tmp_path / "civitai.safetensors"), strength_clip=0.0))
     assert image.info["lora"].startswith(f"All {len(TEXT) + len(UNET)} LoRA modules applied")
+
+
+def full_sd15_file(path, layout, extra=None):
+    """A rank-1 LoRA on every attention module of the full SD1.5 (names and shapes from the meta-device model) and
+    on its UNet conv and text-encoder MLP layers, in one of the shared layouts."""
+    from lora_gradio.lora_map import sd15_table
+
+    tensors = {}
+    for name, (component, module_path, module) in sd15_table().items():
+        attention = any(part in module_path for part in ("attn1.", "attn2.", "self_attn."))
+        if layout == "old diffusers" and (component != "unet" or not attention):
+            continue  # that layout only ever held UNet attention
+        if not attention and not module_path.endswith(("conv1", "conv2", "fc1", "fc2")):
+            continue
+        conv = isinstance(module, torch.nn.Conv2d)
+        down = torch.zeros((1, module.in_channels, *module.kernel_size) if conv else (1, module.in_features))
+        up = torch.zeros((module.out_channels, 1, 1, 1) if conv else (module.out_features, 1))
+        if layout == "kohya":
+            tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.ones(())}
+        elif layout == "diffusers/peft":
+            prefix = f"{component}.{'text_model.' if component == 'text_encoder' else ''}{module_path}"
+            tensors |= {f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up}
+        else:
+            tensors |= {f"unet.{module_path}.lora.down.weight": down, f"unet.{module_path}.lora.up.weight": up}
+    save_file({**tensors, **(extra or {})}, path, metadata={"ss_base_model_version": "sd_v1", "ss_note": "<b>x</b>"})
+    return path
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers/peft", "old diffusers"])
+def test_the_inspector_maps_every_key_of_each_layout_onto_sd15(tmp_path, layout):
+    from lora_gradio.lora_map import inspect_lora
+
+    report = inspect_lora(full_sd15_file(tmp_path / "full.safetensors", layout))
+    assert report.keys > 100 and report.mapped_keys == report.keys
+    assert report.family == "SD1.x" and report.layout.startswith(layout)
+    text = report.text()
+    assert f"Keys that map onto SD1.5: {report.keys} of {report.keys} (100%)" in text and "Not mapped" not in text
+    assert "  down_blocks.0: rank 1, alpha 1" in text and "  ss_note: <b>x</b>" in text  # metadata as plain text
+    if layout != "old diffusers":
+        assert "  text encoder: rank 1, alpha 1" in text
+    if layout == "kohya":
+        assert "with conv layers (LoCon)" in report.layout
+
+
+def test_the_inspector_names_keys_that_do_not_map(tmp_path):
+    from lora_gradio.lora_map import inspect_lora
+
+    foreign = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(1, 320),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 1),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1024),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 1)}
+    text = inspect_lora(full_sd15_file(tmp_path / "mixed.safetensors", "kohya", foreign)).text()
+    assert "Made for: SDXL" in text
+    assert "  lora_unet_input_blocks_1_1_proj_in: no such module in an SD1.x model" in text
+    assert "  lora_te_text_model_encoder_layers_0_mlp_fc1: its shapes (1, 1024) and (3072, 1) do not fit" in text

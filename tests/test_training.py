@@ -2,6 +2,7 @@
 
 import statistics
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def overfit(tmp_path_factory, demo_spec):
     config = apply_overrides(load_preset("demo")[0], {
         "epochs": 40, "unet_lr": 5e-3, "text_encoder_lr": 1e-3, "rank": 32, "alpha": 32, "batch_size": 2,
         "unet_modules": ALL_UNET, "train_text_encoder": True, "save_every_n_epochs": 20, "output_name": "fit",
-        "sample_prompts": [PROMPT], "sample_steps": 4, "seed": 7})
+        "sample_prompts": [PROMPT], "sample_steps": 4, "seed": 7, "trigger_word": "lgdemo"})
     cache = ModelCache()
     samples = []
     result = train(config, demo_spec, data, root / "out", cache=cache,
@@ -73,6 +74,20 @@ def test_exported_file_reproduces_the_in_memory_model(overfit, demo_spec):
     with Image.open(in_memory) as sample:
         difference = np.abs(np.asarray(sample, dtype=np.int16) - np.asarray(reloaded, dtype=np.int16))
     assert difference.max() <= 6 and difference.mean() < 1  # fp16 weights in the file
+
+
+def test_each_saved_lora_has_an_a1111_card_with_its_own_sample(overfit):
+    import json
+
+    result, _, last_sample = overfit
+    for lora, epoch in ((result.saved[0], 20), (result.lora_path, 40)):
+        card = json.loads(lora.with_name(lora.stem + ".json").read_text(encoding="utf-8"))
+        assert card["activation text"] == "lgdemo" and card["sd version"] == "SD1"
+        assert card["preferred weight"] == 1.0 and card["description"].startswith("fit: an SD1.5 LoRA")
+        assert f"epoch {epoch} of 40" in card["notes"] and "rank 32, alpha 32" in card["notes"]
+        preview = lora.with_name(lora.stem + ".preview.png").read_bytes()
+        assert preview == (lora.parent / "samples" / f"epoch{epoch:04d}-0.png").read_bytes()
+    assert result.lora_path.with_name("fit.preview.png").read_bytes() == Path(last_sample).read_bytes()
 
 
 def test_file_follows_kohya_conventions(overfit):
@@ -148,4 +163,5 @@ def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_conf
     with pytest.raises(UserError, match=r"diverged.*Lower the learning rate"):
         train(config, demo_spec, demo_data, tmp_path / "out")
     # the last good epoch stays, and the run can resume from it with a lower learning rate
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-000001.safetensors", "resume-state.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-000001.json", "lora-000001.safetensors",
+                                                                  "resume-state.pt"]

@@ -21,7 +21,7 @@ from ..dataset import DatasetScan, scan_training_folder
 from ..errors import UserError
 from ..events import Emit, JobEvent
 from ..models import BaseModelSpec, ModelCache, free_accelerator_memory, pipeline_view, quiet_libraries
-from . import kohya
+from . import cards, kohya
 from .config import TrainConfig
 from .data import cache_latents, plan_epoch, process_caption, sample_latents, steps_per_epoch
 from .network import add_lora_adapters, make_optimizer, trainable_parameters
@@ -284,8 +284,7 @@ class Trainer:
         self.emit(self.event("epoch", f"Epoch {epoch}/{config.epochs} done", epoch=epoch))
         self.checkpoint(epoch, 0)
         if epoch < config.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
-            self.save(epoch)
-            self.samples(epoch)
+            self.samples(epoch, self.save(epoch))
 
     def finish(self) -> TrainResult:
         """The final save (also after a Stop) and the last samples."""
@@ -295,7 +294,7 @@ class Trainer:
         if accelerator.is_main_process:
             result.lora_path = self.save(None)
             if not result.stopped:
-                self.samples(result.epochs)
+                self.samples(result.epochs, result.lora_path)
                 self.folder.finish()
         accelerator.wait_for_everyone()
         verb = "Stopped" if result.stopped else "Finished"
@@ -319,19 +318,26 @@ class Trainer:
         metadata = kohya.build_metadata(config, self.base, self.started, result.steps, epoch or result.epochs,
                                         self.scan.total_repeats, self.tag_frequency)
         path = kohya.save_lora(self.folder.lora_file(config.output_name, epoch), tensors, metadata)
+        cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
+                         self.scan.total_repeats)
+        latest = self.folder.latest_sample()
+        if latest is not None:  # the samples of this epoch replace it once they are rendered
+            cards.write_preview(path, latest)
         result.saved.append(path)
         self.emit(self.event("saved", f"Saved {path.name}", epoch=epoch or result.epochs, path=str(path)))
         return path
 
-    def samples(self, epoch: int) -> list[Path]:
-        """Render the sample prompts with the model as it is now, and warn when they look overcooked."""
+    def samples(self, epoch: int, lora: Path | None = None) -> list[Path]:
+        """Render the sample prompts with the model as it is now (the state saved in ``lora``), make the first one
+        that file's card thumbnail, and warn when they look overcooked."""
         if not self.config.sample_prompts or not self.accelerator.is_main_process:
             return []
         self.emit(JobEvent("status", f"Rendering sample images for epoch {epoch}"))
         with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
             paths = render_samples(self.pipe, list(self.config.sample_prompts), self.config.seed,
-                                   self.config.sample_steps, self.folder, epoch, self.base.display_name,
-                                   self.folder.lora_file(self.config.output_name, epoch) if epoch else None)
+                                   self.config.sample_steps, self.folder, epoch, self.base.display_name, lora)
+        if lora is not None:
+            cards.write_preview(lora, paths[0])
         self.emit(self.event("samples", f"Samples for epoch {epoch}", epoch=epoch, paths=[str(p) for p in paths]))
         warning = overtraining_warning(self.first_samples, paths, epoch)
         if warning:

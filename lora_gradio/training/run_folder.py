@@ -61,6 +61,11 @@ class RunFolder:
         """Where epoch ``epoch``'s sample for prompt ``index`` goes."""
         return self.samples_dir / f"epoch{epoch:04d}-{index}.png"
 
+    def latest_sample(self) -> Path | None:
+        """The first prompt's sample of the newest epoch that has one."""
+        found = sorted(self.samples_dir.glob("epoch*-0.png")) if self.samples_dir.is_dir() else []
+        return found[-1] if found else None
+
     def samples_of(self, epoch: int) -> list[Path]:
         """The samples already rendered for an epoch (epoch 0's, when a run resumes)."""
         return sorted(self.samples_dir.glob(f"epoch{epoch:04d}-*.png"))

@@ -15,6 +15,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from ..atomic import write_bytes_atomic
+from ..comfyui import DEFAULT_URL as DEFAULT_COMFYUI_URL
 from ..errors import UserError
 from ..estimate import format_duration
 from ..jobs import JobState
@@ -130,11 +131,12 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     return job_id
 
 
-def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Limits | None = None) -> gr.Blocks:
+def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Limits | None = None,
+              comfyui_url: str = DEFAULT_COMFYUI_URL) -> gr.Blocks:
     """The whole app over one workspace and one model cache."""
     from . import api, caption_tab, dataset_tab, test_tab, train_tab
 
-    studio = Studio(workspace, cache, limits=limits)
+    studio = Studio(workspace, cache, limits=limits, comfyui_url=comfyui_url)
     with gr.Blocks(title="lora-gradio") as app:
         api.register(studio)  # first, so the public names are theirs
         gr.Markdown("# lora-gradio\nFrom a folder of photos to an SD1.5 LoRA for ComfyUI, A1111/Forge and diffusers.")

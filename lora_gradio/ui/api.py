@@ -93,6 +93,22 @@ def register(studio: Studio) -> None:
                              strength_model, strength_clip)
         return FileData(path=shown(studio.workflow(base, request, api_format)))
 
+    def comfyui_queue(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+                      width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
+                      strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo") -> str:
+        """Queue the workflow for these settings in the ComfyUI the operator set (--comfyui-url); ComfyUI's answer,
+        or its error word for word."""
+        return studio.queue_in_comfyui(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height,
+                                                        scheduler, lora, strength_model, strength_clip))
+
+    def comfyui_install(lora: str, base: str = "demo", replace: bool = False) -> str:
+        """Copy a LoRA of this workspace into the shared ComfyUI's models/loras (see Workspace settings)."""
+        return studio.send_to_comfyui(lora, base, replace)
+
+    def inspect_lora(lora: str) -> str:
+        """The LoRA inspector's report (layout, model family, ranks, metadata, unmapped keys) as plain text."""
+        return studio.inspect(lora)
+
     def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
              steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo") -> dict:
         """A grid of LoRA files (rows) by strengths (columns, applied to model and clip alike)."""
@@ -140,7 +156,8 @@ def register(studio: Studio) -> None:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
-    for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, grid, caption, prepare,
-                     import_folder, import_files, set_models_dir, download_lora, cache_status):
+    for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
+                     comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
+                     set_models_dir, download_lora, cache_status):
         gr.api(user_errors(endpoint), api_name=endpoint.__name__)
     gr.api(user_errors(generate), api_name="generate", **MODEL)

@@ -50,6 +50,17 @@ def build(ctx: AppContext) -> None:
     gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
                          elem_id="test-gallery")
     applied = gr.Markdown(elem_id="test-lora-report")
+    with gr.Accordion("Use it in ComfyUI, inspect the LoRA", open=False):
+        with gr.Row():
+            send = gr.Button("Send the LoRA to ComfyUI", elem_id="comfy-send")
+            replace = gr.Checkbox(label="Replace a different file of the same name", value=False,
+                                  elem_id="comfy-replace")
+            link = gr.Button("Link the base model into ComfyUI", elem_id="comfy-link")
+            queue = gr.Button(f"Queue in ComfyUI ({ctx.studio.comfyui_url})", elem_id="comfy-queue")
+            inspect = gr.Button("Inspect the LoRA", elem_id="lora-inspect")
+        handed = gr.Markdown(elem_id="comfy-result")
+        inspection = gr.Textbox(label="LoRA inspector", lines=14, max_lines=40, interactive=False,
+                                elem_id="lora-inspection")
     with gr.Accordion("Compare grid: epochs × strengths", open=True):
         with gr.Row():
             grid_loras = gr.Dropdown(lora_choices()[1:], multiselect=True, label="LoRA files (rows)", scale=3,
@@ -88,6 +99,18 @@ def build(ctx: AppContext) -> None:
         path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields))
         return gr.update(value=shown(path), visible=True)
 
+    @user_errors
+    def on_send(choice: str, repo: str, lora_label: str, overwrite: bool) -> str:
+        return ctx.studio.send_to_comfyui(lora_label, base_name(choice, repo), bool(overwrite))
+
+    @user_errors
+    def on_link(choice: str, repo: str) -> str:
+        return ctx.studio.link_base_into_comfyui(base_name(choice, repo))
+
+    @user_errors
+    def on_queue(choice: str, repo: str, *fields: object) -> str:
+        return ctx.studio.queue_in_comfyui(base_name(choice, repo), request_from(*fields))
+
     def grid_done(state: JobState) -> list:
         return [shown(state.result) if state.status == "done" else gr.skip()]
 
@@ -96,6 +119,10 @@ def build(ctx: AppContext) -> None:
     generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
                    **MODEL)
     workflow.click(on_workflow, [base_choice, base_repo, *fields], workflow_file, **PRIVATE)
+    send.click(on_send, [base_choice, base_repo, lora, replace], handed, **PRIVATE)
+    link.click(on_link, [base_choice, base_repo], handed, **PRIVATE)
+    queue.click(on_queue, [base_choice, base_repo, *fields], handed, **PRIVATE)
+    inspect.click(user_errors(ctx.studio.inspect), lora, inspection, **PRIVATE)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
     dice.click(inference.random_seed, None, seed, **PRIVATE)
     lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)
