@@ -116,16 +116,13 @@ def image_request(args: argparse.Namespace) -> GenerateRequest:
 def run_workflow(args: argparse.Namespace) -> int:
     """Write the ComfyUI graph for the flags, with the checkpoint and LoRA by file name."""
     from . import comfyui
-    from .atomic import write_text_atomic
 
     if args.output is None and args.queue is None:
         raise UserError("Give --output FILE.json, --queue, or both.")
     request = image_request(args)
     nodes = comfyui.build_graph(request, Path(args.base).name, args.width or 512, args.height or 512)
     if args.output is not None:
-        graph = comfyui.api_prompt(nodes) if args.format == "api" else comfyui.ui_workflow(nodes)
-        write_text_atomic(args.output, json.dumps(graph, indent=2, ensure_ascii=False))
-        print(args.output)
+        print(comfyui.write_graph(args.output, nodes, args.format == "api"))
     if args.queue is not None:
         print(comfyui.queue(args.queue, comfyui.api_prompt(nodes)), file=sys.stderr)
     return 0

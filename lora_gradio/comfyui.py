@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import copy_atomic, disk_name
+from .atomic import copy_atomic, disk_name, write_text_atomic
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -142,6 +142,15 @@ def ui_workflow(nodes: list[Node]) -> dict[str, Any]:
         rendered.append(entry)
     return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": rendered, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+
+def write_graph(path: Path, nodes: list[Node], api: bool = False) -> Path:
+    """Save a graph as ComfyUI reads it: the UI format (drop onto the page, or Load), or with ``api`` the format
+    ``/prompt`` takes."""
+    graph = api_prompt(nodes) if api else ui_workflow(nodes)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(path), json.dumps(graph, indent=2, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def api_from_ui(workflow: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ take the signed-in ``owner``, if any: only that user can stop the job.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from . import captioning, comfyui, imports, inference, quality
-from .atomic import write_text_atomic
 from .dataset import read_manifest
 from .errors import UserError
 from .estimate import Estimate, estimate
@@ -240,12 +238,8 @@ class Studio:
 
     def workflow(self, base: str | None, request: inference.GenerateRequest, api: bool = False) -> Path:
         """The ComfyUI workflow (UI format, or API format) for a Test-tab image, saved in outputs/test-images."""
-        nodes = self.graph(base, request)
-        graph = comfyui.api_prompt(nodes) if api else comfyui.ui_workflow(nodes)
         path = self.test_images_dir / f"workflow-{stamp()}{'.api' if api else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(graph, indent=2, ensure_ascii=False))
-        return path
+        return comfyui.write_graph(path, self.graph(base, request), api)
 
     def queue_in_comfyui(self, base: str | None, request: inference.GenerateRequest) -> str:
         """Queue the Test tab's image in the ComfyUI this app's operator pointed it at (never a visitor's URL)."""

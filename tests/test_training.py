@@ -76,8 +76,10 @@ def test_exported_file_reproduces_the_in_memory_model(overfit, demo_spec):
     assert difference.max() <= 6 and difference.mean() < 1  # fp16 weights in the file
 
 
-def test_each_saved_lora_has_an_a1111_card_with_its_own_sample(overfit):
+def test_each_saved_lora_has_an_a1111_card_its_own_sample_and_a_comfyui_workflow(overfit):
     import json
+
+    from lora_gradio.comfyui import api_from_ui
 
     result, _, last_sample = overfit
     for lora, epoch in ((result.saved[0], 20), (result.lora_path, 40)):
@@ -85,6 +87,9 @@ def test_each_saved_lora_has_an_a1111_card_with_its_own_sample(overfit):
         assert card["activation text"] == "lgdemo" and card["sd version"] == "SD1"
         assert card["preferred weight"] == 1.0 and card["description"].startswith("fit: an SD1.5 LoRA")
         assert f"epoch {epoch} of 40" in card["notes"] and "rank 32, alpha 32" in card["notes"]
+        graph = api_from_ui(json.loads(lora.with_name(lora.stem + ".workflow.json").read_text(encoding="utf-8")))
+        assert graph["2"]["inputs"]["lora_name"] == lora.name and graph["3"]["inputs"]["text"] == PROMPT
+        assert graph["1"]["inputs"]["ckpt_name"] == "demo" and graph["6"]["inputs"]["seed"] == 7
         preview = lora.with_name(lora.stem + ".preview.png").read_bytes()
         assert preview == (lora.parent / "samples" / f"epoch{epoch:04d}-0.png").read_bytes()
     assert result.lora_path.with_name("fit.preview.png").read_bytes() == Path(last_sample).read_bytes()
@@ -163,5 +168,5 @@ def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_conf
     with pytest.raises(UserError, match=r"diverged.*Lower the learning rate"):
         train(config, demo_spec, demo_data, tmp_path / "out")
     # the last good epoch stays, and the run can resume from it with a lower learning rate
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-000001.json", "lora-000001.safetensors",
-                                                                  "resume-state.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "lora-000001.json", "lora-000001.safetensors", "lora-000001.workflow.json", "resume-state.pt"]

@@ -1,5 +1,6 @@
-"""The A1111/Forge extra-networks card beside a LoRA: ``<name>.json`` (activation text, weight, notes) and
-``<name>.preview.png`` (its thumbnail).
+"""What is written beside each saved LoRA so other tools pick it up: the A1111/Forge extra-networks card,
+``<name>.json`` (activation text, weight, notes) and ``<name>.preview.png`` (its thumbnail), and the ComfyUI
+workflow ``<name>.workflow.json`` that uses it.
 
 Facts of the format: the card's user metadata is a JSON object with the keys ``description``, ``sd version``,
 ``activation text``, ``preferred weight`` and ``notes``; the thumbnail is the LoRA's file name with ``.preview.png``.
@@ -45,3 +46,15 @@ def write_preview(lora: Path, sample: Path) -> Path:
     path = card_paths(lora)[1]
     write_bytes_atomic(path, Path(sample).read_bytes())
     return path
+
+
+def write_workflow(lora: Path, config: TrainConfig, base_name: str) -> Path:
+    """The ComfyUI graph for this LoRA with the run's first sample prompt (or the trigger word), seed and size."""
+    from ..comfyui import build_graph, write_graph
+    from ..inference import GenerateRequest
+
+    prompt = config.sample_prompts[0] if config.sample_prompts else (config.trigger_word or "a photo")
+    request = GenerateRequest(prompt, seed=config.seed, steps=config.sample_steps, lora=lora)
+    stem = Path(lora).with_suffix("")
+    return write_graph(stem.with_name(stem.name + ".workflow.json"),
+                       build_graph(request, base_name, config.resolution, config.resolution))

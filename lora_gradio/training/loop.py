@@ -320,6 +320,7 @@ class Trainer:
         path = kohya.save_lora(self.folder.lora_file(config.output_name, epoch), tensors, metadata)
         cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
                          self.scan.total_repeats)
+        cards.write_workflow(path, config, self.base.display_name)
         latest = self.folder.latest_sample()
         if latest is not None:  # the samples of this epoch replace it once they are rendered
             cards.write_preview(path, latest)
