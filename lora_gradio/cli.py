@@ -163,14 +163,20 @@ def run_train(args: argparse.Namespace) -> int:
     config, _ = load_preset(args.preset)
     config = apply_overrides(config, parse_overrides(args.overrides))
     base = resolve_base(args.base, allow_pickle=args.allow_pickle)
-    data = args.data
+    data, prepared = args.data, None
+    if data is not None and (data / "images").is_dir():  # a dataset folder of the app: images/ and prepared/
+        prepared = data / "prepared" if (data / "prepared").is_dir() else None
+        print(f"{data} is a lora-gradio dataset: training on its images/ (with their captions)"
+              + (" and its prepared/ training copies." if prepared else "."), file=sys.stderr)
+        data = data / "images"
     if data is None:
         if base.kind != DEMO:
             raise UserError("--data is required unless --base demo (which can make its own demo images).")
         data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word or "lgdemo")
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
-    return with_progress(lambda on_event, stop: run_training(config, base, data, args.output, on_event, stop))
+    return with_progress(lambda on_event, stop: run_training(config, base, data, args.output, on_event, stop,
+                                                             prepared=prepared))
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -201,25 +207,26 @@ def with_progress(work: Callable[[Callable, threading.Event], TrainResult]) -> i
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, only rank 0 reports
-    bar = tqdm(total=0, unit="step", dynamic_ncols=True, disable=not main_process)
+    bars: list[tqdm] = []  # made at the first step, so a run that fails before it prints no empty bar
 
     def on_event(event: JobEvent) -> None:
         if not main_process:
             return
         if event.kind == "step":
-            bar.total = event.total_steps
-            bar.set_postfix(epoch=f"{event.epoch}/{event.total_epochs}", loss=f"{event.loss:.4f}",
-                            lr=f"{event.lr:.2e}")
-            bar.update(event.step - bar.n)
-        elif event.kind in ("warning", "error"):
-            bar.write(f"{event.kind}: {event.message}", file=sys.stderr)
+            if not bars:
+                bars.append(tqdm(total=event.total_steps, initial=event.step - 1, unit="step", dynamic_ncols=True))
+            bars[0].set_postfix(epoch=f"{event.epoch}/{event.total_epochs}", loss=f"{event.loss:.4f}",
+                                lr=f"{event.lr:.2e}")
+            bars[0].update(event.step - bars[0].n)
         elif event.message:
-            bar.write(event.message, file=sys.stderr)
+            prefix = f"{event.kind}: " if event.kind in ("warning", "error") else ""
+            tqdm.write(prefix + event.message, file=sys.stderr)
 
     try:
         result = work(on_event, stop)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     if main_process:
         print(result.summary(), file=sys.stderr)
         print(result.lora_path)

@@ -187,6 +187,7 @@ def run_training(config: TrainConfig, base: BaseModelSpec, data_dir: Path, run_d
                  prepared: Path | None = None) -> TrainResult:
     """Start a run in ``run_dir``, recording it so it can be resumed (a run that fails before saving leaves none)."""
     run = RunFolder(Path(run_dir))
+    created = not run.path.exists()
     run.check_writable()
     run.write_job(RunJob(config, base, Path(data_dir), prepared))
     try:
@@ -194,6 +195,8 @@ def run_training(config: TrainConfig, base: BaseModelSpec, data_dir: Path, run_d
     except BaseException:
         if not run.state_file.is_file():
             run.job_file.unlink(missing_ok=True)
+            if created and not any(run.path.iterdir()):
+                run.path.rmdir()  # a run that failed before anything was saved leaves no trace
         raise
 
 

@@ -24,6 +24,7 @@ def test_fresh_clone_demo_run_writes_a_kohya_lora(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "random weights" in done.stderr and "step" in done.stderr  # the demo note and the tqdm bar
+    assert "pip install kernels" not in done.stderr  # bitsandbytes' optional-kernel notice stays quiet
     lora = Path(done.stdout.strip().splitlines()[-1])
     assert lora == out / "lora.safetensors"
     with safe_open(str(lora), "pt") as handle:
@@ -59,8 +60,9 @@ def test_sdxl_shaped_checkpoint(capsys, tmp_path, demo_data):
               tmp_path / "xl.safetensors")
     code, err = run_cli(capsys, "train", *QUICK, "--base", str(tmp_path / "xl.safetensors"), "--data",
                         str(demo_data), "--output", str(tmp_path / "o"))
-    assert code == 2 and "SDXL" in err
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    assert code == 2 and "SDXL" in err and "step" not in err  # no empty progress bar before the error
+    assert err.splitlines() == ["Loading base model xl.safetensors", err.splitlines()[-1]]
+    assert not (tmp_path / "o").exists()  # a failed run leaves no empty folder behind
 
 
 def test_random_bytes_checkpoint(capsys, tmp_path, demo_data):
@@ -73,7 +75,24 @@ def test_random_bytes_checkpoint(capsys, tmp_path, demo_data):
 def test_empty_dataset(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, err = run_cli(capsys, "train", *QUICK, "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o"))
-    assert code == 2 and "No usable images" in err
+    assert code == 2 and "No usable images" in err and "step" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_dataset_folder_of_the_app_trains_on_its_images_once(capsys, tmp_path, demo_data):
+    from lora_gradio.quality import prepare_dataset
+
+    dataset = tmp_path / "workspace" / "datasets" / "shapes"
+    dataset.mkdir(parents=True)
+    demo_data.rename(dataset / "images")
+    prepare_dataset(dataset / "images", dataset / "prepared", 64, False)
+    code = main(["train", *QUICK, "--data", str(dataset), "--output", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"{dataset} is a lora-gradio dataset: training on its images/ (with their captions) and its prepared/ " \
+           "training copies." in err
+    with safe_open(out.strip().splitlines()[-1], "pt") as handle:
+        assert handle.metadata()["ss_num_train_images"] == str(len(list((dataset / "images").glob("*.png"))))
 
 
 def test_unreadable_image_and_missing_caption_are_named_and_training_goes_on(capsys, tmp_path, demo_data):

@@ -8,6 +8,7 @@ from test_ui_dataset_caption import type_into
 from test_ui_journey import choose, set_number
 
 from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.training.run_folder import RunFolder
 
 
 def progress(page, kind="training"):
@@ -39,9 +40,16 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         wait_for(lambda: progress(starter, "prepare").startswith("done: 9/9"), 60, "Prepare, again")
         assert not starter.locator("#train-prepare-again").is_visible()
         set_number(starter, "#field-epochs", 500)
-        type_into(starter.locator("#field-trigger_word").get_by_role("textbox"), "lgdemo")
+        trigger = starter.locator("#field-trigger_word").get_by_role("textbox")
+        type_into(trigger, "sks")  # key by key, then changed: the prompts must follow every time
+        type_into(trigger, "lgdemo")
+        wait_for(lambda: "Samples will use: lgdemo, " in starter.locator("#sample-preview").inner_text(), 30,
+                 "the sample prompts with the trigger word")
         starter.locator("#train-start").click()
         wait_for(lambda: re.search(r"running: step [1-9]\d*/2500", progress(starter)), 60, "training to run")
+        run = next((workspace / "outputs").glob("lora-*"))
+        prompts = RunFolder(run).read_job().config.sample_prompts
+        assert prompts and all(p.startswith("lgdemo") and "{trigger}" not in p and "sks" not in p for p in prompts)
         assert "Since Prepare" not in starter.locator("#train-estimate").inner_text()  # the copies are current
 
         visitor.get_by_role("tab", name="Train").click()

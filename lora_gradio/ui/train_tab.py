@@ -120,7 +120,8 @@ def build(ctx: AppContext) -> None:
         for name in MAIN[6:]:
             widgets[name] = field_widget(name)
     widgets["sample_prompts"] = gr.Textbox(label="Sample prompts, one per line (rendered every saved epoch with a "
-                                                 "fixed seed; the trigger word is filled in)", lines=2)
+                                                 "fixed seed; {trigger} stands for the trigger word)", lines=2)
+    sample_preview = gr.Markdown(elem_id="sample-preview")
     with gr.Accordion("Advanced", open=False):
         for start in range(0, len(ADVANCED), 5):
             with gr.Row():
@@ -169,8 +170,11 @@ def build(ctx: AppContext) -> None:
         values["sample_prompts"] = "\n".join(prompts)
         return [text or "", *[to_widget(name, values[name]) for name in names]]
 
-    def fill_trigger(prompts: str, trigger: str) -> str:
-        return (prompts or "").replace("{trigger}", (trigger or "").strip() or "{trigger}")
+    def preview_samples(prompts: str, trigger: str) -> str:
+        """The prompts as the samples will use them; the box keeps {trigger}, so any retyping stays right."""
+        lines = [line.replace("{trigger}", (trigger or "").strip()) for line in (prompts or "").splitlines()
+                 if line.strip()]
+        return "Samples will use: " + " · ".join(f"`{line}`" for line in lines) if lines else "No sample images."
 
     def plan_text(plan: TrainingPlan) -> str:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
@@ -217,8 +221,9 @@ def build(ctx: AppContext) -> None:
 
     inputs = [widgets[n] for n in names]
     presets.change(on_preset, presets, [description, *inputs], **PRIVATE)
-    widgets["trigger_word"].change(fill_trigger, [widgets["sample_prompts"], widgets["trigger_word"]],
-                                   widgets["sample_prompts"], **PRIVATE)
+    for box in (widgets["trigger_word"], widgets["sample_prompts"]):
+        box.change(preview_samples, [widgets["sample_prompts"], widgets["trigger_word"]], sample_preview,
+                   show_progress="hidden", **PRIVATE)
     check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], [plan, prepare_again], **PRIVATE)
     start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs, train_job, prepare_again],
                 **PRIVATE)
