@@ -23,6 +23,7 @@ from .atomic import write_bytes_atomic, write_text_atomic
 from .buckets import fit_to_bucket, make_buckets, pick_bucket
 from .dataset import (
     MANIFEST,
+    REPEAT_FOLDER,
     caption_path,
     image_advice,
     image_problem,
@@ -170,10 +171,31 @@ def check_dataset(images_dir: Path) -> QualityReport:
                             _names(useless) + ". Remove or crop them.") if useless
                       else Check(OK, "No blank or panorama images"))
 
-    uncaptioned = [str(p.relative_to(images_dir)) for p in images if not read_caption(p)]
-    checks.append(Check(WARN, _count(len(uncaptioned), "image") + " without a caption",
-                        "caption them in the Caption tab") if uncaptioned else Check(OK, "Every image has a caption"))
+    folders = repeat_folders(images_dir, images)
+    if folders:
+        per_epoch = sum(max(folders.get(p.parent.name, (1, ""))[0], 1) for p in images)
+        checks.append(Check(OK, "Repeats", "; ".join(
+            f"{name}: ×{repeats} ({_count(sum(1 for p in images if p.parent.name == name), 'image')})"
+            for name, (repeats, _) in folders.items()) + f"; {per_epoch} images per epoch"))
+    uncaptioned = [p for p in images if not read_caption(p)]
+    by_folder = [p for p in uncaptioned if p.parent.name in folders]
+    if by_folder:
+        checks.append(Check(OK, _count(len(by_folder), "image") + " captioned by their folder's name", ", ".join(
+            sorted({f"'{folders[p.parent.name][1]}' ({p.parent.name})" for p in by_folder}))))
+    rest = [str(p.relative_to(images_dir)) for p in uncaptioned if p.parent.name not in folders]
+    checks.append(Check(WARN, _count(len(rest), "image") + " without a caption",
+                        "caption them in the Caption tab") if rest else Check(OK, "Every image has a caption"))
     return QualityReport(checks, per_image)
+
+
+def repeat_folders(images_dir: Path, images: list[Path]) -> dict[str, tuple[int, str]]:
+    """Kohya ``N_words`` subfolders holding images: their repeats and the words that caption their images."""
+    found = {}
+    for path in images:
+        match = REPEAT_FOLDER.match(path.parent.name) if path.parent != images_dir else None
+        if match:
+            found[path.parent.name] = (int(match.group(1)), match.group(2))
+    return dict(sorted(found.items()))
 
 
 def thumbnail(path: Path, images_dir: Path) -> Path:

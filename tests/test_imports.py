@@ -200,3 +200,16 @@ def test_image_bytes_of_jpeg_kept_exactly(sources, tmp_path):
     (result,) = import_sources([sources / "photo.JPG"], tmp_path / "dataset").files
     assert result.status == "imported"
     assert (tmp_path / "dataset" / "photo.jpg").read_bytes() == buffer.getvalue()
+
+
+def test_the_report_reads_kohya_folders_as_captions_and_repeats(tmp_path):
+    dataset = tmp_path / "dataset"
+    for folder, count in (("10_ohwx woman", 3), ("2_style", 2)):
+        (dataset / folder).mkdir(parents=True)
+        for index in range(count):
+            (dataset / folder / f"{index}.png").write_bytes(photo_bytes(index + 10 * count))
+    (dataset / "loose.png").write_bytes(photo_bytes(99))
+    text = check_dataset(dataset).markdown()
+    assert "**Repeats**: 10_ohwx woman: ×10 (3 images); 2_style: ×2 (2 images); 35 images per epoch" in text
+    assert "**5 images captioned by their folder's name**: 'ohwx woman' (10_ohwx woman), 'style' (2_style)" in text
+    assert "**1 image without a caption**" in text

@@ -70,3 +70,10 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         wait_for(lambda: progress(starter).startswith("stopped"), 60, "the owner's stop")
         wait_for(lambda: progress(visitor).startswith("stopped"), 30, "the visitor to see the stop")
         assert "lora.safetensors" in starter.locator("#saved-files").inner_text()
+
+        for page in (visitor, starter):  # the stopped run is offered for Resume, live and after a reload
+            if page is starter:
+                page.reload()
+                page.get_by_role("tab", name="Train").click()
+            choose(page, "#train-runs", run.name)
+            assert page.locator("#train-runs").get_by_role("combobox").input_value() == run.name

@@ -81,11 +81,15 @@ def shown(path: Path | str) -> str:
 
 def progress_html(state: JobState) -> str:
     """A job's progress bar with its counts and ETA, readable by people and by tests; the message is escaped."""
+    if state.status == "idle":
+        return f'<div id="{state.kind or "job"}-progress-text">Nothing running yet.</div>'
     fraction = state.step / state.total_steps if state.total_steps else 0.0
     eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.active else ""
     speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
     counts = (f"step {state.step}/{state.total_steps} · epoch {state.epoch}/{state.total_epochs}"
               if state.kind == "training" else f"{state.step}/{state.total_steps}")
+    if not state.total_steps:
+        counts = "getting ready"  # loading the model, caching latents: no steps to count yet
     return (f'<div id="{state.kind or "job"}-progress-text">{state.status}: {counts}{speed}{eta}</div>'
             f'<progress value="{fraction:.4f}" max="1" style="width:100%;height:18px"></progress>'
             f'<div>{html.escape(state.message)}</div>')

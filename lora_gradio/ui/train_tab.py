@@ -139,7 +139,7 @@ def build(ctx: AppContext) -> None:
         stop = gr.Button("Stop (saves what was learned)", variant="stop", elem_id="train-stop")
     with gr.Row():
         runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3,
-                           allow_custom_value=True)
+                           allow_custom_value=True, elem_id="train-runs")
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
     progress = gr.HTML(elem_id="train-progress")
     train_job = gr.BrowserState("", storage_key="lora-gradio-training-job")  # this page's run: the key to Stop
@@ -212,12 +212,15 @@ def build(ctx: AppContext) -> None:
         save_preset(config_from(list(values)), ctx.workspace.presets_dir / f"{name}.toml", "Saved from the app.")
         return gr.update(choices=list(preset_choices(ctx)), value=f"{name} (yours)"), ""
 
-    def on_tick(seen: dict) -> tuple:
-        state, seen, changed = follow_losses(ctx.studio.jobs, seen)
+    def on_tick(before: dict) -> tuple:
+        state, seen, changed = follow_losses(ctx.studio.jobs, before)
+        seen["active"] = state.active  # a run that starts or ends changes the list of interrupted runs
+        runs_now = gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)) \
+            if before.get("active") != state.active or "active" not in before else gr.skip()
         gallery = [(shown(path), f"epoch {epoch}") for epoch, path in state.samples if Path(path).exists()]
         files = [[Path(p).name, f"{Path(p).stat().st_size / 1e6:.1f} MB"] for p in state.saved if Path(p).exists()]
         curve = loss_frame(seen["losses"]) if changed else gr.skip()
-        return progress_html(state), curve, gallery, files, "\n".join(state.log), seen
+        return progress_html(state), curve, gallery, files, "\n".join(state.log), seen, runs_now
 
     inputs = [widgets[n] for n in names]
     presets.change(on_preset, presets, [description, *inputs], **PRIVATE)
@@ -231,7 +234,7 @@ def build(ctx: AppContext) -> None:
     stop.click(stop_handler(ctx.studio), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, [runs, train_job], **PRIVATE)
     save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
-    live = [progress, curve, samples, saved, log, seen_losses]
+    live = [progress, curve, samples, saved, log, seen_losses, runs]
     gr.Timer(1.0).tick(on_tick, seen_losses, live, show_progress="hidden", **PRIVATE)
     ctx.app.load(on_preset, presets, [description, *inputs], **PRIVATE)
     ctx.app.load(on_tick, seen_losses, live, **PRIVATE)
