@@ -150,7 +150,8 @@ def build(ctx: AppContext) -> None:
         samples = gr.Gallery(label="Samples by epoch (epoch 0 is the base model)", columns=4, height=320,
                              elem_id="train-samples")
     with gr.Row():
-        saved = gr.Dataframe(headers=["epoch file", "size"], label="Saved", interactive=False, elem_id="saved-files")
+        saved = gr.File(label="Saved LoRA files (click one to download it)", file_count="multiple",
+                        interactive=False, elem_id="saved-files")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
 
     def config_from(values: list[Any]) -> TrainConfig:
@@ -218,7 +219,8 @@ def build(ctx: AppContext) -> None:
         runs_now = gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)) \
             if before.get("active") != state.active or "active" not in before else gr.skip()
         gallery = [(shown(path), f"epoch {epoch}") for epoch, path in state.samples if Path(path).exists()]
-        files = [[Path(p).name, f"{Path(p).stat().st_size / 1e6:.1f} MB"] for p in state.saved if Path(p).exists()]
+        seen["saved"] = [p for p in state.saved if Path(p).exists()]
+        files = ([shown(p) for p in seen["saved"]] or None) if seen["saved"] != before.get("saved") else gr.skip()
         curve = loss_frame(seen["losses"]) if changed else gr.skip()
         return progress_html(state), curve, gallery, files, "\n".join(state.log), seen, runs_now
 
