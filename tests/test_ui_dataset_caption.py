@@ -14,8 +14,8 @@ def create_dataset(page, url, name):
     page.goto(url)
     page.locator("#new-dataset").get_by_role("textbox").fill(name)
     page.locator("#create-dataset").click()
-    wait_for(lambda: page.locator("#dataset-picker").get_by_role("combobox").input_value() == name,
-             what="the new dataset to be selected")
+    wait_for(lambda: page.locator("#dataset-picker").get_by_role("combobox").input_value() == name, 60,
+             "the new dataset to be selected")
 
 
 def import_into_new_dataset(page, url, name, folder, last_name):
