@@ -60,12 +60,14 @@ class LoraFit:
     not_applied: dict[str, str]
     misfits: list[str] = field(default_factory=list)  # modules that exist here with other shapes, and why
 
+    def parts(self) -> str:
+        """How many applied modules each component has: '16 UNet, 8 text encoder'."""
+        components = [component for component, _, _ in self.applied.values()]
+        return f"{components.count('unet')} UNet, {components.count('text_encoder')} text encoder"
+
     def line(self) -> str:
         """'All 24 modules applied (16 UNet, 8 text encoder).' or which were not, and why."""
-        by_part = {"unet": 0, "text_encoder": 0}
-        for component, _, _ in self.applied.values():
-            by_part[component] += 1
-        parts = f"{by_part['unet']} UNet, {by_part['text_encoder']} text encoder"
+        parts = self.parts()
         if not self.not_applied:
             return f"All {len(self.applied)} LoRA modules applied ({parts})."
         total = len(self.applied) + len(self.not_applied)
@@ -286,12 +288,8 @@ class LoraInspection:
 
     def text(self) -> str:
         """The report as plain text (metadata is shown as text, never as markup)."""
-        by_part = {"unet": 0, "text_encoder": 0}
-        for component, _, _ in self.fit.applied.values():
-            by_part[component] += 1
         share = 100 * self.mapped_keys / self.keys if self.keys else 0
-        lines = [self.name, f"Layout: {self.layout}", f"Made for: {self.family}",
-                 f"Modules: {by_part['unet']} UNet, {by_part['text_encoder']} text encoder",
+        lines = [self.name, f"Layout: {self.layout}", f"Made for: {self.family}", f"Modules: {self.fit.parts()}",
                  f"Keys that map onto SD1.5: {self.mapped_keys} of {self.keys} ({share:.0f}%)"]
         if self.broken:
             lines.append(f"NaN or infinite values in {self.broken} tensors: this file renders black images.")

@@ -133,6 +133,10 @@ def test_the_app_sends_to_comfyui_and_shows_its_queue_error(tmp_path, comfy_erro
         (comfy / "models" / "loras" / "mine.safetensors").write_bytes(b"x")  # already there: the same file
         assert "already in ComfyUI's models/loras" in client.predict("loras/mine.safetensors",
                                                                      api_name="/comfyui_install")
+        with pytest.raises(AppError, match=r"'mine.safetensors' is not a readable .safetensors LoRA"):
+            client.predict("loras/mine.safetensors", api_name="/inspect_lora")
+        with pytest.raises(AppError, match=r"LoRA '/etc/passwd' is not in this workspace"):
+            client.predict("/etc/passwd", api_name="/inspect_lora")
         with pytest.raises(AppError, match=r"HTTP 400\): Prompt outputs failed validation; node 2 \(LoraLoader\)"):
             client.predict(prompt="ohwx", lora="loras/mine.safetensors", api_name="/comfyui_queue")
         with browser_page() as page:
