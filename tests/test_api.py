@@ -213,3 +213,11 @@ def test_the_workflow_endpoint_returns_both_comfyui_formats(api):
               for api_format in (False, True)]
     assert api_from_ui(graphs[0]) == graphs[1]
     assert graphs[1]["6"]["inputs"]["seed"] == 11 and graphs[1]["3"]["inputs"]["text"] == "ohwx, portrait"
+
+
+def test_an_import_of_a_server_path_dressed_as_an_upload_is_refused(api):
+    client, workspace = api
+    client.predict("smuggled", api_name="/create_dataset")
+    upload = '{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}'
+    assert raw_call(client.src, "import_files", f'"smuggled", [{upload}]') != "event: complete"  # Gradio refuses
+    assert not list((workspace / "datasets" / "smuggled" / "images").glob("*"))
