@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class JobEvent:
-    """``kind`` is status, progress, warning, step, epoch, saved, samples, done, stopped or error.
+    """``kind`` is status, progress, warning, step, epoch, saved, samples, history, done, stopped or error.
 
     ``step``/``total_steps`` count whatever the job counts (training steps, images); training also fills the rest.
+    A resumed run first sends ``history``: the ``points`` (step, loss, learning rate) it had already made.
     """
 
     kind: str
@@ -25,6 +26,7 @@ class JobEvent:
     eta_s: float | None = None
     path: str | None = None
     paths: list[str] = field(default_factory=list)
+    points: list[tuple[int, float, float | None]] = field(default_factory=list)
 
 
 Emit = Callable[[JobEvent], None]

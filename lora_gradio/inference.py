@@ -193,7 +193,10 @@ def save_png(image: Image.Image, path: Path) -> Path:
 def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest,
                  loras: list[tuple[str, Path]], strengths: list[float], stop: threading.Event | None = None,
                  emit: Callable[[JobEvent], None] | None = None) -> Image.Image:
-    """Rows of LoRA files (epochs) by columns of strengths, one seed, labelled axes; one lease for every cell."""
+    """Rows of LoRA files (epochs) by columns of strengths, one seed, labelled axes; one lease for every cell.
+
+    The PNG text describes the grid itself: its rows, its columns and the settings every cell shares.
+    """
     if not loras or not strengths:
         raise UserError("Pick at least one LoRA file and one strength for the grid.")
     if len(loras) * len(strengths) > 64:
@@ -215,21 +218,79 @@ def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateReques
                                                                  strength_clip=strength)))
                 done = sum(len(row) for row in cells)
                 emit(JobEvent("progress", f"Rendered {done} of {total} images", step=done, total_steps=total))
-    return label_grid(cells, [label for label, _ in loras], [f"strength {s:g}" for s in strengths])
-
-
-def label_grid(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
-    """Paste equally sized images into a grid with a header row and a label column."""
+    rows = row_labels(loras)
+    columns = [f"{s:g}" for s in strengths]
+    grid = label_grid(cells, rows, columns)
     width, height = cells[0][0].size
-    font = ImageFont.load_default(size=max(12, min(width, height) // 12))
-    margin_left, margin_top = max(120, width // 2), max(32, height // 6)
+    grid.info["parameters"] = replace(request, lora=None).parameters_text(base.display_name, width, height)
+    grid.info["grid"] = "\n".join([
+        f"Comparison grid, {len(rows)} rows × {len(columns)} columns, one seed for every image.",
+        "Rows (LoRA file): " + "; ".join(f"{label.replace(chr(10), ', ')} = {name}"
+                                         for label, (name, _) in zip(rows, loras, strict=True)),
+        f"Columns (strength_model = strength_clip): {', '.join(columns)}"])
+    return grid
+
+
+def row_labels(loras: list[tuple[str, Path]]) -> list[str]:
+    """Two lines per LoRA file: "epoch 4 · step 120" from its metadata, then its run; always distinct."""
+    from .lora_map import read_metadata
+
+    labels = []
+    for name, path in loras:
+        meta = read_metadata(path)
+        run, _, file = name.rpartition("/")
+        if meta.get("ss_epoch") and meta.get("ss_steps"):
+            first = f"epoch {meta['ss_epoch']} · step {meta['ss_steps']}"
+            if "-step" in Path(file).stem:
+                first += " (stopped)"
+        else:
+            first = Path(file).stem
+        labels.append(f"{first}\n{run or file}")
+    for index, label in enumerate(labels):
+        if labels.count(label) > 1:
+            labels[index] = f"{label} ({loras[index][0].rpartition('/')[2]})"
+    return labels
+
+
+GRID_MIN_CELL = 160  # smaller images (the demo's 64 px) are enlarged so that labels fit above them
+
+
+def fitted(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> str:
+    """``text`` shortened in the middle with '…' until it fits ``width`` pixels, keeping both ends readable."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 2 and draw.textlength(f"{text[:keep // 2]}…{text[len(text) - keep // 2:]}", font=font) > width:
+        keep -= 1
+    return f"{text[:keep // 2]}…{text[len(text) - keep // 2:]}"
+
+
+def label_grid(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
+               row_title: str = "LoRA file ↓", column_title: str = "strength_model = strength_clip →") -> Image.Image:
+    """Paste equally sized images into a grid under axis titles and a header row, beside a label column; every
+    label is shortened to its own space, so none overlaps another."""
+    width, height = cells[0][0].size
+    scale = max(1, math.ceil(GRID_MIN_CELL / min(width, height)))
+    width, height = width * scale, height * scale
+    size = max(13, min(width, height) // 14)
+    font, bold = ImageFont.load_default(size=size), ImageFont.load_default(size=size + 2)
+    line = size + 6
+    margin_left, margin_top = max(160, width), 3 * line
     grid = Image.new("RGB", (margin_left + width * len(column_labels), margin_top + height * len(row_labels)),
                      "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((margin_left, 4), column_title, fill="black", font=bold)
+    draw.text((4, line + 4), row_title, fill="black", font=bold)
     for column, label in enumerate(column_labels):
-        draw.text((margin_left + column * width + 4, 4), label, fill="black", font=font)
+        text = fitted(draw, label, font, width - 8)
+        left = margin_left + column * width + (width - draw.textlength(text, font=font)) / 2
+        draw.text((left, 2 * line + 2), text, fill="black", font=font)
     for row, label in enumerate(row_labels):
-        draw.text((4, margin_top + row * height + 4), label, fill="black", font=font)
+        for index, part in enumerate(label.split("\n")):
+            draw.text((4, margin_top + row * height + 4 + index * line), fitted(draw, part, font, margin_left - 8),
+                      fill="black" if index == 0 else "#555", font=font)
         for column, cell in enumerate(cells[row]):
+            if scale > 1:
+                cell = cell.resize((width, height), Image.Resampling.NEAREST)
             grid.paste(cell, (margin_left + column * width, margin_top + row * height))
     return grid

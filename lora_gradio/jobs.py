@@ -31,7 +31,8 @@ Work = Callable[[threading.Event, Emit], Any]
 
 @dataclass
 class JobState:
-    """Everything a page needs to show a job, whichever browser tab asks. ``losses`` start at ``loss_offset``."""
+    """Everything a page needs to show a job, whichever browser tab asks. ``losses`` are (step, loss, learning
+    rate) and start at ``loss_offset``."""
 
     kind: str = ""
     title: str = ""
@@ -45,7 +46,7 @@ class JobState:
     eta_s: float | None = None
     it_per_s: float | None = None
     loss_offset: int = 0
-    losses: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[tuple[int, float, float | None]] = field(default_factory=list)
     samples: list[tuple[int, str]] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -77,8 +78,9 @@ class JobRunner:
         self._jobs: dict[str, _Job] = {}
 
     def start(self, kind: str, title: str, work: Work, exclusive: str | None = None, run_dir: str = "",
-              owner: str | None = None) -> str:
-        """Run ``work`` in the background and return the job's id, the key to its Stop (with ``owner``'s login)."""
+              owner: str | None = None, planned_steps: int = 0) -> str:
+        """Run ``work`` in the background and return the job's id, the key to its Stop (with ``owner``'s login).
+        ``planned_steps`` is shown as the total until the work counts its own."""
         with self._lock:
             busy = next((j.state for j in self._jobs.values() if exclusive and j.exclusive == exclusive
                          and j.state.active), None)
@@ -86,7 +88,8 @@ class JobRunner:
                 progress = f", step {busy.step}/{busy.total_steps}" if busy.total_steps else ""
                 raise UserError(f"{busy.title} is already running{progress}. Wait for it or press Stop first.")
             job = _Job(secrets.token_urlsafe(16), exclusive, JobState(
-                kind, title, "running", run_dir, "Starting", started=time.time()), threading.Event(), owner)
+                kind, title, "running", run_dir, "Starting", total_steps=planned_steps, started=time.time()),
+                threading.Event(), owner)
             self._jobs[job.id] = job
             finished = [k for k, j in self._jobs.items() if not j.state.active]
             for old in finished[:-KEEP_FINISHED]:
@@ -165,8 +168,10 @@ class JobRunner:
                 state.total_epochs = event.total_epochs or state.total_epochs
             if event.kind == "step":
                 state.epoch, state.eta_s, state.it_per_s = event.epoch, event.eta_s, event.it_per_s
-                state.losses.append((event.step, float(event.loss)))
+                state.losses.append((event.step, float(event.loss), event.lr))
                 return
+            if event.kind == "history":
+                state.losses = list(event.points)
             if event.kind == "progress" and event.step:
                 elapsed = time.time() - state.started
                 state.eta_s = elapsed / event.step * (event.total_steps - event.step)
@@ -214,18 +219,18 @@ Finish = Callable[[TrainResult, Emit], None]  # runs after training in the same 
 
 
 def _then(result: TrainResult, emit: Emit, finish: Finish | None) -> TrainResult:
-    if finish is not None and result.lora_path is not None:
+    if finish is not None and result.lora_path is not None and not result.stopped:
         finish(result, emit)
     return result
 
 
 def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, base: BaseModelSpec, data_dir: Path,
                    run_dir: Path, prepared: Path | None = None, owner: str | None = None,
-                   finish: Finish | None = None) -> str:
+                   finish: Finish | None = None, planned_steps: int = 0) -> str:
     """Train in the background (one training at a time); returns the job id that Stop needs."""
     return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: _then(run_training(
         config, base, data_dir, run_dir, on_event=emit, stop=stop, cache=cache, prepared=prepared), emit, finish),
-        exclusive="training", run_dir=str(run_dir), owner=owner)
+        exclusive="training", run_dir=str(run_dir), owner=owner, planned_steps=planned_steps)
 
 
 def start_resume(runner: JobRunner, cache: ModelCache, run_dir: Path, owner: str | None = None,

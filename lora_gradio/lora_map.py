@@ -225,6 +225,17 @@ def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) ->
 ATTACHED = "_lora_gradio_attached"  # on a pipeline: ((file, mtime), fit) of the LoRA attached for testing
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A LoRA file's metadata alone (the header is read, not the tensors); empty for a file that has none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as exc:
+        raise UserError(f"'{Path(path).name}' is not a readable .safetensors LoRA ({exc}).") from exc
+
+
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a LoRA file, with a clear message for files that are not one."""
     from safetensors import safe_open

@@ -343,9 +343,10 @@ class CacheStatus:
     def line(self) -> str:
         """One line for the top of the page."""
         if self.model is None:
-            text = "Model cache: empty" + (f" (loading for {self.user})" if self.user else "")
+            text = f"Loading a model for {self.user}" if self.user else "No model loaded yet"
         else:
-            text = f"Model cache: {self.model}, {self.size_gb:.2f} GB on {self.device}"
+            device = "GPU" if self.device == "cuda" else self.device.upper()
+            text = f"Loaded: {self.model} ({self.size_gb:.2f} GB, {device})"
             if self.user:
                 text += f" · in use by {self.user}"
         if self.waiting:
@@ -489,10 +490,11 @@ class ModelCache:
 
 
 def _label(key: Hashable) -> str:
-    """'pipeline demo' for ("pipeline", spec), 'captioner Salesforce/…' for ("captioner", source)."""
+    """'demo model' for ("pipeline", demo spec), 'BLIP captioner Salesforce/…' for ("captioner", source)."""
     if isinstance(key, tuple) and len(key) == 2:
         kind, what = key
-        return f"{kind} {what.display_name if isinstance(what, BaseModelSpec) else what}"
+        name = what.display_name if isinstance(what, BaseModelSpec) else str(what)
+        return "demo model" if name == DEMO else f"BLIP captioner {name}" if kind == "captioner" else name
     return str(key)
 
 

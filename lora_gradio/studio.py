@@ -8,6 +8,7 @@ take the signed-in ``owner``, if any: only that user can stop the job.
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from .lora_map import inspect_lora
 from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import TrainConfig, make_config
 from .training.loop import TrainResult
-from .training.run_folder import RunFolder, RunJob
+from .training.run_folder import RunFolder, RunJob, list_runs
 from .workspace import MODEL_SUFFIXES, Workspace
 
 NO_LORA = "(no LoRA: the base model)"
@@ -150,19 +151,62 @@ class Studio:
     def start_training(self, plan: TrainingPlan, owner: str | None = None) -> str:
         """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
         run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.workspace.set_trigger_word(plan.images.parent.name, plan.config.trigger_word)
         return start_training(self.jobs, self.cache, plan.config, plan.base, plan.images, run_dir, plan.prepared,
-                              owner, self.install_trained)
+                              owner, self.install_trained, plan.estimate.steps)
+
+    def run_folder(self, run: str | None, what: str = "resume") -> RunFolder:
+        """A run of outputs/ by its folder name, as the list of runs shows it; never a path elsewhere."""
+        if not run:
+            raise UserError(f"Pick a run to {what}.")
+        if Path(run).name != run or run in (".", ".."):
+            raise UserError(f"'{run}' is not a run name: {what} takes the name of a folder in outputs/, as the list "
+                            "of runs shows it.")
+        folder = RunFolder(self.workspace.outputs_dir / run)
+        folder.read_job()  # a clear message when it is not a run
+        return folder
 
     def resume_training(self, run: str | None, owner: str | None = None) -> str:
         """Continue an interrupted run of outputs/ by its folder name; returns the job id that Stop needs."""
-        if not run:
-            raise UserError("Pick an interrupted run to resume.")
-        if Path(run).name != run or run in (".", ".."):
-            raise UserError(f"'{run}' is not a run name: resume takes the name of a folder in outputs/, as listed "
-                            "under Interrupted runs.")
-        folder = self.workspace.outputs_dir / run
-        self.check_job(RunFolder(folder).read_job())
-        return start_resume(self.jobs, self.cache, folder, owner, self.install_trained)
+        folder = self.run_folder(run)
+        self.check_job(folder.read_job())
+        return start_resume(self.jobs, self.cache, folder.path, owner, self.install_trained)
+
+    def training_run(self) -> str | None:
+        """The folder name of the run training now, if any."""
+        state = self.jobs.latest("training")
+        return Path(state.run_dir).name if state.active and state.run_dir else None
+
+    def runs(self) -> list[list[str]]:
+        """Every run, newest first: name, status, date, steps and recent loss."""
+        running = self.training_run()
+        return [run.row(run.name == running) for run in list_runs(self.workspace.outputs_dir)]
+
+    def delete_run(self, run: str | None) -> str:
+        """Delete a run's folder (its LoRA files, samples and resume state); never the one training now."""
+        folder = self.run_folder(run, "delete")
+        if folder.path.name == self.training_run():
+            raise UserError(f"Run '{run}' is training now. Stop it first, then delete it.")
+        shutil.rmtree(folder.path)
+        return f"Deleted run {folder.path.name}."
+
+    def clear_test_images(self) -> str:
+        """Delete the Test tab's images and grids (outputs/test-images)."""
+        images = list(self.test_images_dir.glob("*.png")) if self.test_images_dir.is_dir() else []
+        for path in images:
+            path.unlink(missing_ok=True)
+        return f"Deleted {len(images)} test images."
+
+    def newest_lora(self) -> tuple[str, str]:
+        """The label of the newest run's last saved LoRA (its final file, when it finished) and that run's trigger
+        word, so the Test tab opens on what was just trained."""
+        files = self.workspace.lora_files()  # newest run first, each run's final file last
+        runs = [path.parent for label, path in files.items() if not label.startswith("loras/")]
+        if not runs:
+            return NO_LORA, ""
+        label = [k for k, path in files.items() if path.parent == runs[0]][-1]
+        run = RunFolder(runs[0])
+        return label, run.read_job().config.trigger_word if run.job_file.is_file() else ""
 
     def check_job(self, job: RunJob) -> None:
         """A run's recorded base model and data must pass today's rules, whatever its job.json says."""
@@ -181,6 +225,7 @@ class Studio:
         images = self.images_dir(dataset)
         if not source.strip():
             raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
+        self.workspace.set_trigger_word(str(dataset), options.trigger_word)
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
             self.cache, source.strip(), images, options, progress=progress_events(emit, "Captioned {} of {} images"),
             stop=stop, on_wait=status_events(emit)), exclusive=f"captioning {dataset}", owner=owner)
@@ -214,9 +259,6 @@ class Studio:
 
         def work(stop: threading.Event, emit: Emit) -> str:
             image = inference.compare_grid(self.cache, spec, request, loras, strengths, stop, emit)
-            image.info["parameters"] = (f"grid of {', '.join(labels)} at strengths "
-                                        f"{', '.join(f'{s:g}' for s in strengths)}; "
-                                        f"{request.parameters_text(spec.display_name, *image.size)}")
             return str(inference.save_png(image, self.test_images_dir / f"grid-{stamp()}.png"))
 
         return self.jobs.start("grid", "Comparison grid", work, owner=owner)

@@ -12,6 +12,7 @@ from .errors import UserError
 
 DATASET_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 SETTINGS_FILE = "settings.json"
+DATASET_FILE = "dataset.json"  # a dataset's own settings: its trigger word
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -116,6 +117,23 @@ class Workspace:
     def presets_dir(self) -> Path:
         """Presets saved from the app."""
         return self.root / "presets"
+
+    def trigger_word(self, name: str | None) -> str:
+        """The dataset's trigger word, shared by the Caption, Train and Test tabs; empty until one is set."""
+        if not name:
+            return ""
+        path = self.dataset_dir(name) / DATASET_FILE
+        try:
+            word = json.loads(path.read_text(encoding="utf-8")).get("trigger_word", "") if path.is_file() else ""
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return ""  # a damaged file is rewritten by the next caption or training run
+        return word if isinstance(word, str) else ""
+
+    def set_trigger_word(self, name: str, word: str) -> None:
+        """Remember the trigger word the dataset was captioned or trained with."""
+        word = (word or "").strip()
+        if word and word != self.trigger_word(name):
+            write_text_atomic(self.dataset_dir(name) / DATASET_FILE, json.dumps({"trigger_word": word}) + "\n")
 
     def training_data(self, name: str) -> tuple[Path, Path | None]:
         """What a dataset trains on: its images (and captions), and its prepared copies' folder if Prepare ran."""

@@ -1,6 +1,7 @@
 """Background jobs, the shared model cache under load, and generation: one job at a time, no reloads."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,10 +39,11 @@ def test_second_start_is_refused_and_generation_is_busy_during_training(demo_spe
     assert jobs.view(job).status == "running"
     jobs.stop(job)
     state = jobs.wait(job, 60)
-    assert state.status == "stopped" and state.saved[-1].endswith("lora.safetensors")
+    assert state.status == "stopped" and Path(state.saved[-1]).name == f"lora-step{state.step:08d}.safetensors"
+    assert not (tmp_path / "run" / "lora.safetensors").exists()  # that name is the finished run's alone
     assert len(state.losses) == state.step and state.total_steps == 200 * 8
     assert resumable_runs(tmp_path) == ["run"] and RunFolder(tmp_path / "run").read_job().config == long_run
-    image = generate(cache, demo_spec, GenerateRequest("a cat", steps=2, lora=tmp_path / "run" / "lora.safetensors"))
+    image = generate(cache, demo_spec, GenerateRequest("a cat", steps=2, lora=Path(state.saved[-1])))
     assert image.size == (64, 64) and cache.loads == 1  # training's base model served the test right after
 
 
@@ -67,17 +69,23 @@ def test_job_that_fails_reports_the_reason(demo_data, quick_config, tmp_path):
 
 
 def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo_data, quick_config, tmp_path):
-    config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 2})
+    config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 2, "sample_prompts": ["a photo"],
+                                            "sample_steps": 2})
     cache, jobs = ModelCache(), JobRunner()
     whole = jobs.wait(start_training(jobs, cache, config, demo_spec, demo_data, tmp_path / "whole"), 120).losses
     cut = start_training(jobs, cache, config, demo_spec, demo_data, tmp_path / "cut")
     wait_until(lambda: jobs.view(cut).step >= 5)
     jobs.stop(cut)
-    assert jobs.wait(cut, 60).status == "stopped"
+    stopped = jobs.wait(cut, 60)
+    assert stopped.status == "stopped"
     resumed = jobs.wait(start_resume(jobs, cache, tmp_path / "cut"), 120)
     assert resumed.status == "done" and resumed.step == 12
-    assert [loss for _, loss in resumed.losses] == [loss for step, loss in whole if step > resumed.losses[0][0] - 1]
-    assert resumed.losses[-1][0] == 12 and resumable_runs(tmp_path) == []
+    assert resumed.losses == whole  # the earlier part too, so the page shows the whole curve
+    assert resumable_runs(tmp_path) == []
+    assert sorted(Path(p).name for p in resumed.saved) == [  # the files from before the stop are listed too
+        "lora-000001.safetensors", "lora-000002.safetensors", f"lora-step{stopped.step:08d}.safetensors",
+        "lora.safetensors", "sample-grid.png"]
+    assert [epoch for epoch, _ in resumed.samples] == [0, 1, 2, 3]
 
 
 def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path):

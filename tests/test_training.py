@@ -1,5 +1,6 @@
 """The training loop on the tiny demo model: it learns, it exports faithfully, it stops, it is reproducible."""
 
+import json
 import statistics
 import threading
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from lora_gradio.errors import UserError
@@ -51,7 +53,10 @@ def test_overfit_lowers_the_loss(overfit):
 
 def test_saves_every_n_epochs_and_at_the_end(overfit):
     result, _, _ = overfit
-    assert [p.name for p in result.saved] == ["fit-000020.safetensors", "fit.safetensors"]
+    assert [p.name for p in result.saved] == ["fit-000020.safetensors", "fit.safetensors", "sample-grid.png"]
+    with Image.open(result.saved[-1]) as grid:  # epochs 0, 20 and 40 down, the one prompt across
+        assert "epochs 0, 20, 40 (rows" in grid.text["grid"] and PROMPT in grid.text["grid"]
+        assert grid.height > 3 * 64 and grid.width > 64
 
 
 def test_strength_zero_equals_base_and_one_changes_the_image(overfit, demo_spec):
@@ -114,6 +119,13 @@ def test_file_follows_kohya_conventions(overfit):
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["ss_network_dim"] == "32" and metadata["ss_network_alpha"] == "32.0"
     assert metadata["ss_steps"] == "80" and metadata["ss_epoch"] == "40" and metadata["ss_num_train_images"] == "4"
+    assert metadata["ss_max_train_steps"] == "80" and int(metadata["ss_session_id"]) >= 0
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 4}}
+    buckets = json.loads(metadata["ss_bucket_info"])["buckets"]
+    assert sum(b["count"] for b in buckets.values()) == 4 and all(len(b["resolution"]) == 2 for b in buckets.values())
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.title"] == "fit" and metadata["modelspec.trigger_phrase"] == "lgdemo"
+    assert metadata["modelspec.resolution"] == "64x64" and metadata["modelspec.date"].startswith("20")
 
 
 def test_stop_is_honoured_within_a_step_and_saves(demo_spec, demo_data, quick_config, tmp_path):
@@ -169,4 +181,5 @@ def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_conf
         train(config, demo_spec, demo_data, tmp_path / "out")
     # the last good epoch stays, and the run can resume from it with a lower learning rate
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "lora-000001.json", "lora-000001.safetensors", "lora-000001.workflow.json", "resume-state.pt"]
+        "lora-000001.json", "lora-000001.safetensors", "lora-000001.workflow.json", "progress.json",
+        "resume-state.pt"]

@@ -68,7 +68,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: re.search(r"(running|done): step \d+/24", progress_text(page)), 30, "the live job")
         wait_for(lambda: progress_text(page).startswith("done: step 24/24"), 180, "training to finish")
         wait_for(lambda: page.locator("#train-samples img").count() >= 7, 30, "sample images")
-        wait_for(lambda: page.locator("#loss-curve svg path, #loss-curve canvas").count() > 0, 30, "the loss curve")
+        wait_for(lambda: page.locator("#loss-chart circle.loss-point").count() == 24, 30, "the loss curve")
         assert "lora.safetensors" in page.locator("#saved-files").inner_text().replace("\n", "")  # name, suffix
         screenshot(page, "train-tab")
 
@@ -77,6 +77,9 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
             page.locator('#saved-files a[download="lora.safetensors"]').click()
         assert Path(download.value.path()).read_bytes() == (run / "lora.safetensors").read_bytes()
         page.get_by_role("tab", name="Test").click()
+        wait_for(lambda: page.locator("#test-lora").get_by_role("combobox").input_value()
+                 == f"{run.name}/lora.safetensors", 30, "the Test tab on the LoRA just trained")
+        choose(page, "#test-lora", "(no LoRA: the base model)")
         page.locator("#test-prompt").get_by_role("textbox").fill("lgdemo, portrait")
         set_number(page, "#test-steps", 4)
         page.locator("#test-generate").click()  # the base model, no LoRA
@@ -115,4 +118,9 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
     assert np.array_equal(zero, base)
     assert np.abs(full - base).mean() > 1.0
     with Image.open(next((workspace / "outputs" / "test-images").glob("grid-*.png"))) as grid:
-        assert grid.width > 2 * 64 and grid.height > 3 * 64 and "strengths 0, 1" in grid.text["parameters"]
+        assert grid.width > 2 * 64 and grid.height > 3 * 64
+        assert grid.text["grid"].splitlines()[1:] == [  # the grid itself, row by row, not one image's settings
+            f"Rows (LoRA file): epoch 1 · step 4, {run.name} = {run.name}/lora-000001.safetensors; epoch 3 · step 12, "
+            f"{run.name} = {run.name}/lora-000003.safetensors; epoch 6 · step 24, {run.name} = "
+            f"{run.name}/lora.safetensors", "Columns (strength_model = strength_clip): 0, 1"]
+        assert "Lora:" not in grid.text["parameters"] and "lgdemo, portrait" in grid.text["parameters"]

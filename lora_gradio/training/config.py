@@ -88,6 +88,45 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# name -> (label, what it does and the usual value): the Train tab's labels and info lines, and the CLI's help
+FIELD_HELP: dict[str, tuple[str, str]] = {
+    "output_name": ("File name", "The LoRA file's name, without .safetensors. Letters, digits, '-', '_' and '.'."),
+    "trigger_word": ("Trigger word", "A rare word your captions start with, e.g. 'ohwx'; put it in prompts to call "
+                                     "up what was learned."),
+    "resolution": ("Resolution", "Training size in pixels (multiple of 64); 512 for SD1.5."),
+    "enable_buckets": ("Aspect-ratio buckets", "Train on each image's own shape instead of a square crop."),
+    "flip_augment": ("Mirror images", "Also train on left-right flipped copies; off for faces and text."),
+    "rank": ("Rank (network dim)", "How much the LoRA can learn; 8–32 is usual, larger files learn more."),
+    "alpha": ("Alpha", "Scales the LoRA's effect as alpha / rank; half the rank is usual."),
+    "unet_modules": ("UNet layers", "Which UNet layers get a LoRA; the attention layers are the usual choice."),
+    "train_text_encoder": ("Train the text encoder", "Also teach CLIP the trigger word; stronger, overfits sooner."),
+    "unet_lr": ("Learning rate (UNet)", "1e-4 is usual for AdamW; about 1.0 for Prodigy."),
+    "text_encoder_lr": ("Learning rate (text encoder)", "Half the UNet's or less, e.g. 5e-5."),
+    "optimizer": ("Optimizer", "AdamW is the default; AdamW8bit saves memory on CUDA; Prodigy finds its own rate."),
+    "weight_decay": ("Weight decay", "Keeps the weights small; 0.01 is usual."),
+    "max_grad_norm": ("Gradient clipping", "Caps each step's size against spikes; 1.0 is usual, 0 = off."),
+    "lr_scheduler": ("LR schedule", "How the learning rate changes over the run; constant or cosine are usual."),
+    "lr_warmup_steps": ("Warm-up steps", "Steps spent raising the learning rate from 0; 0–100 is usual."),
+    "lr_cycles": ("Restarts", "Cosine with restarts only: how many cycles; 1 is usual."),
+    "epochs": ("Epochs", "Passes over the dataset; 10–20 for 20–50 images."),
+    "batch_size": ("Batch size", "Images per step; 1–4 on 8–12 GB cards."),
+    "gradient_accumulation_steps": ("Gradient accumulation", "Batches added up per step: a larger batch for free "
+                                                             "memory; 1 is usual."),
+    "mixed_precision": ("Precision", "bf16 on RTX 30xx and newer; fp16 on older cards; 'no' on CPU."),
+    "gradient_checkpointing": ("Gradient checkpointing", "Saves a lot of memory for about 30% more time; on for "
+                                                         "8 GB cards."),
+    "sdpa": ("Fast attention (SDPA)", "PyTorch's memory-efficient attention; leave on."),
+    "min_snr_gamma": ("Min-SNR weighting γ", "Steadier training; 5 is usual, 0 = off."),
+    "noise_offset": ("Noise offset", "Helps very dark and very bright images; 0–0.1, 0 = off."),
+    "seed": ("Seed", "The same seed and settings train the same LoRA."),
+    "caption_dropout": ("Caption dropout", "Share of steps trained with an empty caption; 0–0.1."),
+    "shuffle_caption": ("Shuffle tags", "Shuffle comma-separated tags each step; for tag-style captions."),
+    "keep_tokens": ("Keep first tags", "Tags that stay in front when shuffling; 1 keeps the trigger word."),
+    "save_every_n_epochs": ("Save every N epochs", "Also save (and sample) every N epochs to compare; 0 = final only."),
+    "save_dtype": ("Saved precision", "fp16 makes the smallest file every tool reads."),
+    "sample_prompts": ("Sample prompts", "Rendered at every save with a fixed seed; {trigger} is the trigger word."),
+    "sample_steps": ("Sample steps", "Sampling steps for each sample image; 20 is usual."),
+}
 PATTERN_HINTS = {"output_name": "use a file name of letters, digits, '-', '_' and '.', starting with a letter or digit"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -121,13 +160,21 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{name} = {value}: {message}" + (f" ({allowed})" if allowed else "")
 
 
+class SettingsError(UserError):
+    """Invalid settings, with the problem of each field, so a form can mark every field beside itself."""
+
+    def __init__(self, message: str, problems: dict[str, str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
 def make_config(values: dict[str, Any], source: str = "settings") -> TrainConfig:
     """Build and validate a config; every problem is named with its field, value and allowed range."""
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise UserError(f"Invalid {source}: {problems}.") from exc
+        problems = {str(e["loc"][0]) if e["loc"] else "?": _describe(e) for e in exc.errors()}
+        raise SettingsError(f"Invalid {source}: {'; '.join(problems.values())}.", problems) from exc
 
 
 def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

@@ -13,6 +13,7 @@ import json
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,10 +106,38 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> str:
     return json.dumps(table, ensure_ascii=False)
 
 
-def build_metadata(config: TrainConfig, base: BaseModelSpec, started: float, steps: int, epoch: int,
-                   num_images: int, tag_frequency: str) -> dict[str, str]:
-    """The ``ss_*`` metadata (kohya sd-scripts' names) that A1111/Forge and other tools read, all as strings."""
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows about itself when it saves a file, besides its settings."""
+
+    started: float
+    steps: int
+    epoch: int
+    max_steps: int
+    num_images: int  # images per epoch, repeats counted
+    tag_frequency: str
+    dataset_dirs: dict[str, dict[str, int]]  # folder -> {"n_repeats", "img_count"}
+    buckets: dict[tuple[int, int], int]  # (width, height) -> images per epoch
+    session_id: int
+
+
+def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) -> dict[str, str]:
+    """The ``ss_*`` metadata (kohya sd-scripts' names) and the ``modelspec.*`` fields of Stability AI's model spec
+    that A1111/Forge, ComfyUI managers and model sites read, all as strings."""
+    finished = time.time()
+    buckets = {str(i): {"resolution": list(size), "count": count} for i, (size, count) in
+               enumerate(sorted(facts.buckets.items()))}
     return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.title": config.output_name,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        **({"modelspec.trigger_phrase": config.trigger_word} if config.trigger_word else {}),
+        "ss_session_id": str(facts.session_id),
+        "ss_max_train_steps": str(facts.max_steps),
+        "ss_dataset_dirs": json.dumps(facts.dataset_dirs, ensure_ascii=False),
+        "ss_bucket_info": json.dumps({"buckets": buckets}),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
@@ -117,11 +146,11 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, started: float, ste
         "ss_v2": "False",
         "ss_output_name": config.output_name,
         "ss_sd_model_name": base.display_name,
-        "ss_training_started_at": str(started),
-        "ss_training_finished_at": str(time.time()),
-        "ss_num_train_images": str(num_images),
-        "ss_steps": str(steps),
-        "ss_epoch": str(epoch),
+        "ss_training_started_at": str(facts.started),
+        "ss_training_finished_at": str(finished),
+        "ss_num_train_images": str(facts.num_images),
+        "ss_steps": str(facts.steps),
+        "ss_epoch": str(facts.epoch),
         "ss_num_epochs": str(config.epochs),
         "ss_learning_rate": str(config.unet_lr),
         "ss_unet_lr": str(config.unet_lr),
@@ -144,6 +173,6 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, started: float, ste
         "ss_keep_tokens": str(config.keep_tokens),
         "ss_seed": str(config.seed),
         "ss_clip_skip": "1",
-        "ss_tag_frequency": tag_frequency,
+        "ss_tag_frequency": facts.tag_frequency,
         "ss_training_comment": f"trigger word: {config.trigger_word}" if config.trigger_word else "",
     }

@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .data import cache_latents, plan_epoch, process_caption, sample_latents, steps_per_epoch
 from .network import add_lora_adapters, make_optimizer, trainable_parameters
 from .run_folder import RunFolder
-from .samples import overtraining_warning, render_samples
+from .samples import overtraining_warning, render_samples, sample_grid
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -177,8 +177,17 @@ class Trainer:
         for item in scan.images:
             captions_by_folder.setdefault(item.folder, []).append(item.caption)
         self.tag_frequency = kohya.tag_frequency(captions_by_folder)
+        self.dataset_dirs: dict[str, dict[str, int]] = {}
+        for item in scan.images:
+            folder = self.dataset_dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+            folder["img_count"] += 1
+        self.buckets: dict[tuple[int, int], int] = {}
+        for item in self.cached:
+            self.buckets[item.bucket] = self.buckets.get(item.bucket, 0) + item.repeats
+        self.session_id = random.SystemRandom().randrange(2**31)  # kohya's: one number per training session
         self.first_samples: list[Path] = []
         self.step_times: list[float] = []
+        self.lrs: list[float | None] = []  # the learning rate of each step, for the loss chart
         self.tick = time.perf_counter()
         self.last_checkpoint = time.monotonic()
 
@@ -267,13 +276,14 @@ class Trainer:
                             "Lower the learning rate, or use bf16 instead of fp16.")
         result.steps += 1
         result.losses.append(loss)
+        self.lrs.append(self.lr_scheduler.get_last_lr()[0])
         now = time.perf_counter()
         self.step_times.append(now - self.tick)
         self.tick = now
         recent = self.step_times[-20:]
         rate = result.it_per_s = len(recent) / sum(recent)
         self.emit(JobEvent("step", step=result.steps, total_steps=self.total_steps, epoch=epoch + 1,
-                           total_epochs=self.config.epochs, loss=loss, lr=self.lr_scheduler.get_last_lr()[0],
+                           total_epochs=self.config.epochs, loss=loss, lr=self.lrs[-1],
                            it_per_s=rate, eta_s=(self.total_steps - result.steps) / rate))
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
             self.checkpoint(epoch, steps_in_epoch)
@@ -295,7 +305,12 @@ class Trainer:
             result.lora_path = self.save(None)
             if not result.stopped:
                 self.samples(result.epochs, result.lora_path)
+                grid = sample_grid(self.folder, list(self.config.sample_prompts))
+                if grid is not None:
+                    result.saved.append(grid)
+                    self.emit(self.event("saved", "Saved the sample grid (epochs × prompts)", path=str(grid)))
                 self.folder.finish()
+            self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped)
         accelerator.wait_for_everyone()
         verb = "Stopped" if result.stopped else "Finished"
         self.emit(self.event("stopped" if result.stopped else "done",
@@ -315,9 +330,11 @@ class Trainer:
         config, result = self.config, self.result
         tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
                                         DTYPES[config.save_dtype])
-        metadata = kohya.build_metadata(config, self.base, self.started, result.steps, epoch or result.epochs,
-                                        self.scan.total_repeats, self.tag_frequency)
-        path = kohya.save_lora(self.folder.lora_file(config.output_name, epoch), tensors, metadata)
+        metadata = kohya.build_metadata(config, self.base, kohya.RunFacts(
+            self.started, result.steps, epoch or result.epochs, self.total_steps, self.scan.total_repeats,
+            self.tag_frequency, self.dataset_dirs, self.buckets, self.session_id))
+        target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
+        path = kohya.save_lora(target, tensors, metadata)
         cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
                          self.scan.total_repeats)
         cards.write_workflow(path, config, self.base.display_name)
@@ -351,15 +368,29 @@ class Trainer:
             return
         self.folder.save_state({
             "step": self.result.steps, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
-            "losses": self.result.losses, "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
+            "losses": self.result.losses, "lrs": self.lrs,
+            "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
+        self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False)
         self.last_checkpoint = time.monotonic()
+
+    def show_history(self) -> None:
+        """Send what the run made before it was interrupted (losses, samples, LoRA files), so a resumed run's page
+        shows the whole run, not only its new part."""
+        points = [(step + 1, loss, lr) for step, (loss, lr) in enumerate(zip(self.result.losses, self.lrs,
+                                                                                strict=True))]
+        self.emit(self.event("history", "", points=points))
+        for epoch, paths in sorted(self.folder.all_samples().items()):
+            self.emit(JobEvent("samples", epoch=epoch, paths=[str(p) for p in paths]))
+        for path in self.folder.lora_files():
+            self.emit(JobEvent("saved", path=str(path)))
 
     def restore(self) -> tuple[int, int]:
         """Load the saved state; returns the epoch and the steps of it already done."""
         state = self.folder.load_state()
         self.result.steps, self.result.losses = state["step"], list(state["losses"])
+        self.lrs = list(state.get("lrs") or [None] * len(self.result.losses))
         for name, value in state["lora"].items():
             self.lora_params[name].data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -367,6 +398,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.caption_rng.setstate(state["caption_rng"])
         epoch, done = state["epoch"], state["steps_in_epoch"]
+        self.show_history()
         self.emit(self.event("status", f"Resuming at step {self.result.steps} (epoch {epoch + 1}, step "
                                        f"{done + 1} of it)", epoch=epoch))
         return epoch, done

@@ -18,6 +18,7 @@ from ..models import BaseModelSpec
 from .config import TrainConfig, make_config
 
 JOB_FILE = "job.json"
+PROGRESS_FILE = "progress.json"  # steps done and the latest loss, for the list of runs
 RESUME_FILE = "resume-state.pt"
 SAMPLES = "samples"
 
@@ -53,9 +54,21 @@ class RunFolder:
         """Sample images, ``epoch0003-1.png`` for epoch 3's second prompt."""
         return self.path / SAMPLES
 
-    def lora_file(self, name: str, epoch: int | None = None) -> Path:
-        """``name-000004.safetensors`` for an epoch save, ``name.safetensors`` for the final one."""
+    def lora_file(self, name: str, epoch: int | None = None, stopped_at: int | None = None) -> Path:
+        """``name-000004.safetensors`` for an epoch save, ``name-step00000123.safetensors`` for a run stopped at
+        step 123 (kohya's step-save name), ``name.safetensors`` only for the finished run."""
+        if stopped_at is not None:
+            return self.path / f"{name}-step{stopped_at:08d}.safetensors"
         return self.path / (f"{name}-{epoch:06d}.safetensors" if epoch is not None else f"{name}.safetensors")
+
+    def lora_files(self) -> list[Path]:
+        """The LoRA files saved so far, oldest first."""
+        return sorted(self.path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+
+    @property
+    def sample_grid_file(self) -> Path:
+        """Every epoch's samples in one picture, made when the run finishes."""
+        return self.path / "sample-grid.png"
 
     def sample_file(self, epoch: int, index: int) -> Path:
         """Where epoch ``epoch``'s sample for prompt ``index`` goes."""
@@ -69,6 +82,15 @@ class RunFolder:
     def samples_of(self, epoch: int) -> list[Path]:
         """The samples already rendered for an epoch (epoch 0's, when a run resumes)."""
         return sorted(self.samples_dir.glob(f"epoch{epoch:04d}-*.png"))
+
+    def all_samples(self) -> dict[int, list[Path]]:
+        """Every epoch's rendered samples, by epoch."""
+        found: dict[int, list[Path]] = {}
+        for path in sorted(self.samples_dir.glob("epoch*-*.png")) if self.samples_dir.is_dir() else []:
+            epoch = path.name[len("epoch"):].split("-")[0]
+            if epoch.isdigit():
+                found.setdefault(int(epoch), []).append(path)
+        return found
 
     def check_writable(self) -> None:
         """Fail before any work if the folder cannot take files."""
@@ -126,6 +148,53 @@ class RunFolder:
     def finish(self) -> None:
         """A finished run has nothing left to resume."""
         self.state_file.unlink(missing_ok=True)
+
+    def write_progress(self, steps: int, total_steps: int, losses: list[float], finished: bool) -> None:
+        """Record how far the run got and its recent loss (the mean of the last 10 steps)."""
+        recent = losses[-10:]
+        write_text_atomic(self.path / PROGRESS_FILE, json.dumps({
+            "steps": steps, "total_steps": total_steps, "finished": finished,
+            "loss": sum(recent) / len(recent) if recent else None}) + "\n")
+
+    def summary(self) -> RunSummary:
+        """The run as the list of runs shows it."""
+        try:
+            progress = json.loads((self.path / PROGRESS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            progress = {}
+        if not isinstance(progress, dict):
+            progress = {}
+        created = self.job_file.stat().st_mtime if self.job_file.is_file() else self.path.stat().st_mtime
+        status = "finished" if progress.get("finished") else "interrupted" if self.resumable else "no saved state"
+        loss = progress.get("loss")
+        return RunSummary(self.path.name, status, time.strftime("%Y-%m-%d %H:%M", time.localtime(created)),
+                          int(progress.get("steps") or 0), int(progress.get("total_steps") or 0),
+                          float(loss) if isinstance(loss, int | float) else None, created)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of the list of runs."""
+
+    name: str
+    status: str  # finished, interrupted, no saved state (the page says running for the live one)
+    date: str
+    steps: int
+    total_steps: int
+    loss: float | None
+    created: float
+
+    def row(self, running: bool = False) -> list[str]:
+        """Run, status, date, steps and recent loss, as table cells."""
+        steps = f"{self.steps}/{self.total_steps}" if self.total_steps else "–"
+        loss = f"{self.loss:.4f}" if self.loss is not None else "–"
+        return [self.name, "running" if running else self.status, self.date, steps, loss]
+
+
+def list_runs(outputs_dir: Path) -> list[RunSummary]:
+    """Every run folder under ``outputs_dir``, newest first."""
+    folders = [p for p in Path(outputs_dir).glob("*") if (p / JOB_FILE).is_file()]
+    return sorted((RunFolder(p).summary() for p in folders), key=lambda r: r.created, reverse=True)
 
 
 def resumable_runs(outputs_dir: Path) -> list[str]:

@@ -34,6 +34,26 @@ def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int,
         pipe.text_encoder.train(te_training)
 
 
+def sample_grid(run: RunFolder, prompts: list[str]) -> Path | None:
+    """Every epoch's samples in one picture, epochs down and prompts across, saved beside them."""
+    from ..inference import label_grid, save_png
+
+    epochs = {epoch: paths for epoch, paths in sorted(run.all_samples().items()) if len(paths) == len(prompts)}
+    if not epochs or not prompts:
+        return None
+    cells = []
+    for paths in epochs.values():
+        row = []
+        for path in paths:
+            with Image.open(path) as image:
+                row.append(image.convert("RGB"))
+        cells.append(row)
+    grid = label_grid(cells, [f"epoch {epoch}" for epoch in epochs], prompts, "epoch ↓", "sample prompt →")
+    grid.info["grid"] = (f"Sample grid: epochs {', '.join(map(str, epochs))} (rows, 0 = the base model) × prompts "
+                         f"(columns): " + " | ".join(prompts))
+    return save_png(grid, run.sample_grid_file)
+
+
 def tone(paths: list[Path]) -> tuple[float, float]:
     """Mean brightness and mean saturation (0-255) over a set of images."""
     brightness, saturation = [], []

@@ -6,7 +6,7 @@ import hashlib
 import html
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,12 @@ from ..workspace import Workspace
 CSS = """
 .caption-row {align-items: flex-start}
 .caption-row img {max-height: 160px; object-fit: contain}
+.log-box {display: flex; flex-direction: column-reverse; max-height: 220px; overflow: auto}
+.log-box pre {margin: 0; white-space: pre-wrap; font-size: 12px}
+.invalid-field {outline: 2px solid var(--error-border-color, #ef4444); border-radius: 6px}
+#app-header {align-items: center}
+#app-header h1 {font-size: 1.3rem; margin: 0}
+#app-header p {margin: 0}
 """
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}  # page wiring; the public API is in api.py
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # events that use the model directly queue as one
@@ -41,6 +47,15 @@ class AppContext:
     dataset: gr.Dropdown
     revision: gr.State
     prepare_job: gr.BrowserState | None = None  # the Dataset tab's Prepare job, which the Train tab can start too
+    tab: gr.Tab | None = None  # the tab being built, for events on opening it
+    outside_tabs: list[gr.components.Component] = field(default_factory=list)
+
+    def remembered(self, key: str, default: Any) -> gr.BrowserState:
+        """A value this browser keeps across reloads. It is placed outside the tabs, so it is read when the page
+        loads, not only once its tab is first opened."""
+        state = gr.BrowserState(default, storage_key=f"lora-gradio-{key}", render=False)
+        self.outside_tabs.append(state)
+        return state
 
     @property
     def workspace(self) -> Workspace:
@@ -49,7 +64,22 @@ class AppContext:
 
 
 def user_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Show a ``UserError`` as a message in the page; the app carries on."""
+    """Show a page handler's ``UserError`` as a toast and leave its widgets as they were: a raised error would cover
+    them with Gradio's error pill until someone finds its ×."""
+
+    @wraps(handler)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return gr.skip()  # one skip leaves every output as it was
+
+    return wrapped
+
+
+def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """An API endpoint's ``UserError`` as the error its client receives."""
 
     @wraps(handler)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -88,8 +118,8 @@ def progress_html(state: JobState) -> str:
     speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
     counts = (f"step {state.step}/{state.total_steps} · epoch {state.epoch}/{state.total_epochs}"
               if state.kind == "training" else f"{state.step}/{state.total_steps}")
-    if not state.total_steps:
-        counts = "getting ready"  # loading the model, caching latents: no steps to count yet
+    if state.active and not state.step:  # loading the model, caching latents: nothing counted yet
+        counts = f"getting ready · {state.total_steps} steps planned" if state.total_steps else "getting ready"
     return (f'<div id="{state.kind or "job"}-progress-text">{state.status}: {counts}{speed}{eta}</div>'
             f'<progress value="{fraction:.4f}" max="1" style="width:100%;height:18px"></progress>'
             f'<div>{html.escape(state.message)}</div>')
@@ -111,7 +141,7 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     The job's id lives in the browser, so a reload finds the job again; the returned state is where a start
     handler puts the id.
     """
-    job_id = gr.BrowserState("", storage_key=f"lora-gradio-{kind}-job")
+    job_id = ctx.remembered(f"{kind}-job", "")
     finished = gr.State("")
     with gr.Row(equal_height=True):
         progress = gr.HTML(elem_id=f"{kind}-progress")
@@ -143,24 +173,32 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Lim
     studio = Studio(workspace, cache, limits=limits, comfyui_url=comfyui_url)
     with gr.Blocks(title="lora-gradio") as app:
         api.register(studio)  # first, so the public names are theirs
-        gr.Markdown("# lora-gradio\nFrom a folder of photos to an SD1.5 LoRA for ComfyUI, A1111/Forge and diffusers.")
-        cache_status = gr.Markdown(elem_id="cache-status")
+        with gr.Row(equal_height=True, elem_id="app-header"):
+            gr.Markdown("# lora-gradio\nPhotos in, an SD1.5 LoRA out, for ComfyUI, A1111/Forge and diffusers.",
+                        container=False)
+            cache_status = gr.Markdown(elem_id="cache-status", container=False)
         with gr.Row(equal_height=True):
             dataset = gr.Dropdown(label="Dataset", choices=workspace.list_datasets(), value=None, scale=3,
                                   elem_id="dataset-picker", allow_custom_value=True)  # other tabs may add some
             new_name = gr.Textbox(label="New dataset", placeholder="name, e.g. anna", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
         ctx = AppContext(studio, app, dataset, gr.State(0))
+        chosen = ctx.remembered("dataset", "")  # the dataset this browser worked on
 
         @user_errors
         def create_dataset(name: str) -> tuple[dict, str]:
             workspace.dataset_dir(name, create=True)
             return gr.update(choices=workspace.list_datasets(), value=name.strip()), ""
 
-        create.click(create_dataset, new_name, [dataset, new_name], api_name="create_dataset")
+        create.click(create_dataset, new_name, [dataset, new_name], **PRIVATE)
         new_name.submit(create_dataset, new_name, [dataset, new_name], **PRIVATE)
-        app.load(lambda current: gr.update(choices=workspace.list_datasets(), value=current), dataset, dataset,
-                 **PRIVATE)
+
+        def restore_dataset(remembered: str) -> dict:
+            names = workspace.list_datasets()
+            return gr.update(choices=names, value=remembered if remembered in names else None)
+
+        app.load(restore_dataset, chosen, dataset, **PRIVATE)
+        dataset.change(lambda name: name or "", dataset, chosen, show_progress="hidden", **PRIVATE)
 
         with gr.Accordion("Workspace settings", open=False):
             gr.Markdown(f"Workspace: `{workspace.root.name}`. Point `models/` at a ComfyUI install to share its "
@@ -179,6 +217,8 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Lim
 
         with gr.Tabs():
             for tab in (dataset_tab, caption_tab, train_tab, test_tab):
-                with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}") as ctx.tab:
                     tab.build(ctx)
+        for state in ctx.outside_tabs:
+            state.render()
     return app

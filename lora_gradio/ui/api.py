@@ -17,7 +17,7 @@ from ..inference import GenerateRequest, short
 from ..jobs import JobState
 from ..studio import Studio
 from ..training.config import load_preset
-from . import MODEL, shown, user_errors
+from . import MODEL, api_errors, shown
 
 
 def plain(value: Any) -> Any:
@@ -141,6 +141,10 @@ def register(studio: Studio) -> None:
                                                  for f in files or []])
         return {"summary": report.summary(), "files": plain(report.shown)}
 
+    def create_dataset(name: str) -> str:
+        """Create an empty dataset (a folder under datasets/); returns its name."""
+        return studio.workspace.dataset_dir(name, create=True).name
+
     def set_models_dir(folder: str) -> str:
         """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none."""
         return studio.set_models_dir(folder)
@@ -158,6 +162,6 @@ def register(studio: Studio) -> None:
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
-                     set_models_dir, download_lora, cache_status):
-        gr.api(user_errors(endpoint), api_name=endpoint.__name__)
-    gr.api(user_errors(generate), api_name="generate", **MODEL)
+                     create_dataset, set_models_dir, download_lora, cache_status):
+        gr.api(api_errors(endpoint), api_name=endpoint.__name__)
+    gr.api(api_errors(generate), api_name="generate", **MODEL)

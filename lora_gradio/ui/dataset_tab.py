@@ -8,6 +8,7 @@ import gradio as gr
 
 from .. import imports, quality
 from ..dataset import IMAGE_SUFFIXES
+from ..errors import UserError
 from ..jobs import JobState
 from . import PRIVATE, AppContext, job_panel, shown, user_errors
 
@@ -69,9 +70,13 @@ def build(ctx: AppContext) -> None:
     prepared = gr.Markdown(elem_id="prepare-result")
     outputs = [gallery, report, remove_names]  # refreshed whenever the dataset or its files change
 
-    @user_errors
     def on_upload(name: str | None, files: list[str] | None, version: int) -> tuple:
-        found = ctx.studio.import_uploads(name, [Path(f) for f in files or []])
+        """Import the dropped files; the drop zone empties either way, ready for the next try."""
+        try:
+            found = ctx.studio.import_uploads(name, [Path(f) for f in files or []])
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return gr.skip(), gr.skip(), gr.skip(), None
         return *results_table(found), version + 1, None
 
     @user_errors

@@ -9,7 +9,8 @@ import gradio as gr
 from .. import inference
 from ..errors import UserError
 from ..jobs import JobState
-from ..studio import NO_LORA
+from ..studio import NO_LORA, Studio
+from ..training.run_folder import RunFolder
 from . import MODEL, PRIVATE, AppContext, job_panel, shown, user_errors
 from .base_picker import base_name, base_picker
 
@@ -66,10 +67,14 @@ def build(ctx: AppContext) -> None:
             grid_loras = gr.Dropdown(lora_choices()[1:], multiselect=True, label="LoRA files (rows)", scale=3,
                                      elem_id="grid-loras", allow_custom_value=True)
             strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Strengths (columns)", scale=2,
-                                   elem_id="grid-strengths")
+                                   info="Each sets strength_model and strength_clip alike.", elem_id="grid-strengths")
             grid_button = gr.Button("Make grid", scale=1, elem_id="grid-run")
         grid = gr.Image(label="Grid", type="filepath", elem_id="grid-image", interactive=False)
+    with gr.Row(equal_height=True):
+        clear = gr.Button("Delete all test images", variant="stop", scale=0, elem_id="test-clear")
+        cleared = gr.Markdown(elem_id="test-cleared")
     history = gr.State([])
+    newest = gr.State("")  # the newest trained LoRA this page has offered
 
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
@@ -125,10 +130,38 @@ def build(ctx: AppContext) -> None:
     inspect.click(user_errors(ctx.studio.inspect), lora, inspection, **PRIVATE)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
     dice.click(inference.random_seed, None, seed, **PRIVATE)
+    def ready(current: str | None, text: str, offered: str) -> tuple:
+        """Open on the newest trained LoRA with a prompt holding its trigger word, once per new LoRA; a choice
+        the visitor made stays until something newer is trained."""
+        label, trigger = ctx.studio.newest_lora()
+        choices = lora_choices()
+        if label == offered:
+            value = current if current in choices else NO_LORA
+            return gr.update(choices=choices, value=value), gr.skip(), gr.update(choices=choices[1:]), offered
+        was = prompt_for(ctx.studio, offered)
+        prompt_text = f"{trigger}, portrait photo" if trigger and (not text or text == was) else gr.skip()
+        return gr.update(choices=choices, value=label), prompt_text, gr.update(choices=choices[1:]), label
+
+    def on_clear() -> tuple[str, list, list]:
+        return ctx.studio.clear_test_images(), [], []
+
     lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)
     grid_loras.focus(lambda: gr.update(choices=lora_choices()[1:]), None, grid_loras, **PRIVATE)
-    ctx.app.load(lambda: [gr.update(choices=lora_choices()), gr.update(choices=lora_choices()[1:])], None,
-                 [lora, grid_loras], **PRIVATE)
+    for event in (ctx.app.load, ctx.tab.select):
+        event(ready, [lora, prompt, newest], [lora, prompt, grid_loras, newest], **PRIVATE)
+    clear.click(on_clear, None, [cleared, gallery, history], **PRIVATE)
+
+
+def prompt_for(studio: Studio, label: str) -> str:
+    """The prompt the Test tab offers with a trained LoRA: its run's trigger word and a plain subject."""
+    if not label or label == NO_LORA:
+        return ""
+    try:
+        run = RunFolder(studio.lora(label).parent)
+        trigger = run.read_job().config.trigger_word
+    except UserError:
+        return ""
+    return f"{trigger}, portrait photo" if trigger else ""
 
 
 def parse_strengths(text: str) -> list[float]:

@@ -1,11 +1,13 @@
-"""Train tab: base model, preset and settings, estimates, then live progress, loss curve, samples, Stop and Resume."""
+"""Train tab: Start, Stop and live progress on top, then base model, preset and settings, then the loss chart,
+samples, saved files and the log, and the list of runs with Resume and Delete."""
 
 from __future__ import annotations
 
-import math
+import html
 import typing
+from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
@@ -14,7 +16,9 @@ from ..jobs import JobRunner, JobState
 from ..models import DEMO, DEMO_NOTE
 from ..studio import TrainingPlan
 from ..training.config import (
+    FIELD_HELP,
     FIELDS,
+    SettingsError,
     TrainConfig,
     field_is_list,
     field_type,
@@ -23,19 +27,22 @@ from ..training.config import (
     make_config,
     save_preset,
 )
-from ..training.run_folder import resumable_runs
+from ..training.run_folder import RunFolder, resumable_runs
 from . import PRIVATE, AppContext, progress_html, shown, stop_handler, user_errors
-
-if TYPE_CHECKING:
-    import pandas as pd
+from .charts import loss_chart
 
 TITLE = "Train"
-MAIN = ["trigger_word", "output_name", "rank", "alpha", "unet_lr", "text_encoder_lr", "optimizer", "epochs",
-        "batch_size", "resolution", "train_text_encoder"]
+MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
+        "resolution", "train_text_encoder"]
 SEPARATE = {"sample_prompts"}
 ADVANCED = [name for name in FIELDS if name not in MAIN and name not in SEPARATE]
-SMOOTHING = 0.9
-PLOT_POINTS = 500  # the curve keeps its shape; the page gets at most this many steps
+DEFAULT_PROMPTS = ["{trigger}, portrait photo", "{trigger} in a park"]
+RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss"]
+
+
+def default_preset(base: str | None) -> str:
+    """The demo base trains with the demo preset; real models start from the recommended one."""
+    return "demo" if base == DEMO else "seed-recommended"
 
 
 def preset_choices(ctx: AppContext) -> dict[str, Path]:
@@ -50,27 +57,32 @@ def preset_choices(ctx: AppContext) -> dict[str, Path]:
 
 
 def field_widget(name: str) -> gr.components.Component:
-    """A widget matching the field's type: checkbox, dropdown of allowed values, number, or comma list."""
+    """A widget matching the field's type, with its plain label and an info line saying what it does."""
     hint = field_type(name)
-    label, elem_id = name.replace("_", " "), f"field-{name}"
+    label, info = FIELD_HELP[name]
+    common = {"label": label, "info": info, "elem_id": f"field-{name}"}
     if hint is bool:
-        return gr.Checkbox(label=label, elem_id=elem_id)
+        return gr.Checkbox(**common)
     if typing.get_origin(hint) is typing.Literal:
-        return gr.Dropdown(list(typing.get_args(hint)), label=label, elem_id=elem_id)
+        return gr.Dropdown(list(typing.get_args(hint)), **common)
     if field_is_list(name):
-        return gr.Textbox(label=f"{label} (comma-separated)", elem_id=elem_id)
+        return gr.Textbox(**{**common, "label": f"{label} (comma-separated)"})
     if hint in (int, float):
-        return gr.Number(label=label, precision=0 if hint is int else None, elem_id=elem_id)
-    return gr.Textbox(label=label, elem_id=elem_id)
+        return gr.Number(precision=0 if hint is int else None, **common)
+    return gr.Textbox(**common)
 
 
 def to_widget(name: str, value: Any) -> Any:
     """A config value as its widget shows it."""
-    return ", ".join(value) if field_is_list(name) and name not in SEPARATE else value
+    if name in SEPARATE:
+        return "\n".join(value or DEFAULT_PROMPTS)
+    return ", ".join(value) if field_is_list(name) else value
 
 
 def from_widget(name: str, value: Any) -> Any:
     """A widget value back as the config field expects it."""
+    if name in SEPARATE:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
     if field_is_list(name):
         return [part.strip() for part in str(value or "").split(",") if part.strip()]
     if field_type(name) is int and isinstance(value, float) and value.is_integer():
@@ -78,18 +90,23 @@ def from_widget(name: str, value: Any) -> Any:
     return value
 
 
-def loss_frame(losses: list[list[float]], limit: int = PLOT_POINTS) -> pd.DataFrame:
-    """Raw and exponentially smoothed loss per step for the line plot, thinned to ``limit`` steps on long runs."""
-    import pandas as pd
+def marks(names: list[str], problems: dict[str, str]) -> list[dict]:
+    """Every field's widget update: a problem shown beside its field in place of the usual info line."""
+    return [gr.update(info=f"⚠️ {problems[name]}", elem_classes=["invalid-field"]) if name in problems
+            else gr.update(info=FIELD_HELP[name][1], elem_classes=[]) for name in names]
 
-    points, smooth = [], None
-    every = max(1, math.ceil(len(losses) / limit))
-    for index, (step, loss) in enumerate(losses):
-        smooth = loss if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * loss
-        if index % every == 0 or index == len(losses) - 1:
-            points += [{"step": step, "loss": loss, "series": "raw"},
-                       {"step": step, "loss": smooth, "series": "smoothed"}]
-    return pd.DataFrame(points, columns=["step", "loss", "series"])
+
+def preview_samples(prompts: str, trigger: str) -> str:
+    """The prompts as the samples will use them; the box keeps {trigger}, so any retyping stays right."""
+    lines = [line.replace("{trigger}", (trigger or "").strip()) for line in (prompts or "").splitlines()
+             if line.strip()]
+    return "Samples will use: " + " · ".join(f"`{line}`" for line in lines) if lines else "No sample images."
+
+
+def log_html(lines: list[str]) -> str:
+    """The job's log, newest line at the bottom and in view: a reversed flex column starts scrolled to its end."""
+    body = html.escape("\n".join(lines)) or "The log of the current run appears here."
+    return (f'<div id="train-log-box" class="log-box"><pre id="train-log-lines">{body}</pre></div>')
 
 
 def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
@@ -103,96 +120,137 @@ def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
     return state, {"started": state.started, "losses": losses}, bool(state.losses) or not seen
 
 
+def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
+    """The run's samples labelled by epoch and prompt, newest epoch first, and the epochs × prompts grid first
+    once the run made it."""
+    items = [(shown(path), "all epochs × prompts") for path in state.saved if path.endswith("sample-grid.png")
+             and Path(path).exists()]
+    for epoch, path in sorted(state.samples, key=lambda item: -item[0]):
+        if Path(path).exists():
+            index = int(Path(path).stem.rpartition("-")[2] or 0)
+            prompt = prompts[index] if index < len(prompts) else ""
+            items.append((shown(path), f"epoch {epoch} · {prompt}" if prompt else f"epoch {epoch}"))
+    return items
+
+
 def build(ctx: AppContext) -> None:
     """Widgets and events of the Train tab."""
     from .base_picker import base_name, base_picker
 
+    with gr.Row(equal_height=True):
+        start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=2)
+        stop = gr.Button("Stop & save", variant="stop", elem_id="train-stop", scale=1,
+                         interactive=False)
+        check = gr.Button("Estimate", scale=1, elem_id="train-check")
+        prepare_again = gr.Button("Prepare again", visible=False, elem_id="train-prepare-again", scale=1)
+    progress = gr.HTML(elem_id="train-progress")
+    plan = gr.Markdown(elem_id="train-estimate")
+    job_line = gr.Markdown(elem_id="train-job")
     with gr.Row():
         base_choice, base_repo = base_picker(ctx)
-        presets = gr.Dropdown(list(preset_choices(ctx)), value="seed-recommended", label="Preset", scale=2,
+        presets = gr.Dropdown(list(preset_choices(ctx)), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
-    description = gr.Markdown()
+    description = gr.Markdown(elem_id="preset-description")
     widgets: dict[str, gr.components.Component] = {}
-    with gr.Row():
-        for name in MAIN[:6]:
-            widgets[name] = field_widget(name)
-    with gr.Row():
-        for name in MAIN[6:]:
-            widgets[name] = field_widget(name)
-    widgets["sample_prompts"] = gr.Textbox(label="Sample prompts, one per line (rendered every saved epoch with a "
-                                                 "fixed seed; {trigger} stands for the trigger word)", lines=2)
-    sample_preview = gr.Markdown(elem_id="sample-preview")
-    with gr.Accordion("Advanced", open=False):
-        for start in range(0, len(ADVANCED), 5):
-            with gr.Row():
-                for name in ADVANCED[start:start + 5]:
-                    widgets[name] = field_widget(name)
+    for start_at in (0, 5):
         with gr.Row():
-            preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character")
-            save = gr.Button("Save preset")
+            for name in MAIN[start_at:start_at + 5]:
+                widgets[name] = field_widget(name)
+    with gr.Row():
+        widgets["sample_prompts"] = gr.Textbox(label="Sample prompts, one per line", info=FIELD_HELP[
+            "sample_prompts"][1], lines=2, scale=3, elem_id="field-sample_prompts")
+        sample_preview = gr.Markdown(elem_id="sample-preview")
+    with gr.Accordion("Advanced settings", open=False):
+        for start_at in range(0, len(ADVANCED), 4):
+            with gr.Row():
+                for name in ADVANCED[start_at:start_at + 4]:
+                    widgets[name] = field_widget(name)
+        with gr.Row(equal_height=True):
+            preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character", scale=3)
+            save = gr.Button("Save preset", scale=1)
     names = list(widgets)
-    plan = gr.Markdown(elem_id="train-estimate")
-    with gr.Row():
-        check = gr.Button("Estimate")
-        prepare_again = gr.Button("Prepare again", visible=False, elem_id="train-prepare-again")
-        start = gr.Button("Start training", variant="primary", elem_id="train-start")
-        stop = gr.Button("Stop (saves what was learned)", variant="stop", elem_id="train-stop")
-    with gr.Row():
-        runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3,
-                           allow_custom_value=True, elem_id="train-runs")
-        resume = gr.Button("Resume", scale=1, elem_id="train-resume")
-    progress = gr.HTML(elem_id="train-progress")
-    train_job = gr.BrowserState("", storage_key="lora-gradio-training-job")  # this page's run: the key to Stop
+    inputs = [widgets[n] for n in names]
+    train_job = ctx.remembered("training-job", "")  # this page's run: the key to Stop
+    form = ctx.remembered("train-form", {})  # the form as this browser left it
     seen_losses = gr.State({})
     with gr.Row():
-        curve = gr.LinePlot(loss_frame([]), x="step", y="loss",
-                            color="series", title="Loss", height=280, elem_id="loss-curve")
-        samples = gr.Gallery(label="Samples by epoch (epoch 0 is the base model)", columns=4, height=320,
+        curve = gr.HTML(loss_chart([]), elem_id="loss-curve", label="Loss")
+        samples = gr.Gallery(label="Samples by epoch and prompt (epoch 0 is the base model)", columns=4, height=300,
                              elem_id="train-samples")
     with gr.Row():
-        saved = gr.File(label="Saved LoRA files (click one to download it)", file_count="multiple",
+        saved = gr.File(label="Saved files (click one to download it)", file_count="multiple", height=300,
                         interactive=False, elem_id="saved-files")
-        log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
+        log = gr.HTML(log_html([]), elem_id="train-log")
+    with gr.Accordion("Runs: resume, delete", open=False, elem_id="runs-panel") as runs_panel:
+        run_table = gr.Dataframe(ctx.studio.runs(), headers=RUN_COLUMNS, interactive=False, elem_id="runs-table",
+                                 label="Runs, newest first")
+        with gr.Row(equal_height=True):
+            runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3,
+                               allow_custom_value=True, elem_id="train-runs")
+            resume = gr.Button("Resume", scale=1, elem_id="train-resume")
+            doomed = gr.Dropdown([row[0] for row in ctx.studio.runs()], label="Run to delete", scale=3,
+                                 elem_id="runs-delete-choice")
+            delete = gr.Button("Delete…", scale=1, variant="stop", elem_id="runs-delete")
+        with gr.Row(visible=False, elem_id="runs-confirm") as confirm_row:
+            confirm_text = gr.Markdown()
+            confirm = gr.Button("Yes, delete it", variant="stop", scale=0, elem_id="runs-delete-yes")
+            cancel = gr.Button("Cancel", scale=0, elem_id="runs-delete-no")
+        runs_note = gr.Markdown(elem_id="runs-note")
 
     def config_from(values: list[Any]) -> TrainConfig:
-        fields = {name: from_widget(name, value) for name, value in zip(names, values, strict=True)}
-        fields["sample_prompts"] = [line.strip() for line in str(values[names.index("sample_prompts")] or "")
-                                    .splitlines() if line.strip()]
-        return make_config(fields)
+        return make_config({name: from_widget(name, value) for name, value in zip(names, values, strict=True)})
 
     def plan_run(dataset: str | None, choice: str, repo: str, values: list[Any]) -> TrainingPlan:
         return ctx.studio.plan_training(dataset, base_name(choice, repo), config_from(values))
-
-    @user_errors
-    def on_preset(label: str) -> list:
-        config, text = load_preset(str(preset_choices(ctx)[label]))
-        values = config.to_dict()
-        prompts = values["sample_prompts"] or ["{trigger}, portrait photo", "{trigger} in a park"]
-        values["sample_prompts"] = "\n".join(prompts)
-        return [text or "", *[to_widget(name, values[name]) for name in names]]
-
-    def preview_samples(prompts: str, trigger: str) -> str:
-        """The prompts as the samples will use them; the box keeps {trigger}, so any retyping stays right."""
-        lines = [line.replace("{trigger}", (trigger or "").strip()) for line in (prompts or "").splitlines()
-                 if line.strip()]
-        return "Samples will use: " + " · ".join(f"`{line}`" for line in lines) if lines else "No sample images."
 
     def plan_text(plan: TrainingPlan) -> str:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
         return f"{plan.estimate.markdown()} Training on dataset `{plan.images.parent.name}`." + note
 
-    @user_errors
-    def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> tuple[str, dict]:
-        plan = plan_run(dataset, choice, repo, list(values))
-        return plan_text(plan), gr.update(visible=plan.estimate.stale is not None)
+    def form_values(config: TrainConfig) -> list:
+        values = config.to_dict()
+        return [to_widget(name, values[name]) for name in names]
+
+    def preset_values(label: str) -> list:
+        config, text = load_preset(str(preset_choices(ctx).get(label, preset_choices(ctx)[default_preset(DEMO)])))
+        return [text or "", *form_values(config)]
 
     @user_errors
-    def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, *values: Any,
-                 ) -> tuple[str, dict, str, dict]:
+    def on_preset(label: str, trigger: str) -> list:
+        text, *values = preset_values(label)
+        values[names.index("trigger_word")] = trigger or values[names.index("trigger_word")]
+        prompts = values[names.index("sample_prompts")]
+        return [text, *values, preview_samples(prompts, values[names.index("trigger_word")])]
+
+    def on_base(choice: str, current: str, trigger: str) -> list:
+        """The demo base picks the demo preset; a real base leaves the demo preset for the recommended one."""
+        wanted = default_preset(choice)
+        if wanted == current or (choice != DEMO and current != "demo"):
+            return [gr.skip()] * (len(names) + 3)
+        return [wanted, *on_preset(wanted, trigger)]
+
+    def with_marks(handler: typing.Callable[..., list], fixed: int) -> typing.Callable[..., list]:
+        """Run a Start/Estimate handler; invalid settings are marked beside their fields, and a toast sums up."""
+        @wraps(handler)  # gradio reads the handler's signature to pass the request
+        def wrapped(*args: Any) -> list:
+            try:
+                return [*handler(*args), *marks(names, {})]
+            except SettingsError as exc:
+                gr.Warning(str(exc))
+                return [gr.skip()] * fixed + marks(names, exc.problems)
+            except UserError as exc:
+                gr.Warning(str(exc))
+                return [gr.skip()] * (fixed + len(names))
+        return wrapped
+
+    def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> list:
+        plan = plan_run(dataset, choice, repo, list(values))
+        return [plan_text(plan), gr.update(visible=plan.estimate.stale is not None)]
+
+    def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, *values: Any) -> list:
         plan = plan_run(dataset, choice, repo, list(values))
         job_id = ctx.studio.start_training(plan, request.username)
-        return (plan_text(plan), gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id,
-                gr.update(visible=plan.estimate.stale is not None))
+        return [plan_text(plan), job_id, gr.update(visible=plan.estimate.stale is not None)]
 
     @user_errors
     def on_prepare_again(dataset: str | None, request: gr.Request) -> tuple[str, str, dict]:
@@ -201,9 +259,8 @@ def build(ctx: AppContext) -> None:
             gr.update(visible=False)
 
     @user_errors
-    def on_resume(run: str | None, request: gr.Request) -> tuple[dict, str]:
-        job_id = ctx.studio.resume_training(run, request.username)
-        return gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)), job_id
+    def on_resume(run: str | None, request: gr.Request) -> str:
+        return ctx.studio.resume_training(run, request.username)
 
     @user_errors
     def on_save(name: str, *values: Any) -> tuple[dict, str]:
@@ -213,30 +270,107 @@ def build(ctx: AppContext) -> None:
         save_preset(config_from(list(values)), ctx.workspace.presets_dir / f"{name}.toml", "Saved from the app.")
         return gr.update(choices=list(preset_choices(ctx)), value=f"{name} (yours)"), ""
 
+    @user_errors
+    def on_ask_delete(run: str | None) -> tuple[dict, str]:
+        folder = ctx.studio.run_folder(run, "delete")
+        return gr.update(visible=True), f"Delete run **{folder.path.name}** with all its LoRA files and samples?"
+
+    def runs_view() -> tuple[dict, dict, list]:
+        rows = ctx.studio.runs()
+        return (gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)),
+                gr.update(choices=[row[0] for row in rows], value=None), rows)
+
+    def runs_opened() -> tuple[dict, dict, list, dict]:
+        """The runs, and their panel opened while some run waits to be resumed."""
+        interrupted = resumable_runs(ctx.workspace.outputs_dir)
+        return (*runs_view(), gr.update(open=True) if interrupted else gr.skip())
+
+    @user_errors
+    def on_delete(run: str | None) -> tuple:
+        note = ctx.studio.delete_run(run)
+        return note, gr.update(visible=False), *runs_view()
+
+    def store(preset: str, choice: str, repo: str, *values: Any) -> dict:
+        return {"preset": preset, "base": choice, "repo": repo, "values": dict(zip(names, values, strict=True))}
+
+    def running_form() -> tuple[list, str] | None:
+        """The form filled with the running job's own settings, and a line naming its dataset and base."""
+        run = ctx.studio.training_run()
+        if run is None:
+            return None
+        job = RunFolder(ctx.workspace.outputs_dir / run).read_job()
+        base = job.base.display_name
+        choice, repo = (DEMO, "") if job.base.kind == DEMO else (Path(job.base.location).name, "") \
+            if job.base.kind == "single_file" else (DEMO, job.base.location)
+        line = (f"Training now: run `{run}` on dataset `{job.images.parent.name}` with base `{base}`. The form "
+                "shows that run's settings.")
+        return [gr.skip(), choice, repo, "", *form_values(job.config)], line
+
+    def on_load(saved: dict) -> list:
+        """Restore what this browser's page showed: the running job's settings, else the form as it was left,
+        else the preset that suits the base model; all at once, so nothing races."""
+        running = running_form()
+        if running is not None:
+            values, line = running
+        elif isinstance(saved, dict) and isinstance(saved.get("values"), dict) and \
+                set(saved["values"]) == set(names) and saved.get("preset") in preset_choices(ctx):
+            values, line = [saved["preset"], saved.get("base") or DEMO, saved.get("repo") or "",
+                            preset_values(saved["preset"])[0], *[saved["values"][name] for name in names]], ""
+        else:
+            text, *fields = preset_values(default_preset(DEMO))
+            values, line = [default_preset(DEMO), DEMO, "", text, *fields], ""
+        prompts, trigger = values[4 + names.index("sample_prompts")], values[4 + names.index("trigger_word")]
+        return [*values, preview_samples(prompts, trigger), line]
+
+    def on_dataset(dataset: str | None) -> dict:
+        """A dataset brings its own trigger word into the form, when it has one."""
+        word = ctx.workspace.trigger_word(dataset) if dataset else ""
+        return gr.update(value=word) if word else gr.skip()
+
     def on_tick(before: dict) -> tuple:
         state, seen, changed = follow_losses(ctx.studio.jobs, before)
-        seen["active"] = state.active  # a run that starts or ends changes the list of interrupted runs
-        runs_now = gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)) \
-            if before.get("active") != state.active or "active" not in before else gr.skip()
-        gallery = [(shown(path), f"epoch {epoch}") for epoch, path in state.samples if Path(path).exists()]
+        if state.started != before.get("started") and state.run_dir:
+            try:
+                seen["prompts"] = RunFolder(Path(state.run_dir)).read_job().config.sample_prompts
+            except UserError:
+                seen["prompts"] = []
+        else:
+            seen["prompts"] = before.get("prompts", [])
+        seen["active"] = state.active  # a run that starts or ends changes the runs and the buttons
+        moved = before.get("active") != state.active or "active" not in before
         seen["saved"] = [p for p in state.saved if Path(p).exists()]
         files = ([shown(p) for p in seen["saved"]] or None) if seen["saved"] != before.get("saved") else gr.skip()
-        curve = loss_frame(seen["losses"]) if changed else gr.skip()
-        return progress_html(state), curve, gallery, files, "\n".join(state.log), seen, runs_now
+        per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
+        chart = loss_chart([tuple(p) for p in seen["losses"]], per_epoch) if changed else gr.skip()
+        skip = gr.skip()
+        return (progress_html(state), chart, sample_items(state, seen["prompts"]), files, log_html(state.log), seen,
+                *(runs_opened() if moved else (skip, skip, skip, skip)),
+                gr.update(interactive=state.active) if moved else skip,
+                gr.update(interactive=not state.active) if moved else skip)
 
-    inputs = [widgets[n] for n in names]
-    presets.change(on_preset, presets, [description, *inputs], **PRIVATE)
+    marked = {"show_progress": "hidden", **PRIVATE}
+    presets.input(on_preset, [presets, widgets["trigger_word"]], [description, *inputs, sample_preview], **PRIVATE)
+    base_choice.input(on_base, [base_choice, presets, widgets["trigger_word"]],
+                      [presets, description, *inputs, sample_preview], **PRIVATE)
     for box in (widgets["trigger_word"], widgets["sample_prompts"]):
         box.change(preview_samples, [widgets["sample_prompts"], widgets["trigger_word"]], sample_preview,
-                   show_progress="hidden", **PRIVATE)
-    check.click(on_estimate, [ctx.dataset, base_choice, base_repo, *inputs], [plan, prepare_again], **PRIVATE)
-    start.click(on_start, [ctx.dataset, base_choice, base_repo, *inputs], [plan, runs, train_job, prepare_again],
-                **PRIVATE)
+                   **marked)
+    check.click(with_marks(on_estimate, 2), [ctx.dataset, base_choice, base_repo, *inputs],
+                [plan, prepare_again, *inputs], **PRIVATE)
+    start.click(with_marks(on_start, 3), [ctx.dataset, base_choice, base_repo, *inputs],
+                [plan, train_job, prepare_again, *inputs], **PRIVATE)
     prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
     stop.click(stop_handler(ctx.studio), train_job, None, **PRIVATE)
-    resume.click(on_resume, runs, [runs, train_job], **PRIVATE)
+    resume.click(on_resume, runs, train_job, **PRIVATE)
     save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
-    live = [progress, curve, samples, saved, log, seen_losses, runs]
-    gr.Timer(1.0).tick(on_tick, seen_losses, live, show_progress="hidden", **PRIVATE)
-    ctx.app.load(on_preset, presets, [description, *inputs], **PRIVATE)
+    delete.click(on_ask_delete, doomed, [confirm_row, confirm_text], **PRIVATE)
+    cancel.click(lambda: gr.update(visible=False), None, confirm_row, **PRIVATE)
+    confirm.click(on_delete, doomed, [runs_note, confirm_row, runs, doomed, run_table], **PRIVATE)
+    gr.on([w.change for w in (presets, base_choice, base_repo, *inputs)], store,
+          [presets, base_choice, base_repo, *inputs], form, trigger_mode="always_last", **marked)
+    ctx.dataset.input(on_dataset, ctx.dataset, widgets["trigger_word"], **PRIVATE)
+    live = [progress, curve, samples, saved, log, seen_losses, runs, doomed, run_table, runs_panel, stop, start]
+    gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
+    ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
+                 **PRIVATE)
     ctx.app.load(on_tick, seen_losses, live, **PRIVATE)

@@ -1,0 +1,147 @@
+"""The Train tab as a person meets it: refused settings, a reload mid-run, Stop, Resume, the chart, the log,
+the list of runs, and the Test tab opening on what was just trained."""
+
+import re
+
+from bad_files import photo_bytes
+from browser import browser_page, screenshot, wait_for
+from gradio_client import Client
+from test_ui_dataset_caption import type_into
+from test_ui_journey import choose, set_number
+
+from lora_gradio.dataset import make_demo_dataset
+
+LAST_LINE_IN_VIEW = """box => {
+    const range = document.createRange();
+    range.selectNodeContents(box.querySelector('pre'));
+    const lines = range.getClientRects(), last = lines[lines.length - 1], frame = box.getBoundingClientRect();
+    return last.top >= frame.top - 1 && last.bottom <= frame.bottom + 1;
+}"""
+
+
+def progress(page):
+    return page.locator("#training-progress-text").inner_text()
+
+
+def plotted(page):
+    """The loss points drawn in the chart, read from the page: (step, loss) of each circle."""
+    return [(int(step), float(loss)) for step, loss in page.locator("#loss-chart circle.loss-point").evaluate_all(
+        "points => points.map(p => [p.dataset.step, p.dataset.loss])")]
+
+
+def saved_files(page):
+    """The names in the download list, which shows each name's suffix on a line of its own."""
+    return page.locator("#saved-files").inner_text().replace("\n", "")
+
+
+def no_error_pill(page):
+    """Gradio's red 'Error' badge over a widget, which hides it until someone finds its ×."""
+    pills = page.get_by_text("Error", exact=True)
+    return all(not pills.nth(i).is_visible() for i in range(pills.count()))
+
+
+def open_train(page, url, dataset):
+    page.goto(url)
+    choose(page, "#dataset-picker", dataset)
+    page.get_by_role("tab", name="Train").click()
+
+
+def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
+    url, workspace = app
+    make_demo_dataset(workspace / "datasets" / "flow" / "images")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(photo_bytes(1))
+    api = Client(url, verbose=False)
+    with browser_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Dataset").click()
+        page.locator("#upload input[type=file]").set_input_files([str(photo)])  # no dataset chosen yet
+        wait_for(lambda: "Choose or create a dataset" in page.locator(".toast-body").first.inner_text(), 30,
+                 "the refusal")
+        wait_for(lambda: page.locator("#upload input[type=file]").count() == 1, 30, "the drop zone, empty again")
+        assert page.locator("#upload").get_by_text("Drop File Here").is_visible() and no_error_pill(page)
+        choose(page, "#dataset-picker", "flow")
+        page.get_by_role("tab", name="Train").click()
+        assert progress(page) == "Nothing running yet."
+        assert page.locator("#train-stop").is_disabled() and page.locator("#train-start").is_enabled()
+        for widget in ("#train-start", "#train-progress"):  # the controls that matter, without scrolling
+            box = page.locator(widget).bounding_box()
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 768, widget
+        assert page.locator("#preset").get_by_role("combobox").input_value() == "demo"  # it follows the demo base
+
+        rank = page.locator("#field-rank input")
+        type_into(rank, "0")
+        page.locator("#train-start").click()
+        wait_for(lambda: "rank = 0" in page.locator("#field-rank").inner_text(), 30, "the mark beside the field")
+        assert "invalid-field" in page.locator("#field-rank").get_attribute("class")
+        assert "Invalid settings: rank = 0" in page.locator(".toast-body").first.inner_text()
+        assert no_error_pill(page) and progress(page) == "Nothing running yet."
+        type_into(rank, "4")
+        type_into(page.locator("#field-trigger_word").get_by_role("textbox"), "flowword")
+        set_number(page, "#field-epochs", 30)
+        page.locator("#train-start").click()
+        wait_for(lambda: "rank = 0" not in page.locator("#field-rank").inner_text(), 30, "the mark to go")
+        wait_for(lambda: re.search(r"running: step [1-9]\d*/120", progress(page)), 90, "training to run")
+        assert page.locator("#train-stop").is_enabled() and page.locator("#train-start").is_disabled()
+
+        page.reload()  # the form, the dataset and the running job's settings come back
+        page.get_by_role("tab", name="Train").click()
+        wait_for(lambda: "Training now: run lora-" in page.locator("#train-job").inner_text(), 30, "the job line")
+        assert "dataset flow" in page.locator("#train-job").inner_text()
+        assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == "flow"
+        assert page.locator("#field-epochs input").input_value() == "30"
+        assert page.locator("#field-trigger_word").get_by_role("textbox").input_value() == "flowword"
+        wait_for(lambda: re.search(r"running: step ([5-9]|\d\d)/120", progress(page)), 90, "a few steps")
+        page.locator("#train-stop").click()
+        wait_for(lambda: progress(page).startswith("stopped"), 60, "the stop")
+        state = api.predict(api_name="/job_status")
+        assert plotted(page) == [(step, loss) for step, loss, _ in state["losses"]]  # every point, as recorded
+        saved = saved_files(page)
+        assert f"lora-step{state['step']:08d}.safetensors" in saved and "lora.safetensors" not in saved
+        log = page.locator("#train-log-box")
+        assert log.inner_text().strip().endswith(state["log"][-1]) and log.evaluate(LAST_LINE_IN_VIEW)
+        run = state["run_dir"].rsplit("/", 1)[-1]
+
+        page.reload()  # the stopped run waits under Interrupted runs, and the form is as it was
+        page.get_by_role("tab", name="Train").click()
+        wait_for(lambda: page.locator("#field-epochs input").input_value() == "30", 30, "the form as it was")
+        assert page.locator("#train-job").inner_text().strip() == ""  # nothing runs now
+        wait_for(lambda: page.locator("#train-runs").is_visible(), 30, "the runs, opened for the interrupted one")
+        choose(page, "#train-runs", run)
+        before = len(plotted(page))
+        page.locator("#train-resume").click()
+        wait_for(lambda: re.search(r"running: step \d+/120", progress(page)), 60, "the resumed run")
+        wait_for(lambda: len(plotted(page)) > before, 60, "new points after the old ones")
+        assert plotted(page)[0][0] == 1  # the curve from before the stop is still there
+        assert "lora-000001.safetensors" in saved_files(page)
+        assert "epoch 0 · flowword, portrait photo" in page.locator("#train-samples").inner_text()
+        wait_for(lambda: progress(page).startswith("done: step 120/120"), 180, "the run to finish")
+        wait_for(lambda: len(plotted(page)) == 120, 30, "the whole curve")
+        assert page.locator("#loss-chart .epoch-mark").count() == 30 and page.locator("#lr-line").count() == 1
+        wait_for(lambda: "all epochs × prompts" in page.locator("#train-samples").inner_text(), 30, "the grid")
+        wait_for(lambda: "sample-grid.png" in saved_files(page), 30, "the grid file")
+        assert log.evaluate(LAST_LINE_IN_VIEW) and "Finished after 120 steps" in log.inner_text()
+        wait_for(lambda: re.search(rf"{run}\s+finished\s+\S+ \S+\s+120/120\s+\d\.\d{{4}}",
+                                   page.locator("#runs-table").inner_text()), 30, "the run in the list")
+        screenshot(page, "train-finished")
+
+        page.get_by_role("tab", name="Test").click()  # ready on what was just trained
+        wait_for(lambda: page.locator("#test-lora").get_by_role("combobox").input_value()
+                 == f"{run}/lora.safetensors", 30, "the new LoRA in the Test tab")
+        assert page.locator("#test-prompt").get_by_role("textbox").input_value() == "flowword, portrait photo"
+
+        page.get_by_role("tab", name="Train").click()
+        if not page.locator("#runs-delete-choice").is_visible():
+            page.get_by_text("Runs: resume, delete").click()
+        choose(page, "#runs-delete-choice", run)
+        page.locator("#runs-delete").click()
+        wait_for(lambda: page.locator("#runs-confirm").is_visible(), 30, "the question")
+        page.locator("#runs-delete-no").click()
+        wait_for(lambda: not page.locator("#runs-confirm").is_visible(), 30, "the question to go")
+        assert (workspace / "outputs" / run).is_dir()
+        choose(page, "#runs-delete-choice", run)
+        page.locator("#runs-delete").click()
+        page.locator("#runs-delete-yes").click()
+        wait_for(lambda: f"Deleted run {run}" in page.locator("#runs-note").inner_text(), 30, "the deletion")
+        assert not (workspace / "outputs" / run).exists() and run not in page.locator("#runs-table").inner_text()
+        assert no_error_pill(page)
