@@ -235,7 +235,8 @@ def remove_images(images_dir: Path, names: list[str]) -> list[str]:
 def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, center_crop: bool = False,
                     progress: Callable[[int, int], None] | None = None,
                     stop: threading.Event | None = None) -> tuple[int, list[str]]:
-    """Write training copies (pixels only): short side at ``resolution`` in aspect-ratio buckets, or a centred square.
+    """Write training copies (pixels only): each image in the aspect-ratio bucket nearest its shape (about
+    ``resolution``² pixels, sides in steps of 64), or a centred square.
 
     Captions stay with the originals, where training reads them. The copies replace the previous ones in one rename
     at the end, so a failure or a Stop leaves the last good set in place.

@@ -22,7 +22,7 @@ from .errors import UserError
 from .estimate import Estimate, estimate
 from .events import Emit, JobEvent
 from .jobs import JobRunner, start_resume, start_training
-from .lora_map import inspect_lora
+from .lora_map import inspect_lora, read_metadata
 from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import TrainConfig, make_config
 from .training.loop import TrainResult
@@ -197,16 +197,21 @@ class Studio:
             path.unlink(missing_ok=True)
         return f"Deleted {len(images)} test images."
 
-    def newest_lora(self) -> tuple[str, str]:
-        """The label of the newest run's last saved LoRA (its final file, when it finished) and that run's trigger
-        word, so the Test tab opens on what was just trained."""
+    def newest_lora(self) -> str:
+        """The label of the newest run's last saved LoRA (its final file, when it finished), so the Test tab opens
+        on what was just trained."""
         files = self.workspace.lora_files()  # newest run first, each run's final file last
         runs = [path.parent for label, path in files.items() if not label.startswith("loras/")]
-        if not runs:
-            return NO_LORA, ""
-        label = [k for k, path in files.items() if path.parent == runs[0]][-1]
-        run = RunFolder(runs[0])
-        return label, run.read_job().config.trigger_word if run.job_file.is_file() else ""
+        return [k for k, path in files.items() if path.parent == runs[0]][-1] if runs else NO_LORA
+
+    def lora_trigger(self, label: str | None) -> str:
+        """A LoRA's trigger word, from its metadata (``modelspec.trigger_phrase``) or else its run's settings."""
+        path = self.lora(label)
+        if path is None:
+            return ""
+        word = read_metadata(path).get("modelspec.trigger_phrase", "")
+        run = RunFolder(path.parent)
+        return word or (run.read_job().config.trigger_word if run.job_file.is_file() else "")
 
     def check_job(self, job: RunJob) -> None:
         """A run's recorded base model and data must pass today's rules, whatever its job.json says."""

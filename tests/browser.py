@@ -52,15 +52,16 @@ def running_app(workspace: Path, *flags: str, env: dict[str, str] | None = None,
 
 
 @contextmanager
-def browser_pages(count: int = 1):
-    """Headless chromium pages at a small laptop's size, each in its own context: separate visitors, separate
-    local storage."""
+def browser_pages(count: int = 1, size: tuple[int, int] = (1024, 768)):
+    """Headless chromium pages at a small laptop's size (or ``size``), each in its own context: separate visitors,
+    separate local storage."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         try:
-            pages = [browser.new_context(viewport={"width": 1024, "height": 768}).new_page() for _ in range(count)]
+            viewport = {"width": size[0], "height": size[1]}
+            pages = [browser.new_context(viewport=viewport).new_page() for _ in range(count)]
             for page in pages:
                 page.set_default_timeout(60_000)
             yield pages

@@ -47,6 +47,9 @@ def test_train_stop_generate_and_grid_through_the_api(api):
         client.predict(dataset="apidata", settings=demo_settings(client), api_name="/train_start")
     with pytest.raises(AppError, match="busy with training"):
         generate(client)
+    with pytest.raises(AppError, match=r"is training now\. Stop it first"):
+        client.predict(started["run"], api_name="/delete_run")
+    assert client.predict(api_name="/runs")[0]["run"] == started["run"]
     other = Client(client.src, verbose=False)  # another visitor, without the job id
     with pytest.raises(AppError, match="Only the page or script that started a job"):
         other.predict(job_id="", api_name="/train_stop")
@@ -76,6 +79,11 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     assert job(client, resumed["job_id"])["losses"][:state["step"]] == state["losses"]  # the curve goes on
     client.predict(job_id=resumed["job_id"], api_name="/train_stop")
     wait_for(lambda: job(client)["status"] == "stopped", 60, "the second stop")
+    listed = client.predict(api_name="/runs")[0]
+    assert listed["run"] == started["run"] and listed["status"] == "interrupted"
+    assert listed["steps"] == f"{job(client)['step']}/1600"
+    assert client.predict(started["run"], api_name="/delete_run") == f"Deleted run {started['run']}."
+    assert not (workspace / "outputs" / started["run"]).exists() and client.predict(api_name="/runs") == []
 
 
 @pytest.mark.parametrize(("changes", "message"), [

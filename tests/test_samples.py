@@ -1,5 +1,7 @@
 """The over-training check on sample images: much darker or more saturated than epoch 0 gets advice."""
 
+import math
+
 from PIL import Image
 
 from lora_gradio.training.samples import overtraining_warning
@@ -17,3 +19,36 @@ def test_darker_and_more_saturated_samples_get_advice(tmp_path):
     assert dark.startswith("Epoch 3 samples are") and "darker" in dark and "lower learning rate" in dark
     saturated = overtraining_warning(first, [save(tmp_path / "sat.png", (250, 60, 30))], 5)
     assert "more saturated" in saturated and "earlier epoch" in saturated
+
+
+def test_grid_labels_stay_distinct_and_inside_their_own_space(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+    from torch import zeros
+
+    from lora_gradio.inference import GRID_MIN_CELL, label_grid, row_labels
+
+    loras = []
+    for run, file, epoch, steps in [("character-20261126-101500", "character-000004.safetensors", 4, 120),
+                                    ("character-20261126-101500", "character.safetensors", 8, 240),
+                                    ("character-20261126-113000", "character.safetensors", 8, 240),
+                                    ("character-20261126-113000", "character-step00000030.safetensors", 1, 30)]:
+        path = tmp_path / run / file
+        path.parent.mkdir(exist_ok=True)
+        save_file({"x": zeros(1)}, path, {"ss_epoch": str(epoch), "ss_steps": str(steps)})
+        loras.append((f"{run}/{file}", path))
+    labels = row_labels(loras)
+    assert [label.splitlines()[0] for label in labels] == [
+        "epoch 4 · step 120", "epoch 8 · step 240", "epoch 8 · step 240", "epoch 1 · step 30 (stopped)"]
+    assert len(set(labels)) == 4 and labels[2].endswith("113000")  # the run tells equal epochs apart
+
+    cells = [[Image.new("RGB", (64, 64), "gray") for _ in range(3)] for _ in labels]
+    columns = ["0.123456789 strength of model and clip", "-1.5", "an even longer header that cannot fit its column"]
+    grid = np.asarray(label_grid(cells, labels, columns).convert("L"))
+    cell = 64 * math.ceil(GRID_MIN_CELL / 64)  # small images are enlarged so that labels fit
+    left, top = grid.shape[1] - 3 * cell, grid.shape[0] - 4 * cell
+    assert (grid[top:, left:] == 128).all()  # every image, whole, in its place
+    for boundary in (left + cell - 1, left + cell, left + 2 * cell - 1, left + 2 * cell):
+        assert (grid[top * 2 // 3:top, boundary] == 255).all(), boundary  # no header crosses into the next one
+    assert (grid[top:, left - 4:left] == 255).all()  # no row label runs into the images
+    assert (grid[:top, left:] < 128).any() and (grid[top:, :left] < 128).any()  # and there is text

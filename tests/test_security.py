@@ -119,7 +119,14 @@ def test_a_models_folder_outside_is_refused_and_nothing_is_created(client, locke
         client.predict("/nonexistent/ComfyUI", api_name="/set_models_dir")  # no hint whether it exists
 
 
-def test_resume_of_a_path_and_a_base_outside_are_refused(client, tmp_path):
+def test_resume_of_a_path_and_a_base_outside_are_refused(client, locked, tmp_path):
+    _, workspace, _ = locked
+    for path in ("../datasets", "..", str(workspace / "datasets")):
+        with pytest.raises(AppError, match="is not a run name"):
+            client.predict(path, api_name="/delete_run")
+    with pytest.raises(AppError, match="is not a lora-gradio run folder"):
+        client.predict("test-images", api_name="/delete_run")  # a folder of outputs/ that is not a run
+    assert (workspace / "datasets" / "mine").is_dir()
     with pytest.raises(AppError, match="is not a run name"):
         client.predict(run=str(tmp_path / "elsewhere"), api_name="/train_resume")
     settings = client.predict("demo", api_name="/preset")

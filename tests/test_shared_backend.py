@@ -195,3 +195,35 @@ def test_a_page_is_sent_only_new_losses(demo_spec, demo_data, quick_config, tmp_
     assert changed and len(state.losses) == len(seen["losses"]) == 8
     state, again, changed = follow_losses(jobs, seen)
     assert not changed and state.losses == [] and again["losses"] == seen["losses"]
+
+
+def test_a_dataset_keeps_its_trigger_word_for_every_tab(tmp_path):
+    from lora_gradio.captioning import CaptionOptions
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.studio import Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    studio.workspace.dataset_dir("anna", create=True)
+    make_demo_dataset(studio.images_dir("anna"))
+    assert studio.workspace.trigger_word("anna") == ""
+    with pytest.raises(UserError, match="local BLIP folder"):  # refused before it starts: nothing is kept
+        studio.start_caption("anna", " ", CaptionOptions("ohwx"))
+    assert studio.workspace.trigger_word("anna") == ""
+    plan = studio.plan_training("anna", "demo", {"trigger_word": "ohwx", "epochs": 1})
+    studio.jobs.wait(studio.start_training(plan), 120)
+    assert studio.workspace.trigger_word("anna") == "ohwx"
+    run = studio.runs()[0][0]
+    assert studio.newest_lora() == f"{run}/lora.safetensors" and studio.lora_trigger(studio.newest_lora()) == "ohwx"
+    (studio.workspace.dataset_dir("anna") / "dataset.json").write_text("{broken", encoding="utf-8")
+    assert studio.workspace.trigger_word("anna") == ""  # a damaged file is not an error for the page
+
+
+def test_test_images_can_be_cleared(tmp_path):
+    from lora_gradio.inference import GenerateRequest
+    from lora_gradio.studio import Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    made = studio.generate("demo", GenerateRequest("a cat", steps=2))
+    assert made.path.is_file()
+    assert studio.clear_test_images() == "Deleted 1 test images."
+    assert not made.path.exists() and studio.workspace.outputs_dir.is_dir()

@@ -145,3 +145,6 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: f"Deleted run {run}" in page.locator("#runs-note").inner_text(), 30, "the deletion")
         assert not (workspace / "outputs" / run).exists() and run not in page.locator("#runs-table").inner_text()
         assert no_error_pill(page)
+
+        page.get_by_role("tab", name="Caption").click()  # the dataset's trigger word, kept with it
+        assert page.locator("#trigger-word").get_by_role("textbox").input_value() == "flowword"

@@ -145,23 +145,25 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     finished = gr.State("")
     with gr.Row(equal_height=True):
         progress = gr.HTML(elem_id=f"{kind}-progress")
-        stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop")
+        stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop", interactive=False)
     stop.click(stop_handler(ctx.studio), job_id, None, **PRIVATE)
     skips = [gr.skip()] * len(outputs)
 
     def tick(current: str, done: str) -> list:
         if not current:
-            return [gr.skip(), done, *skips]
+            return [gr.skip(), done, gr.update(interactive=False), *skips]
         try:
             state = ctx.studio.jobs.view(current)
         except UserError:  # the server restarted since: that job is gone
-            return ["", "", *skips]
+            return ["", "", gr.update(interactive=False), *skips]
+        running = gr.update(interactive=state.active)  # Stop only while there is something to stop
         if state.active or done == current:
-            return [progress_html(state), done, *skips]
-        return [progress_html(state), current, *finish(state)]
+            return [progress_html(state), done, running, *skips]
+        return [progress_html(state), current, running, *finish(state)]
 
-    gr.Timer(1.0).tick(tick, [job_id, finished], [progress, finished, *outputs], show_progress="hidden", **PRIVATE)
-    ctx.app.load(tick, [job_id, finished], [progress, finished, *outputs], **PRIVATE)
+    shows = [progress, finished, stop, *outputs]
+    gr.Timer(1.0).tick(tick, [job_id, finished], shows, show_progress="hidden", **PRIVATE)
+    ctx.app.load(tick, [job_id, finished], shows, show_progress="hidden", **PRIVATE)
     return job_id
 
 

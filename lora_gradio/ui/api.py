@@ -156,12 +156,20 @@ def register(studio: Studio) -> None:
             raise gr.Error("Name a LoRA file, such as run-name/lora.safetensors.", print_exception=False)
         return FileData(path=shown(path))
 
+    def runs() -> list[dict]:
+        """Every training run, newest first: its name, status, date, steps and recent loss."""
+        return [dict(zip(("run", "status", "date", "steps", "loss"), row, strict=True)) for row in studio.runs()]
+
+    def delete_run(run: str) -> str:
+        """Delete a run (its folder under outputs/, with its LoRA files); never the one training now."""
+        return studio.delete_run(run)
+
     def cache_status() -> dict:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
-                     create_dataset, set_models_dir, download_lora, cache_status):
+                     create_dataset, set_models_dir, download_lora, runs, delete_run, cache_status):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
     gr.api(api_errors(generate), api_name="generate", **MODEL)

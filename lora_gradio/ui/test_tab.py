@@ -10,7 +10,6 @@ from .. import inference
 from ..errors import UserError
 from ..jobs import JobState
 from ..studio import NO_LORA, Studio
-from ..training.run_folder import RunFolder
 from . import MODEL, PRIVATE, AppContext, job_panel, shown, user_errors
 from .base_picker import base_name, base_picker
 
@@ -26,31 +25,35 @@ def build(ctx: AppContext) -> None:
         base_choice, base_repo = base_picker(ctx)
         lora = gr.Dropdown(lora_choices(), value=NO_LORA, label="LoRA (run/epoch file, or models/loras)", scale=3,
                            elem_id="test-lora", allow_custom_value=True)  # new runs appear after start-up
-    with gr.Row():
+    with gr.Row(equal_height=True):
         prompt = gr.Textbox(label="Prompt", lines=2, scale=3, elem_id="test-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=2, scale=2)
+        with gr.Column(scale=1, min_width=160):
+            generate = gr.Button("Generate", variant="primary", elem_id="test-generate")
+            workflow = gr.Button("Download ComfyUI workflow", size="sm", elem_id="test-workflow")
     with gr.Row():
         strength_model = gr.Slider(-2, 2, value=1, step=0.05, label="strength_model (UNet)",
                                    elem_id="strength-model")
         strength_clip = gr.Slider(-2, 2, value=1, step=0.05, label="strength_clip (text encoder)",
                                   elem_id="strength-clip")
+    with gr.Row(equal_height=True):
+        seed = gr.Number(label="Seed", value=1, precision=0, minimum=0, elem_id="test-seed", scale=2)
+        dice = gr.Button("🎲 random seed", scale=1, size="sm")
+        steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="test-steps", scale=2)
+        cfg = gr.Slider(0, 20, value=7, step=0.5, label="CFG", scale=2)
     with gr.Row():
-        seed = gr.Number(label="Seed", value=1, precision=0, minimum=0, elem_id="test-seed")
-        dice = gr.Button("🎲 random seed", scale=0)
-        steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="test-steps")
-        cfg = gr.Slider(0, 20, value=7, step=0.5, label="CFG")
         width = gr.Number(label="Width (0 = model default)", value=0, precision=0, minimum=0)
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, minimum=0)
         scheduler = gr.Dropdown(list(inference.SCHEDULERS), value="Euler", label="Scheduler")
-    with gr.Row():
-        generate = gr.Button("Generate", variant="primary", elem_id="test-generate", scale=3)
-        workflow = gr.Button("Download ComfyUI workflow", elem_id="test-workflow", scale=1)
     workflow_file = gr.File(label="ComfyUI workflow: drop it onto the ComfyUI page, or open it with Load",
                             visible=False, interactive=False, elem_id="test-workflow-file")
     gr.Markdown(ctx.studio.limits.describe(), elem_id="test-limits")
     gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
                          elem_id="test-gallery")
-    applied = gr.Markdown(elem_id="test-lora-report")
+    with gr.Row(equal_height=True):
+        applied = gr.Markdown(elem_id="test-lora-report")
+        cleared = gr.Markdown(elem_id="test-cleared")
+        clear = gr.Button("Delete all test images", variant="stop", size="sm", scale=0, elem_id="test-clear")
     with gr.Accordion("Use it in ComfyUI, inspect the LoRA", open=False):
         with gr.Row():
             send = gr.Button("Send the LoRA to ComfyUI", elem_id="comfy-send")
@@ -70,9 +73,11 @@ def build(ctx: AppContext) -> None:
                                    info="Each sets strength_model and strength_clip alike.", elem_id="grid-strengths")
             grid_button = gr.Button("Make grid", scale=1, elem_id="grid-run")
         grid = gr.Image(label="Grid", type="filepath", elem_id="grid-image", interactive=False)
-    with gr.Row(equal_height=True):
-        clear = gr.Button("Delete all test images", variant="stop", scale=0, elem_id="test-clear")
-        cleared = gr.Markdown(elem_id="test-cleared")
+
+        def grid_done(state: JobState) -> list:
+            return [shown(state.result) if state.status == "done" else gr.skip()]
+
+        grid_job = job_panel(ctx, "grid", grid_done, [grid])
     history = gr.State([])
     newest = gr.State("")  # the newest trained LoRA this page has offered
 
@@ -116,10 +121,6 @@ def build(ctx: AppContext) -> None:
     def on_queue(choice: str, repo: str, *fields: object) -> str:
         return ctx.studio.queue_in_comfyui(base_name(choice, repo), request_from(*fields))
 
-    def grid_done(state: JobState) -> list:
-        return [shown(state.result) if state.status == "done" else gr.skip()]
-
-    grid_job = job_panel(ctx, "grid", grid_done, [grid])
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
     generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
                    **MODEL)
@@ -133,14 +134,15 @@ def build(ctx: AppContext) -> None:
     def ready(current: str | None, text: str, offered: str) -> tuple:
         """Open on the newest trained LoRA with a prompt holding its trigger word, once per new LoRA; a choice
         the visitor made stays until something newer is trained."""
-        label, trigger = ctx.studio.newest_lora()
+        label = ctx.studio.newest_lora()
         choices = lora_choices()
         if label == offered:
             value = current if current in choices else NO_LORA
             return gr.update(choices=choices, value=value), gr.skip(), gr.update(choices=choices[1:]), offered
-        was = prompt_for(ctx.studio, offered)
-        prompt_text = f"{trigger}, portrait photo" if trigger and (not text or text == was) else gr.skip()
-        return gr.update(choices=choices, value=label), prompt_text, gr.update(choices=choices[1:]), label
+        suggested = prompt_for(ctx.studio, label)
+        keep = text and text != prompt_for(ctx.studio, offered)  # a prompt the visitor wrote stays
+        return (gr.update(choices=choices, value=label), gr.skip() if keep or not suggested else suggested,
+                gr.update(choices=choices[1:]), label)
 
     def on_clear() -> tuple[str, list, list]:
         return ctx.studio.clear_test_images(), [], []
@@ -154,12 +156,9 @@ def build(ctx: AppContext) -> None:
 
 def prompt_for(studio: Studio, label: str) -> str:
     """The prompt the Test tab offers with a trained LoRA: its run's trigger word and a plain subject."""
-    if not label or label == NO_LORA:
-        return ""
     try:
-        run = RunFolder(studio.lora(label).parent)
-        trigger = run.read_job().config.trigger_word
-    except UserError:
+        trigger = studio.lora_trigger(label)
+    except UserError:  # a file that went away, or a damaged one: no suggestion
         return ""
     return f"{trigger}, portrait photo" if trigger else ""
 

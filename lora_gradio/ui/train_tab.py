@@ -323,7 +323,7 @@ def build(ctx: AppContext) -> None:
         return [*values, preview_samples(prompts, trigger), line]
 
     def on_dataset(dataset: str | None) -> dict:
-        """A dataset brings its own trigger word into the form, when it has one."""
+        """A dataset picked by hand brings its own trigger word into the form, when it has one."""
         word = ctx.workspace.trigger_word(dataset) if dataset else ""
         return gr.update(value=word) if word else gr.skip()
 
