@@ -24,13 +24,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(workspace: Path, *flags: str, env: dict[str, str] | None = None, timeout: float = 90):
-    """Start ``python app.py`` on 127.0.0.1 (with extra ``flags`` and environment) and yield its URL; stop it
-    afterwards. Its output goes to ``app-PORT.log`` beside the workspace."""
+def running_app(workspace: Path, *flags: str, env: dict[str, str] | None = None, timeout: float = 90,
+                root: Path = ROOT):
+    """Start ``python app.py`` of ``root`` on 127.0.0.1 (with extra ``flags`` and environment) and yield its URL;
+    stop it afterwards. Its output goes to ``app-PORT.log`` beside the workspace."""
     port = free_port()
     log = (workspace.parent / f"app-{port}.log").open("w")
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace",
-                                str(workspace), *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([sys.executable, str(root / "app.py"), "--port", str(port), "--workspace",
+                                str(workspace), *flags], cwd=root, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     try:

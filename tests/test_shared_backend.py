@@ -227,3 +227,21 @@ def test_test_images_can_be_cleared(tmp_path):
     assert made.path.is_file()
     assert studio.clear_test_images() == "Deleted 1 test images."
     assert not made.path.exists() and studio.workspace.outputs_dir.is_dir()
+
+
+def test_the_lora_list_is_grouped_by_run_newest_first_with_epochs_in_order(tmp_path):
+    workspace = Workspace.open(tmp_path / "ws")
+    for run, stamp in (("anna-20261125-090000", 1_000), ("anna-20261126-090000", 2_000)):
+        folder = workspace.outputs_dir / run
+        folder.mkdir()
+        for name in ("anna.safetensors", "anna-000010.safetensors", "anna-000002.safetensors",
+                     "anna-step00000031.safetensors"):
+            (folder / name).write_bytes(b"")
+        os.utime(folder, (stamp, stamp))
+    (workspace.loras_dir / "style.safetensors").write_bytes(b"")
+    assert list(workspace.lora_files()) == [
+        f"anna-20261126-090000/{name}" for name in ("anna-000002.safetensors", "anna-000010.safetensors",
+                                                   "anna-step00000031.safetensors", "anna.safetensors")] + [
+        f"anna-20261125-090000/{name}" for name in ("anna-000002.safetensors", "anna-000010.safetensors",
+                                                   "anna-step00000031.safetensors", "anna.safetensors")] + [
+        "loras/style.safetensors"]
