@@ -78,10 +78,10 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         assert no_error_pill(page) and progress(page) == "Nothing running yet."
         type_into(rank, "4")
         type_into(page.locator("#field-trigger_word").get_by_role("textbox"), "flowword")
-        set_number(page, "#field-epochs", 30)
+        set_number(page, "#field-epochs", 15)
         page.locator("#train-start").click()
         wait_for(lambda: "rank = 0" not in page.locator("#field-rank").inner_text(), 30, "the mark to go")
-        wait_for(lambda: re.search(r"running: step [1-9]\d*/120", progress(page)), 90, "training to run")
+        wait_for(lambda: re.search(r"running: step [1-9]\d*/60", progress(page)), 90, "training to run")
         assert page.locator("#train-stop").is_enabled() and page.locator("#train-start").is_disabled()
 
         page.reload()  # the form, the dataset and the running job's settings come back
@@ -89,9 +89,9 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: "Training now: run lora-" in page.locator("#train-job").inner_text(), 30, "the job line")
         assert "dataset flow" in page.locator("#train-job").inner_text()
         assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == "flow"
-        assert page.locator("#field-epochs input").input_value() == "30"
+        assert page.locator("#field-epochs input").input_value() == "15"
         assert page.locator("#field-trigger_word").get_by_role("textbox").input_value() == "flowword"
-        wait_for(lambda: re.search(r"running: step ([5-9]|\d\d)/120", progress(page)), 90, "a few steps")
+        wait_for(lambda: re.search(r"running: step ([5-9]|\d\d)/60", progress(page)), 90, "a few steps")
         page.locator("#train-stop").click()
         wait_for(lambda: progress(page).startswith("stopped"), 60, "the stop")
         state = api.predict(api_name="/job_status")
@@ -104,24 +104,24 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
 
         page.reload()  # the stopped run waits under Interrupted runs, and the form is as it was
         page.get_by_role("tab", name="Train").click()
-        wait_for(lambda: page.locator("#field-epochs input").input_value() == "30", 30, "the form as it was")
+        wait_for(lambda: page.locator("#field-epochs input").input_value() == "15", 30, "the form as it was")
         assert page.locator("#train-job").inner_text().strip() == ""  # nothing runs now
         wait_for(lambda: page.locator("#train-runs").is_visible(), 30, "the runs, opened for the interrupted one")
         choose(page, "#train-runs", run)
         before = len(plotted(page))
         page.locator("#train-resume").click()
-        wait_for(lambda: re.search(r"running: step \d+/120", progress(page)), 60, "the resumed run")
+        wait_for(lambda: re.search(r"running: step \d+/60", progress(page)), 60, "the resumed run")
         wait_for(lambda: len(plotted(page)) > before, 60, "new points after the old ones")
         assert plotted(page)[0][0] == 1  # the curve from before the stop is still there
         assert "lora-000001.safetensors" in saved_files(page)
         assert "epoch 0 · flowword, portrait photo" in page.locator("#train-samples").inner_text()
-        wait_for(lambda: progress(page).startswith("done: step 120/120"), 180, "the run to finish")
-        wait_for(lambda: len(plotted(page)) == 120, 30, "the whole curve")
-        assert page.locator("#loss-chart .epoch-mark").count() == 30 and page.locator("#lr-line").count() == 1
+        wait_for(lambda: progress(page).startswith("done: step 60/60"), 300, "the run to finish")
+        wait_for(lambda: len(plotted(page)) == 60, 30, "the whole curve")
+        assert page.locator("#loss-chart .epoch-mark").count() == 15 and page.locator("#lr-line").count() == 1
         wait_for(lambda: "all epochs × prompts" in page.locator("#train-samples").inner_text(), 30, "the grid")
         wait_for(lambda: "sample-grid.png" in saved_files(page), 30, "the grid file")
-        assert log.evaluate(LAST_LINE_IN_VIEW) and "Finished after 120 steps" in log.inner_text()
-        wait_for(lambda: re.search(rf"{run}\s+finished\s+\S+ \S+\s+120/120\s+\d\.\d{{4}}",
+        assert log.evaluate(LAST_LINE_IN_VIEW) and "Finished after 60 steps" in log.inner_text()
+        wait_for(lambda: re.search(rf"{run}\s+finished\s+\S+ \S+\s+60/60\s+\d\.\d{{4}}",
                                    page.locator("#runs-table").inner_text()), 30, "the run in the list")
         screenshot(page, "train-finished")
 

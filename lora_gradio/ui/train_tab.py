@@ -121,16 +121,14 @@ def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
 
 
 def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
-    """The run's samples labelled by epoch and prompt, newest epoch first, and the epochs × prompts grid first
-    once the run made it."""
-    items = [(shown(path), "all epochs × prompts") for path in state.saved if path.endswith("sample-grid.png")
-             and Path(path).exists()]
+    """The run's samples (paths) labelled by epoch and prompt, newest epoch first, and the epochs × prompts grid
+    first once the run made it."""
+    items = [(path, "all epochs × prompts") for path in state.saved if path.endswith("sample-grid.png")]
     for epoch, path in sorted(state.samples, key=lambda item: -item[0]):
-        if Path(path).exists():
-            index = int(Path(path).stem.rpartition("-")[2] or 0)
-            prompt = prompts[index] if index < len(prompts) else ""
-            items.append((shown(path), f"epoch {epoch} · {prompt}" if prompt else f"epoch {epoch}"))
-    return items
+        index = int(Path(path).stem.rpartition("-")[2] or 0)
+        prompt = prompts[index] if index < len(prompts) else ""
+        items.append((path, f"epoch {epoch} · {prompt}" if prompt else f"epoch {epoch}"))
+    return [item for item in items if Path(item[0]).exists()]
 
 
 def build(ctx: AppContext) -> None:
@@ -340,10 +338,13 @@ def build(ctx: AppContext) -> None:
         moved = before.get("active") != state.active or "active" not in before
         seen["saved"] = [p for p in state.saved if Path(p).exists()]
         files = ([shown(p) for p in seen["saved"]] or None) if seen["saved"] != before.get("saved") else gr.skip()
+        seen["samples"] = [list(item) for item in sample_items(state, seen["prompts"])]
+        gallery = [(shown(path), caption) for path, caption in seen["samples"]] \
+            if seen["samples"] != before.get("samples") else gr.skip()  # sent again only when it changed
         per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
         chart = loss_chart([tuple(p) for p in seen["losses"]], per_epoch) if changed else gr.skip()
         skip = gr.skip()
-        return (progress_html(state), chart, sample_items(state, seen["prompts"]), files, log_html(state.log), seen,
+        return (progress_html(state), chart, gallery, files, log_html(state.log), seen,
                 *(runs_opened() if moved else (skip, skip, skip, skip)),
                 gr.update(interactive=state.active) if moved else skip,
                 gr.update(interactive=not state.active) if moved else skip)
