@@ -181,6 +181,19 @@ def test_the_progress_line_shows_a_message_as_text_not_markup():
     assert "<img" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
 
 
+def test_the_progress_line_says_what_is_happening_before_the_first_step():
+    from lora_gradio.ui import progress_html
+    from lora_gradio.ui.train_tab import default_preset
+
+    assert "Nothing running yet." in progress_html(JobState("training"))
+    loading = progress_html(JobState("training", status="running", total_steps=24, message="Loading base model"))
+    assert "running: getting ready · 24 steps planned" in loading and "step 0/0" not in loading
+    running = progress_html(JobState("training", status="running", step=3, total_steps=24, epoch=1,
+                                     total_epochs=6, eta_s=12))
+    assert "running: step 3/24 · epoch 1/6" in running and "ETA" in running
+    assert default_preset("demo") == "demo" and default_preset("dreamshaper_8.safetensors") == "seed-recommended"
+
+
 def test_a_page_is_sent_only_new_losses(demo_spec, demo_data, quick_config, tmp_path):
     from lora_gradio.jobs import JobRunner, start_training
     from lora_gradio.models import ModelCache

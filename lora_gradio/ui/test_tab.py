@@ -131,6 +131,7 @@ def build(ctx: AppContext) -> None:
     inspect.click(user_errors(ctx.studio.inspect), lora, inspection, **PRIVATE)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
     dice.click(inference.random_seed, None, seed, **PRIVATE)
+
     def ready(current: str | None, text: str, offered: str) -> tuple:
         """Open on the newest trained LoRA with a prompt holding its trigger word, once per new LoRA; a choice
         the visitor made stays until something newer is trained."""

@@ -213,19 +213,22 @@ def build(ctx: AppContext) -> None:
         config, text = load_preset(str(preset_choices(ctx).get(label, preset_choices(ctx)[default_preset(DEMO)])))
         return [text or "", *form_values(config)]
 
-    @user_errors
-    def on_preset(label: str, trigger: str) -> list:
+    def preset_form(label: str, trigger: str) -> list:
+        """A preset's description, its values in the form (keeping the trigger word typed) and the sample line."""
         text, *values = preset_values(label)
         values[names.index("trigger_word")] = trigger or values[names.index("trigger_word")]
         prompts = values[names.index("sample_prompts")]
         return [text, *values, preview_samples(prompts, values[names.index("trigger_word")])]
 
+    on_preset = user_errors(preset_form)
+
+    @user_errors
     def on_base(choice: str, current: str, trigger: str) -> list:
         """The demo base picks the demo preset; a real base leaves the demo preset for the recommended one."""
         wanted = default_preset(choice)
         if wanted == current or (choice != DEMO and current != "demo"):
             return [gr.skip()] * (len(names) + 3)
-        return [wanted, *on_preset(wanted, trigger)]
+        return [wanted, *preset_form(wanted, trigger)]
 
     def with_marks(handler: typing.Callable[..., list], fixed: int) -> typing.Callable[..., list]:
         """Run a Start/Estimate handler; invalid settings are marked beside their fields, and a toast sums up."""
