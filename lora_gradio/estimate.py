@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .dataset import scan_training_folder
 from .training.config import TrainConfig
-from .training.data import plan_images, steps_per_epoch
+from .training.data import plan_images, run_length, steps_per_epoch
 
 TFLOP_PER_SAMPLE = {False: 1.73, True: 2.54}  # SD1.5 at 512 px, LoRA step, without / with gradient checkpointing
 MFU = 0.35  # a realistic share of the GPU's peak for this workload
@@ -81,7 +81,8 @@ def estimate(config: TrainConfig, data_dir: Path, demo: bool = False, prepared: 
 
     scan = scan_training_folder(Path(data_dir), config.trigger_word, prepared)
     planned = plan_images(scan.images, config.resolution, config.enable_buckets)
-    steps = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps) * config.epochs
+    per_epoch = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps)
+    steps = run_length(per_epoch, config.epochs, config.max_train_steps)[1]
     stale = scan.stale
     if demo:
         return Estimate(steps, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model", stale)

@@ -91,7 +91,7 @@ def test_each_saved_lora_has_an_a1111_card_its_own_sample_and_a_comfyui_workflow
         card = json.loads(lora.with_name(lora.stem + ".json").read_text(encoding="utf-8"))
         assert card["activation text"] == "lgdemo" and card["sd version"] == "SD1"
         assert card["preferred weight"] == 1.0 and card["description"].startswith("fit: an SD1.5 LoRA")
-        assert f"epoch {epoch} of 40" in card["notes"] and "rank 32, alpha 32" in card["notes"]
+        assert f"epoch {epoch}, {epoch * 2} steps" in card["notes"] and "rank 32, alpha 32" in card["notes"]
         graph = api_from_ui(json.loads(lora.with_name(lora.stem + ".workflow.json").read_text(encoding="utf-8")))
         assert graph["2"]["inputs"]["lora_name"] == lora.name and graph["3"]["inputs"]["text"] == PROMPT
         assert graph["1"]["inputs"]["ckpt_name"] == "demo" and graph["6"]["inputs"]["seed"] == 7
@@ -183,3 +183,18 @@ def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_conf
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "lora-000001.json", "lora-000001.safetensors", "lora-000001.workflow.json", "progress.json",
         "resume-state.pt"]
+
+
+def test_max_train_steps_overrides_the_epochs(demo_spec, demo_data, quick_config, tmp_path):
+    from lora_gradio.estimate import estimate
+
+    config = apply_overrides(quick_config, {"epochs": 50, "batch_size": 2, "max_train_steps": 6})
+    assert estimate(config, demo_data, demo=True).steps == 6  # 8 images in batches of 2: 4 steps an epoch
+    totals = set()
+    result = train(config, demo_spec, demo_data, tmp_path, on_event=lambda e: totals.add(
+        (e.total_steps, e.total_epochs)) if e.kind == "step" else None)
+    assert result.steps == 6 and result.epochs == 2 and totals == {(6, 2)}
+    assert [p.name for p in result.saved] == ["lora-000001.safetensors", "lora.safetensors"]
+    with safe_open(str(result.lora_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_steps"], metadata["ss_max_train_steps"], metadata["ss_num_epochs"]) == ("6", "6", "2")

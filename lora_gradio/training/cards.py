@@ -32,7 +32,7 @@ def write_card(lora: Path, config: TrainConfig, base_name: str, steps: int, epoc
         "sd version": "SD1",
         "activation text": trigger,
         "preferred weight": 1.0,
-        "notes": (f"Trained with lora-gradio on {base_name}: epoch {epoch} of {config.epochs}, {steps} steps, "
+        "notes": (f"Trained with lora-gradio on {base_name}: epoch {epoch}, {steps} steps, "
                   f"{images} images per epoch, rank {config.rank}, alpha {config.alpha:g}, {config.optimizer} at "
                   f"{config.unet_lr:g}, resolution {config.resolution}."),
     }

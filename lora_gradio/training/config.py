@@ -55,6 +55,7 @@ class TrainConfig:
     lr_warmup_steps: Annotated[int, Field(ge=0, le=100_000)] = 0
     lr_cycles: Annotated[int, Field(ge=1, le=100)] = 1
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
+    max_train_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 0  # set: the run stops there, whatever epochs says
     batch_size: Annotated[int, Field(ge=1, le=64)] = 1
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=256)] = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
@@ -109,6 +110,7 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "lr_warmup_steps": ("Warm-up steps", "Steps spent raising the learning rate from 0; 0–100 is usual."),
     "lr_cycles": ("Restarts", "Cosine with restarts only: how many cycles; 1 is usual."),
     "epochs": ("Epochs", "Passes over the dataset; 10–20 for 20–50 images."),
+    "max_train_steps": ("Max steps", "Stop after this many steps, overriding the epochs; 0 = train the epochs."),
     "batch_size": ("Batch size", "Images per step; 1–4 on 8–12 GB cards."),
     "gradient_accumulation_steps": ("Gradient accumulation", "Batches added up per step: a larger batch for free "
                                                              "memory; 1 is usual."),

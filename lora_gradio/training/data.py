@@ -116,6 +116,14 @@ def steps_per_epoch(images: Sequence[Bucketed], batch_size: int, accumulation: i
     return math.ceil(len(plan_epoch(images, batch_size, 0, 0, 0, num_processes)) / accumulation)
 
 
+def run_length(per_epoch: int, epochs: int, max_train_steps: int = 0) -> tuple[int, int]:
+    """The run's epochs and optimizer steps: ``epochs`` of ``per_epoch`` steps, or, with ``max_train_steps``, as
+    many epochs as those steps start (the last one cut short)."""
+    if max_train_steps:
+        return math.ceil(max_train_steps / max(per_epoch, 1)), max_train_steps
+    return epochs, per_epoch * epochs
+
+
 def sample_latents(cached: Iterable[CachedImage], generator: torch.Generator, scaling: float) -> torch.Tensor:
     """Draw latents for a batch from the cached distributions (random mirror variant when there are two)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

@@ -113,6 +113,7 @@ class RunFacts:
     started: float
     steps: int
     epoch: int
+    num_epochs: int
     max_steps: int
     num_images: int  # images per epoch, repeats counted
     tag_frequency: str
@@ -151,7 +152,7 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_num_train_images": str(facts.num_images),
         "ss_steps": str(facts.steps),
         "ss_epoch": str(facts.epoch),
-        "ss_num_epochs": str(config.epochs),
+        "ss_num_epochs": str(facts.num_epochs),
         "ss_learning_rate": str(config.unet_lr),
         "ss_unet_lr": str(config.unet_lr),
         "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0.0),

@@ -23,7 +23,7 @@ from ..events import Emit, JobEvent
 from ..models import BaseModelSpec, ModelCache, free_accelerator_memory, pipeline_view, quiet_libraries
 from . import cards, kohya
 from .config import TrainConfig
-from .data import cache_latents, plan_epoch, process_caption, sample_latents, steps_per_epoch
+from .data import cache_latents, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
 from .network import add_lora_adapters, make_optimizer, trainable_parameters
 from .run_folder import RunFolder
 from .samples import overtraining_warning, render_samples, sample_grid
@@ -158,7 +158,7 @@ class Trainer:
         processes = accelerator.num_processes
         self.steps_per_epoch = steps_per_epoch(self.cached, config.batch_size, config.gradient_accumulation_steps,
                                                processes)
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.epochs, self.total_steps = run_length(self.steps_per_epoch, config.epochs, config.max_train_steps)
         optimizer = make_optimizer(config, groups)
         # accelerate steps a prepared schedule once per process at every step, so its lengths scale the same way
         schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
@@ -242,12 +242,12 @@ class Trainer:
         config, accelerator, result = self.config, self.accelerator, self.result
         start_epoch, skip = self.restore() if resume else (0, 0)
         self.first_samples = self.folder.samples_of(0) if resume else []
-        self.emit(self.event("status", f"Training {self.total_steps} steps ({config.epochs} epochs of "
+        self.emit(self.event("status", f"Training {self.total_steps} steps ({self.epochs} epochs of "
                                        f"{self.steps_per_epoch})"))
         if not self.first_samples:
             self.first_samples = self.samples(0)
         accumulation = config.gradient_accumulation_steps
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(start_epoch, self.epochs):
             plan = plan_epoch(self.cached, config.batch_size, config.seed, epoch, accelerator.process_index,
                               accelerator.num_processes)
             steps = [plan[i:i + accumulation] for i in range(0, len(plan), accumulation)]
@@ -256,7 +256,7 @@ class Trainer:
                 loss = self.train_step(batches)
                 done += 1
                 self.report(loss, epoch, done)
-                if self.stop.is_set():
+                if self.stop.is_set() or result.steps >= self.total_steps:
                     break
             result.epochs = epoch + 1
             if self.stop.is_set():
@@ -283,7 +283,7 @@ class Trainer:
         recent = self.step_times[-20:]
         rate = result.it_per_s = len(recent) / sum(recent)
         self.emit(JobEvent("step", step=result.steps, total_steps=self.total_steps, epoch=epoch + 1,
-                           total_epochs=self.config.epochs, loss=loss, lr=self.lrs[-1],
+                           total_epochs=self.epochs, loss=loss, lr=self.lrs[-1],
                            it_per_s=rate, eta_s=(self.total_steps - result.steps) / rate))
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
             self.checkpoint(epoch, steps_in_epoch)
@@ -291,9 +291,9 @@ class Trainer:
     def end_epoch(self, epoch: int) -> None:
         """Keep the resume state, and every ``save_every_n_epochs`` save a LoRA file and render samples."""
         config = self.config
-        self.emit(self.event("epoch", f"Epoch {epoch}/{config.epochs} done", epoch=epoch))
+        self.emit(self.event("epoch", f"Epoch {epoch}/{self.epochs} done", epoch=epoch))
         self.checkpoint(epoch, 0)
-        if epoch < config.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
+        if epoch < self.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
             self.samples(epoch, self.save(epoch))
 
     def finish(self) -> TrainResult:
@@ -321,7 +321,7 @@ class Trainer:
     def event(self, kind: str, message: str, **fields: object) -> JobEvent:
         """An event carrying the run's step and totals."""
         return JobEvent(kind, message, **{"step": self.result.steps, "total_steps": self.total_steps,
-                                         "total_epochs": self.config.epochs, **fields})
+                                         "total_epochs": self.epochs, **fields})
 
     def save(self, epoch: int | None) -> Path | None:
         """Write the LoRA as a kohya file: an epoch's, or (``None``) the final one. Rank 0 writes for everyone."""
@@ -331,7 +331,8 @@ class Trainer:
         tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
                                         DTYPES[config.save_dtype])
         metadata = kohya.build_metadata(config, self.base, kohya.RunFacts(
-            self.started, result.steps, epoch or result.epochs, self.total_steps, self.scan.total_repeats,
+            self.started, result.steps, epoch or result.epochs, self.epochs, self.total_steps,
+            self.scan.total_repeats,
             self.tag_frequency, self.dataset_dirs, self.buckets, self.session_id))
         target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
         path = kohya.save_lora(target, tensors, metadata)
