@@ -198,3 +198,25 @@ def test_max_train_steps_overrides_the_epochs(demo_spec, demo_data, quick_config
     with safe_open(str(result.lora_path), "pt") as handle:
         metadata = handle.metadata()
     assert (metadata["ss_steps"], metadata["ss_max_train_steps"], metadata["ss_num_epochs"]) == ("6", "6", "2")
+
+
+def update_norms(path):
+    """Each LoRA layer's update norm, |up · down| · alpha / rank, read from a kohya file, and its metadata."""
+    norms = []
+    with safe_open(str(path), "pt") as handle:
+        for key in (k for k in handle.keys() if k.endswith(".lora_down.weight")):  # noqa: SIM118
+            module = key.removesuffix(".lora_down.weight")
+            down, up = handle.get_tensor(key), handle.get_tensor(f"{module}.lora_up.weight")
+            scale = handle.get_tensor(f"{module}.alpha").item() / down.shape[0]
+            norms.append(((up.flatten(1) @ down.flatten(1)).norm() * scale).item())
+        return norms, handle.metadata()
+
+
+def test_scale_weight_norms_caps_every_layer_in_the_saved_file(demo_spec, demo_data, quick_config, tmp_path):
+    config = apply_overrides(quick_config, {"epochs": 2, "unet_lr": 5e-2, "text_encoder_lr": 5e-2,
+                                            "scale_weight_norms": 0.05, "save_dtype": "fp32"})
+    norms, metadata = update_norms(train(config, demo_spec, demo_data, tmp_path / "capped").lora_path)
+    assert metadata["ss_scale_weight_norms"] == "0.05" and 0.04 < max(norms) <= 0.05 * 1.001
+    free = train(apply_overrides(config, {"scale_weight_norms": 0}), demo_spec, demo_data, tmp_path / "free")
+    norms, metadata = update_norms(free.lora_path)
+    assert metadata["ss_scale_weight_norms"] == "None" and max(norms) > 0.1  # the same run grows past the cap

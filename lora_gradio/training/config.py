@@ -51,6 +51,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
     max_grad_norm: Annotated[float, Field(ge=0, le=100)] = 1.0
+    scale_weight_norms: Annotated[float, Field(ge=0, le=100)] = 0.0  # kohya's max-norm regularisation; 0 = off
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = "constant"
     lr_warmup_steps: Annotated[int, Field(ge=0, le=100_000)] = 0
     lr_cycles: Annotated[int, Field(ge=1, le=100)] = 1
@@ -106,6 +107,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "optimizer": ("Optimizer", "AdamW is the default; AdamW8bit saves memory on CUDA; Prodigy finds its own rate."),
     "weight_decay": ("Weight decay", "Keeps the weights small; 0.01 is usual."),
     "max_grad_norm": ("Gradient clipping", "Caps each step's size against spikes; 1.0 is usual, 0 = off."),
+    "scale_weight_norms": ("Max LoRA norm", "Scales down any LoRA layer grown stronger than this after each step, "
+                                            "against overcooking; 1 is usual, 0 = off."),
     "lr_scheduler": ("LR schedule", "How the learning rate changes over the run; constant or cosine are usual."),
     "lr_warmup_steps": ("Warm-up steps", "Steps spent raising the learning rate from 0; 0–100 is usual."),
     "lr_cycles": ("Restarts", "Cosine with restarts only: how many cycles; 1 is usual."),

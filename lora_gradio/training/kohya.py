@@ -168,6 +168,7 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_enable_bucket": str(config.enable_buckets),
         "ss_flip_aug": str(config.flip_augment),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_scale_weight_norms": str(config.scale_weight_norms or None),
         "ss_noise_offset": str(config.noise_offset),
         "ss_caption_dropout_rate": str(config.caption_dropout),
         "ss_shuffle_caption": str(config.shuffle_caption),

@@ -24,7 +24,7 @@ from ..models import BaseModelSpec, ModelCache, free_accelerator_memory, pipelin
 from . import cards, kohya
 from .config import TrainConfig
 from .data import cache_latents, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
-from .network import add_lora_adapters, make_optimizer, trainable_parameters
+from .network import add_lora_adapters, apply_max_norm, make_optimizer, trainable_parameters
 from .run_folder import RunFolder
 from .samples import overtraining_warning, render_samples, sample_grid
 
@@ -235,6 +235,8 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if config.scale_weight_norms:
+            apply_max_norm([self.pipe.unet, self.pipe.text_encoder], config.scale_weight_norms)
         return accelerator.gather(total).mean().item()
 
     def run(self, resume: bool) -> TrainResult:

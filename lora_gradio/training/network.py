@@ -37,6 +37,25 @@ def trainable_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module) -
     return named
 
 
+@torch.no_grad()
+def apply_max_norm(models: list[torch.nn.Module], max_norm: float) -> int:
+    """kohya's ``scale_weight_norms``: every LoRA layer whose update (up · down · alpha/rank) has a norm above
+    ``max_norm`` has both factors scaled down alike until it does not; returns how many layers were scaled."""
+    from peft.tuners.lora import LoraLayer
+
+    scaled = 0
+    for module in (m for model in models for m in model.modules() if isinstance(m, LoraLayer)):
+        for adapter in module.lora_A:
+            down, up = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            norm = (up.flatten(1) @ down.flatten(1)).norm() * module.scaling[adapter]
+            if norm > max_norm:
+                ratio = (max_norm / norm).sqrt()
+                down.mul_(ratio)
+                up.mul_(ratio)
+                scaled += 1
+    return scaled
+
+
 def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """The configured optimizer over per-component parameter groups (each with its own learning rate)."""
     if config.optimizer == "adamw":
