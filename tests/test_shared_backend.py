@@ -258,3 +258,11 @@ def test_the_lora_list_is_grouped_by_run_newest_first_with_epochs_in_order(tmp_p
         f"anna-20261125-090000/{name}" for name in ("anna-000002.safetensors", "anna-000010.safetensors",
                                                    "anna-step00000031.safetensors", "anna.safetensors")] + [
         "loras/style.safetensors"]
+
+
+def test_every_setting_has_a_plain_label_and_a_line_of_help():
+    from lora_gradio.training.config import FIELD_HELP, FIELDS
+
+    assert set(FIELD_HELP) == set(FIELDS)
+    for name, (label, info) in FIELD_HELP.items():
+        assert label and "_" not in label and info.endswith((".", ")")), name
