@@ -234,6 +234,7 @@ def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateReques
 def row_labels(loras: list[tuple[str, Path]]) -> list[str]:
     """Two lines per LoRA file: "epoch 4 · step 120" from its metadata, then its run; always distinct."""
     from .lora_map import read_metadata
+    from .training.run_folder import is_stop_file
 
     labels = []
     for name, path in loras:
@@ -241,7 +242,7 @@ def row_labels(loras: list[tuple[str, Path]]) -> list[str]:
         run, _, file = name.rpartition("/")
         if meta.get("ss_epoch") and meta.get("ss_steps"):
             first = f"epoch {meta['ss_epoch']} · step {meta['ss_steps']}"
-            if "-step" in Path(file).stem:
+            if is_stop_file(file):
                 first += " (stopped)"
         else:
             first = Path(file).stem

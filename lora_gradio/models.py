@@ -494,7 +494,9 @@ def _label(key: Hashable) -> str:
     if isinstance(key, tuple) and len(key) == 2:
         kind, what = key
         name = what.display_name if isinstance(what, BaseModelSpec) else str(what)
-        return "demo model" if name == DEMO else f"BLIP captioner {name}" if kind == "captioner" else name
+        if kind == "captioner":
+            return f"BLIP captioner {name}"
+        return "demo model" if name == DEMO else name
     return str(key)
 
 

@@ -21,6 +21,8 @@ JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.json"  # steps done and the latest loss, for the list of runs
 RESUME_FILE = "resume-state.pt"
 SAMPLES = "samples"
+SAMPLE_GRID = "sample-grid.png"
+STOP_MARK = "-step"  # NAME-step00000123.safetensors: a run stopped at step 123 (kohya's step-save name)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class RunFolder:
         """``name-000004.safetensors`` for an epoch save, ``name-step00000123.safetensors`` for a run stopped at
         step 123 (kohya's step-save name), ``name.safetensors`` only for the finished run."""
         if stopped_at is not None:
-            return self.path / f"{name}-step{stopped_at:08d}.safetensors"
+            return self.path / f"{name}{STOP_MARK}{stopped_at:08d}.safetensors"
         return self.path / (f"{name}-{epoch:06d}.safetensors" if epoch is not None else f"{name}.safetensors")
 
     def lora_files(self) -> list[Path]:
@@ -68,7 +70,7 @@ class RunFolder:
     @property
     def sample_grid_file(self) -> Path:
         """Every epoch's samples in one picture, made when the run finishes."""
-        return self.path / "sample-grid.png"
+        return self.path / SAMPLE_GRID
 
     def sample_file(self, epoch: int, index: int) -> Path:
         """Where epoch ``epoch``'s sample for prompt ``index`` goes."""
@@ -76,12 +78,12 @@ class RunFolder:
 
     def latest_sample(self) -> Path | None:
         """The first prompt's sample of the newest epoch that has one."""
-        found = sorted(self.samples_dir.glob("epoch*-0.png")) if self.samples_dir.is_dir() else []
-        return found[-1] if found else None
+        found = self.all_samples()
+        return found[max(found)][0] if found else None
 
     def samples_of(self, epoch: int) -> list[Path]:
         """The samples already rendered for an epoch (epoch 0's, when a run resumes)."""
-        return sorted(self.samples_dir.glob(f"epoch{epoch:04d}-*.png"))
+        return self.all_samples().get(epoch, [])
 
     def all_samples(self) -> dict[int, list[Path]]:
         """Every epoch's rendered samples, by epoch."""
@@ -195,6 +197,11 @@ def list_runs(outputs_dir: Path) -> list[RunSummary]:
     """Every run folder under ``outputs_dir``, newest first."""
     folders = [p for p in Path(outputs_dir).glob("*") if (p / JOB_FILE).is_file()]
     return sorted((RunFolder(p).summary() for p in folders), key=lambda r: r.created, reverse=True)
+
+
+def is_stop_file(path: Path | str) -> bool:
+    """Whether a LoRA file is what a stopped run saved, not an epoch's or the finished run's."""
+    return STOP_MARK in Path(path).stem
 
 
 def resumable_runs(outputs_dir: Path) -> list[str]:

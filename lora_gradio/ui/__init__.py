@@ -62,33 +62,42 @@ class AppContext:
         """The studio's workspace."""
         return self.studio.workspace
 
-
-def user_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Show a page handler's ``UserError`` as a toast and leave its widgets as they were: a raised error would cover
-    them with Gradio's error pill until someone finds its ×."""
-
-    @wraps(handler)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except UserError as exc:
-            gr.Warning(str(exc))
-            return gr.skip()  # one skip leaves every output as it was
-
-    return wrapped
+    def dataset_trigger(self, name: str | None) -> dict:
+        """A handler's update for a trigger-word box: the dataset's own word, when it has one."""
+        word = self.workspace.trigger_word(name)
+        return gr.update(value=word) if word else gr.skip()
 
 
-def api_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """An API endpoint's ``UserError`` as the error its client receives."""
+def _on_user_error(answer: Callable[[UserError], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator that turns a handler's ``UserError`` into ``answer(error)``; the signature stays the handler's,
+    which Gradio reads to pass the request."""
 
-    @wraps(handler)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except UserError as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(handler)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return handler(*args, **kwargs)
+            except UserError as exc:
+                return answer(exc)
 
-    return wrapped
+        return wrapped
+
+    return decorate
+
+
+def _toast(error: UserError) -> Any:
+    gr.Warning(str(error))
+    return gr.skip()  # one skip leaves every output as it was
+
+
+def _raise(error: UserError) -> Any:
+    raise gr.Error(str(error), print_exception=False) from error
+
+
+# a page handler's refusal is a toast, its widgets left as they were (a raised error would cover them with Gradio's
+# error pill until someone finds its ×); an API endpoint's is the error its client receives
+user_errors = _on_user_error(_toast)
+api_errors = _on_user_error(_raise)
 
 
 def shown(path: Path | str) -> str:

@@ -91,14 +91,9 @@ def build(ctx: AppContext) -> None:
     def refresh_tags(name: str | None) -> list:
         return dataset.tag_frequencies(ctx.studio.images_dir(name)) if name else []
 
-    def dataset_trigger(name: str | None) -> dict:
-        """The dataset's own trigger word, the one its captions and training runs used."""
-        word = ctx.workspace.trigger_word(name) if name else ""
-        return gr.update(value=word) if word else gr.skip()
-
     revision.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
-    ctx.dataset.change(dataset_trigger, ctx.dataset, trigger, show_progress="hidden", **PRIVATE)
+    ctx.dataset.change(user_errors(ctx.dataset_trigger), ctx.dataset, trigger, show_progress="hidden", **PRIVATE)
 
     @gr.render(inputs=[ctx.dataset, page, revision])
     def editor(name: str | None, page_number: float, _version: int) -> None:

@@ -27,7 +27,7 @@ from ..training.config import (
     make_config,
     save_preset,
 )
-from ..training.run_folder import RunFolder, resumable_runs
+from ..training.run_folder import SAMPLE_GRID, RunFolder, resumable_runs
 from . import PRIVATE, AppContext, progress_html, shown, stop_handler, user_errors
 from .charts import loss_chart
 
@@ -56,11 +56,11 @@ def preset_choices(ctx: AppContext) -> dict[str, Path]:
     return choices
 
 
-def field_widget(name: str) -> gr.components.Component:
+def field_widget(name: str, value: Any) -> gr.components.Component:
     """A widget matching the field's type, with its plain label and an info line saying what it does."""
     hint = field_type(name)
     label, info = FIELD_HELP[name]
-    common = {"label": label, "info": info, "elem_id": f"field-{name}"}
+    common = {"value": value, "label": label, "info": info, "elem_id": f"field-{name}"}
     if hint is bool:
         return gr.Checkbox(**common)
     if typing.get_origin(hint) is typing.Literal:
@@ -123,7 +123,7 @@ def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
 def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
     """The run's samples (paths) labelled by epoch and prompt, newest epoch first, and the epochs × prompts grid
     first once the run made it."""
-    items = [(path, "all epochs × prompts") for path in state.saved if path.endswith("sample-grid.png")]
+    items = [(path, "all epochs × prompts") for path in state.saved if Path(path).name == SAMPLE_GRID]
     for epoch, path in sorted(state.samples, key=lambda item: -item[0]):
         index = int(Path(path).stem.rpartition("-")[2] or 0)
         prompt = prompts[index] if index < len(prompts) else ""
@@ -148,21 +148,26 @@ def build(ctx: AppContext) -> None:
         base_choice, base_repo = base_picker(ctx)
         presets = gr.Dropdown(list(preset_choices(ctx)), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
-    description = gr.Markdown(elem_id="preset-description")
+    # the page opens on the preset for the demo base, usable before its load event restores anything
+    first, first_text = load_preset(default_preset(DEMO))
+    first_values = {name: to_widget(name, value) for name, value in first.to_dict().items()}
+    description = gr.Markdown(first_text, elem_id="preset-description")
     widgets: dict[str, gr.components.Component] = {}
     for start_at in (0, 5):
         with gr.Row():
             for name in MAIN[start_at:start_at + 5]:
-                widgets[name] = field_widget(name)
+                widgets[name] = field_widget(name, first_values[name])
     with gr.Row():
-        widgets["sample_prompts"] = gr.Textbox(label="Sample prompts, one per line", info=FIELD_HELP[
-            "sample_prompts"][1], lines=2, scale=3, elem_id="field-sample_prompts")
-        sample_preview = gr.Markdown(elem_id="sample-preview")
+        widgets["sample_prompts"] = gr.Textbox(first_values["sample_prompts"], label="Sample prompts, one per line",
+                                               info=FIELD_HELP["sample_prompts"][1], lines=2, scale=3,
+                                               elem_id="field-sample_prompts")
+        sample_preview = gr.Markdown(preview_samples(first_values["sample_prompts"], first_values["trigger_word"]),
+                                     elem_id="sample-preview")
     with gr.Accordion("Advanced settings", open=False):
         for start_at in range(0, len(ADVANCED), 4):
             with gr.Row():
                 for name in ADVANCED[start_at:start_at + 4]:
-                    widgets[name] = field_widget(name)
+                    widgets[name] = field_widget(name, first_values[name])
         with gr.Row(equal_height=True):
             preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character", scale=3)
             save = gr.Button("Save preset", scale=1)
@@ -179,14 +184,15 @@ def build(ctx: AppContext) -> None:
         saved = gr.File(label="Saved files (click one to download it)", file_count="multiple", height=300,
                         interactive=False, elem_id="saved-files")
         log = gr.HTML(log_html([]), elem_id="train-log")
+    rows = ctx.studio.runs()
     with gr.Accordion("Runs: resume, delete", open=False, elem_id="runs-panel") as runs_panel:
-        run_table = gr.Dataframe(ctx.studio.runs(), headers=RUN_COLUMNS, interactive=False, elem_id="runs-table",
+        run_table = gr.Dataframe(rows, headers=RUN_COLUMNS, interactive=False, elem_id="runs-table",
                                  label="Runs, newest first")
         with gr.Row(equal_height=True):
             runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3,
                                allow_custom_value=True, elem_id="train-runs")
             resume = gr.Button("Resume", scale=1, elem_id="train-resume")
-            doomed = gr.Dropdown([row[0] for row in ctx.studio.runs()], label="Run to delete", scale=3,
+            doomed = gr.Dropdown([row[0] for row in rows], label="Run to delete", scale=3,
                                  elem_id="runs-delete-choice")
             delete = gr.Button("Delete…", scale=1, variant="stop", elem_id="runs-delete")
         with gr.Row(visible=False, elem_id="runs-confirm") as confirm_row:
@@ -231,7 +237,9 @@ def build(ctx: AppContext) -> None:
         return [wanted, *preset_form(wanted, trigger)]
 
     def with_marks(handler: typing.Callable[..., list], fixed: int) -> typing.Callable[..., list]:
-        """Run a Start/Estimate handler; invalid settings are marked beside their fields, and a toast sums up."""
+        """Run a Start/Estimate handler; invalid settings are marked beside their fields, and a toast sums up.
+        Any other refusal is a toast alone (``user_errors``)."""
+        @user_errors
         @wraps(handler)  # gradio reads the handler's signature to pass the request
         def wrapped(*args: Any) -> list:
             try:
@@ -239,9 +247,6 @@ def build(ctx: AppContext) -> None:
             except SettingsError as exc:
                 gr.Warning(str(exc))
                 return [gr.skip()] * fixed + marks(names, exc.problems)
-            except UserError as exc:
-                gr.Warning(str(exc))
-                return [gr.skip()] * (fixed + len(names))
         return wrapped
 
     def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> list:
@@ -276,20 +281,16 @@ def build(ctx: AppContext) -> None:
         folder = ctx.studio.run_folder(run, "delete")
         return gr.update(visible=True), f"Delete run **{folder.path.name}** with all its LoRA files and samples?"
 
-    def runs_view() -> tuple[dict, dict, list]:
-        rows = ctx.studio.runs()
-        return (gr.update(choices=resumable_runs(ctx.workspace.outputs_dir)),
-                gr.update(choices=[row[0] for row in rows], value=None), rows)
-
-    def runs_opened() -> tuple[dict, dict, list, dict]:
+    def runs_view() -> tuple[dict, dict, list, dict]:
         """The runs, and their panel opened while some run waits to be resumed."""
-        interrupted = resumable_runs(ctx.workspace.outputs_dir)
-        return (*runs_view(), gr.update(open=True) if interrupted else gr.skip())
+        interrupted, listed = resumable_runs(ctx.workspace.outputs_dir), ctx.studio.runs()
+        return (gr.update(choices=interrupted), gr.update(choices=[row[0] for row in listed], value=None), listed,
+                gr.update(open=True) if interrupted else gr.skip())
 
     @user_errors
     def on_delete(run: str | None) -> tuple:
         note = ctx.studio.delete_run(run)
-        return note, gr.update(visible=False), *runs_view()
+        return note, gr.update(visible=False), *runs_view()[:3]
 
     def store(preset: str, choice: str, repo: str, *values: Any) -> dict:
         return {"preset": preset, "base": choice, "repo": repo, "values": dict(zip(names, values, strict=True))}
@@ -301,15 +302,14 @@ def build(ctx: AppContext) -> None:
             return None
         job = RunFolder(ctx.workspace.outputs_dir / run).read_job()
         base = job.base.display_name
-        choice, repo = (DEMO, "") if job.base.kind == DEMO else (Path(job.base.location).name, "") \
-            if job.base.kind == "single_file" else (DEMO, job.base.location)
+        choice, repo = (DEMO, base) if job.base.kind == "hub" else (base, "")
         line = (f"Training now: run `{run}` on dataset `{job.images.parent.name}` with base `{base}`. The form "
                 "shows that run's settings.")
         return [gr.skip(), choice, repo, "", *form_values(job.config)], line
 
     def on_load(saved: dict) -> list:
-        """Restore what this browser's page showed: the running job's settings, else the form as it was left,
-        else the preset that suits the base model; all at once, so nothing races."""
+        """Restore what this browser's page showed: the running job's settings, else the form as it was left; all at
+        once, so nothing races. A fresh page keeps what it opened with, and whatever was typed since."""
         running = running_form()
         if running is not None:
             values, line = running
@@ -318,15 +318,9 @@ def build(ctx: AppContext) -> None:
             values, line = [saved["preset"], saved.get("base") or DEMO, saved.get("repo") or "",
                             preset_values(saved["preset"])[0], *[saved["values"][name] for name in names]], ""
         else:
-            text, *fields = preset_values(default_preset(DEMO))
-            values, line = [default_preset(DEMO), DEMO, "", text, *fields], ""
+            return [gr.skip()] * (len(names) + 6)
         prompts, trigger = values[4 + names.index("sample_prompts")], values[4 + names.index("trigger_word")]
         return [*values, preview_samples(prompts, trigger), line]
-
-    def on_dataset(dataset: str | None) -> dict:
-        """A dataset picked by hand brings its own trigger word into the form, when it has one."""
-        word = ctx.workspace.trigger_word(dataset) if dataset else ""
-        return gr.update(value=word) if word else gr.skip()
 
     def on_tick(before: dict) -> tuple:
         state, seen, changed = follow_losses(ctx.studio.jobs, before)
@@ -348,7 +342,7 @@ def build(ctx: AppContext) -> None:
         chart = loss_chart([tuple(p) for p in seen["losses"]], per_epoch) if changed else gr.skip()
         skip = gr.skip()
         return (progress_html(state), chart, gallery, files, log_html(state.log), seen,
-                *(runs_opened() if moved else (skip, skip, skip, skip)),
+                *(runs_view() if moved else (skip, skip, skip, skip)),
                 gr.update(interactive=state.active) if moved else skip,
                 gr.update(interactive=not state.active) if moved else skip)
 
@@ -372,7 +366,7 @@ def build(ctx: AppContext) -> None:
     confirm.click(on_delete, doomed, [runs_note, confirm_row, runs, doomed, run_table], **PRIVATE)
     gr.on([w.change for w in (presets, base_choice, base_repo, *inputs)], store,
           [presets, base_choice, base_repo, *inputs], form, trigger_mode="always_last", **marked)
-    ctx.dataset.input(on_dataset, ctx.dataset, widgets["trigger_word"], **PRIVATE)
+    ctx.dataset.input(user_errors(ctx.dataset_trigger), ctx.dataset, widgets["trigger_word"], **PRIVATE)
     live = [progress, curve, samples, saved, log, seen_losses, runs, doomed, run_table, runs_panel, stop, start]
     gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
     ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
