@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base", default="demo", help="checkpoint file, diffusers folder, hub id, or 'demo'")
     train.add_argument("--data", type=Path, help="folder of images with .txt captions (demo data if omitted)")
     train.add_argument("--output", type=Path, required=True, help="folder for the .safetensors files")
+    train.add_argument("--repeats", type=int, default=1, help="how often an epoch shows each image (kohya's N_ "
+                                                              "prefix; N_name subfolders keep their own)")
+    train.add_argument("--reg-data", type=Path, help="a folder (or dataset) of regularisation images of the class, "
+                                                     "for prior preservation; weight them with prior_loss_weight")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a preset field, e.g. --set rank=32 --set trigger_word=ohwx")
     train.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt base models (they can run code)")
@@ -103,6 +107,7 @@ def image_settings(parser: argparse.ArgumentParser, prompt: str, default_prompt:
     parser.add_argument("--scheduler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M Karras' or DDIM")
     parser.add_argument("--strength-model", type=float, default=1.0, help="LoRA strength on the UNet (ComfyUI)")
     parser.add_argument("--strength-clip", type=float, default=1.0, help="LoRA strength on the text encoder")
+    parser.add_argument("--clip-skip", type=int, default=1, choices=(1, 2), help="2: CLIP's second-to-last layer")
 
 
 def image_request(args: argparse.Namespace) -> GenerateRequest:
@@ -110,7 +115,8 @@ def image_request(args: argparse.Namespace) -> GenerateRequest:
     from .inference import GenerateRequest
 
     return GenerateRequest.checked(args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width,
-                                   args.height, args.scheduler, args.lora, args.strength_model, args.strength_clip)
+                                   args.height, args.scheduler, args.lora, args.strength_model, args.strength_clip,
+                                   args.clip_skip)
 
 
 def run_workflow(args: argparse.Namespace) -> int:
@@ -159,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .jobs import run_training
     from .models import DEMO, DEMO_NOTE, resolve_base
     from .training.config import apply_overrides, load_preset
+    from .training.data import TrainData
 
     config, _ = load_preset(args.preset)
     config = apply_overrides(config, parse_overrides(args.overrides))
@@ -175,8 +182,9 @@ def run_train(args: argparse.Namespace) -> int:
         data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word or "lgdemo")
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
-    return with_progress(lambda on_event, stop: run_training(config, base, data, args.output, on_event, stop,
-                                                             prepared=prepared))
+    regular = args.reg_data / "images" if args.reg_data and (args.reg_data / "images").is_dir() else args.reg_data
+    plan = TrainData(data, prepared, regular, args.repeats)
+    return with_progress(lambda on_event, stop: run_training(config, base, plan, args.output, on_event, stop))
 
 
 def run_import(args: argparse.Namespace) -> int:

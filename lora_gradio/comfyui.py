@@ -42,6 +42,7 @@ NODE_TYPES = {
     "CheckpointLoaderSimple": NodeType((), ("ckpt_name",), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
     "LoraLoader": NodeType((("model", "MODEL"), ("clip", "CLIP")), ("lora_name", "strength_model", "strength_clip"),
                            (("MODEL", "MODEL"), ("CLIP", "CLIP"))),
+    "CLIPSetLastLayer": NodeType((("clip", "CLIP"),), ("stop_at_clip_layer",), (("CLIP", "CLIP"),)),
     "CLIPTextEncode": NodeType((("clip", "CLIP"),), ("text",), (("CONDITIONING", "CONDITIONING"),)),
     "EmptyLatentImage": NodeType((), ("width", "height", "batch_size"), (("LATENT", "LATENT"),)),
     "KSampler": NodeType((("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -72,12 +73,16 @@ class Node:
 
 def build_graph(request: GenerateRequest, checkpoint: str, width: int, height: int,
                 filename_prefix: str = "lora-gradio") -> list[Node]:
-    """Load Checkpoint → Load LoRA → two CLIP Text Encodes → Empty Latent → KSampler → VAE Decode → Save Image,
-    left to right, for one image; checkpoint and LoRA go by the file names ComfyUI lists them under. Without a
-    LoRA the checkpoint feeds the rest directly."""
+    """Load Checkpoint → (CLIP Set Last Layer) → Load LoRA → two CLIP Text Encodes → Empty Latent → KSampler →
+    VAE Decode → Save Image, left to right, for one image; checkpoint and LoRA go by the file names ComfyUI lists
+    them under. Without a LoRA the checkpoint feeds the rest directly; CLIP skip 2 adds the layer node."""
     sampler, scheduler = SAMPLERS[request.scheduler]
     nodes = [Node(1, "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, title="Load Checkpoint (base)")]
     model, clip = (1, 0), (1, 1)
+    if request.clip_skip > 1:
+        nodes.append(Node(9, "CLIPSetLastLayer", {"stop_at_clip_layer": -request.clip_skip}, {"clip": clip},
+                          row=1, title="CLIP skip"))
+        clip = (9, 0)
     if request.lora is not None:
         nodes.append(Node(2, "LoraLoader", {"lora_name": Path(request.lora).name,
                                             "strength_model": request.strength_model,

@@ -40,6 +40,7 @@ class TrainImage:
     caption: str
     repeats: int = 1
     folder: str = ""
+    prior: bool = False  # a regularisation image: its loss is weighted by prior_loss_weight
 
 
 @dataclass
@@ -297,8 +298,10 @@ def prepared_status(images_dir: Path, prepared_dir: Path, manifest: dict | None 
         sorted(set(recorded) - set(now)))
 
 
-def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | None = None) -> DatasetScan:
-    """Collect images and captions from a folder, including kohya ``N_name`` repeat subfolders.
+def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | None = None, repeats: int = 1,
+                         ) -> DatasetScan:
+    """Collect images and captions from a folder, including kohya ``N_name`` repeat subfolders; the other images
+    repeat ``repeats`` times per epoch.
 
     Captions always come from ``folder``; with ``prepared``, pixels come from Prepare's copies where they are current.
     """
@@ -309,7 +312,7 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
     images, warnings, zero_folders = [], [], set()
     for path in list_images(folder):  # hidden folders (thumbnails) are not training data
         match = REPEAT_FOLDER.match(path.parent.name) if path.parent != folder else None
-        repeats, class_words = (int(match.group(1)), match.group(2)) if match else (1, "")
+        shown, class_words = (int(match.group(1)), match.group(2)) if match else (repeats, "")
         pixels = (fresh_copy(path, folder, manifest, prepared) if manifest else None) or path
         problem = image_problem(pixels)
         rel = path.relative_to(folder)
@@ -318,7 +321,7 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
             continue
         caption, notes = load_caption(path)
         warnings += [f"{caption_path(rel)}: {note}." for note in notes]
-        if match and repeats == 0 and match.group(0) not in zero_folders:
+        if match and shown == 0 and match.group(0) not in zero_folders:
             zero_folders.add(match.group(0))
             warnings.append(f"Folder '{match.group(0)}' asks for 0 repeats; its images are trained once per epoch. "
                             f"Rename it to '1_{class_words}' (or more) to say how often.")
@@ -327,7 +330,7 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
             warnings.append(f"{rel} has no caption; training it with '{fallback or 'an empty caption'}'. "
                             f"Add {caption_path(rel).name} to describe it.")
             caption = fallback
-        images.append(TrainImage(pixels, with_trigger(caption, trigger_word), max(repeats, 1),
+        images.append(TrainImage(pixels, with_trigger(caption, trigger_word), max(shown, 1),
                                  path.parent.name if path.parent != folder else folder.name))
     status = prepared_status(folder, prepared, manifest) if manifest else None
     stale = status.message() if status else None

@@ -7,11 +7,9 @@ gradient checkpointing) and typical memory use; the real numbers show up in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from .dataset import scan_training_folder
 from .training.config import TrainConfig
-from .training.data import plan_images, run_length, steps_per_epoch
+from .training.data import TrainData, plan_images, run_length, steps_per_epoch
 
 TFLOP_PER_SAMPLE = {False: 1.73, True: 2.54}  # SD1.5 at 512 px, LoRA step, without / with gradient checkpointing
 MFU = 0.35  # a realistic share of the GPU's peak for this workload
@@ -26,6 +24,9 @@ class Estimate:
     """The numbers shown before Start."""
 
     steps: int
+    per_epoch: int  # optimizer steps in one epoch
+    images: int  # training images an epoch shows, repeats counted
+    prior: int  # regularisation images an epoch shows
     seconds: float | None
     peak_gb: float | None
     free_gb: float | None
@@ -34,7 +35,8 @@ class Estimate:
 
     def markdown(self) -> str:
         """One short paragraph, with a warning when it will not fit."""
-        parts = [f"**{self.steps} steps**"]
+        regular = f" and {self.prior} regularisation images" if self.prior else ""
+        parts = [f"**{self.steps} steps** ({self.per_epoch} an epoch of {self.images} images{regular})"]
         if self.seconds is None:
             parts.append(f"on {self.device}")
         else:
@@ -75,22 +77,22 @@ def peak_memory_gb(config: TrainConfig) -> float:
     return (frozen + lora + activations) / GB + 0.6  # CUDA context and allocator slack
 
 
-def estimate(config: TrainConfig, data_dir: Path, demo: bool = False, prepared: Path | None = None) -> Estimate:
+def estimate(config: TrainConfig, data: TrainData, demo: bool = False) -> Estimate:
     """Steps from the dataset's buckets and the config; time and memory for the GPU in this machine, if any."""
     import torch
 
-    scan = scan_training_folder(Path(data_dir), config.trigger_word, prepared)
-    planned = plan_images(scan.images, config.resolution, config.enable_buckets)
+    scan, prior = data.scan(config.trigger_word)
+    planned = plan_images(scan.images + prior, config.resolution, config.enable_buckets)
     per_epoch = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps)
     steps = run_length(per_epoch, config.epochs, config.max_train_steps)[1]
-    stale = scan.stale
+    stale, counts = scan.stale, (steps, per_epoch, scan.total_repeats, sum(image.repeats for image in prior))
     if demo:
-        return Estimate(steps, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model", stale)
+        return Estimate(*counts, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model", stale)
     if not torch.cuda.is_available():
-        return Estimate(steps, None, None, None, "the CPU (slow: minutes per step for real SD1.5 models)", stale)
+        return Estimate(*counts, None, None, None, "the CPU (slow: minutes per step for real SD1.5 models)", stale)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in DENSE_TFLOPS.items() if k in name), 50)
     per_sample = TFLOP_PER_SAMPLE[config.gradient_checkpointing] * (config.resolution / 512) ** 2
     seconds = steps * config.batch_size * config.gradient_accumulation_steps * per_sample / (peak * MFU)
     free, _ = torch.cuda.mem_get_info()
-    return Estimate(steps, seconds, peak_memory_gb(config), free / GB, name, stale)
+    return Estimate(*counts, seconds, peak_memory_gb(config), free / GB, name, stale)

@@ -22,8 +22,8 @@ from . import comfyui
 from .atomic import write_bytes_atomic
 from .errors import UserError
 from .events import JobEvent
-from .lora_map import attach
-from .models import BaseModelSpec, ModelCache, pipeline_view
+from .lora_map import attach, set_strengths
+from .models import BaseModelSpec, ModelCache, encode_prompts, pipeline_view
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -53,12 +53,13 @@ class GenerateRequest:
     lora: Path | None = None
     strength_model: float = 1.0
     strength_clip: float = 1.0
+    clip_skip: int = 1
 
     @classmethod
     def checked(cls, prompt: object, negative_prompt: object = "", seed: object = 0, steps: object = 20,
                 cfg: object = 7.0, width: object = None, height: object = None, scheduler: object = "Euler",
                 lora: Path | None = None, strength_model: object = 1.0, strength_clip: object = 1.0,
-                ) -> GenerateRequest:
+                clip_skip: object = 1) -> GenerateRequest:
         """A request from values a visitor sent: a wrong type, NaN or a fraction is named like an out-of-range
         value, never a crash."""
         problems: list[str] = []
@@ -82,7 +83,8 @@ class GenerateRequest:
                       number("steps", steps, True), number("CFG", cfg),
                       None if width is None else number("width", width, True),
                       None if height is None else number("height", height, True), text("scheduler", scheduler),
-                      lora, number("strength_model", strength_model), number("strength_clip", strength_clip))
+                      lora, number("strength_model", strength_model), number("strength_clip", strength_clip),
+                      number("clip_skip", clip_skip, True))
         if problems:
             raise UserError("Cannot generate: " + "; ".join(problems) + ".")
         request.validate()
@@ -95,6 +97,7 @@ class GenerateRequest:
                   (0 <= self.cfg <= 30, f"CFG = {self.cfg}: use 0 to 30"),
                   (-2 <= self.strength_model <= 2, f"strength_model = {self.strength_model}: use -2 to 2"),
                   (-2 <= self.strength_clip <= 2, f"strength_clip = {self.strength_clip}: use -2 to 2"),
+                  (self.clip_skip in (1, 2), f"clip_skip = {short(self.clip_skip)}: use 1 or 2"),
                   (self.scheduler in SCHEDULERS, f"scheduler '{self.scheduler}': use one of {', '.join(SCHEDULERS)}"),
                   (len(self.prompt) <= 2000, f"the prompt is {len(self.prompt)} characters: CLIP reads about 75 "
                                              "tokens, so shorten it"),
@@ -112,8 +115,9 @@ class GenerateRequest:
         lora = f", Lora: {Path(self.lora).name}, strength_model: {self.strength_model}, " \
                f"strength_clip: {self.strength_clip}" if self.lora else ""
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        skip = f", Clip skip: {self.clip_skip}" if self.clip_skip > 1 else ""
         return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.cfg}, "
-                f"Seed: {self.seed}, Size: {width}x{height}, Model: {model_name}{lora}")
+                f"Seed: {self.seed}, Size: {width}x{height}, Model: {model_name}{skip}{lora}")
 
 
 def short(value: object) -> str:
@@ -146,10 +150,8 @@ def generate_on(pipe: StableDiffusionPipeline, base: BaseModelSpec, request: Gen
     if request.lora is not None and not Path(request.lora).is_file():
         raise UserError(f"LoRA file '{request.lora}' does not exist.")
     fit = attach(pipe, request.lora, LORA_ADAPTER)
-    if request.lora is not None:
-        strengths = {"unet": request.strength_model, "text_encoder": request.strength_clip}
-        present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
-        pipe.set_adapters([LORA_ADAPTER], adapter_weights=[{k: v for k, v in strengths.items() if k in present}])
+    if fit is not None:
+        set_strengths(pipe, fit, LORA_ADAPTER, {"unet": request.strength_model, "text_encoder": request.strength_clip})
     image = render(pipe, request, base.display_name)
     if fit is not None:
         image.info["lora"] = fit.line()
@@ -167,9 +169,10 @@ def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: 
     width, height = request.width or size, request.height or size
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():
-        image = pipe(request.prompt, negative_prompt=request.negative_prompt or None,
-                     num_inference_steps=request.steps, guidance_scale=request.cfg, width=width, height=height,
-                     generator=generator).images[0]
+        embeds = encode_prompts(pipe.text_encoder, pipe.tokenizer, [request.prompt, request.negative_prompt],
+                                request.clip_skip)
+        image = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], num_inference_steps=request.steps,
+                     guidance_scale=request.cfg, width=width, height=height, generator=generator).images[0]
     image.info["parameters"] = request.parameters_text(model_name, width, height)
     nodes = comfyui.build_graph(request, model_name, width, height)
     image.info["prompt"] = json.dumps(comfyui.api_prompt(nodes))  # the text chunks ComfyUI writes and reads back

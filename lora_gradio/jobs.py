@@ -20,6 +20,7 @@ from .errors import UserError
 from .events import Emit, JobEvent
 from .models import BaseModelSpec, ModelCache
 from .training.config import TrainConfig
+from .training.data import TrainData
 from .training.loop import TrainResult, train
 from .training.run_folder import RunFolder, RunJob
 
@@ -187,16 +188,16 @@ class JobRunner:
                 state.log = [*state.log, prefix + event.message][-LOG_LINES:]
 
 
-def run_training(config: TrainConfig, base: BaseModelSpec, data_dir: Path, run_dir: Path, on_event: Emit | None = None,
-                 stop: threading.Event | None = None, cache: ModelCache | None = None,
-                 prepared: Path | None = None) -> TrainResult:
+def run_training(config: TrainConfig, base: BaseModelSpec, data: TrainData, run_dir: Path,
+                 on_event: Emit | None = None, stop: threading.Event | None = None,
+                 cache: ModelCache | None = None) -> TrainResult:
     """Start a run in ``run_dir``, recording it so it can be resumed (a run that fails before saving leaves none)."""
     run = RunFolder(Path(run_dir))
     created = not run.path.exists()
     run.check_writable()
-    run.write_job(RunJob(config, base, Path(data_dir), prepared))
+    run.write_job(RunJob(config, base, data))
     try:
-        return train(config, base, data_dir, run_dir, on_event=on_event, stop=stop, cache=cache, prepared=prepared)
+        return train(config, base, data, run_dir, on_event=on_event, stop=stop, cache=cache)
     except BaseException:
         if not run.state_file.is_file():
             run.job_file.unlink(missing_ok=True)
@@ -211,8 +212,7 @@ def resume_training(run_dir: Path, on_event: Emit | None = None, stop: threading
     run = RunFolder(Path(run_dir))
     job = run.read_job()
     run.load_state()  # a clear message now when there is nothing to resume
-    return train(job.config, job.base, job.images, run.path, on_event=on_event, stop=stop, cache=cache, resume=True,
-                 prepared=job.prepared)
+    return train(job.config, job.base, job.data, run.path, on_event=on_event, stop=stop, cache=cache, resume=True)
 
 
 Finish = Callable[[TrainResult, Emit], None]  # runs after training in the same job, e.g. to install the LoRA
@@ -224,12 +224,12 @@ def _then(result: TrainResult, emit: Emit, finish: Finish | None) -> TrainResult
     return result
 
 
-def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, base: BaseModelSpec, data_dir: Path,
-                   run_dir: Path, prepared: Path | None = None, owner: str | None = None,
-                   finish: Finish | None = None, planned_steps: int = 0) -> str:
+def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, base: BaseModelSpec, data: TrainData,
+                   run_dir: Path, owner: str | None = None, finish: Finish | None = None,
+                   planned_steps: int = 0) -> str:
     """Train in the background (one training at a time); returns the job id that Stop needs."""
     return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: _then(run_training(
-        config, base, data_dir, run_dir, on_event=emit, stop=stop, cache=cache, prepared=prepared), emit, finish),
+        config, base, data, run_dir, on_event=emit, stop=stop, cache=cache), emit, finish),
         exclusive="training", run_dir=str(run_dir), owner=owner, planned_steps=planned_steps)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .training.kohya import kohya_module_name
+from .training.kohya import dora_magnitude, kohya_module_name, lora_delta, row_norms
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_\w+)\.(lora_down|lora_up)\.weight$")
 KOHYA_ALPHA = re.compile(r"^(lora_(?:unet|te\d?)_\w+)\.alpha$")
+KOHYA_DORA = re.compile(r"^(lora_(?:unet|te\d?)_\w+)\.dora_scale$")
 PEFT = re.compile(r"^(?:base_model\.model\.)?(unet|text_encoder)\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 PEFT_ALPHA = re.compile(r"^(unet|text_encoder)\.(.+)\.alpha$")
 OLD = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
@@ -42,6 +43,7 @@ class LoraModule:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
+    dora_scale: torch.Tensor | None = None  # DoRA's magnitude, on the output axis as ComfyUI reads it
     extra: list[str] = field(default_factory=list)  # keys of this module in no layout we apply
     keys: list[str] = field(default_factory=list)  # every key of the file that belongs to this module
     layout: str = ""  # kohya, diffusers/peft or old diffusers
@@ -59,6 +61,11 @@ class LoraFit:
     applied: dict[str, tuple[str, str, LoraModule]]  # kohya name -> (component, module path, weights)
     not_applied: dict[str, str]
     misfits: list[str] = field(default_factory=list)  # modules that exist here with other shapes, and why
+
+    @property
+    def dora_components(self) -> set[str]:
+        """The components with DoRA layers: their strength blends outputs (see :func:`set_strengths`)."""
+        return {component for component, _, item in self.applied.values() if item.dora_scale is not None}
 
     def parts(self) -> str:
         """How many applied modules each component has: '16 UNet, 8 text encoder'."""
@@ -91,6 +98,8 @@ def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
             setattr(module(found.group(1), key, "kohya"), ROLE[found.group(2)], tensor)
         elif found := KOHYA_ALPHA.match(key):
             module(found.group(1), key).alpha = float(tensor)
+        elif found := KOHYA_DORA.match(key):
+            module(found.group(1), key).dora_scale = tensor
         elif found := PEFT.match(key):
             name = kohya_module_name(found.group(1), found.group(2))
             setattr(module(name, key, "diffusers/peft"), ROLE[found.group(3)], tensor)
@@ -161,6 +170,10 @@ def _fitted(item: LoraModule, target: torch.nn.Module) -> str | None:
     if tuple(item.down.shape) != expected_down or tuple(item.up.shape) != expected_up:
         return (f"its shapes {tuple(item.down.shape)} and {tuple(item.up.shape)} do not fit this model's "
                 f"{tuple(target.weight.shape)} weight")
+    out = expected_up[0]
+    if item.dora_scale is not None and (item.dora_scale.numel() != out or item.dora_scale.shape[0] != out):
+        item.extra.append(f"{item.name}.dora_scale")  # LyCORIS's input-axis layout, which peft cannot hold
+        item.dora_scale = None
     return None
 
 
@@ -201,7 +214,8 @@ def fit_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe: S
 
 
 def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) -> None:
-    """Add one peft adapter per component with each module's own rank and alpha, holding the file's weights."""
+    """Add one peft adapter per component with each module's own rank and alpha, holding the file's weights;
+    a component with ``dora_scale`` keys gets a DoRA adapter."""
     import torch
     from peft import LoraConfig
 
@@ -213,13 +227,57 @@ def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) ->
         ranks = {re.escape(path): item.rank for path, item in items.items()}
         alphas = {re.escape(path): item.alpha if item.alpha is not None else float(item.rank)
                   for path, item in items.items()}
+        dora = component in fit.dora_components
         model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=list(items), rank_pattern=ranks,
-                                     alpha_pattern=alphas), adapter_name=adapter_name)
+                                     alpha_pattern=alphas, use_dora=dora), adapter_name=adapter_name)
         with torch.no_grad():
             for path, item in items.items():
                 layer = model.get_submodule(path)
                 layer.lora_A[adapter_name].weight.copy_(item.down)
                 layer.lora_B[adapter_name].weight.copy_(item.up)
+                if dora:
+                    set_magnitude(layer, item, adapter_name)
+                    layer.register_forward_hook(_blend, with_kwargs=True)
+
+
+def set_magnitude(layer: torch.nn.Module, item: LoraModule, adapter_name: str) -> None:
+    """A DoRA layer's magnitude from the file's ``dora_scale``; a plain pair in a DoRA file gets the magnitude that
+    leaves it a plain LoRA (the merged weight's own norms)."""
+    weight = layer.get_base_layer().weight
+    delta = lora_delta(item.down, item.up, layer.scaling[adapter_name], weight.shape)
+    magnitude = (row_norms(weight.float() + delta) if item.dora_scale is None
+                 else dora_magnitude(weight, delta, item.dora_scale))
+    target = layer.lora_magnitude_vector[adapter_name].weight
+    target.copy_(magnitude.reshape(target.shape))
+
+
+STRENGTH = "_lora_gradio_strength"  # on a DoRA layer: the strength its output is blended with
+
+
+def _blend(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's strength on a DoRA layer, W + s·(W_DoRA − W), done on outputs: peft's adapter weight would scale
+    the pair inside DoRA's norm instead, and at 0 would still rescale the base."""
+    strength = getattr(module, STRENGTH, 1.0)
+    if strength == 1.0:
+        return output
+    base = module.get_base_layer()(*args, **kwargs)
+    return base + strength * (output - base)
+
+
+def set_strengths(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str,
+                  strengths: dict[str, float]) -> None:
+    """Weight the attached LoRA per component with ComfyUI's meaning: each layer becomes W + s·(W' − W), W' the
+    layer at full strength. peft's adapter weight is exactly that for a LoRA pair; DoRA layers blend outputs."""
+    from peft.tuners.lora import LoraLayer
+
+    present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
+    weights = {part: 1.0 if part in fit.dora_components else strength for part, strength in strengths.items()
+               if part in present}
+    pipe.set_adapters([adapter_name], adapter_weights=[weights])
+    for part in fit.dora_components & set(strengths):
+        for layer in getattr(pipe, part).modules():
+            if isinstance(layer, LoraLayer):
+                setattr(layer, STRENGTH, strengths[part])
 
 
 ATTACHED = "_lora_gradio_attached"  # on a pipeline: ((file, mtime), fit) of the LoRA attached for testing
@@ -344,6 +402,8 @@ def inspect_lora(path: Path) -> LoraInspection:
     layout = " + ".join(layouts)
     if any(m.down is not None and m.down.dim() == 4 and m.down.shape[2:] != (1, 1) for m in modules.values()):
         layout += " with conv layers (LoCon)"
+    if any(m.dora_scale is not None for _, _, m in fit.applied.values()):
+        layout += " with DoRA magnitudes"
     if metadata.get("ss_network_module", "").startswith("lycoris"):
         layout += f", made with {metadata['ss_network_module']}"
     blocks: dict[str, tuple[set[int], set[float]]] = {}

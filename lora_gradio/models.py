@@ -551,6 +551,19 @@ def pipeline_view(pipe: StableDiffusionPipeline, device: torch.device | None = N
     return view
 
 
+def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, texts: list[str], clip_skip: int = 1
+                   ) -> torch.Tensor:
+    """CLIP's conditioning for SD1.x, padded to 77 tokens. ``clip_skip`` 2 takes the second-to-last layer through
+    the final layer norm, as A1111's 'Clip skip: 2' and ComfyUI's CLIPSetLastLayer -2 do."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the text_model level
+    return model.final_layer_norm(hidden)
+
+
 def pick_device() -> torch.device:
     """CUDA, then Apple MPS, then CPU."""
     import torch

@@ -25,6 +25,7 @@ from .jobs import JobRunner, start_resume, start_training
 from .lora_map import inspect_lora, read_metadata
 from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import TrainConfig, make_config
+from .training.data import TrainData
 from .training.loop import TrainResult
 from .training.run_folder import RunFolder, RunJob, list_runs
 from .workspace import MODEL_SUFFIXES, Workspace
@@ -66,8 +67,7 @@ class TrainingPlan:
 
     config: TrainConfig
     base: BaseModelSpec
-    images: Path
-    prepared: Path | None
+    data: TrainData
     estimate: Estimate
 
 
@@ -137,8 +137,10 @@ class Studio:
         return files[label]
 
     def plan_training(self, dataset: str | None, base: str | None, settings: dict[str, Any] | TrainConfig,
-                      ) -> TrainingPlan:
-        """Validate settings (unknown keys are named), fill the trigger word into the sample prompts, estimate."""
+                      regularization: str | None = None, repeats: int = 1) -> TrainingPlan:
+        """Validate settings (unknown keys are named), fill the trigger word into the sample prompts, estimate.
+        ``regularization`` names a second dataset of class images; ``repeats`` is how often an epoch shows each
+        image of ``dataset``."""
         if not dataset:
             raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
         config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
@@ -146,14 +148,16 @@ class Studio:
                                                  for p in config.sample_prompts])
         spec = self.base(base)
         images, prepared = self.workspace.training_data(dataset)
-        return TrainingPlan(config, spec, images, prepared, estimate(config, images, spec.kind == DEMO, prepared))
+        regular = self.workspace.training_data(regularization)[0] if regularization else None
+        data = TrainData(images, prepared, regular, repeats)
+        return TrainingPlan(config, spec, data, estimate(config, data, spec.kind == DEMO))
 
     def start_training(self, plan: TrainingPlan, owner: str | None = None) -> str:
         """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
         run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.workspace.set_trigger_word(plan.images.parent.name, plan.config.trigger_word)
-        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.images, run_dir, plan.prepared,
-                              owner, self.install_trained, plan.estimate.steps)
+        self.workspace.set_dataset_settings(plan.data.images.parent.name, plan.config.trigger_word, plan.data.repeats)
+        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, owner,
+                              self.install_trained, plan.estimate.steps)
 
     def run_folder(self, run: str | None, what: str = "resume") -> RunFolder:
         """A run of outputs/ by its folder name, as the list of runs shows it; never a path elsewhere."""
@@ -213,6 +217,12 @@ class Studio:
         run = RunFolder(path.parent)
         return word or (run.read_job().config.trigger_word if run.job_file.is_file() else "")
 
+    def lora_clip_skip(self, label: str | None) -> int:
+        """The CLIP skip a LoRA was trained with (``ss_clip_skip``), 1 or 2; 1 when the file does not say."""
+        path = self.lora(label)
+        recorded = read_metadata(path).get("ss_clip_skip", "") if path is not None else ""
+        return 2 if recorded.isdigit() and int(recorded) >= 2 else 1
+
     def check_job(self, job: RunJob) -> None:
         """A run's recorded base model and data must pass today's rules, whatever its job.json says."""
         if job.base.allow_pickle:
@@ -220,7 +230,7 @@ class Studio:
                             "from the command line if you trust the file.")
         if job.base.kind in ("single_file", "diffusers"):
             resolve_base(str(self.workspace.check_allowed(job.base.location, "The run's base model")))
-        for folder in (job.images, job.prepared):
+        for folder in (job.data.images, job.data.prepared, job.data.regularization):
             if folder is not None:
                 self.workspace.check_allowed(folder, "The run's dataset folder")
 
@@ -230,7 +240,7 @@ class Studio:
         images = self.images_dir(dataset)
         if not source.strip():
             raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
-        self.workspace.set_trigger_word(str(dataset), options.trigger_word)
+        self.workspace.set_dataset_settings(str(dataset), options.trigger_word)
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
             self.cache, source.strip(), images, options, progress=progress_events(emit, "Captioned {} of {} images"),
             stop=stop, on_wait=status_events(emit)), exclusive=f"captioning {dataset}", owner=owner)

@@ -6,13 +6,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import UserError
 
 DATASET_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 SETTINGS_FILE = "settings.json"
-DATASET_FILE = "dataset.json"  # a dataset's own settings: its trigger word
+DATASET_FILE = "dataset.json"  # a dataset's own settings: its trigger word and repeats
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -118,22 +119,33 @@ class Workspace:
         """Presets saved from the app."""
         return self.root / "presets"
 
-    def trigger_word(self, name: str | None) -> str:
-        """The dataset's trigger word, shared by the Caption, Train and Test tabs; empty until one is set."""
-        if not name:
-            return ""
-        path = self.dataset_dir(name) / DATASET_FILE
+    def dataset_settings(self, name: str | None) -> dict[str, Any]:
+        """What a dataset remembers between tabs and runs: its trigger word (shared by the Caption, Train and Test
+        tabs) and its repeats per epoch; empty until set, and for a damaged file (the next save rewrites it)."""
+        path = self.dataset_dir(name) / DATASET_FILE if name else None
         try:
-            word = json.loads(path.read_text(encoding="utf-8")).get("trigger_word", "") if path.is_file() else ""
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return ""  # a damaged file is rewritten by the next caption or training run
+            saved = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def trigger_word(self, name: str | None) -> str:
+        """The dataset's trigger word; empty until one is set."""
+        word = self.dataset_settings(name).get("trigger_word", "")
         return word if isinstance(word, str) else ""
 
-    def set_trigger_word(self, name: str, word: str) -> None:
-        """Remember the trigger word the dataset was captioned or trained with."""
-        word = (word or "").strip()
-        if word and word != self.trigger_word(name):
-            write_text_atomic(self.dataset_dir(name) / DATASET_FILE, json.dumps({"trigger_word": word}) + "\n")
+    def repeats(self, name: str | None) -> int:
+        """How often an epoch shows each image of the dataset; 1 until set."""
+        times = self.dataset_settings(name).get("repeats", 1)
+        return times if isinstance(times, int) and not isinstance(times, bool) and 1 <= times <= 1000 else 1
+
+    def set_dataset_settings(self, name: str, trigger_word: str | None = None, repeats: int | None = None) -> None:
+        """Remember the trigger word the dataset was captioned or trained with, and the repeats it trained with."""
+        saved = self.dataset_settings(name)
+        changes = {"trigger_word": (trigger_word or "").strip() or None, "repeats": repeats}
+        updated = {**saved, **{key: value for key, value in changes.items() if value is not None}}
+        if updated != saved:
+            write_text_atomic(self.dataset_dir(name) / DATASET_FILE, json.dumps(updated) + "\n")
 
     def training_data(self, name: str) -> tuple[Path, Path | None]:
         """What a dataset trains on: its images (and captions), and its prepared copies' folder if Prepare ran."""

@@ -106,6 +106,7 @@ def test_impossible_settings_and_unknown_keys_are_refused_by_name(api, changes, 
     ({"strength_model": 7}, "strength_model = 7"),
     ({"width": 4000}, "size 4000"),
     ({"scheduler": "Heun"}, "scheduler 'Heun'"),
+    ({"clip_skip": 3}, "clip_skip = 3: use 1 or 2"),
     ({"lora": "../../etc/passwd"}, "not in this workspace"),
     ({"width": 2048}, "This server allows images up to 1024 px a side"),  # the server's limits, named
     ({"steps": 120}, "up to 100 steps"),
@@ -164,7 +165,7 @@ def raw_call(url, endpoint, values):
 ])
 def test_hostile_generation_values_get_the_pages_messages(api, values, answer):
     client, _ = api
-    assert answer in raw_call(client.src, "generate", values + ', "Euler", "", 1.0, 1.0, "demo"')
+    assert answer in raw_call(client.src, "generate", values + ', "Euler", "", 1.0, 1.0, "demo", 1')
 
 
 @pytest.mark.parametrize("since", ["NaN", "-1", "1.5", '"x"'])
@@ -218,10 +219,11 @@ def test_the_workflow_endpoint_returns_both_comfyui_formats(api):
 
     client, _ = api
     graphs = [json.loads(Path(client.predict(prompt="ohwx, portrait", seed=11, base="demo", api_format=api_format,
-                                             api_name="/workflow")).read_text(encoding="utf-8"))
+                                             clip_skip=2, api_name="/workflow")).read_text(encoding="utf-8"))
               for api_format in (False, True)]
     assert api_from_ui(graphs[0]) == graphs[1]
     assert graphs[1]["6"]["inputs"]["seed"] == 11 and graphs[1]["3"]["inputs"]["text"] == "ohwx, portrait"
+    assert graphs[1]["9"]["inputs"]["stop_at_clip_layer"] == -2 and graphs[1]["3"]["inputs"]["clip"] == ["9", 0]
 
 
 def test_an_import_of_a_server_path_dressed_as_an_upload_is_refused(api):

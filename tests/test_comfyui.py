@@ -81,6 +81,7 @@ def test_test_tab_images_and_samples_carry_the_workflow_that_made_them(demo_spec
 
     from lora_gradio.inference import GenerateRequest, generate, save_png
     from lora_gradio.models import ModelCache
+    from lora_gradio.training.config import TrainConfig
     from lora_gradio.training.run_folder import RunFolder
     from lora_gradio.training.samples import render_samples
 
@@ -88,7 +89,9 @@ def test_test_tab_images_and_samples_carry_the_workflow_that_made_them(demo_spec
     cache = ModelCache()
     path = save_png(generate(cache, demo_spec, request), tmp_path / "test.png")
     with cache.pipeline(demo_spec, "samples") as pipe:
-        (sample,) = render_samples(pipe, ["lgdemo"], 9, 2, RunFolder(tmp_path / "run"), 3, "base.safetensors",
+        config = TrainConfig(sample_prompts=["lgdemo"], seed=9, sample_steps=2, resolution=64, clip_skip=2,
+                             sample_negative_prompt="blurry", sample_cfg=5, sample_scheduler="DDIM", sample_width=72)
+        (sample,) = render_samples(pipe, config, RunFolder(tmp_path / "run"), 3, "base.safetensors",
                                    tmp_path / "run" / "anna-000003.safetensors")
     with Image.open(path) as image:
         workflow, prompt = json.loads(image.text["workflow"]), json.loads(image.text["prompt"])
@@ -97,6 +100,13 @@ def test_test_tab_images_and_samples_carry_the_workflow_that_made_them(demo_spec
     assert prompt["1"]["inputs"]["ckpt_name"] == "demo" and "2" not in prompt  # no LoRA, no LoRA node
     with Image.open(sample) as image:
         sample_prompt = json.loads(image.text["prompt"])
+        assert image.size == (72, 64) and sample.name == "epoch0003-0.png"
+        assert "Steps: 2, Sampler: DDIM, CFG scale: 5.0, Seed: 9, Size: 72x64" in image.text["parameters"]
+        assert "Negative prompt: blurry" in image.text["parameters"] and "Clip skip: 2" in image.text["parameters"]
     assert sample_prompt["2"]["inputs"]["lora_name"] == "anna-000003.safetensors"
+    assert sample_prompt["9"] == {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -2,
+                                  "clip": ["1", 1]}, "_meta": {"title": "CLIP skip"}}
+    assert sample_prompt["2"]["inputs"]["clip"] == ["9", 0] and sample_prompt["4"]["inputs"]["text"] == "blurry"
+    assert sample_prompt["6"]["inputs"]["sampler_name"] == "ddim" and sample_prompt["6"]["inputs"]["cfg"] == 5
     assert sample_prompt["1"]["inputs"]["ckpt_name"] == "base.safetensors"
     assert api_from_ui(json.loads(image.text["workflow"])) == sample_prompt

@@ -13,6 +13,7 @@ from lora_gradio.inference import GenerateRequest, compare_grid, generate
 from lora_gradio.jobs import JobRunner, start_resume, start_training
 from lora_gradio.models import ModelCache, resolve_base
 from lora_gradio.training.config import apply_overrides
+from lora_gradio.training.data import TrainData
 from lora_gradio.training.run_folder import RunFolder, resumable_runs
 
 
@@ -27,10 +28,10 @@ def test_second_start_is_refused_and_generation_is_busy_during_training(demo_spe
                                                                          tmp_path):
     cache, jobs = ModelCache(), JobRunner()
     long_run = apply_overrides(quick_config, {"epochs": 200, "batch_size": 1})
-    job = start_training(jobs, cache, long_run, demo_spec, demo_data, tmp_path / "run")
+    job = start_training(jobs, cache, long_run, demo_spec, TrainData(demo_data), tmp_path / "run")
     wait_until(lambda: jobs.view(job).step >= 2)
     with pytest.raises(UserError, match="already running"):
-        start_training(jobs, cache, long_run, demo_spec, demo_data, tmp_path / "other")
+        start_training(jobs, cache, long_run, demo_spec, TrainData(demo_data), tmp_path / "other")
     with pytest.raises(UserError, match=r"busy with training \(run\)"):
         generate(cache, demo_spec, GenerateRequest("a cat", steps=2))
     assert cache.status().user == "training (run)"
@@ -50,7 +51,7 @@ def test_second_start_is_refused_and_generation_is_busy_during_training(demo_spe
 def test_a_view_sends_only_the_losses_a_page_has_not_seen(demo_spec, demo_data, quick_config, tmp_path):
     jobs = JobRunner()
     job = start_training(jobs, ModelCache(), apply_overrides(quick_config, {"epochs": 2, "batch_size": 2}),
-                         demo_spec, demo_data, tmp_path / "run")
+                         demo_spec, TrainData(demo_data), tmp_path / "run")
     everything = jobs.wait(job, 120).losses
     assert len(everything) == 8
     later = jobs.view(job, since=6)
@@ -62,7 +63,8 @@ def test_job_that_fails_reports_the_reason(demo_data, quick_config, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 64)
     jobs = JobRunner()
-    job = start_training(jobs, ModelCache(), quick_config, resolve_base(str(broken)), demo_data, tmp_path / "run")
+    job = start_training(jobs, ModelCache(), quick_config, resolve_base(str(broken)), TrainData(demo_data),
+                         tmp_path / "run")
     state = jobs.wait(job, 60)
     assert state.status == "error" and "not a readable .safetensors" in state.message
     assert not (tmp_path / "run" / "job.json").exists()
@@ -72,8 +74,9 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo
     config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 2, "sample_prompts": ["a photo"],
                                             "sample_steps": 2})
     cache, jobs = ModelCache(), JobRunner()
-    whole = jobs.wait(start_training(jobs, cache, config, demo_spec, demo_data, tmp_path / "whole"), 120).losses
-    cut = start_training(jobs, cache, config, demo_spec, demo_data, tmp_path / "cut")
+    data = TrainData(demo_data)
+    whole = jobs.wait(start_training(jobs, cache, config, demo_spec, data, tmp_path / "whole"), 120).losses
+    cut = start_training(jobs, cache, config, demo_spec, data, tmp_path / "cut")
     wait_until(lambda: jobs.view(cut).step >= 5)
     jobs.stop(cut)
     stopped = jobs.wait(cut, 60)
@@ -91,7 +94,7 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo
 def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path):
     cache, jobs = ModelCache(), JobRunner()
     jobs.wait(start_training(jobs, cache, apply_overrides(quick_config, {"epochs": 2, "save_every_n_epochs": 1}),
-                             demo_spec, demo_data, tmp_path / "run"), 120)
+                             demo_spec, TrainData(demo_data), tmp_path / "run"), 120)
     first, last = tmp_path / "run" / "lora-000001.safetensors", tmp_path / "run" / "lora.safetensors"
     loads = cache.loads
     request = GenerateRequest("lgdemo, a red circle", seed=4, steps=3)

@@ -14,11 +14,12 @@ def save(path, colour):
 
 def test_darker_and_more_saturated_samples_get_advice(tmp_path):
     first = [save(tmp_path / "e0.png", (150, 140, 130))]
-    assert overtraining_warning(first, [save(tmp_path / "same.png", (148, 141, 128))], 1) is None
-    dark = overtraining_warning(first, [save(tmp_path / "dark.png", (60, 55, 50))], 3)
-    assert dark.startswith("Epoch 3 samples are") and "darker" in dark and "lower learning rate" in dark
-    saturated = overtraining_warning(first, [save(tmp_path / "sat.png", (250, 60, 30))], 5)
-    assert "more saturated" in saturated and "earlier epoch" in saturated
+    assert overtraining_warning(first, [save(tmp_path / "same.png", (148, 141, 128))], "epoch 1") is None
+    dark = overtraining_warning(first, [save(tmp_path / "dark.png", (60, 55, 50))], "epoch 3")
+    assert dark.startswith("The epoch 3 samples are") and "darker" in dark and "lower learning rate" in dark
+    saturated = overtraining_warning(first, [save(tmp_path / "sat.png", (250, 60, 30))], "step 150")
+    assert saturated.startswith("The step 150 samples") and "more saturated" in saturated
+    assert "earlier epoch" in saturated
 
 
 def test_grid_labels_stay_distinct_and_inside_their_own_space(tmp_path):

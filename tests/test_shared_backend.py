@@ -23,7 +23,7 @@ from lora_gradio.estimate import estimate
 from lora_gradio.jobs import JobState
 from lora_gradio.quality import prepare_dataset
 from lora_gradio.training.config import TrainConfig, apply_overrides, save_preset
-from lora_gradio.training.data import process_caption
+from lora_gradio.training.data import TrainData, process_caption
 from lora_gradio.training.loop import snr_weights, train
 from lora_gradio.workspace import Workspace
 
@@ -42,7 +42,7 @@ def mixed_dataset(folder: Path) -> Path:
 def test_the_estimate_counts_the_steps_training_takes(demo_spec, quick_config, tmp_path):
     data = mixed_dataset(tmp_path / "data")
     config = apply_overrides(quick_config, {"batch_size": 3, "gradient_accumulation_steps": 2, "epochs": 2})
-    planned = estimate(config, data, demo=True).steps
+    planned = estimate(config, TrainData(data), demo=True).steps
     totals = []
     result = train(config, demo_spec, data, tmp_path / "run",
                    on_event=lambda e: totals.append(e.total_steps) if e.kind == "step" else None)
@@ -82,7 +82,7 @@ def test_an_edit_after_prepare_reaches_training_and_an_addition_is_announced(tmp
     status = prepared_status(images, prepared)
     assert status.added == ["new.png"] and status.removed == ["01_blue_circle.png"]
     config = TrainConfig(trigger_word="lgdemo", resolution=64, epochs=1)
-    text = estimate(config, images, demo=True, prepared=prepared).markdown()
+    text = estimate(config, TrainData(images, prepared), demo=True).markdown()
     assert "1 image was added (new.png)" in text and "press Prepare again" in text
     scan = scan_training_folder(images, "lgdemo", prepared)
     assert {i.path.name for i in scan.images} >= {"new.png"} and "1 image was removed" in scan.warnings[0]
@@ -203,7 +203,7 @@ def test_a_page_is_sent_only_new_losses(demo_spec, demo_data, quick_config, tmp_
     state, seen, changed = follow_losses(jobs, {})
     assert changed and seen["losses"] == []
     jobs.wait(start_training(jobs, ModelCache(), apply_overrides(quick_config, {"epochs": 2, "batch_size": 2}),
-                             demo_spec, demo_data, tmp_path / "run"), 120)
+                             demo_spec, TrainData(demo_data), tmp_path / "run"), 120)
     state, seen, changed = follow_losses(jobs, seen)  # another run: everything, once
     assert changed and len(state.losses) == len(seen["losses"]) == 8
     state, again, changed = follow_losses(jobs, seen)
@@ -222,9 +222,11 @@ def test_a_dataset_keeps_its_trigger_word_for_every_tab(tmp_path):
     with pytest.raises(UserError, match="local BLIP folder"):  # refused before it starts: nothing is kept
         studio.start_caption("anna", " ", CaptionOptions("ohwx"))
     assert studio.workspace.trigger_word("anna") == ""
-    plan = studio.plan_training("anna", "demo", {"trigger_word": "ohwx", "epochs": 1})
-    studio.jobs.wait(studio.start_training(plan), 120)
-    assert studio.workspace.trigger_word("anna") == "ohwx"
+    plan = studio.plan_training("anna", "demo", {"trigger_word": "ohwx", "epochs": 1, "resolution": 64}, repeats=3)
+    assert plan.estimate.steps == 3 * 8
+    state = studio.jobs.wait(studio.start_training(plan), 120)
+    assert state.status == "done" and state.total_steps == 24
+    assert studio.workspace.trigger_word("anna") == "ohwx" and studio.workspace.repeats("anna") == 3
     run = studio.runs()[0][0]
     assert studio.newest_lora() == f"{run}/lora.safetensors" and studio.lora_trigger(studio.newest_lora()) == "ohwx"
     (studio.workspace.dataset_dir("anna") / "dataset.json").write_text("{broken", encoding="utf-8")
@@ -266,3 +268,11 @@ def test_every_setting_has_a_plain_label_and_a_line_of_help():
     assert set(FIELD_HELP) == set(FIELDS)
     for name, (label, info) in FIELD_HELP.items():
         assert label and "_" not in label and info.endswith((".", ")")), name
+
+
+def test_the_train_tab_shows_every_setting_once():
+    from lora_gradio.training.config import FIELDS
+    from lora_gradio.ui.train_tab import ADVANCED, MAIN, SEPARATE
+
+    shown = [*MAIN, *SEPARATE, *(name for group in ADVANCED.values() for name in group)]
+    assert sorted(shown) == sorted(FIELDS)

@@ -187,9 +187,10 @@ def test_nan_loss_stops_and_keeps_earlier_saves(demo_spec, demo_data, quick_conf
 
 def test_max_train_steps_overrides_the_epochs(demo_spec, demo_data, quick_config, tmp_path):
     from lora_gradio.estimate import estimate
+    from lora_gradio.training.data import TrainData
 
     config = apply_overrides(quick_config, {"epochs": 50, "batch_size": 2, "max_train_steps": 6})
-    assert estimate(config, demo_data, demo=True).steps == 6  # 8 images in batches of 2: 4 steps an epoch
+    assert estimate(config, TrainData(demo_data), demo=True).steps == 6  # 8 images in batches of 2: 4 steps an epoch
     totals = set()
     result = train(config, demo_spec, demo_data, tmp_path, on_event=lambda e: totals.add(
         (e.total_steps, e.total_epochs)) if e.kind == "step" else None)
@@ -220,3 +221,138 @@ def test_scale_weight_norms_caps_every_layer_in_the_saved_file(demo_spec, demo_d
     free = train(apply_overrides(config, {"scale_weight_norms": 0}), demo_spec, demo_data, tmp_path / "free")
     norms, metadata = update_norms(free.lora_path)
     assert metadata["ss_scale_weight_norms"] == "None" and max(norms) > 0.1  # the same run grows past the cap
+
+
+def test_samples_every_n_steps_appear_at_those_steps(demo_spec, demo_data, quick_config, tmp_path):
+    from lora_gradio.training.run_folder import RunFolder
+
+    config = apply_overrides(quick_config, {"epochs": 2, "batch_size": 2, "sample_every_n_steps": 2,
+                                            "sample_prompts": [PROMPT], "sample_steps": 2, "save_every_n_epochs": 0})
+    events = []
+    result = train(config, demo_spec, demo_data, tmp_path, on_event=events.append)
+    per_epoch = result.steps // 2
+    expected = [step for step in range(2, result.steps, 2)]  # the last step's samples are the final ones
+    assert len(expected) >= 2
+    shown = [(event.step, event.epoch, Path(event.paths[0]).name) for event in events if event.kind == "samples"]
+    assert shown[0] == (0, 0, "epoch0000-0.png")
+    assert shown[1:-1] == [(step, (step - 1) // per_epoch + 1, f"step{step:08d}-0.png") for step in expected]
+    assert shown[-1] == (result.steps, 2, "epoch0002-0.png")
+    assert sorted(RunFolder(tmp_path).step_samples()) == expected
+
+
+def test_clip_skip_2_trains_on_the_second_to_last_layer(demo_spec, demo_data, quick_config, tmp_path):
+    """The same run with CLIP skip 2 conditions the UNet on other embeddings, so it learns otherwise."""
+    config = apply_overrides(quick_config, {"epochs": 1, "train_text_encoder": False})
+    first = train(config, demo_spec, demo_data, tmp_path / "one")
+    skipped = train(apply_overrides(config, {"clip_skip": 2}), demo_spec, demo_data, tmp_path / "two")
+    assert first.losses != skipped.losses
+    with safe_open(str(skipped.lora_path), "pt") as handle:
+        assert handle.metadata()["ss_clip_skip"] == "2"
+
+
+def test_clip_skip_2_changes_the_test_tab_image_and_is_in_its_parameters(demo_spec):
+    cache = ModelCache()
+    one = generate(cache, demo_spec, GenerateRequest(PROMPT, steps=2))
+    two = generate(cache, demo_spec, GenerateRequest(PROMPT, steps=2, clip_skip=2))
+    assert np.abs(np.asarray(one, float) - np.asarray(two, float)).mean() > 1
+    assert "Clip skip" not in one.info["parameters"] and ", Clip skip: 2" in two.info["parameters"]
+
+
+def test_regularisation_images_balance_against_the_training_images(tmp_path):
+    from lora_gradio.dataset import TrainImage
+    from lora_gradio.training.data import prior_images
+
+    def counts(regular, total):
+        return [(image.path.name, image.repeats) for image in prior_images(regular, total)]
+
+    three = [TrainImage(Path(f"r{i}.png"), "a photo of a woman") for i in range(3)]
+    assert counts(three, 7) == [("r0.png", 3), ("r1.png", 2), ("r2.png", 2)]  # too few: each shown more often
+    assert counts(three, 2) == [("r0.png", 1), ("r1.png", 1)]  # too many: as many as the epoch needs
+    assert counts([TrainImage(Path("x.png"), "", repeats=5)], 3) == [("x.png", 5)]  # a folder's repeats hold
+    assert all(image.prior for image in prior_images(three, 4))
+
+
+def test_the_prior_loss_term_is_applied_and_weighted(demo_spec, demo_data, quick_config, tmp_path):
+    """With the same seed the first step sees the same images, noise and timesteps whatever the weight, so its loss is
+    (training part + weight × regularisation part) / n: linear in the weight, and changed by it."""
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.estimate import estimate
+    from lora_gradio.training.data import TrainData
+
+    regular = make_demo_dataset(tmp_path / "class", trigger_word="")
+    data = TrainData(demo_data, regularization=regular)
+    config = apply_overrides(quick_config, {"batch_size": 16, "epochs": 1})
+    first = {}
+    for weight in (0.0, 1.0, 3.0):
+        run = train(apply_overrides(config, {"prior_loss_weight": weight, "max_train_steps": 1}), demo_spec, data,
+                    tmp_path / f"w{weight}")
+        first[weight] = run.losses[0]
+    assert first[1.0] != pytest.approx(first[0.0], rel=1e-3)  # the regularisation images count ...
+    assert first[3.0] - first[1.0] == pytest.approx(2 * (first[1.0] - first[0.0]), rel=1e-4)  # ... by their weight
+
+    config = apply_overrides(config, {"batch_size": 2})
+    alone, both = estimate(config, TrainData(demo_data), demo=True), estimate(config, data, demo=True)
+    assert (alone.steps, both.steps, both.images, both.prior) == (4, 8, 8, 8)  # an epoch shows 8 of each
+    result = train(config, demo_spec, data, tmp_path / "full")
+    assert result.steps == 8
+    with safe_open(str(result.lora_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_num_reg_images"] == "8" and metadata["ss_num_train_images"] == "8"
+    assert json.loads(metadata["ss_reg_dataset_dirs"]) == {"class": {"n_repeats": 1, "img_count": 8}}
+    assert metadata["ss_prior_loss_weight"] == "1.0"
+
+
+def test_regularisation_images_must_be_another_dataset(demo_data):
+    from lora_gradio.training.data import TrainData
+
+    with pytest.raises(UserError, match="must be another dataset"):
+        TrainData(demo_data, regularization=demo_data)
+    with pytest.raises(UserError, match="repeats = 0: use a whole number from 1 to 1000"):
+        TrainData(demo_data, repeats=0)
+
+
+def test_latents_kept_on_disk_are_reused_and_a_changed_image_is_encoded_again(demo_spec, demo_data, quick_config,
+                                                                              tmp_path):
+    config = apply_overrides(quick_config, {"cache_latents_to_disk": True, "max_train_steps": 1})
+
+    def latents_line(run, settings=config):
+        events = []
+        train(settings, demo_spec, demo_data, tmp_path / run, on_event=events.append)
+        return next(e.message for e in events if e.message.startswith("Latents:"))
+
+    assert latents_line("first") == "Latents: 0 read from the disk cache, 8 encoded and stored"
+    assert latents_line("second") == "Latents: 8 read from the disk cache, 0 encoded and stored"
+    Image.new("RGB", (96, 96), (5, 5, 5)).save(sorted(demo_data.glob("*.png"))[0])
+    assert latents_line("changed") == "Latents: 7 read from the disk cache, 1 encoded and stored"
+    bigger = apply_overrides(config, {"resolution": 128})
+    assert latents_line("bigger", bigger) == "Latents: 0 read from the disk cache, 8 encoded and stored"
+    assert not (tmp_path / "first" / ".latent-cache").exists()  # it lives with the images, for every run
+
+
+def test_another_vae_never_reads_the_latent_cache(demo_pipe, demo_data, tmp_path):
+    import copy
+
+    from lora_gradio.dataset import scan_training_folder
+    from lora_gradio.training.data import LatentStore, cache_latents
+
+    images = scan_training_folder(demo_data).images
+    other = copy.deepcopy(demo_pipe.vae)
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.01)
+
+    def run(vae):
+        store = LatentStore(tmp_path, vae, torch.float32)
+        cached = cache_latents(vae, images, 64, True, True, torch.device("cpu"), torch.float32, store)
+        return store, cached
+
+    first, encoded = run(demo_pipe.vae)
+    entries = sorted(tmp_path.glob("*.safetensors"))
+    again, read = run(demo_pipe.vae)
+    assert (first.written, again.read, again.written) == (8, 8, 0)
+    assert all(torch.equal(a, b) for x, y in zip(encoded, read, strict=True)
+               for a, b in zip(x.latent_params, y.latent_params, strict=True))
+    changed, _ = run(other)
+    assert (changed.read, changed.written) == (0, 8)
+    entries[0].write_bytes(b"damaged")
+    mended, _ = run(demo_pipe.vae)
+    assert (mended.read, mended.written) == (7, 1)

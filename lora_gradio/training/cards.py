@@ -49,12 +49,11 @@ def write_preview(lora: Path, sample: Path) -> Path:
 
 
 def write_workflow(lora: Path, config: TrainConfig, base_name: str) -> Path:
-    """The ComfyUI graph for this LoRA with the run's first sample prompt (or the trigger word), seed and size."""
+    """The ComfyUI graph for this LoRA with the run's first sample (prompt or trigger word, seed, size, sampler)."""
     from ..comfyui import build_graph, write_graph
-    from ..inference import GenerateRequest
+    from .samples import sample_request
 
-    prompt = config.sample_prompts[0] if config.sample_prompts else (config.trigger_word or "a photo")
-    request = GenerateRequest(prompt, seed=config.seed, steps=config.sample_steps, lora=lora)
+    request = sample_request(config, 0, lora)
     stem = Path(lora).with_suffix("")
     return write_graph(stem.with_name(stem.name + ".workflow.json"),
-                       build_graph(request, base_name, config.resolution, config.resolution))
+                       build_graph(request, base_name, request.width, request.height))

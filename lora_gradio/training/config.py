@@ -20,6 +20,7 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UnetModule = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+Sampler = Literal["Euler", "Euler a", "DPM++ 2M Karras", "DDIM"]  # the names A1111 and ComfyUI users know
 Rate = Annotated[float, Field(gt=0, le=10)]
 SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
 
@@ -43,6 +44,10 @@ class TrainConfig:
     flip_augment: bool = False
     rank: Annotated[int, Field(ge=1, le=1024)] = 16
     alpha: Annotated[float, Field(gt=0, le=4096)] = 8.0
+    network_type: Literal["lora", "locon", "dora"] = "lora"
+    conv_rank: Annotated[int, Field(ge=1, le=1024)] = 8  # LoCon's 3×3 convolutions
+    conv_alpha: Annotated[float, Field(gt=0, le=4096)] = 4.0
+    network_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     unet_modules: Annotated[list[UnetModule], Field(min_length=1)] = dataclasses.field(
         default_factory=lambda: list(UNET_ATTENTION))
     train_text_encoder: bool = False
@@ -62,9 +67,13 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     gradient_checkpointing: bool = False
     sdpa: bool = True
+    cache_latents_to_disk: bool = False
+    compile_unet: bool = False  # torch.compile, CUDA only
     min_snr_gamma: Annotated[float, Field(ge=0, le=100)] = 5.0
     noise_offset: Annotated[float, Field(ge=0, le=1)] = 0.0
+    prior_loss_weight: Annotated[float, Field(ge=0, le=10)] = 1.0  # regularisation images' share of the loss
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    clip_skip: Annotated[int, Field(ge=1, le=2)] = 1
     caption_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     shuffle_caption: bool = False
     keep_tokens: Annotated[int, Field(ge=0, le=75)] = 0
@@ -72,6 +81,12 @@ class TrainConfig:
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     sample_prompts: Annotated[list[SamplePrompt], Field(max_length=8)] = dataclasses.field(default_factory=list)
     sample_steps: Annotated[int, Field(ge=1, le=150)] = 20
+    sample_every_n_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # besides every save
+    sample_negative_prompt: Annotated[str, Field(max_length=1000)] = ""
+    sample_cfg: Annotated[float, Field(ge=1, le=30)] = 7.0
+    sample_width: Annotated[int, Field(ge=0, le=2048, multiple_of=8)] = 0  # 0: the training resolution
+    sample_height: Annotated[int, Field(ge=0, le=2048, multiple_of=8)] = 0
+    sample_scheduler: Sampler = "Euler"
 
     @field_validator("unet_modules")
     @classmethod
@@ -100,6 +115,12 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "flip_augment": ("Mirror images", "Also train on left-right flipped copies; off for faces and text."),
     "rank": ("Rank (network dim)", "How much the LoRA can learn; 8–32 is usual, larger files learn more."),
     "alpha": ("Alpha", "Scales the LoRA's effect as alpha / rank; half the rank is usual."),
+    "network_type": ("Network type", "lora: attention layers; locon: the convolutions too, for styles and "
+                                     "textures; dora: LoRA with a learned magnitude, often better at low rank."),
+    "conv_rank": ("Conv rank (LoCon)", "LoCon only: the rank of the 3×3 convolutions; 4–16 is usual."),
+    "conv_alpha": ("Conv alpha (LoCon)", "LoCon only: scales the convolutions' LoRA as conv alpha / conv rank."),
+    "network_dropout": ("LoRA dropout", "Drops part of the LoRA's input each step against overfitting; 0–0.1, "
+                                        "0 = off."),
     "unet_modules": ("UNet layers", "Which UNet layers get a LoRA; the attention layers are the usual choice."),
     "train_text_encoder": ("Train the text encoder", "Also teach CLIP the trigger word; stronger, overfits sooner."),
     "unet_lr": ("Learning rate (UNet)", "1e-4 is usual for AdamW; about 1.0 for Prodigy."),
@@ -121,8 +142,16 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "gradient_checkpointing": ("Gradient checkpointing", "Saves a lot of memory for about 30% more time; on for "
                                                          "8 GB cards."),
     "sdpa": ("Fast attention (SDPA)", "PyTorch's memory-efficient attention; leave on."),
+    "compile_unet": ("Compile the UNet", "CUDA only: torch.compile makes each step faster after a warm-up of a "
+                                         "minute or two; worth it for long runs."),
+    "cache_latents_to_disk": ("Keep latents on disk", "Encode each image once and reuse it in later runs at the same "
+                                                      "size; saves minutes on big datasets."),
     "min_snr_gamma": ("Min-SNR weighting γ", "Steadier training; 5 is usual, 0 = off."),
     "noise_offset": ("Noise offset", "Helps very dark and very bright images; 0–0.1, 0 = off."),
+    "clip_skip": ("CLIP skip", "2 uses CLIP's second-to-last layer, as anime models (NovelAI lineage) expect; "
+                               "1 for everything else."),
+    "prior_loss_weight": ("Regularisation weight", "With regularisation images: how much their loss counts "
+                                                    "against your images'; 1 is usual."),
     "seed": ("Seed", "The same seed and settings train the same LoRA."),
     "caption_dropout": ("Caption dropout", "Share of steps trained with an empty caption; 0–0.1."),
     "shuffle_caption": ("Shuffle tags", "Shuffle comma-separated tags each step; for tag-style captions."),
@@ -131,6 +160,13 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "save_dtype": ("Saved precision", "fp16 makes the smallest file every tool reads."),
     "sample_prompts": ("Sample prompts", "Rendered at every save with a fixed seed; {trigger} is the trigger word."),
     "sample_steps": ("Sample steps", "Sampling steps for each sample image; 20 is usual."),
+    "sample_every_n_steps": ("Sample every N steps", "Also render the samples every N steps; 0 = only when "
+                                                     "saving."),
+    "sample_negative_prompt": ("Sample negative prompt", "What the samples should avoid, e.g. 'blurry, lowres'."),
+    "sample_cfg": ("Sample CFG", "How closely the samples follow their prompt; 7 is usual."),
+    "sample_width": ("Sample width", "Sample image width in pixels; 0 = the training resolution."),
+    "sample_height": ("Sample height", "Sample image height in pixels; 0 = the training resolution."),
+    "sample_scheduler": ("Sample sampler", "The sampler for the samples; Euler is a safe default."),
 }
 PATTERN_HINTS = {"output_name": "use a file name of letters, digits, '-', '_' and '.', starting with a letter or digit"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

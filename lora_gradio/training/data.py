@@ -2,21 +2,76 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
 
+from ..atomic import write_bytes_atomic
 from ..buckets import fit_to_bucket, make_buckets, pick_bucket
-from ..dataset import TrainImage, open_rgb, oriented_size, split_tags
+from ..dataset import DatasetScan, TrainImage, open_rgb, oriented_size, scan_training_folder, split_tags
+from ..errors import UserError
+
+MAX_REPEATS = 1000
+LATENT_CACHE = ".latent-cache"  # in the images folder; hidden, so no scan takes it for images
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What a run trains on: a folder of images with their captions, Prepare's copies of them, an optional second
+    dataset of regularisation images (prior preservation), and how often an epoch shows the top-level images."""
+
+    images: Path
+    prepared: Path | None = None
+    regularization: Path | None = None
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or \
+                not 1 <= self.repeats <= MAX_REPEATS:
+            raise UserError(f"repeats = {self.repeats!r}: use a whole number from 1 to {MAX_REPEATS} (how often an "
+                            "epoch shows each image).")
+        if self.regularization is not None and Path(self.regularization).resolve() == Path(self.images).resolve():
+            raise UserError("The regularisation images must be another dataset than the one trained on: a set of "
+                            "plain pictures of the class (e.g. 'a photo of a woman'), without your subject.")
+
+    @property
+    def latent_cache(self) -> Path:
+        """Where ``cache_latents_to_disk`` keeps this data's latents between runs."""
+        return Path(self.images) / LATENT_CACHE
+
+    def scan(self, trigger_word: str) -> tuple[DatasetScan, list[TrainImage]]:
+        """The training images (with every problem found) and the regularisation images balanced against them; the
+        regularisation captions stay as they are, without the trigger word."""
+        scan = scan_training_folder(self.images, trigger_word, self.prepared, self.repeats)
+        if self.regularization is None:
+            return scan, []
+        regular = scan_training_folder(self.regularization)
+        scan.warnings += [f"Regularisation images: {warning}" for warning in regular.warnings]
+        return scan, prior_images(regular.images, scan.total_repeats)
+
+
+def prior_images(regular: list[TrainImage], count: int) -> list[TrainImage]:
+    """Regularisation images balanced as kohya does: each with its folder's repeats, in order, until an epoch holds
+    ``count`` of them (the training images, repeats counted); when they run out first, one more each in turn."""
+    repeats: list[int] = []
+    for image in regular:
+        if sum(repeats) >= count:
+            break
+        repeats.append(image.repeats)
+    for turn in range(max(count - sum(repeats), 0)):
+        repeats[turn % len(repeats)] += 1
+    return [replace(image, repeats=times, prior=True) for image, times in zip(regular, repeats, strict=False)]
 
 
 class Bucketed(Protocol):
@@ -60,23 +115,75 @@ class CachedImage:
     caption: str
     bucket: tuple[int, int]
     repeats: int
+    prior: bool = False
+
+
+class LatentStore:
+    """Latents kept on disk between runs, one file per image and setting, named by a hash of all they depend on: the
+    image file's bytes, its bucket at this resolution, mirroring, and the VAE's weights and precision. A changed
+    image or another VAE gets another name, so a stale entry is never read; a damaged one is encoded again."""
+
+    def __init__(self, folder: Path, vae: AutoencoderKL, dtype: torch.dtype) -> None:
+        self.folder = Path(folder)
+        digest = hashlib.sha256(str(dtype).encode())
+        for name, tensor in sorted({**vae.encoder.state_dict(), **vae.quant_conv.state_dict()}.items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self.vae_key = digest.hexdigest()
+        self.read = self.written = 0
+
+    def key(self, path: Path, resolution: int, bucket: tuple[int, int], flip: bool) -> str:
+        """The entry name of one image under these settings."""
+        digest = hashlib.sha256(Path(path).read_bytes())
+        digest.update(f"{resolution}|{bucket}|{flip}|{self.vae_key}".encode())
+        return digest.hexdigest()[:40]
+
+    def load(self, key: str) -> list[torch.Tensor] | None:
+        """The stored latent parameters of an entry, or None when there is none (or it cannot be read)."""
+        from safetensors.torch import load_file
+
+        path = self.folder / f"{key}.safetensors"
+        try:
+            stored = load_file(path) if path.is_file() else None
+        except Exception:
+            return None
+        if stored is None:
+            return None
+        self.read += 1
+        return [stored[str(index)] for index in range(len(stored))]
+
+    def save(self, key: str, params: list[torch.Tensor]) -> None:
+        """Keep an entry; a full disk only costs the encoding next time."""
+        from safetensors.torch import save
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.folder / f"{key}.safetensors",
+                               save({str(index): p.cpu().contiguous() for index, p in enumerate(params)}))
+        except OSError:
+            return
+        self.written += 1
 
 
 @torch.no_grad()
 def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int, buckets_enabled: bool, flip: bool,
-                  device: torch.device, dtype: torch.dtype,
+                  device: torch.device, dtype: torch.dtype, store: LatentStore | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[CachedImage]:
-    """Encode every image once; each training step then samples from the stored distribution."""
+    """Encode every image once (or read it from ``store``); each training step then samples from the stored
+    distribution, which stays on ``device``."""
     buckets = make_buckets(resolution, buckets_enabled)
     cached = []
     for index, item in enumerate(images):
-        img = open_rgb(item.path)
-        bucket = pick_bucket(img.size, buckets)
-        pixels = to_tensor(fit_to_bucket(img, bucket))
-        variants = [pixels, pixels.flip(-1)] if flip else [pixels]
-        batch = torch.stack(variants).to(device, dtype)
-        params = vae.encode(batch).latent_dist.parameters.float().cpu()
-        cached.append(CachedImage(list(params), item.caption, bucket, item.repeats))
+        bucket = pick_bucket(oriented_size(item.path), buckets)
+        key = store.key(item.path, resolution, bucket, flip) if store else ""
+        params = store.load(key) if store else None
+        if params is None:
+            pixels = to_tensor(fit_to_bucket(open_rgb(item.path), bucket))
+            variants = [pixels, pixels.flip(-1)] if flip else [pixels]
+            params = list(vae.encode(torch.stack(variants).to(device, dtype)).latent_dist.parameters.float())
+            if store:
+                store.save(key, params)
+        cached.append(CachedImage([p.to(device) for p in params], item.caption, bucket, item.repeats, item.prior))
         if progress:
             progress(index + 1, len(images))
     return cached
@@ -124,13 +231,15 @@ def run_length(per_epoch: int, epochs: int, max_train_steps: int = 0) -> tuple[i
     return epochs, per_epoch * epochs
 
 
-def sample_latents(cached: Iterable[CachedImage], generator: torch.Generator, scaling: float) -> torch.Tensor:
-    """Draw latents for a batch from the cached distributions (random mirror variant when there are two)."""
+def sample_latents(cached: Iterable[CachedImage], generator: torch.Generator, rng: random.Random, scaling: float,
+                   ) -> torch.Tensor:
+    """Draw latents for a batch from the cached distributions, on their device with ``generator``; ``rng`` picks
+    the mirrored variant when there are two, so nothing waits for the GPU."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     picked = []
     for item in cached:
-        variant = int(torch.randint(len(item.latent_params), (1,), generator=generator))
+        variant = rng.randrange(len(item.latent_params))
         params = item.latent_params[variant].unsqueeze(0)
         picked.append(DiagonalGaussianDistribution(params).sample(generator=generator))
     return torch.cat(picked) * scaling

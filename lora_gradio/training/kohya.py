@@ -3,7 +3,7 @@
 Convention (kohya sd-scripts ``networks/lora.py``, read by ComfyUI, A1111/Forge and diffusers): a LoRA on the module at
 diffusers path ``P`` of the UNet is stored as ``lora_unet_{P with '.' -> '_'}.lora_down.weight`` (A, rank x in),
 ``.lora_up.weight`` (B, out x rank) and ``.alpha`` (a scalar; the applied scale is alpha / rank). Text-encoder modules
-use ``lora_te_text_model_{path below text_model}``.
+use ``lora_te_text_model_{path below text_model}``. A DoRA layer adds ``.dora_scale``, its magnitude on the output axis.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from ..dataset import TrainImage
     from ..models import BaseModelSpec
     from .config import TrainConfig
 
@@ -57,10 +58,39 @@ def lora_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype) -> d
 
     tensors: dict[str, torch.Tensor] = {}
     for name, module in lora_layers(models):
-        tensors[f"{name}.lora_down.weight"] = module.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = module.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+        down, up = module.lora_A[ADAPTER].weight.detach(), module.lora_B[ADAPTER].weight.detach()
+        tensors[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(module.lora_alpha[ADAPTER]), dtype=dtype)
+        if ADAPTER in module.lora_magnitude_vector:
+            base = module.get_base_layer().weight.detach()
+            delta = lora_delta(down, up, module.scaling[ADAPTER], base.shape)
+            magnitude = module.lora_magnitude_vector[ADAPTER].weight.detach()
+            tensors[f"{name}.dora_scale"] = dora_scale(base, delta, magnitude).to("cpu", dtype).contiguous()
     return tensors
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float, shape: torch.Size) -> torch.Tensor:
+    """The weight change a LoRA pair makes, up · down · alpha/rank, in fp32 and the weight's shape (convs too)."""
+    return (up.flatten(1).float() @ down.flatten(1).float()).reshape(shape) * scale
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each output row (each output channel of a conv)."""
+    return weight.float().flatten(1).norm(dim=1)
+
+
+def dora_scale(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """peft's DoRA magnitude as the output-axis ``dora_scale`` ComfyUI and Forge read. They scale W + ΔW by
+    dora_scale / ‖W‖ (the base rows' norms), peft by magnitude / ‖W + ΔW‖, so the file holds
+    magnitude · ‖W‖ / ‖W + ΔW‖, shaped (out, 1, …) to broadcast over the weight: both then give the same layer."""
+    scale = magnitude.float().flatten() * row_norms(weight) / row_norms(weight.float() + delta)
+    return scale.reshape(-1, *[1] * (weight.dim() - 1))
+
+
+def dora_magnitude(weight: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`dora_scale`: peft's magnitude for a file's ``dora_scale`` on this base weight."""
+    return scale.float().flatten() * row_norms(weight.float() + delta) / row_norms(weight)
 
 
 def addnet_hashes(file_bytes: bytes) -> tuple[str, str]:
@@ -106,6 +136,15 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> str:
     return json.dumps(table, ensure_ascii=False)
 
 
+def dataset_dirs(images: list[TrainImage]) -> dict[str, dict[str, int]]:
+    """``ss_dataset_dirs``: each folder's repeats and image count."""
+    folders: dict[str, dict[str, int]] = {}
+    for item in images:
+        folder = folders.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+        folder["img_count"] += 1
+    return folders
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """What a run knows about itself when it saves a file, besides its settings."""
@@ -120,6 +159,17 @@ class RunFacts:
     dataset_dirs: dict[str, dict[str, int]]  # folder -> {"n_repeats", "img_count"}
     buckets: dict[tuple[int, int], int]  # (width, height) -> images per epoch
     session_id: int
+    reg_dataset_dirs: dict[str, dict[str, int]]
+    num_reg_images: int  # regularisation images per epoch, repeats counted
+
+
+def network_args(config: TrainConfig) -> dict[str, str]:
+    """``ss_network_args`` as kohya and LyCORIS write them: LoCon's conv rank and alpha, or DoRA's flags."""
+    if config.network_type == "locon":
+        return {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
+    if config.network_type == "dora":
+        return {"dora_wd": "True", "wd_on_output": "True"}
+    return {}
 
 
 def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) -> dict[str, str]:
@@ -138,11 +188,15 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_session_id": str(facts.session_id),
         "ss_max_train_steps": str(facts.max_steps),
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs, ensure_ascii=False),
+        "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs, ensure_ascii=False),
+        "ss_num_reg_images": str(facts.num_reg_images),
+        "ss_prior_loss_weight": str(config.prior_loss_weight),
         "ss_bucket_info": json.dumps({"buckets": buckets}),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
-        "ss_network_args": "{}",
+        "ss_network_args": json.dumps(network_args(config)),
+        "ss_network_dropout": str(config.network_dropout or None),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_output_name": config.output_name,
@@ -174,7 +228,7 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_shuffle_caption": str(config.shuffle_caption),
         "ss_keep_tokens": str(config.keep_tokens),
         "ss_seed": str(config.seed),
-        "ss_clip_skip": "1",
+        "ss_clip_skip": str(config.clip_skip),
         "ss_tag_frequency": facts.tag_frequency,
         "ss_training_comment": f"trigger word: {config.trigger_word}" if config.trigger_word else "",
     }

@@ -17,13 +17,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..dataset import DatasetScan, scan_training_folder
+from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
 from ..events import Emit, JobEvent
-from ..models import BaseModelSpec, ModelCache, free_accelerator_memory, pipeline_view, quiet_libraries
+from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
 from . import cards, kohya
 from .config import TrainConfig
-from .data import cache_latents, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
+from .data import (
+    LatentStore,
+    TrainData,
+    cache_latents,
+    plan_epoch,
+    process_caption,
+    run_length,
+    sample_latents,
+    steps_per_epoch,
+)
 from .network import add_lora_adapters, apply_max_norm, make_optimizer, trainable_parameters
 from .run_folder import RunFolder
 from .samples import overtraining_warning, render_samples, sample_grid
@@ -81,18 +90,17 @@ def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
     return accelerator
 
 
-def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: Path, on_event: Emit | None = None,
-          stop: threading.Event | None = None, cache: ModelCache | None = None, resume: bool = False,
-          prepared: Path | None = None) -> TrainResult:
-    """Train a LoRA on ``data_dir`` and save kohya files into ``output_dir``; ``stop`` ends it early with a save.
-
-    With ``resume``, continue the interrupted run in ``output_dir`` from its saved state (same config and data).
-    ``prepared`` is the dataset's folder of training copies, used for pixels where they are current.
-    """
+def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, output_dir: Path,
+          on_event: Emit | None = None, stop: threading.Event | None = None, cache: ModelCache | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train a LoRA on ``data`` (or a plain folder of images) and save kohya files into ``output_dir``; ``stop`` ends
+    it early with a save. With ``resume``, continue the interrupted run in ``output_dir`` from its saved state."""
     emit = on_event or (lambda event: None)
     run = RunFolder(Path(output_dir))
     run.check_writable()
-    scan = scan_training_folder(Path(data_dir), config.trigger_word, prepared)
+    data = data if isinstance(data, TrainData) else TrainData(Path(data))
+    scan, prior = data.scan(config.trigger_word)
+    latent_cache = data.latent_cache if config.cache_latents_to_disk else None
     for warning in scan.warnings:
         emit(JobEvent("warning", warning))
     accelerator = make_accelerator(config, emit)
@@ -105,7 +113,8 @@ def train(config: TrainConfig, base: BaseModelSpec, data_dir: Path, output_dir: 
     try:
         with cache.pipeline(base, f"training ({run.path.name})", long=True,
                             on_wait=lambda text: emit(JobEvent("status", text))) as pipe:
-            return Trainer(pipe, config, base, scan, run, accelerator, emit, stop or threading.Event()).run(resume)
+            return Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop or threading.Event(),
+                           latent_cache).run(resume)
     finally:
         accelerator.free_memory()  # drops its references to the run's views (it collects before it drops them) ...
         free_accelerator_memory()  # ... so their GPU memory goes back only after this second collection
@@ -115,7 +124,8 @@ class Trainer:
     """One run on a view of the leased base model, which itself is never changed."""
 
     def __init__(self, pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseModelSpec, scan: DatasetScan,
-                 run: RunFolder, accelerator: Accelerator, emit: Emit, stop: threading.Event) -> None:
+                 prior: list[TrainImage], run: RunFolder, accelerator: Accelerator, emit: Emit,
+                 stop: threading.Event, latent_cache: Path | None = None) -> None:
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
 
@@ -132,12 +142,19 @@ class Trainer:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             unet.set_attn_processor(AttnProcessor2_0())
+        if device.type == "cuda":  # convolutions run fastest in NHWC on tensor cores
+            unet.to(memory_format=torch.channels_last)
 
-        emit(JobEvent("status", f"Encoding {len(scan.images)} images to latents"))
-        self.cached = cache_latents(self.pipe.vae, scan.images, config.resolution, config.enable_buckets,
-                                    config.flip_augment, device, self.weight_dtype)
+        regular = f" and {len(prior)} regularisation images" if prior else ""
+        emit(JobEvent("status", f"Encoding {len(scan.images)} images{regular} to latents"))
+        store = LatentStore(latent_cache, self.pipe.vae, self.weight_dtype) if latent_cache else None
+        self.cached = cache_latents(self.pipe.vae, scan.images + prior, config.resolution, config.enable_buckets,
+                                    config.flip_augment, device, self.weight_dtype, store)
+        if store:
+            emit(JobEvent("status", f"Latents: {store.read} read from the disk cache, {store.written} encoded and "
+                                    "stored"))
         self.scaling = self.pipe.vae.config.scaling_factor
-        too_long = [i.path.name for i in scan.images if len(tokenizer(i.caption).input_ids) > 77]
+        too_long = [i.path.name for i in scan.images + prior if len(tokenizer(i.caption).input_ids) > 77]
         if too_long:
             emit(JobEvent("warning", f"{len(too_long)} captions are longer than 75 tokens and will be cut "
                                      f"(first: {too_long[0]}). Shorten them so the end is learned too."))
@@ -166,10 +183,16 @@ class Trainer:
         models = [unet, text_encoder] if config.train_text_encoder else [unet]
         *self.trained, self.optimizer, self.lr_scheduler = accelerator.prepare(*models, optimizer, schedule)
         self.unet = self.trained[0]
+        self.compiling = config.compile_unet and device.type == "cuda"
+        if self.compiling:
+            emit(JobEvent("status", "Compiling the UNet: the first step takes a minute or two"))
+            self.unet = torch.compile(self.unet)
+        elif config.compile_unet:
+            emit(JobEvent("warning", "Compiling the UNet needs a CUDA GPU; training without it."))
         self.text_encoder = self.trained[1] if config.train_text_encoder else text_encoder
         self.params = [p for g in groups for p in g["params"]]
         self.lora_params = trainable_parameters(unet, text_encoder)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator(device).manual_seed(config.seed)  # noise made where it is used
         self.caption_rng = random.Random(config.seed)
         self.result = TrainResult(None, [], 0, 0, False, warnings=list(scan.warnings))
         self.started = time.time()
@@ -177,10 +200,8 @@ class Trainer:
         for item in scan.images:
             captions_by_folder.setdefault(item.folder, []).append(item.caption)
         self.tag_frequency = kohya.tag_frequency(captions_by_folder)
-        self.dataset_dirs: dict[str, dict[str, int]] = {}
-        for item in scan.images:
-            folder = self.dataset_dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
-            folder["img_count"] += 1
+        self.dataset_dirs, self.reg_dataset_dirs = kohya.dataset_dirs(scan.images), kohya.dataset_dirs(prior)
+        self.num_reg_images = sum(item.repeats for item in prior)
         self.buckets: dict[tuple[int, int], int] = {}
         for item in self.cached:
             self.buckets[item.bucket] = self.buckets.get(item.bucket, 0) + item.repeats
@@ -188,29 +209,28 @@ class Trainer:
         self.first_samples: list[Path] = []
         self.step_times: list[float] = []
         self.lrs: list[float | None] = []  # the learning rate of each step, for the loss chart
+        self.pending: list[tuple] = []  # (loss, ready event, step, epoch, lr) of steps whose loss is not read yet
         self.tick = time.perf_counter()
         self.last_checkpoint = time.monotonic()
 
     def encode_text(self, captions: list[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
-        """CLIP hidden states for a batch of captions, padded to 77 tokens as SD1.x expects."""
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.accelerator.device)
-        return (text_encoder or self.text_encoder)(ids)[0]
+        """CLIP conditioning for a batch of captions, at the run's CLIP skip."""
+        return encode_prompts(text_encoder or self.text_encoder, self.pipe.tokenizer, captions, self.config.clip_skip)
 
-    def train_step(self, batches: list[list[int]]) -> float:
+    def train_step(self, batches: list[list[int]]) -> torch.Tensor:
         """One optimizer step over ``batches`` (more than one: gradient accumulation); the loss over all processes."""
         config, accelerator, scheduler = self.config, self.accelerator, self.noise_scheduler
         total = torch.zeros((), device=accelerator.device)
         for index, batch in enumerate(batches):
             items = [self.cached[i] for i in batch]
-            latents = sample_latents(items, self.generator, self.scaling).to(accelerator.device, self.weight_dtype)
-            noise = torch.randn(latents.shape, generator=self.generator).to(latents)
+            device = accelerator.device
+            latents = sample_latents(items, self.generator, self.caption_rng, self.scaling).to(self.weight_dtype)
+            noise = torch.randn(latents.shape, generator=self.generator, device=device).to(latents)
             if config.noise_offset:
-                offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator)
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator, device=device)
                 noise += config.noise_offset * offset.to(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),),
-                                      generator=self.generator).to(accelerator.device)
+                                      generator=self.generator, device=device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
             captions = [process_caption(i.caption, self.caption_rng, config.shuffle_caption, config.keep_tokens,
                                         config.caption_dropout) for i in items]
@@ -225,6 +245,9 @@ class Trainer:
                 v_prediction = scheduler.config.prediction_type == "v_prediction"
                 target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+                if any(item.prior for item in items):  # prior preservation: class images weighted apart
+                    loss = loss * torch.tensor([config.prior_loss_weight if item.prior else 1.0 for item in items],
+                                               device=loss.device)
                 if config.min_snr_gamma:
                     loss = loss * snr_weights(scheduler, timesteps, config.min_snr_gamma)
                 loss = loss.mean() / len(batches)
@@ -237,7 +260,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if config.scale_weight_norms:
             apply_max_norm([self.pipe.unet, self.pipe.text_encoder], config.scale_weight_norms)
-        return accelerator.gather(total).mean().item()
+        return accelerator.gather(total).mean().detach()
 
     def run(self, resume: bool) -> TrainResult:
         """Every epoch's steps, then the final save; ``resume`` continues from the run's saved state."""
@@ -260,6 +283,8 @@ class Trainer:
                 self.report(loss, epoch, done)
                 if self.stop.is_set() or result.steps >= self.total_steps:
                     break
+                if config.sample_every_n_steps and result.steps % config.sample_every_n_steps == 0:
+                    self.samples(epoch + 1, step=result.steps)
             result.epochs = epoch + 1
             if self.stop.is_set():
                 result.stopped = True
@@ -268,27 +293,49 @@ class Trainer:
             self.end_epoch(epoch + 1)
         return self.finish()
 
-    def report(self, loss: float, epoch: int, steps_in_epoch: int) -> None:
-        """Record a step's loss and speed, stop on NaN, and keep the resume state fresh on long epochs."""
-        result = self.result
-        if not math.isfinite(loss):
-            self.emit(JobEvent("error", "The loss became NaN/inf: training stopped and the last saved epoch kept. "
-                                        "Lower the learning rate, or use bf16 instead of fp16."))
-            raise UserError(f"Training diverged at step {result.steps + 1} (loss {loss}). "
-                            "Lower the learning rate, or use bf16 instead of fp16.")
-        result.steps += 1
-        result.losses.append(loss)
-        self.lrs.append(self.lr_scheduler.get_last_lr()[0])
+    def report(self, loss: torch.Tensor, epoch: int, steps_in_epoch: int) -> None:
+        """Count a step and time it; its loss is read once the device has it (a non-blocking copy, so the next
+        step is already queued and the GPU never waits for the host). Keeps the resume state fresh on long epochs."""
+        self.result.steps += 1
         now = time.perf_counter()
         self.step_times.append(now - self.tick)
         self.tick = now
-        recent = self.step_times[-20:]
-        rate = result.it_per_s = len(recent) / sum(recent)
-        self.emit(JobEvent("step", step=result.steps, total_steps=self.total_steps, epoch=epoch + 1,
-                           total_epochs=self.epochs, loss=loss, lr=self.lrs[-1],
-                           it_per_s=rate, eta_s=(self.total_steps - result.steps) / rate))
+        if self.compiling:  # the first step compiled the UNet: reported apart, and kept out of the speed
+            self.compiling = False
+            self.emit(JobEvent("status", f"torch.compile warm-up: {self.step_times.pop():.0f} s"))
+        ready = None
+        if loss.is_cuda:
+            loss, ready = loss.to("cpu", non_blocking=True), torch.cuda.Event()
+            ready.record()
+        self.pending.append((loss, ready, self.result.steps, epoch, self.lr_scheduler.get_last_lr()[0]))
+        self.read_losses(wait=False)
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_SECONDS:
             self.checkpoint(epoch, steps_in_epoch)
+
+    def read_losses(self, wait: bool = True) -> None:
+        """Record the losses the device has finished (all of them with ``wait``), in order: the loss chart and the
+        progress event of each step; a NaN stops the run before anything else is saved."""
+        result = self.result
+        while self.pending:
+            value, ready, step, epoch, lr = self.pending[0]
+            if ready is not None and not wait and not ready.query():
+                return
+            if ready is not None:
+                ready.synchronize()
+            self.pending.pop(0)
+            loss = float(value)
+            if not math.isfinite(loss):
+                self.emit(JobEvent("error", "The loss became NaN/inf: training stopped and the last saved epoch "
+                                            "kept. Lower the learning rate, or use bf16 instead of fp16."))
+                raise UserError(f"Training diverged at step {step} (loss {loss}). "
+                                "Lower the learning rate, or use bf16 instead of fp16.")
+            result.losses.append(loss)
+            self.lrs.append(lr)
+            recent = self.step_times[-20:]
+            rate = result.it_per_s = len(recent) / sum(recent) if recent else 0.0
+            self.emit(JobEvent("step", step=step, total_steps=self.total_steps, epoch=epoch + 1,
+                               total_epochs=self.epochs, loss=loss, lr=lr, it_per_s=rate,
+                               eta_s=(self.total_steps - step) / rate if rate else None))
 
     def end_epoch(self, epoch: int) -> None:
         """Keep the resume state, and every ``save_every_n_epochs`` save a LoRA file and render samples."""
@@ -327,6 +374,7 @@ class Trainer:
 
     def save(self, epoch: int | None) -> Path | None:
         """Write the LoRA as a kohya file: an epoch's, or (``None``) the final one. Rank 0 writes for everyone."""
+        self.read_losses()  # a NaN stops the run before it is saved
         if not self.accelerator.is_main_process:
             return None
         config, result = self.config, self.result
@@ -334,8 +382,8 @@ class Trainer:
                                         DTYPES[config.save_dtype])
         metadata = kohya.build_metadata(config, self.base, kohya.RunFacts(
             self.started, result.steps, epoch or result.epochs, self.epochs, self.total_steps,
-            self.scan.total_repeats,
-            self.tag_frequency, self.dataset_dirs, self.buckets, self.session_id))
+            self.scan.total_repeats, self.tag_frequency, self.dataset_dirs, self.buckets, self.session_id,
+            self.reg_dataset_dirs, self.num_reg_images))
         target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
         path = kohya.save_lora(target, tensors, metadata)
         cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
@@ -348,25 +396,26 @@ class Trainer:
         self.emit(self.event("saved", f"Saved {path.name}", epoch=epoch or result.epochs, path=str(path)))
         return path
 
-    def samples(self, epoch: int, lora: Path | None = None) -> list[Path]:
-        """Render the sample prompts with the model as it is now (the state saved in ``lora``), make the first one
-        that file's card thumbnail, and warn when they look overcooked."""
+    def samples(self, epoch: int, lora: Path | None = None, step: int | None = None) -> list[Path]:
+        """Render the sample prompts with the model as it is now: at an epoch's save (the state saved in ``lora``,
+        whose card thumbnail the first becomes) or at ``step``; warn when they look overcooked."""
         if not self.config.sample_prompts or not self.accelerator.is_main_process:
             return []
-        self.emit(JobEvent("status", f"Rendering sample images for epoch {epoch}"))
+        when = f"step {step}" if step is not None else f"epoch {epoch}"
+        self.emit(JobEvent("status", f"Rendering sample images for {when}"))
         with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
-            paths = render_samples(self.pipe, list(self.config.sample_prompts), self.config.seed,
-                                   self.config.sample_steps, self.folder, epoch, self.base.display_name, lora)
+            paths = render_samples(self.pipe, self.config, self.folder, epoch, self.base.display_name, lora, step)
         if lora is not None:
             cards.write_preview(lora, paths[0])
-        self.emit(self.event("samples", f"Samples for epoch {epoch}", epoch=epoch, paths=[str(p) for p in paths]))
-        warning = overtraining_warning(self.first_samples, paths, epoch)
+        self.emit(self.event("samples", f"Samples for {when}", epoch=epoch, paths=[str(p) for p in paths]))
+        warning = overtraining_warning(self.first_samples, paths, when)
         if warning:
             self.emit(JobEvent("warning", warning, epoch=epoch))
         return paths
 
     def checkpoint(self, epoch: int, steps_in_epoch: int) -> None:
         """Save everything a resume needs to continue bit for bit: weights, optimizer, schedule and random state."""
+        self.read_losses()
         if not self.accelerator.is_main_process:
             return
         self.folder.save_state({
@@ -386,6 +435,8 @@ class Trainer:
         self.emit(self.event("history", "", points=points))
         for epoch, paths in sorted(self.folder.all_samples().items()):
             self.emit(JobEvent("samples", epoch=epoch, paths=[str(p) for p in paths]))
+        for step, paths in sorted(self.folder.step_samples().items()):
+            self.emit(JobEvent("samples", epoch=math.ceil(step / self.steps_per_epoch), paths=[str(p) for p in paths]))
         for path in self.folder.lora_files():
             self.emit(JobEvent("saved", path=str(path)))
 

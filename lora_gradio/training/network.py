@@ -11,19 +11,36 @@ from .config import TEXT_ENCODER_MODULES, TrainConfig
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
     from transformers import CLIPTextModel
+
+# LoCon, as kohya's networks.lora with conv_dim: inside every ResBlock and down/upsampler, the linear and 1×1
+# layers take the LoRA rank and the 3×3 convolutions the conv rank ('conv' is a down/upsampler's only layer)
+LOCON_LINEAR = ["time_emb_proj", "conv_shortcut"]
+LOCON_CONV = ["conv1", "conv2", "conv"]
+
+
+def lora_config(config: TrainConfig, targets: list[str], convolutions: bool = False) -> LoraConfig:
+    """The peft adapter for one component: the network type, rank, alpha and dropout of the settings."""
+    from peft import LoraConfig
+
+    ranks = dict.fromkeys(LOCON_CONV, config.conv_rank) if convolutions else {}
+    alphas = dict.fromkeys(LOCON_CONV, config.conv_alpha) if convolutions else {}
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, rank_pattern=ranks,
+                      alpha_pattern=alphas, lora_dropout=config.network_dropout,
+                      use_dora=config.network_type == "dora")
 
 
 def add_lora_adapters(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, config: TrainConfig) -> list[dict]:
     """Attach fresh LoRA layers (B = 0, so training starts from the base model) and return optimizer groups."""
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.unet_modules)))
+    locon = config.network_type == "locon"
+    unet_targets = list(config.unet_modules) + (LOCON_LINEAR + LOCON_CONV if locon else [])
+    unet.add_adapter(lora_config(config, unet_targets, convolutions=locon))
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.unet_lr}]
     if config.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                            target_modules=TEXT_ENCODER_MODULES))
+        text_encoder.add_adapter(lora_config(config, TEXT_ENCODER_MODULES))
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
                        "lr": config.text_encoder_lr})
     cast_training_params([m for m in (unet, text_encoder) if m is not None], dtype=torch.float32)
@@ -38,22 +55,20 @@ def trainable_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module) -
 
 
 @torch.no_grad()
-def apply_max_norm(models: list[torch.nn.Module], max_norm: float) -> int:
+def apply_max_norm(models: list[torch.nn.Module], max_norm: float) -> None:
     """kohya's ``scale_weight_norms``: every LoRA layer whose update (up · down · alpha/rank) has a norm above
-    ``max_norm`` has both factors scaled down alike until it does not; returns how many layers were scaled."""
+    ``max_norm`` has both factors scaled down alike until it does not. The norm comes from the two rank × rank
+    products (‖BA‖² = Σ (BᵀB ⊙ AAᵀ)), and the scaling has no branch, so nothing waits for the GPU."""
     from peft.tuners.lora import LoraLayer
 
-    scaled = 0
     for module in (m for model in models for m in model.modules() if isinstance(m, LoraLayer)):
         for adapter in module.lora_A:
             down, up = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-            norm = (up.flatten(1) @ down.flatten(1)).norm() * module.scaling[adapter]
-            if norm > max_norm:
-                ratio = (max_norm / norm).sqrt()
-                down.mul_(ratio)
-                up.mul_(ratio)
-                scaled += 1
-    return scaled
+            a, b = down.flatten(1).float(), up.flatten(1).float()
+            norm = ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt() * module.scaling[adapter]
+            ratio = (max_norm / norm.clamp(min=max_norm)).sqrt()  # 1 for a layer within the limit
+            down.mul_(ratio.to(down.dtype))
+            up.mul_(ratio.to(up.dtype))
 
 
 def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:

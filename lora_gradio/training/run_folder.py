@@ -16,6 +16,7 @@ from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import UserError
 from ..models import BaseModelSpec
 from .config import TrainConfig, make_config
+from .data import TrainData
 
 JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.json"  # steps done and the latest loss, for the list of runs
@@ -27,12 +28,11 @@ STOP_MARK = "-step"  # NAME-step00000123.safetensors: a run stopped at step 123 
 
 @dataclass(frozen=True)
 class RunJob:
-    """What a run trains: its settings, base model, images folder and (optional) prepared copies."""
+    """What a run trains: its settings, base model and data."""
 
     config: TrainConfig
     base: BaseModelSpec
-    images: Path
-    prepared: Path | None = None
+    data: TrainData
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,11 @@ class RunFolder:
         """Every epoch's samples in one picture, made when the run finishes."""
         return self.path / SAMPLE_GRID
 
-    def sample_file(self, epoch: int, index: int) -> Path:
-        """Where epoch ``epoch``'s sample for prompt ``index`` goes."""
-        return self.samples_dir / f"epoch{epoch:04d}-{index}.png"
+    def sample_file(self, epoch: int, index: int, step: int | None = None) -> Path:
+        """Where the sample for prompt ``index`` goes: ``epoch0003-0.png`` at an epoch's end, ``step00000150-0.png``
+        when rendered at a step."""
+        name = f"step{step:08d}-{index}.png" if step is not None else f"epoch{epoch:04d}-{index}.png"
+        return self.samples_dir / name
 
     def latest_sample(self) -> Path | None:
         """The first prompt's sample of the newest epoch that has one."""
@@ -87,11 +89,19 @@ class RunFolder:
 
     def all_samples(self) -> dict[int, list[Path]]:
         """Every epoch's rendered samples, by epoch."""
+        return self._samples("epoch")
+
+    def step_samples(self) -> dict[int, list[Path]]:
+        """The samples rendered every N steps, by step."""
+        return self._samples("step")
+
+    def _samples(self, kind: str) -> dict[int, list[Path]]:
+        """Samples named ``{kind}NNNN-index.png``, by that number."""
         found: dict[int, list[Path]] = {}
-        for path in sorted(self.samples_dir.glob("epoch*-*.png")) if self.samples_dir.is_dir() else []:
-            epoch = path.name[len("epoch"):].split("-")[0]
-            if epoch.isdigit():
-                found.setdefault(int(epoch), []).append(path)
+        for path in sorted(self.samples_dir.glob(f"{kind}*-*.png")) if self.samples_dir.is_dir() else []:
+            number = path.name[len(kind):].split("-")[0]
+            if number.isdigit():
+                found.setdefault(int(number), []).append(path)
         return found
 
     def check_writable(self) -> None:
@@ -108,9 +118,12 @@ class RunFolder:
     def write_job(self, job: RunJob) -> None:
         """Record what the run trains on."""
         self.path.mkdir(parents=True, exist_ok=True)
+        data = job.data
         write_text_atomic(self.job_file, json.dumps({
-            "config": job.config.to_dict(), "base": asdict(job.base), "data_dir": str(job.images),
-            "prepared_dir": str(job.prepared) if job.prepared else None, "created": time.time()}, indent=2) + "\n")
+            "config": job.config.to_dict(), "base": asdict(job.base), "data_dir": str(data.images),
+            "prepared_dir": str(data.prepared) if data.prepared else None,
+            "regularization_dir": str(data.regularization) if data.regularization else None,
+            "repeats": data.repeats, "created": time.time()}, indent=2) + "\n")
 
     def read_job(self) -> RunJob:
         """The recorded job, or a clear message when this is not a run folder."""
@@ -118,9 +131,10 @@ class RunFolder:
             raise UserError(f"'{self.path}' is not a lora-gradio run folder (no {JOB_FILE}).")
         try:
             job = json.loads(self.job_file.read_text(encoding="utf-8"))
-            prepared = job.get("prepared_dir")
-            return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]),
-                          Path(job["data_dir"]), Path(prepared) if prepared else None)
+            prepared, regular = job.get("prepared_dir"), job.get("regularization_dir")
+            data = TrainData(Path(job["data_dir"]), Path(prepared) if prepared else None,
+                             Path(regular) if regular else None, job.get("repeats", 1))
+            return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]), data)
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"The {JOB_FILE} of run '{self.path.name}' is damaged ({exc}); it cannot be resumed. "
                             "Start a new run instead.") from exc

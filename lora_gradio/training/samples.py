@@ -10,25 +10,38 @@ from PIL import Image, ImageStat
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
+    from ..inference import GenerateRequest
+    from .config import TrainConfig
     from .run_folder import RunFolder
 
 DARKER = 0.75  # mean brightness under 75% of epoch 0's
 MORE_SATURATED = 1.35  # mean saturation over 135% of epoch 0's
 
 
-def render_samples(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int, run: RunFolder,
-                   epoch: int, base_name: str, lora: Path | None) -> list[Path]:
-    """One image per prompt from the model as it is now, same seed every epoch so changes are the LoRA's doing.
-    Each PNG names the base and the epoch's LoRA file, so its parameters and ComfyUI workflow reproduce it."""
-    from ..inference import GenerateRequest, render, save_png
+def sample_request(config: TrainConfig, index: int, lora: Path | None) -> GenerateRequest:
+    """The settings of sample ``index``: its prompt, a seed fixed per prompt, and the run's sampling settings."""
+    from ..inference import GenerateRequest
+
+    prompt = config.sample_prompts[index] if config.sample_prompts else (config.trigger_word or "a photo")
+    return GenerateRequest(prompt, config.sample_negative_prompt, config.seed + index, config.sample_steps,
+                           config.sample_cfg, config.sample_width or config.resolution,
+                           config.sample_height or config.resolution, config.sample_scheduler, lora,
+                           clip_skip=config.clip_skip)
+
+
+def render_samples(pipe: StableDiffusionPipeline, config: TrainConfig, run: RunFolder, epoch: int, base_name: str,
+                   lora: Path | None, step: int | None = None) -> list[Path]:
+    """One image per prompt from the model as it is now, same seed every time so changes are the LoRA's doing.
+    Each PNG names the base and the LoRA file saved with it, so its parameters and ComfyUI workflow reproduce it."""
+    from ..inference import render, save_png
 
     run.samples_dir.mkdir(parents=True, exist_ok=True)
     unet_training, te_training = pipe.unet.training, pipe.text_encoder.training
     pipe.unet.eval()
     pipe.text_encoder.eval()
     try:
-        return [save_png(render(pipe, GenerateRequest(prompt, seed=seed + index, steps=steps, lora=lora), base_name),
-                         run.sample_file(epoch, index)) for index, prompt in enumerate(prompts)]
+        return [save_png(render(pipe, sample_request(config, index, lora), base_name),
+                         run.sample_file(epoch, index, step)) for index in range(len(config.sample_prompts))]
     finally:
         pipe.unet.train(unet_training)
         pipe.text_encoder.train(te_training)
@@ -64,7 +77,7 @@ def tone(paths: list[Path]) -> tuple[float, float]:
     return sum(brightness) / len(brightness), sum(saturation) / len(saturation)
 
 
-def overtraining_warning(first: list[Path], now: list[Path], epoch: int) -> str | None:
+def overtraining_warning(first: list[Path], now: list[Path], when: str) -> str | None:
     """Advice when samples got much darker or more saturated than at epoch 0, the usual sign of a too-high rate."""
     if not first or not now:
         return None
@@ -76,5 +89,5 @@ def overtraining_warning(first: list[Path], now: list[Path], epoch: int) -> str 
         symptoms.append(f"{100 * s1 / s0 - 100:.0f}% more saturated")
     if not symptoms:
         return None
-    return (f"Epoch {epoch} samples are {' and '.join(symptoms)} than at epoch 0: the LoRA is probably overcooking. "
+    return (f"The {when} samples are {' and '.join(symptoms)} than at epoch 0: the LoRA is probably overcooking. "
             f"Use an earlier epoch's file, or train again with a lower learning rate.")

@@ -41,14 +41,17 @@ def register(studio: Studio) -> None:
 
     def request_of(prompt: object, negative_prompt: object, seed: object, steps: object, cfg: object, width: object,
                    height: object, scheduler: object, lora: str, strength_model: object, strength_clip: object,
-                   ) -> GenerateRequest:
+                   clip_skip: object) -> GenerateRequest:
         return GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, width or None, height or None,
-                                       scheduler, studio.lora(lora), strength_model, strength_clip)
+                                       scheduler, studio.lora(lora), strength_model, strength_clip, clip_skip)
 
-    def train_start(request: gr.Request, dataset: str, base: str = "demo", settings: dict | None = None) -> dict:
+    def train_start(request: gr.Request, dataset: str, base: str = "demo", settings: dict | None = None,
+                    regularization: str = "", repeats: int = 1) -> dict:
         """Start training on a dataset. ``settings`` holds TrainConfig fields (a preset's, from /preset, changed as
-        you like); an unknown key is refused by name. Keep the returned job_id: /train_stop needs it."""
-        plan = studio.plan_training(dataset, base, settings or {})
+        you like); an unknown key is refused by name. ``regularization`` names another dataset of class images
+        (prior preservation); ``repeats`` is how often an epoch shows each image. Keep the returned job_id:
+        /train_stop needs it."""
+        plan = studio.plan_training(dataset, base, settings or {}, regularization or None, repeats)
         job_id = studio.start_training(plan, request.username)
         return {"job_id": job_id, "run": Path(studio.jobs.view(job_id).run_dir).name,
                 "estimate": plan.estimate.markdown()}
@@ -76,30 +79,32 @@ def register(studio: Studio) -> None:
 
     def generate(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
                  width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
-                 strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo") -> dict:
+                 strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
+                 clip_skip: int = 1) -> dict:
         """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none. The
         answer's ``lora`` says which of the file's modules were applied."""
         made = studio.generate(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler,
-                                                lora, strength_model, strength_clip))
+                                                lora, strength_model, strength_clip, clip_skip))
         return {"image": FileData(path=shown(made.path)), "parameters": made.parameters, "lora": made.lora}
 
     def workflow(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
                  width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
                  strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
-                 api_format: bool = False) -> FileData:
+                 api_format: bool = False, clip_skip: int = 1) -> FileData:
         """The ComfyUI workflow for these settings: the UI format (drop it onto ComfyUI) or, with ``api_format``,
         what ComfyUI's ``/prompt`` takes."""
         request = request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler, lora,
-                             strength_model, strength_clip)
+                             strength_model, strength_clip, clip_skip)
         return FileData(path=shown(studio.workflow(base, request, api_format)))
 
     def comfyui_queue(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
                       width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
-                      strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo") -> str:
+                      strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
+                      clip_skip: int = 1) -> str:
         """Queue the workflow for these settings in the ComfyUI the operator set (--comfyui-url); ComfyUI's answer,
         or its error word for word."""
         return studio.queue_in_comfyui(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height,
-                                                        scheduler, lora, strength_model, strength_clip))
+                                                        scheduler, lora, strength_model, strength_clip, clip_skip))
 
     def comfyui_install(lora: str, base: str = "demo", replace: bool = False) -> str:
         """Copy a LoRA of this workspace into the shared ComfyUI's models/loras (see Workspace settings)."""
@@ -110,9 +115,11 @@ def register(studio: Studio) -> None:
         return studio.inspect(lora)
 
     def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
-             steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo") -> dict:
+             steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo",
+             clip_skip: int = 1) -> dict:
         """A grid of LoRA files (rows) by strengths (columns, applied to model and clip alike)."""
-        request = GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler)
+        request = GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler,
+                                          clip_skip=clip_skip)
         state = finished(studio.start_grid(base, request, loras, strengths))
         return {"image": FileData(path=shown(state.result))}
 

@@ -45,6 +45,8 @@ def build(ctx: AppContext) -> None:
         width = gr.Number(label="Width (0 = model default)", value=0, precision=0, minimum=0)
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, minimum=0)
         scheduler = gr.Dropdown(list(inference.SCHEDULERS), value="Euler", label="Scheduler")
+        clip_skip = gr.Radio([1, 2], value=1, label="CLIP skip", elem_id="test-clip-skip",
+                             info="Set from the LoRA when you pick one; 2 for anime models.")
     workflow_file = gr.File(label="ComfyUI workflow: drop it onto the ComfyUI page, or open it with Load",
                             visible=False, interactive=False, elem_id="test-workflow-file")
     gr.Markdown(ctx.studio.limits.describe(), elem_id="test-limits")
@@ -83,17 +85,18 @@ def build(ctx: AppContext) -> None:
 
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
-                     ) -> inference.GenerateRequest:
+                     skip: float) -> inference.GenerateRequest:
         return inference.GenerateRequest.checked(prompt_text, negative_text, seed_value or 0, step_count, guidance,
                                                  w or None, h or None, sampler, ctx.studio.lora(lora_label), s_model,
-                                                 s_clip)
+                                                 s_clip, skip)
 
     @user_errors
     def on_generate(choice: str, repo: str, prompt_text: str, negative_text: str, seed_value: float,
                     step_count: float, guidance: float, w: float, h: float, sampler: str, lora_label: str,
-                    s_model: float, s_clip: float, past: list, progress: gr.Progress = gr.Progress()) -> tuple:
+                    s_model: float, s_clip: float, skip: float, past: list,
+                    progress: gr.Progress = gr.Progress()) -> tuple:
         request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
-                               lora_label, s_model, s_clip)
+                               lora_label, s_model, s_clip, skip)
         made = ctx.studio.generate(base_name(choice, repo), request, on_wait=lambda text: progress(0, desc=text))
         items = [(shown(made.path), made.parameters), *past]
         return items, items, made.lora
@@ -121,7 +124,8 @@ def build(ctx: AppContext) -> None:
     def on_queue(choice: str, repo: str, *fields: object) -> str:
         return ctx.studio.queue_in_comfyui(base_name(choice, repo), request_from(*fields))
 
-    fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip]
+    fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip,
+              clip_skip]
     generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
                    **MODEL)
     workflow.click(on_workflow, [base_choice, base_repo, *fields], workflow_file, **PRIVATE)
@@ -148,11 +152,19 @@ def build(ctx: AppContext) -> None:
     def on_clear() -> tuple[str, list, list]:
         return ctx.studio.clear_test_images(), [], []
 
+    def on_lora(label: str | None) -> int | dict:
+        """The CLIP skip the chosen LoRA was trained with."""
+        try:
+            return ctx.studio.lora_clip_skip(label)
+        except UserError:  # not a readable LoRA: the choice stays, and Generate says what is wrong
+            return gr.skip()
+
     lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)
     grid_loras.focus(lambda: gr.update(choices=lora_choices()[1:]), None, grid_loras, **PRIVATE)
     for event in (ctx.app.load, ctx.tab.select):
         event(ready, [lora, prompt, newest], [lora, prompt, grid_loras, newest], **PRIVATE)
     clear.click(on_clear, None, [cleared, gallery, history], **PRIVATE)
+    lora.change(on_lora, lora, clip_skip, **PRIVATE)
 
 
 def prompt_for(studio: Studio, label: str) -> str:

@@ -17,7 +17,6 @@ from ..models import DEMO, DEMO_NOTE
 from ..studio import TrainingPlan
 from ..training.config import (
     FIELD_HELP,
-    FIELDS,
     SettingsError,
     TrainConfig,
     field_is_list,
@@ -27,6 +26,7 @@ from ..training.config import (
     make_config,
     save_preset,
 )
+from ..training.data import MAX_REPEATS
 from ..training.run_folder import SAMPLE_GRID, RunFolder, resumable_runs
 from . import PRIVATE, AppContext, progress_html, shown, stop_handler, user_errors
 from .charts import loss_chart
@@ -35,7 +35,18 @@ TITLE = "Train"
 MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
         "resolution", "train_text_encoder"]
 SEPARATE = {"sample_prompts"}
-ADVANCED = [name for name in FIELDS if name not in MAIN and name not in SEPARATE]
+ADVANCED = {  # the advanced settings under headings, four to a row
+    "Network": ["network_type", "conv_rank", "conv_alpha", "network_dropout", "unet_modules", "text_encoder_lr",
+                "clip_skip", "scale_weight_norms"],
+    "Steps and schedule": ["max_train_steps", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
+                           "lr_cycles", "weight_decay", "max_grad_norm", "seed"],
+    "Noise and loss": ["min_snr_gamma", "noise_offset", "prior_loss_weight"],
+    "Images and captions": ["enable_buckets", "flip_augment", "caption_dropout", "shuffle_caption", "keep_tokens"],
+    "Speed and memory": ["mixed_precision", "gradient_checkpointing", "sdpa", "cache_latents_to_disk",
+                         "compile_unet"],
+    "Saving and samples": ["save_every_n_epochs", "save_dtype", "sample_every_n_steps", "sample_steps",
+                           "sample_negative_prompt", "sample_cfg", "sample_scheduler", "sample_width", "sample_height"],
+}
 DEFAULT_PROMPTS = ["{trigger}, portrait photo", "{trigger} in a park"]
 RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss"]
 
@@ -54,6 +65,11 @@ def preset_choices(ctx: AppContext) -> dict[str, Path]:
         choices.update({f"{name} (yours)": ctx.workspace.presets_dir / f"{name}.toml"
                         for name in list_presets(ctx.workspace.presets_dir)})
     return choices
+
+
+def regularization_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """'none', then every dataset: the second dataset a run may take its class images from."""
+    return [("none", ""), *((name, name) for name in ctx.workspace.list_datasets())]
 
 
 def field_widget(name: str, value: Any) -> gr.components.Component:
@@ -121,13 +137,21 @@ def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
 
 
 def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
-    """The run's samples (paths) labelled by epoch and prompt, newest epoch first, and the epochs × prompts grid
+    """The run's samples (paths) labelled by epoch or step and prompt, newest first, and the epochs × prompts grid
     first once the run made it."""
+
+    def when(epoch: int, path: str) -> tuple[int, int, int]:
+        """Order within a run: an epoch's step samples (``step00000150-0.png``), then its end's."""
+        number, _, _ = Path(path).name.removeprefix("step").partition("-")
+        return (epoch, 0, int(number)) if Path(path).name.startswith("step") else (epoch, 1, 0)
+
     items = [(path, "all epochs × prompts") for path in state.saved if Path(path).name == SAMPLE_GRID]
-    for epoch, path in sorted(state.samples, key=lambda item: -item[0]):
+    for epoch, path in sorted(state.samples, key=lambda item: when(*item), reverse=True):
         index = int(Path(path).stem.rpartition("-")[2] or 0)
         prompt = prompts[index] if index < len(prompts) else ""
-        items.append((path, f"epoch {epoch} · {prompt}" if prompt else f"epoch {epoch}"))
+        _, kind, step = when(epoch, path)
+        label = f"epoch {epoch}" if kind else f"step {step}"
+        items.append((path, f"{label} · {prompt}" if prompt else label))
     return [item for item in items if Path(item[0]).exists()]
 
 
@@ -148,6 +172,14 @@ def build(ctx: AppContext) -> None:
         base_choice, base_repo = base_picker(ctx)
         presets = gr.Dropdown(list(preset_choices(ctx)), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
+    with gr.Row():
+        repeats = gr.Number(1, precision=0, minimum=1, maximum=MAX_REPEATS, label="Repeats per epoch", scale=1,
+                            info="How often an epoch shows each image (kohya's N_ folder prefix); kept with the "
+                                 "dataset.", elem_id="train-repeats")
+        regularization = gr.Dropdown(regularization_choices(ctx), value="", scale=2, elem_id="train-regularization",
+                                     label="Regularisation images (optional)", allow_custom_value=True,
+                                     info="Another dataset of plain pictures of the class ('a photo of a woman'), "
+                                          "against overfitting; weighted by 'Regularisation weight'.")
     # the page opens on the preset for the demo base, usable before its load event restores anything
     first, first_text = load_preset(default_preset(DEMO))
     first_values = {name: to_widget(name, value) for name, value in first.to_dict().items()}
@@ -164,10 +196,12 @@ def build(ctx: AppContext) -> None:
         sample_preview = gr.Markdown(preview_samples(first_values["sample_prompts"], first_values["trigger_word"]),
                                      elem_id="sample-preview")
     with gr.Accordion("Advanced settings", open=False):
-        for start_at in range(0, len(ADVANCED), 4):
-            with gr.Row():
-                for name in ADVANCED[start_at:start_at + 4]:
-                    widgets[name] = field_widget(name, first_values[name])
+        for heading, group in ADVANCED.items():
+            gr.Markdown(f"**{heading}**", elem_classes=["settings-heading"])
+            for start_at in range(0, len(group), 4):
+                with gr.Row():
+                    for name in group[start_at:start_at + 4]:
+                        widgets[name] = field_widget(name, first_values[name])
         with gr.Row(equal_height=True):
             preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character", scale=3)
             save = gr.Button("Save preset", scale=1)
@@ -178,8 +212,8 @@ def build(ctx: AppContext) -> None:
     seen_losses = gr.State({})
     with gr.Row():
         curve = gr.HTML(loss_chart([]), elem_id="loss-curve", label="Loss")
-        samples = gr.Gallery(label="Samples by epoch and prompt (epoch 0 is the base model)", columns=4, height=300,
-                             elem_id="train-samples")
+        samples = gr.Gallery(label="Samples by epoch or step and prompt (epoch 0 is the base model)", columns=4,
+                             height=300, elem_id="train-samples")
     with gr.Row():
         saved = gr.File(label="Saved files (click one to download it)", file_count="multiple", height=300,
                         interactive=False, elem_id="saved-files")
@@ -204,12 +238,13 @@ def build(ctx: AppContext) -> None:
     def config_from(values: list[Any]) -> TrainConfig:
         return make_config({name: from_widget(name, value) for name, value in zip(names, values, strict=True)})
 
-    def plan_run(dataset: str | None, choice: str, repo: str, values: list[Any]) -> TrainingPlan:
-        return ctx.studio.plan_training(dataset, base_name(choice, repo), config_from(values))
+    def plan_run(dataset: str | None, choice: str, repo: str, regular: str | None, times: int | None,
+                 values: list[Any]) -> TrainingPlan:
+        return ctx.studio.plan_training(dataset, base_name(choice, repo), config_from(values), regular or None, times)
 
     def plan_text(plan: TrainingPlan) -> str:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
-        return f"{plan.estimate.markdown()} Training on dataset `{plan.images.parent.name}`." + note
+        return f"{plan.estimate.markdown()} Training on dataset `{plan.data.images.parent.name}`." + note
 
     def form_values(config: TrainConfig) -> list:
         values = config.to_dict()
@@ -249,12 +284,14 @@ def build(ctx: AppContext) -> None:
                 return [gr.skip()] * fixed + marks(names, exc.problems)
         return wrapped
 
-    def on_estimate(dataset: str | None, choice: str, repo: str, *values: Any) -> list:
-        plan = plan_run(dataset, choice, repo, list(values))
+    def on_estimate(dataset: str | None, choice: str, repo: str, regular: str | None, times: int | None,
+                    *values: Any) -> list:
+        plan = plan_run(dataset, choice, repo, regular, times, list(values))
         return [plan_text(plan), gr.update(visible=plan.estimate.stale is not None)]
 
-    def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, *values: Any) -> list:
-        plan = plan_run(dataset, choice, repo, list(values))
+    def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, regular: str | None,
+                 times: int | None, *values: Any) -> list:
+        plan = plan_run(dataset, choice, repo, regular, times, list(values))
         job_id = ctx.studio.start_training(plan, request.username)
         return [plan_text(plan), job_id, gr.update(visible=plan.estimate.stale is not None)]
 
@@ -303,7 +340,7 @@ def build(ctx: AppContext) -> None:
         job = RunFolder(ctx.workspace.outputs_dir / run).read_job()
         base = job.base.display_name
         choice, repo = (DEMO, base) if job.base.kind == "hub" else (base, "")
-        line = (f"Training now: run `{run}` on dataset `{job.images.parent.name}` with base `{base}`. The form "
+        line = (f"Training now: run `{run}` on dataset `{job.data.images.parent.name}` with base `{base}`. The form "
                 "shows that run's settings.")
         return [gr.skip(), choice, repo, "", *form_values(job.config)], line
 
@@ -353,10 +390,13 @@ def build(ctx: AppContext) -> None:
     for box in (widgets["trigger_word"], widgets["sample_prompts"]):
         box.change(preview_samples, [widgets["sample_prompts"], widgets["trigger_word"]], sample_preview,
                    **marked)
-    check.click(with_marks(on_estimate, 2), [ctx.dataset, base_choice, base_repo, *inputs],
-                [plan, prepare_again, *inputs], **PRIVATE)
-    start.click(with_marks(on_start, 3), [ctx.dataset, base_choice, base_repo, *inputs],
-                [plan, train_job, prepare_again, *inputs], **PRIVATE)
+    planned = [ctx.dataset, base_choice, base_repo, regularization, repeats, *inputs]
+    gr.on([check.click, repeats.input, regularization.input], with_marks(on_estimate, 2), planned,
+          [plan, prepare_again, *inputs], **PRIVATE)
+    start.click(with_marks(on_start, 3), planned, [plan, train_job, prepare_again, *inputs], **PRIVATE)
+    regularization.focus(lambda: gr.update(choices=regularization_choices(ctx)), None, regularization, **PRIVATE)
+    ctx.dataset.change(lambda name: ctx.workspace.repeats(name) if name in ctx.workspace.list_datasets() else gr.skip(),
+                       ctx.dataset, repeats, **PRIVATE)
     prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
     stop.click(stop_handler(ctx.studio), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, train_job, **PRIVATE)

@@ -1,0 +1,101 @@
+"""Training and generation speed on a CPU that other processes keep busy, with PyTorch's thread defaults and with the
+settings lora-gradio applies at start-up, each pair in fresh processes, side by side in one run. Prints one JSON
+object per line: one per (settings, busy processes), then the comparison.
+
+    python bench/contention.py --hogs 2 --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the variables lora_gradio.threads sets: each is removed for the "defaults" runs
+THREAD_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "TOKENIZERS_PARALLELISM")
+
+
+def hog() -> None:
+    """A process that keeps one core busy, as another user's job would."""
+    while True:
+        pass
+
+
+def workload(steps: int) -> dict:
+    """Demo training steps and one 20-step demo generation, timed apart (run in a child process)."""
+    sys.path.insert(0, str(ROOT))
+    if os.environ.get("LORA_GRADIO_BENCH_DEFAULTS") != "1":
+        from lora_gradio import threads
+
+        threads.configure()
+    import torch
+
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.inference import GenerateRequest, generate
+    from lora_gradio.models import ModelCache, resolve_base
+    from lora_gradio.training.config import apply_overrides, load_preset
+    from lora_gradio.training.loop import train
+
+    base, cache = resolve_base("demo"), ModelCache()
+    config = apply_overrides(load_preset("demo")[0], {"max_train_steps": steps, "save_every_n_epochs": 0,
+                                                      "sample_prompts": []})
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_demo_dataset(Path(tmp) / "data")
+        start = time.perf_counter()
+        train(config, base, data, Path(tmp) / "out", cache=cache)
+        train_s = time.perf_counter() - start
+    generate(cache, base, GenerateRequest("lgdemo, a red circle", steps=2))  # warm
+    start = time.perf_counter()
+    generate(cache, base, GenerateRequest("lgdemo, a red circle", steps=20))
+    return {"torch_threads": torch.get_num_threads(), "train_s_per_step": round(train_s / steps, 3),
+            "generate_s": round(time.perf_counter() - start, 3)}
+
+
+def measure(defaults: bool, hogs: int, steps: int) -> dict:
+    """The workload in a fresh process, beside ``hogs`` busy processes."""
+    env = {k: v for k, v in os.environ.items() if not (defaults and k in THREAD_VARIABLES)}
+    env["LORA_GRADIO_BENCH_DEFAULTS"] = "1" if defaults else "0"
+    busy = [multiprocessing.Process(target=hog, daemon=True) for _ in range(hogs)]
+    for process in busy:
+        process.start()
+    try:
+        done = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(steps)], env=env, check=True,
+                              capture_output=True, text=True)
+    finally:
+        for process in busy:
+            process.terminate()
+            process.join()
+    return {"settings": "defaults" if defaults else "lora-gradio", "busy_processes": hogs,
+            **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    """Every combination, then how much the busy processes slowed each settings' runs."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hogs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--worker", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(workload(args.steps)))
+        return
+    results = {}
+    for defaults in (True, False):
+        for hogs in (0, args.hogs):
+            results[(defaults, hogs)] = measure(defaults, hogs, args.steps)
+            print(json.dumps(results[(defaults, hogs)]), flush=True)
+    slowdown = {("defaults" if defaults else "lora-gradio"): {
+        key: round(results[(defaults, args.hogs)][key] / results[(defaults, 0)][key], 2)
+        for key in ("train_s_per_step", "generate_s")} for defaults in (True, False)}
+    print(json.dumps({"cores": os.cpu_count(), "busy_processes": args.hogs, "slowdown_when_busy": slowdown}))
+
+
+if __name__ == "__main__":
+    main()
