@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UserError
+from .threads import fit_threads
 
 if TYPE_CHECKING:
     import torch
@@ -390,6 +391,7 @@ class ModelCache:
         """
         self._acquire(what, long, on_wait)
         try:
+            fit_threads()  # this job runs on the cores free now
             if self._key != key or self._model is None:
                 self._drop()
                 model = loader()  # outside the lock: the status line stays live during a long load

@@ -21,6 +21,7 @@ from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
 from ..events import Emit, JobEvent
 from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
+from ..threads import fit_threads
 from . import cards, kohya
 from .config import TrainConfig
 from .data import (
@@ -297,6 +298,7 @@ class Trainer:
         """Count a step and time it; its loss is read once the device has it (a non-blocking copy, so the next
         step is already queued and the GPU never waits for the host). Keeps the resume state fresh on long epochs."""
         self.result.steps += 1
+        fit_threads()  # other processes come and go during a long run
         now = time.perf_counter()
         self.step_times.append(now - self.tick)
         self.tick = now
