@@ -1,31 +1,67 @@
 #!/usr/bin/env bash
-# GPU check: real SD1.5 shapes (random weights) at 512 px, trained through the CLI in fp16 and bf16 with AdamW8bit,
-# one generation, then our loop against the reference loop. Logs go to $OUT (or bench-out/).
+# The GPU check behind the targets in docs/BENCHMARKS.md, on the full SD1.5 architecture (random weights) at 512 px:
+# the CLI in fp16 and in bf16 with AdamW8bit and one generation; our loop against both reference loops at batch 1 and
+# 16 (rank 32, default settings), LoCon and DoRA; peak GPU memory of the default and low-vram-8gb presets against the
+# estimate; the Test tab's time per image. Logs go to $OUT (or bench-out/); it exits non-zero if a command failed.
+#
+#   bash bench/gpu.sh               # on a GPU machine
+#   bash bench/gpu.sh --cpu-smoke   # the same commands on the CPU with the demo model, tiny and short (CI runs it)
+#
 # Wheels the machine lacks can sit in .whl/ (see docs/BENCHMARKS.md); they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
+python=${PYTHON:-python3}
+if [ "${1:-}" = "--cpu-smoke" ]; then
+  export CUDA_VISIBLE_DEVICES=""
+  base=demo size=64 steps=3 big_batch=4 sample_steps=2 loops=lora-gradio
+  echo "cpu smoke run: demo model, 64 px, 3 steps" | tee "$out/device.txt"
+else
+  base=sd15-random size=512 steps=30 big_batch=16 sample_steps=20 loops=lora-gradio,diffusers,bare
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+timer=""
+[ -x /usr/bin/time ] && timer="/usr/bin/time -v"  # peak RSS and wall time of each CLI run
+failed=0
+step() {  # run one command, keep its output in $out/$1, remember a failure
+  local log=$1
+  shift
+  "$@" 2>&1 | tr '\r' '\n' | grep -v "^ *[0-9]*%|" | tee "$out/$log" | tail -n 3
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: $*"; failed=1; }
+}
 data=$(mktemp -d)/data
-python3 -c "from lora_gradio.dataset import make_demo_dataset; make_demo_dataset('$data/4_demo', size=512)"
+$python -c "from lora_gradio.dataset import make_demo_dataset; make_demo_dataset('$data/4_demo', size=$size)"
 
 for precision in fp16 bf16; do
-  /usr/bin/time -v python3 -m lora_gradio train --base sd15-random --data "$data" --preset low-vram-8gb \
-    --set mixed_precision=$precision --set epochs=1 --set batch_size=2 --set gradient_accumulation_steps=1 \
-    --set gradient_checkpointing=false --set output_name=gpu-$precision --output "$out/lora" \
-    2>&1 | tr '\r' '\n' | grep -v "^ *[0-9]*%|" | tee "$out/train-$precision.log"
+  step "train-$precision.log" $timer $python -m lora_gradio train --base $base --data "$data" \
+    --preset low-vram-8gb --set mixed_precision=$precision --set max_train_steps=$steps --set batch_size=2 \
+    --set resolution=$size --set gradient_checkpointing=false --set output_name=gpu-$precision \
+    --set sample_steps=$sample_steps --output "$out/lora"
 done
-python3 -m lora_gradio generate --base sd15-random --lora "$out/lora/gpu-bf16.safetensors" --prompt "demo, a red circle" \
-  --steps 20 --output "$out/generate.png" 2>&1 | tr '\r' '\n' | tail -n 3 | tee "$out/generate.log"
-python3 bench/train_speed.py --base sd15-random --resolution 512 --batch-size 4 --mixed-precision bf16 \
-  --optimizer adamw8bit --steps 30 2>&1 | tail -n 1 | tee "$out/speed-bf16-b4.json"
+step generate.log $python -m lora_gradio generate --base $base --lora "$out/lora/gpu-bf16.safetensors" \
+  --prompt "demo, a red circle" --steps $sample_steps --output "$out/generate.png"
 
-python3 bench/generate_speed.py --base sd15-random --steps 20 2>&1 | tail -n 1 | tee "$out/generate-speed.json"
-python3 bench/view_speed.py --base sd15-random 2>&1 | tail -n 1 | tee "$out/view-speed.json"
-rm -rf "$out/lora"
+# speed targets: batch 1 and batch 16 at rank 32 with the default settings, against both references in the same run
+for batch in 1 $big_batch; do
+  step "speed-b$batch.json" $python bench/train_speed.py --base $base --resolution $size --batch-size $batch \
+    --rank 32 --mixed-precision bf16 --steps $steps --loops $loops
+done
+for network in locon dora; do
+  step "speed-$network.json" $python bench/train_speed.py --base $base --resolution $size --batch-size 1 \
+    --rank 32 --network-type $network --mixed-precision bf16 --steps $steps --loops $loops
+done
+# peak memory at batch 1 of each preset, beside the estimate the Train tab shows
+for preset in seed-recommended low-vram-8gb; do
+  step "memory-$preset.json" $python bench/train_speed.py --base $base --preset $preset --resolution $size \
+    --batch-size 1 --rank 32 --steps $steps --loops lora-gradio
+done
+step generate-speed.json $python bench/generate_speed.py --base $base --steps $sample_steps
+step view-speed.json $python bench/view_speed.py --base $base
+rm -rf "$out/lora" "$(dirname "$data")"
+exit $failed

@@ -1,13 +1,18 @@
-"""Before Start: how many steps, roughly how long, and whether it fits in the GPU's free memory.
+"""Before Start: how many steps, how long, and whether it fits in the GPU's free memory.
 
-The figures are estimates from SD1.5's cost per sample (about 1.73 TFLOP per training step at 512 px, 2.54 with
-gradient checkpointing) and typical memory use; the real numbers show up in the progress bar once training runs.
+A run's time is the sum of its parts: loading the base model, encoding the images, the steps, rendering samples and
+saving files. Each part is measured by a run of that base model on this machine's device and remembered in the
+workspace (``timings.json``); until then it is guessed, the steps from SD1.5's cost per sample (about 1.73 TFLOP per
+training step at 512 px, 2.54 with gradient checkpointing), with a wider margin.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from .atomic import write_text_atomic
 from .training.config import TrainConfig
 from .training.data import TrainData, plan_images, run_length, steps_per_epoch
 
@@ -16,7 +21,85 @@ MFU = 0.35  # a realistic share of the GPU's peak for this workload
 DENSE_TFLOPS = {"H200": 790, "H100": 790, "A100": 312, "L40": 181, "4090": 165, "A6000": 155, "3090": 71,
                 "4080": 97, "4070": 58, "3080": 60, "3060": 25, "A10": 125, "T4": 65, "V100": 112}
 GB = 2**30
-DEMO_SECONDS_PER_STEP = 0.2  # measured on a 2-core CPU (docs/BENCHMARKS.md)
+MEASURED_MARGIN, GUESSED_MARGIN = 0.2, 0.5  # the ± of a part measured on this machine, and of a guessed one
+TIMINGS_FILE = "timings.json"
+
+
+@dataclass
+class RunCosts:
+    """Seconds each part of a run costs on one device, per unit of work; None where unknown. Steps are kept per kind
+    of step (precision, checkpointing, network, text encoder), the other parts do not depend on the settings."""
+
+    load_s: float | None = None  # loading the base model from disk
+    encode_s_per_mpx: float | None = None  # VAE encoding, per megapixel of images
+    render_s_per_mpx_step: float | None = None  # sample rendering, per sampling step and megapixel
+    save_s: float | None = None  # one LoRA file with its card and workflow
+    step_s_per_mpx: dict[str, float] = field(default_factory=dict)  # per megapixel trained (batch × size²)
+
+    def merged(self, newer: RunCosts) -> RunCosts:
+        """These costs updated with a newer run's: the mean of the two where both measured a part."""
+        def mean(old: float | None, new: float | None) -> float | None:
+            return new if old is None else old if new is None else (old + new) / 2
+
+        steps = {**self.step_s_per_mpx, **{kind: mean(self.step_s_per_mpx.get(kind), value)
+                                           for kind, value in newer.step_s_per_mpx.items()}}
+        return RunCosts(mean(self.load_s, newer.load_s), mean(self.encode_s_per_mpx, newer.encode_s_per_mpx),
+                        mean(self.render_s_per_mpx_step, newer.render_s_per_mpx_step),
+                        mean(self.save_s, newer.save_s), steps)
+
+
+def step_kind(config: TrainConfig) -> str:
+    """The settings a step's cost depends on, besides its size."""
+    return (f"{config.mixed_precision}|checkpointing={config.gradient_checkpointing}|{config.network_type}|"
+            f"text_encoder={config.train_text_encoder}")
+
+
+def device_name() -> str:
+    """The device training and the Test tab use here, as timings are kept: a CUDA GPU's name, 'mps' or 'cpu'."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def guessed_costs(demo: bool, device: str, config: TrainConfig) -> RunCosts:
+    """What a part costs before anything was measured: rough figures for the demo model, a CPU and a GPU."""
+    if demo:  # the tiny model on a 2-core CPU (docs/BENCHMARKS.md)
+        return RunCosts(2.0, 5.0, 10.0, 0.3, {step_kind(config): 25.0})
+    if device in ("cpu", "mps"):  # SD1.5 on a CPU: about 3.3 s per step at 256 px (docs/BENCHMARKS.md)
+        return RunCosts(20.0, 20.0, 15.0, 1.0, {step_kind(config): 50.0})
+    peak = next((v for k, v in DENSE_TFLOPS.items() if k in device), 50)
+    per_mpx = TFLOP_PER_SAMPLE[config.gradient_checkpointing] / (512 * 512 / 1e6) / (peak * MFU)
+    return RunCosts(20.0, 0.2, 0.12, 1.0, {step_kind(config): per_mpx})
+
+
+class Timings:
+    """The measured costs of each base model on each device, in the workspace's ``timings.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _all(self) -> dict[str, dict]:
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # a damaged file is rewritten by the next run
+        return saved if isinstance(saved, dict) else {}
+
+    def costs(self, base: str, device: str) -> RunCosts:
+        """What runs of ``base`` measured on ``device``; an empty record when none did."""
+        try:
+            return RunCosts(**self._all().get(f"{base} on {device}", {}))
+        except TypeError:
+            return RunCosts()
+
+    def record(self, base: str, device: str, measured: RunCosts) -> None:
+        """Keep a run's measurements, averaged with what earlier runs measured."""
+        saved = self._all()
+        saved[f"{base} on {device}"] = asdict(self.costs(base, device).merged(measured))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(saved, indent=2) + "\n")
 
 
 @dataclass
@@ -28,6 +111,8 @@ class Estimate:
     images: int  # training images an epoch shows, repeats counted
     prior: int  # regularisation images an epoch shows
     seconds: float | None
+    margin: float | None  # the ± of ``seconds``
+    measured: bool  # every part measured on this machine, not guessed
     peak_gb: float | None
     free_gb: float | None
     device: str
@@ -40,13 +125,16 @@ class Estimate:
         if self.seconds is None:
             parts.append(f"on {self.device}")
         else:
-            parts.append(f"about {format_duration(self.seconds)} on {self.device}")
+            parts.append(f"about {format_duration(self.seconds)} (±{format_duration(self.margin or 0)}) on "
+                         f"{self.device}, counting the model load, encoding, samples and saves")
         if self.peak_gb is not None:
             memory = f"about {self.peak_gb:.1f} GB peak GPU memory"
             if self.free_gb is not None:
                 memory += f" of {self.free_gb:.1f} GB free"
             parts.append(memory)
         text = ", ".join(parts) + "."
+        if self.seconds is not None and not self.measured:
+            text += " The time is a first guess: the first run measures this machine and later estimates use it."
         if self.free_gb is not None and self.peak_gb is not None and self.peak_gb > self.free_gb:
             text += ("\n\n⚠️ This will probably not fit. Turn on gradient checkpointing, use batch size 1, the "
                      "adamw8bit optimizer, or the low-vram-8gb preset.")
@@ -77,22 +165,58 @@ def peak_memory_gb(config: TrainConfig) -> float:
     return (frozen + lora + activations) / GB + 0.6  # CUDA context and allocator slack
 
 
-def estimate(config: TrainConfig, data: TrainData, demo: bool = False) -> Estimate:
-    """Steps from the dataset's buckets and the config; time and memory for the GPU in this machine, if any."""
+def save_epochs(config: TrainConfig, epochs: int) -> list[int]:
+    """The epochs whose end saves a LoRA file and renders samples: every ``save_every_n_epochs``, and the last."""
+    every = config.save_every_n_epochs
+    return [epoch for epoch in range(1, epochs) if every and epoch % every == 0] + [epochs]
+
+
+def run_seconds(config: TrainConfig, planned: list, steps: int, epochs: int, loaded: bool, known: RunCosts,
+                guess: RunCosts) -> tuple[float, float, bool]:
+    """The run's seconds, their ±, and whether every part was measured: each part's work times its cost, measured
+    where ``known`` has it, else guessed."""
+    kind = step_kind(config)
+    mpx = (config.resolution / 1000) ** 2
+    samples_mpx = (config.sample_width or config.resolution) * (config.sample_height or config.resolution) / 1e6
+    saves = len(save_epochs(config, epochs))
+    renders = (saves + 1 + (steps - 1) // config.sample_every_n_steps if config.sample_every_n_steps else saves + 1) \
+        if config.sample_prompts else 0
+    work = {"load": (0.0 if loaded else 1.0, known.load_s, guess.load_s),
+            "encode": (len(planned) * mpx * (2 if config.flip_augment else 1), known.encode_s_per_mpx,
+                       guess.encode_s_per_mpx),
+            "steps": (steps * config.batch_size * config.gradient_accumulation_steps * mpx,
+                      known.step_s_per_mpx.get(kind), guess.step_s_per_mpx[kind]),
+            "samples": (renders * len(config.sample_prompts) * config.sample_steps * samples_mpx,
+                        known.render_s_per_mpx_step, guess.render_s_per_mpx_step),
+            "saves": (saves, known.save_s, guess.save_s)}
+    total = margin = 0.0
+    measured = True
+    for amount, cost, fallback in work.values():
+        if not amount:
+            continue
+        measured = measured and cost is not None
+        seconds = amount * (cost if cost is not None else fallback)
+        total += seconds
+        margin += seconds * (MEASURED_MARGIN if cost is not None else GUESSED_MARGIN)
+    return total, margin, measured
+
+
+def estimate(config: TrainConfig, data: TrainData, demo: bool = False, known: RunCosts | None = None,
+             loaded: bool = False) -> Estimate:
+    """Steps from the dataset's buckets and the config; time from what runs measured here (``known``), guessed where
+    nothing was; memory for the GPU in this machine, if any. ``loaded``: the base model is loaded already."""
     import torch
 
     scan, prior = data.scan(config.trigger_word)
     planned = plan_images(scan.images + prior, config.resolution, config.enable_buckets)
     per_epoch = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps)
-    steps = run_length(per_epoch, config.epochs, config.max_train_steps)[1]
-    stale, counts = scan.stale, (steps, per_epoch, scan.total_repeats, sum(image.repeats for image in prior))
-    if demo:
-        return Estimate(*counts, steps * DEMO_SECONDS_PER_STEP, None, None, "the demo model", stale)
-    if not torch.cuda.is_available():
-        return Estimate(*counts, None, None, None, "the CPU (slow: minutes per step for real SD1.5 models)", stale)
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in DENSE_TFLOPS.items() if k in name), 50)
-    per_sample = TFLOP_PER_SAMPLE[config.gradient_checkpointing] * (config.resolution / 512) ** 2
-    seconds = steps * config.batch_size * config.gradient_accumulation_steps * per_sample / (peak * MFU)
+    epochs, steps = run_length(per_epoch, config.epochs, config.max_train_steps)
+    device = device_name()
+    seconds, margin, measured = run_seconds(config, planned, steps, epochs, loaded, known or RunCosts(),
+                                            guessed_costs(demo, device, config))
+    counts = (steps, per_epoch, scan.total_repeats, sum(image.repeats for image in prior), seconds, margin, measured)
+    where = "the demo model" if demo else "this GPU" if torch.cuda.is_available() else "the CPU"
+    if demo or not torch.cuda.is_available():
+        return Estimate(*counts, None, None, f"{where} ({device})", scan.stale)
     free, _ = torch.cuda.mem_get_info()
-    return Estimate(*counts, seconds, peak_memory_gb(config), free / GB, name, stale)
+    return Estimate(*counts, peak_memory_gb(config), free / GB, device, scan.stale)

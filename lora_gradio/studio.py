@@ -19,7 +19,7 @@ from typing import Any
 from . import captioning, comfyui, imports, inference, quality
 from .dataset import read_manifest
 from .errors import UserError
-from .estimate import Estimate, estimate
+from .estimate import TIMINGS_FILE, Estimate, Timings, device_name, estimate, format_duration
 from .events import Emit, JobEvent
 from .jobs import JobRunner, start_resume, start_training
 from .lora_map import inspect_lora, read_metadata
@@ -150,14 +150,39 @@ class Studio:
         images, prepared = self.workspace.training_data(dataset)
         regular = self.workspace.training_data(regularization)[0] if regularization else None
         data = TrainData(images, prepared, regular, repeats)
-        return TrainingPlan(config, spec, data, estimate(config, data, spec.kind == DEMO))
+        known = self.timings.costs(spec.display_name, device_name())
+        loaded = self.cache.holds == ("pipeline", spec)
+        return TrainingPlan(config, spec, data, estimate(config, data, spec.kind == DEMO, known, loaded))
 
     def start_training(self, plan: TrainingPlan, owner: str | None = None) -> str:
         """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
         run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.workspace.set_dataset_settings(plan.data.images.parent.name, plan.config.trigger_word, plan.data.repeats)
-        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, owner,
-                              self.install_trained, plan.estimate.steps)
+        def finish(result: TrainResult, emit: Emit) -> None:
+            self.compare_with_estimate(plan, result, emit)
+            self.install_trained(result, emit)
+
+        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, owner, finish,
+                              plan.estimate.steps)
+
+    @property
+    def timings(self) -> Timings:
+        """What runs measured on this machine, for the estimates."""
+        return Timings(self.workspace.root / TIMINGS_FILE)
+
+    def compare_with_estimate(self, plan: TrainingPlan, result: TrainResult, emit: Emit) -> None:
+        """Keep what the finished run measured, and say how far its time was from the estimate shown before it."""
+        self.timings.record(plan.base.display_name, device_name(), result.costs)
+        guess = plan.estimate
+        if guess.seconds is None or not guess.seconds:
+            return
+        off = (result.seconds - guess.seconds) / guess.seconds
+        verdict = "within the estimate" if abs(result.seconds - guess.seconds) <= (guess.margin or 0) else \
+            "outside the estimate"
+        emit(JobEvent("status", f"Took {format_duration(result.seconds)}; the estimate was about "
+                                f"{format_duration(guess.seconds)} (±{format_duration(guess.margin or 0)}): "
+                                f"{abs(off):.0%} {'longer' if off > 0 else 'shorter'}, {verdict}. Later estimates "
+                                "use what this run measured."))
 
     def run_folder(self, run: str | None, what: str = "resume") -> RunFolder:
         """A run of outputs/ by its folder name, as the list of runs shows it; never a path elsewhere."""

@@ -276,3 +276,35 @@ def test_the_train_tab_shows_every_setting_once():
 
     shown = [*MAIN, *SEPARATE, *(name for group in ADVANCED.values() for name in group)]
     assert sorted(shown) == sorted(FIELDS)
+
+
+def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measured(tmp_path):
+    """The ±30% target is for bench/estimate_accuracy.py on a quiet machine; here: the comparison is made, recorded
+    and right, and the next estimate is built from the measured parts."""
+    import re
+
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.estimate import TIMINGS_FILE
+    from lora_gradio.studio import Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    studio.workspace.dataset_dir("anna", create=True)
+    make_demo_dataset(studio.images_dir("anna"))
+    settings = {"trigger_word": "ohwx", "epochs": 2, "resolution": 64, "batch_size": 2, "sample_steps": 2,
+                "sample_prompts": ["ohwx, a circle"], "mixed_precision": "no"}
+    first = studio.plan_training("anna", "demo", settings)
+    assert not first.estimate.measured and "first guess" in first.estimate.markdown()
+    assert first.estimate.seconds > 0 and first.estimate.margin == pytest.approx(0.5 * first.estimate.seconds)
+    state = studio.jobs.wait(studio.start_training(first), 120)
+    line = next(entry for entry in state.log if entry.startswith("Took "))
+    assert state.status == "done" and state.result.seconds > 0
+    off = (state.result.seconds - first.estimate.seconds) / first.estimate.seconds
+    assert f"{abs(off):.0%} {'longer' if off > 0 else 'shorter'}" in line
+    assert re.search(r"the estimate was about \d+ s \(±\d+ s\)", line)
+    costs = studio.timings.costs("demo", "cpu")
+    assert (studio.workspace.root / TIMINGS_FILE).is_file()
+    assert costs.encode_s_per_mpx and costs.render_s_per_mpx_step and costs.save_s and costs.step_s_per_mpx
+    second = studio.plan_training("anna", "demo", settings)
+    assert second.estimate.measured and "first guess" not in second.estimate.markdown()
+    assert second.estimate.margin == pytest.approx(0.2 * second.estimate.seconds)  # measured parts: ±20%
+    assert second.estimate.seconds != first.estimate.seconds

@@ -59,6 +59,15 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: page.locator("#field-rank input").input_value() == "4", what="the demo preset")
         set_number(page, "#field-epochs", 6)
         page.locator("#field-trigger_word").get_by_role("textbox").fill("lgdemo")
+        repeats = page.locator("#train-repeats input[type=number]")
+        for typed, expected in (("2", "48 steps (8 an epoch of 16 images)"),
+                                ("1", "24 steps (4 an epoch of 8 images)")):
+            repeats.click()
+            repeats.press("Control+a")
+            repeats.press_sequentially(typed, delay=50)  # the estimate follows what is typed
+            wait_for(lambda expected=expected: expected in page.locator("#train-estimate").inner_text(), 30,
+                     f"the estimate for {typed} repeats")
+        assert "first guess" in page.locator("#train-estimate").inner_text()  # nothing measured here yet
         page.locator("#train-start").click()
         wait_for(lambda: re.search(r"\*?\*?24 steps", page.locator("#train-estimate").inner_text()), 30, "estimate")
         wait_for(lambda: re.search(r"running: step ([3-9]|1\d)/24", progress_text(page)), 120, "training to run")
@@ -67,6 +76,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         page.get_by_role("tab", name="Train").click()
         wait_for(lambda: re.search(r"(running|done): step \d+/24", progress_text(page)), 30, "the live job")
         wait_for(lambda: progress_text(page).startswith("done: step 24/24"), 180, "training to finish")
+        wait_for(lambda: "the estimate was about" in page.locator("#train-log").inner_text(), 30, "the comparison")
         wait_for(lambda: page.locator("#train-samples img").count() >= 7, 30, "sample images")
         wait_for(lambda: page.locator("#loss-chart circle.loss-point").count() == 24, 30, "the loss curve")
         assert "lora.safetensors" in page.locator("#saved-files").inner_text().replace("\n", "")  # name, suffix

@@ -19,6 +19,7 @@ import torch
 
 from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
+from ..estimate import RunCosts, save_epochs, step_kind
 from ..events import Emit, JobEvent
 from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
 from ..threads import fit_threads
@@ -59,6 +60,8 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     it_per_s: float = 0.0
     peak_memory_gb: float | None = None  # CUDA only
+    seconds: float = 0.0  # the whole run, the model load included
+    costs: RunCosts = field(default_factory=RunCosts)  # what each part cost, for later estimates
 
     def summary(self) -> str:
         """One line for logs: steps, speed and peak GPU memory."""
@@ -111,11 +114,15 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
                                  f"{config.unet_lr} will train very slowly."))
     emit(JobEvent("status", f"Loading base model {base.display_name}"))
     cache = cache or ModelCache()
+    started, loads = time.perf_counter(), cache.loads
     try:
         with cache.pipeline(base, f"training ({run.path.name})", long=True,
                             on_wait=lambda text: emit(JobEvent("status", text))) as pipe:
-            return Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop or threading.Event(),
-                           latent_cache).run(resume)
+            load_s = time.perf_counter() - started if cache.loads > loads else None
+            result = Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop or threading.Event(),
+                             latent_cache).run(resume)
+        result.costs.load_s, result.seconds = load_s, time.perf_counter() - started
+        return result
     finally:
         accelerator.free_memory()  # drops its references to the run's views (it collects before it drops them) ...
         free_accelerator_memory()  # ... so their GPU memory goes back only after this second collection
@@ -149,8 +156,15 @@ class Trainer:
         regular = f" and {len(prior)} regularisation images" if prior else ""
         emit(JobEvent("status", f"Encoding {len(scan.images)} images{regular} to latents"))
         store = LatentStore(latent_cache, self.pipe.vae, self.weight_dtype) if latent_cache else None
+        encoding = time.perf_counter()
         self.cached = cache_latents(self.pipe.vae, scan.images + prior, config.resolution, config.enable_buckets,
                                     config.flip_augment, device, self.weight_dtype, store)
+        encoded = (store.written if store else len(self.cached)) * (2 if config.flip_augment else 1)
+        self.costs = RunCosts()
+        if encoded:
+            self.costs.encode_s_per_mpx = (time.perf_counter() - encoding) / (encoded * (config.resolution / 1000) ** 2)
+        self.render_s: list[float] = []  # seconds of each round of samples, and of each save
+        self.save_s: list[float] = []
         if store:
             emit(JobEvent("status", f"Latents: {store.read} read from the disk cache, {store.written} encoded and "
                                     "stored"))
@@ -335,9 +349,20 @@ class Trainer:
             self.lrs.append(lr)
             recent = self.step_times[-20:]
             rate = result.it_per_s = len(recent) / sum(recent) if recent else 0.0
+            eta = (self.total_steps - step) / rate + self.time_besides_steps(epoch, step) if rate else None
             self.emit(JobEvent("step", step=step, total_steps=self.total_steps, epoch=epoch + 1,
-                               total_epochs=self.epochs, loss=loss, lr=lr, it_per_s=rate,
-                               eta_s=(self.total_steps - step) / rate if rate else None))
+                               total_epochs=self.epochs, loss=loss, lr=lr, it_per_s=rate, eta_s=eta))
+
+    def time_besides_steps(self, epoch: int, step: int) -> float:
+        """Seconds the rest of the run will spend rendering samples and saving files, at what they cost so far;
+        ``epoch`` epochs are done."""
+        config = self.config
+        saves = len([end for end in save_epochs(config, self.epochs) if end > epoch])
+        every = config.sample_every_n_steps
+        renders = saves + ((self.total_steps - 1) // every - step // every if every else 0)
+        render = self.render_s[-1] if self.render_s and config.sample_prompts else 0.0
+        save = sum(self.save_s) / len(self.save_s) if self.save_s else 0.0
+        return renders * render + saves * save
 
     def end_epoch(self, epoch: int) -> None:
         """Keep the resume state, and every ``save_every_n_epochs`` save a LoRA file and render samples."""
@@ -352,6 +377,7 @@ class Trainer:
         result, accelerator = self.result, self.accelerator
         if accelerator.device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        result.costs = self.measured_costs()
         if accelerator.is_main_process:
             result.lora_path = self.save(None)
             if not result.stopped:
@@ -369,6 +395,23 @@ class Trainer:
                              path=str(result.lora_path) if result.lora_path else None))
         return result
 
+    def measured_costs(self) -> RunCosts:
+        """What this run's parts cost per unit of work (see :class:`RunCosts`), for the estimates of later runs."""
+        config, costs = self.config, self.costs
+        mpx = (config.resolution / 1000) ** 2
+        steady = self.step_times[2:] if len(self.step_times) > 4 else self.step_times  # past the warm-up steps
+        if steady:
+            per_step = sum(steady) / len(steady)
+            costs.step_s_per_mpx = {step_kind(config): per_step / (config.batch_size *
+                                                                   config.gradient_accumulation_steps * mpx)}
+        if self.render_s:
+            width, height = config.sample_width or config.resolution, config.sample_height or config.resolution
+            units = len(config.sample_prompts) * config.sample_steps * width * height / 1e6
+            costs.render_s_per_mpx_step = sum(self.render_s) / len(self.render_s) / units
+        if self.save_s:
+            costs.save_s = sum(self.save_s) / len(self.save_s)
+        return costs
+
     def event(self, kind: str, message: str, **fields: object) -> JobEvent:
         """An event carrying the run's step and totals."""
         return JobEvent(kind, message, **{"step": self.result.steps, "total_steps": self.total_steps,
@@ -379,7 +422,7 @@ class Trainer:
         self.read_losses()  # a NaN stops the run before it is saved
         if not self.accelerator.is_main_process:
             return None
-        config, result = self.config, self.result
+        config, result, started = self.config, self.result, time.perf_counter()
         tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
                                         DTYPES[config.save_dtype])
         metadata = kohya.build_metadata(config, self.base, kohya.RunFacts(
@@ -395,6 +438,8 @@ class Trainer:
         if latest is not None:  # the samples of this epoch replace it once they are rendered
             cards.write_preview(path, latest)
         result.saved.append(path)
+        self.tick = time.perf_counter()
+        self.save_s.append(self.tick - started)
         self.emit(self.event("saved", f"Saved {path.name}", epoch=epoch or result.epochs, path=str(path)))
         return path
 
@@ -405,8 +450,11 @@ class Trainer:
             return []
         when = f"step {step}" if step is not None else f"epoch {epoch}"
         self.emit(JobEvent("status", f"Rendering sample images for {when}"))
+        started = time.perf_counter()
         with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
             paths = render_samples(self.pipe, self.config, self.folder, epoch, self.base.display_name, lora, step)
+        self.tick = time.perf_counter()  # the next step's time starts after this
+        self.render_s.append(self.tick - started)
         if lora is not None:
             cards.write_preview(lora, paths[0])
         self.emit(self.event("samples", f"Samples for {when}", epoch=epoch, paths=[str(p) for p in paths]))
@@ -428,6 +476,7 @@ class Trainer:
             "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
         self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False)
         self.last_checkpoint = time.monotonic()
+        self.tick = time.perf_counter()
 
     def show_history(self) -> None:
         """Send what the run made before it was interrupted (losses, samples, LoRA files), so a resumed run's page

@@ -172,6 +172,10 @@ def build(ctx: AppContext) -> None:
         base_choice, base_repo = base_picker(ctx)
         presets = gr.Dropdown(list(preset_choices(ctx)), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
+    # the page opens on the preset for the demo base, usable before its load event restores anything
+    first, first_text = load_preset(default_preset(DEMO))
+    first_values = {name: to_widget(name, value) for name, value in first.to_dict().items()}
+    description = gr.Markdown(first_text, elem_id="preset-description")
     with gr.Row():
         repeats = gr.Number(1, precision=0, minimum=1, maximum=MAX_REPEATS, label="Repeats per epoch", scale=1,
                             info="How often an epoch shows each image (kohya's N_ folder prefix); kept with the "
@@ -180,10 +184,6 @@ def build(ctx: AppContext) -> None:
                                      label="Regularisation images (optional)", allow_custom_value=True,
                                      info="Another dataset of plain pictures of the class ('a photo of a woman'), "
                                           "against overfitting; weighted by 'Regularisation weight'.")
-    # the page opens on the preset for the demo base, usable before its load event restores anything
-    first, first_text = load_preset(default_preset(DEMO))
-    first_values = {name: to_widget(name, value) for name, value in first.to_dict().items()}
-    description = gr.Markdown(first_text, elem_id="preset-description")
     widgets: dict[str, gr.components.Component] = {}
     for start_at in (0, 5):
         with gr.Row():
