@@ -23,7 +23,7 @@ RUNS = [  # the first measures; the others differ in size, length and samples
     {"epochs": 3, "resolution": 64, "batch_size": 2},
     {"epochs": 6, "resolution": 64, "batch_size": 2},
     {"epochs": 3, "resolution": 128, "batch_size": 4, "sample_steps": 8},
-    {"epochs": 8, "resolution": 96, "batch_size": 1, "save_every_n_epochs": 2},
+    {"epochs": 8, "resolution": 64, "batch_size": 1, "save_every_n_epochs": 2, "sample_every_n_steps": 16},
 ]
 
 

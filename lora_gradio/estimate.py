@@ -21,37 +21,73 @@ MFU = 0.35  # a realistic share of the GPU's peak for this workload
 DENSE_TFLOPS = {"H200": 790, "H100": 790, "A100": 312, "L40": 181, "4090": 165, "A6000": 155, "3090": 71,
                 "4080": 97, "4070": 58, "3080": 60, "3060": 25, "A10": 125, "T4": 65, "V100": 112}
 GB = 2**30
-MEASURED_MARGIN, GUESSED_MARGIN = 0.2, 0.5  # the ± of a part measured on this machine, and of a guessed one
+MARGINS = {"measured": 0.2, "scaled": 0.35, "guessed": 0.5}  # the ± of a part: measured at this size, from other
+# sizes measured here, or guessed before anything was measured
 TIMINGS_FILE = "timings.json"
 
 
 @dataclass
 class RunCosts:
-    """Seconds each part of a run costs on one device, per unit of work; None where unknown. Steps are kept per kind
-    of step (precision, checkpointing, network, text encoder), the other parts do not depend on the settings."""
+    """Seconds each part of a run costs on one device; None or empty where unknown. A cost that depends on size is a
+    curve, {megapixels: seconds}, so a run of another size is interpolated from the sizes measured; steps are kept
+    per kind of step (precision, checkpointing, network, text encoder)."""
 
     load_s: float | None = None  # loading the base model from disk
-    encode_s_per_mpx: float | None = None  # VAE encoding, per megapixel of images
-    render_s_per_mpx_step: float | None = None  # sample rendering, per sampling step and megapixel
     save_s: float | None = None  # one LoRA file with its card and workflow
-    step_s_per_mpx: dict[str, float] = field(default_factory=dict)  # per megapixel trained (batch × size²)
+    encode: dict[str, float] = field(default_factory=dict)  # image megapixels -> seconds per image
+    render: dict[str, float] = field(default_factory=dict)  # sample megapixels -> seconds per sampling step
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> megapixels per step -> seconds
 
     def merged(self, newer: RunCosts) -> RunCosts:
-        """These costs updated with a newer run's: the mean of the two where both measured a part."""
+        """These costs updated with a newer run's: the mean of the two where both measured the same thing."""
         def mean(old: float | None, new: float | None) -> float | None:
             return new if old is None else old if new is None else (old + new) / 2
 
-        steps = {**self.step_s_per_mpx, **{kind: mean(self.step_s_per_mpx.get(kind), value)
-                                           for kind, value in newer.step_s_per_mpx.items()}}
-        return RunCosts(mean(self.load_s, newer.load_s), mean(self.encode_s_per_mpx, newer.encode_s_per_mpx),
-                        mean(self.render_s_per_mpx_step, newer.render_s_per_mpx_step),
-                        mean(self.save_s, newer.save_s), steps)
+        def curve(old: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+            return {**old, **{size: mean(old.get(size), value) for size, value in new.items()}}
+
+        steps = {**self.steps, **{kind: curve(self.steps.get(kind, {}), points)
+                                  for kind, points in newer.steps.items()}}
+        return RunCosts(mean(self.load_s, newer.load_s), mean(self.save_s, newer.save_s),
+                        curve(self.encode, newer.encode), curve(self.render, newer.render), steps)
+
+
+def size_key(megapixels: float) -> str:
+    """A curve's key for a size."""
+    return f"{megapixels:.6f}"
+
+
+def on_curve(curve: dict[str, float], megapixels: float) -> tuple[float, str] | None:
+    """The cost at a size, and how it was found: 'measured' at that size, 'scaled' from the nearest two sizes
+    (a straight line: a fixed part and a part per pixel), or from one size as size^0.75 (between the two)."""
+    points = sorted((float(size), seconds) for size, seconds in curve.items())
+    for size, seconds in points:
+        if abs(size - megapixels) <= 1e-3 * size:
+            return seconds, "measured"
+    if not points:
+        return None
+    if len(points) == 1:
+        size, seconds = points[0]
+        return seconds * (megapixels / size) ** 0.75, "scaled"
+    (x1, y1), (x2, y2) = sorted(points, key=lambda point: abs(point[0] - megapixels))[:2]
+    line = y1 + (y2 - y1) / (x2 - x1) * (megapixels - x1)
+    return max(line, min(y1, y2) * (megapixels / max(x1, x2))), "scaled"
 
 
 def step_kind(config: TrainConfig) -> str:
     """The settings a step's cost depends on, besides its size."""
     return (f"{config.mixed_precision}|checkpointing={config.gradient_checkpointing}|{config.network_type}|"
             f"text_encoder={config.train_text_encoder}")
+
+
+def step_megapixels(config: TrainConfig) -> float:
+    """The pixels one optimizer step trains on, in megapixels."""
+    return config.batch_size * config.gradient_accumulation_steps * config.resolution ** 2 / 1e6
+
+
+def sample_megapixels(config: TrainConfig) -> float:
+    """The size of one sample image, in megapixels."""
+    return (config.sample_width or config.resolution) * (config.sample_height or config.resolution) / 1e6
 
 
 def device_name() -> str:
@@ -64,14 +100,19 @@ def device_name() -> str:
 
 
 def guessed_costs(demo: bool, device: str, config: TrainConfig) -> RunCosts:
-    """What a part costs before anything was measured: rough figures for the demo model, a CPU and a GPU."""
-    if demo:  # the tiny model on a 2-core CPU (docs/BENCHMARKS.md)
-        return RunCosts(2.0, 5.0, 10.0, 0.3, {step_kind(config): 25.0})
-    if device in ("cpu", "mps"):  # SD1.5 on a CPU: about 3.3 s per step at 256 px (docs/BENCHMARKS.md)
-        return RunCosts(20.0, 20.0, 15.0, 1.0, {step_kind(config): 50.0})
+    """What the parts cost before anything was measured, each at one size: rough figures for the demo model, a CPU
+    and a GPU (docs/BENCHMARKS.md)."""
+    kind = step_kind(config)
+    if demo:  # the tiny model on a 2-core CPU: 64 px images, steps of two
+        return RunCosts(2.0, 0.3, {size_key(0.004096): 0.02}, {size_key(0.004096): 0.04},
+                        {kind: {size_key(0.008192): 0.2}})
+    if device in ("cpu", "mps"):  # SD1.5 on a 2-core CPU at 256 px
+        return RunCosts(20.0, 1.0, {size_key(0.065536): 2.0}, {size_key(0.065536): 1.0},
+                        {kind: {size_key(0.065536): 5.0}})
     peak = next((v for k, v in DENSE_TFLOPS.items() if k in device), 50)
-    per_mpx = TFLOP_PER_SAMPLE[config.gradient_checkpointing] / (512 * 512 / 1e6) / (peak * MFU)
-    return RunCosts(20.0, 0.2, 0.12, 1.0, {step_kind(config): per_mpx})
+    step = TFLOP_PER_SAMPLE[config.gradient_checkpointing] / (peak * MFU)  # one 512 px sample
+    return RunCosts(20.0, 1.0, {size_key(0.262144): 0.05}, {size_key(0.262144): 0.03},
+                    {kind: {size_key(0.262144): step}})
 
 
 class Timings:
@@ -171,33 +212,35 @@ def save_epochs(config: TrainConfig, epochs: int) -> list[int]:
     return [epoch for epoch in range(1, epochs) if every and epoch % every == 0] + [epochs]
 
 
-def run_seconds(config: TrainConfig, planned: list, steps: int, epochs: int, loaded: bool, known: RunCosts,
+def run_seconds(config: TrainConfig, images: int, steps: int, epochs: int, loaded: bool, known: RunCosts,
                 guess: RunCosts) -> tuple[float, float, bool]:
-    """The run's seconds, their ±, and whether every part was measured: each part's work times its cost, measured
-    where ``known`` has it, else guessed."""
+    """The run's seconds, their ±, and whether every part was measured at this size: each part's amount times its
+    cost, measured where ``known`` has it (scaled from other sizes when it has not this one), else guessed."""
     kind = step_kind(config)
-    mpx = (config.resolution / 1000) ** 2
-    samples_mpx = (config.sample_width or config.resolution) * (config.sample_height or config.resolution) / 1e6
     saves = len(save_epochs(config, epochs))
     renders = (saves + 1 + (steps - 1) // config.sample_every_n_steps if config.sample_every_n_steps else saves + 1) \
         if config.sample_prompts else 0
-    work = {"load": (0.0 if loaded else 1.0, known.load_s, guess.load_s),
-            "encode": (len(planned) * mpx * (2 if config.flip_augment else 1), known.encode_s_per_mpx,
-                       guess.encode_s_per_mpx),
-            "steps": (steps * config.batch_size * config.gradient_accumulation_steps * mpx,
-                      known.step_s_per_mpx.get(kind), guess.step_s_per_mpx[kind]),
-            "samples": (renders * len(config.sample_prompts) * config.sample_steps * samples_mpx,
-                        known.render_s_per_mpx_step, guess.render_s_per_mpx_step),
-            "saves": (saves, known.save_s, guess.save_s)}
+    image, sample = config.resolution ** 2 / 1e6, sample_megapixels(config)
+    def fixed(seconds: float | None) -> tuple[float, str] | None:
+        return (seconds, "measured") if seconds is not None else None
+
+    parts = [  # (amount, its cost per unit from what was measured here, the guessed cost per unit)
+        (0 if loaded else 1, fixed(known.load_s), fixed(guess.load_s)),
+        (images * (2 if config.flip_augment else 1), on_curve(known.encode, image), on_curve(guess.encode, image)),
+        (steps, on_curve(known.steps.get(kind, {}), step_megapixels(config)),
+         on_curve(guess.steps[kind], step_megapixels(config))),
+        (renders * len(config.sample_prompts) * config.sample_steps, on_curve(known.render, sample),
+         on_curve(guess.render, sample)),
+        (saves, fixed(known.save_s), fixed(guess.save_s))]
     total = margin = 0.0
     measured = True
-    for amount, cost, fallback in work.values():
+    for amount, found, guessed in parts:
         if not amount:
             continue
-        measured = measured and cost is not None
-        seconds = amount * (cost if cost is not None else fallback)
-        total += seconds
-        margin += seconds * (MEASURED_MARGIN if cost is not None else GUESSED_MARGIN)
+        seconds, how = found if found is not None else (guessed[0], "guessed")
+        measured = measured and how == "measured"
+        total += amount * seconds
+        margin += amount * seconds * MARGINS[how]
     return total, margin, measured
 
 
@@ -212,7 +255,7 @@ def estimate(config: TrainConfig, data: TrainData, demo: bool = False, known: Ru
     per_epoch = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps)
     epochs, steps = run_length(per_epoch, config.epochs, config.max_train_steps)
     device = device_name()
-    seconds, margin, measured = run_seconds(config, planned, steps, epochs, loaded, known or RunCosts(),
+    seconds, margin, measured = run_seconds(config, len(planned), steps, epochs, loaded, known or RunCosts(),
                                             guessed_costs(demo, device, config))
     counts = (steps, per_epoch, scan.total_repeats, sum(image.repeats for image in prior), seconds, margin, measured)
     where = "the demo model" if demo else "this GPU" if torch.cuda.is_available() else "the CPU"

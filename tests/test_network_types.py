@@ -196,3 +196,22 @@ def test_a_run_trains_and_saves_each_network_type(demo_spec, demo_data, quick_co
     else:
         scales = [key for key in tensors if key.endswith(".dora_scale")]
         assert len(scales) == len(ups)
+
+
+def test_an_input_axis_dora_scale_is_named_as_not_applied(demo_pipe, tmp_path):
+    """LyCORIS's other layout (one scale per input column) cannot be held by peft: the pair applies, the scale is
+    named, nothing is silently misread."""
+    from safetensors.torch import save_file
+
+    _, _, tensors = trained_file(demo_pipe, "dora", tmp_path / "dora.safetensors")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    columns = tensors[f"{name}.lora_down.weight"].shape[1]
+    tensors[f"{name}.dora_scale"] = torch.ones(1, columns, dtype=torch.float16)
+    save_file(tensors, tmp_path / "input-axis.safetensors")
+    view = pipeline_view(demo_pipe)
+    try:
+        fit = attach(view, tmp_path / "input-axis.safetensors", "t")
+        assert fit.not_applied == {f"{name} (extra)": f"{name}.dora_scale not applied (only the LoRA pair is)"}
+        assert name in fit.applied and fit.applied[name][2].dora_scale is None
+    finally:
+        detach(view)

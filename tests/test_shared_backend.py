@@ -303,7 +303,9 @@ def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measur
     assert re.search(r"the estimate was about \d+ s \(±\d+ s\)", line)
     costs = studio.timings.costs("demo", "cpu")
     assert (studio.workspace.root / TIMINGS_FILE).is_file()
-    assert costs.encode_s_per_mpx and costs.render_s_per_mpx_step and costs.save_s and costs.step_s_per_mpx
+    assert list(costs.encode) == ["0.004096"] and list(costs.render) == ["0.004096"] and costs.save_s > 0
+    assert costs.steps == {"no|checkpointing=False|lora|text_encoder=False": {"0.008192": pytest.approx(
+        costs.steps["no|checkpointing=False|lora|text_encoder=False"]["0.008192"])}}
     second = studio.plan_training("anna", "demo", settings)
     assert second.estimate.measured and "first guess" not in second.estimate.markdown()
     assert second.estimate.margin == pytest.approx(0.2 * second.estimate.seconds)  # measured parts: ±20%

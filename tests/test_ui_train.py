@@ -148,3 +148,32 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
 
         page.get_by_role("tab", name="Caption").click()  # the dataset's trigger word, kept with it
         assert page.locator("#trigger-word").get_by_role("textbox").input_value() == "flowword"
+
+
+def test_picking_a_lora_trained_with_clip_skip_2_sets_the_test_tab_to_it(app, demo_pipe):
+    """The Test tab reads ss_clip_skip from the file a person picks, and the image's parameters say it."""
+    import torch
+    from safetensors.torch import save_file
+
+    url, workspace = app
+    loras = workspace / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    width = demo_pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").in_features
+    tensors = {f"{name}.lora_down.weight": torch.randn(4, width) * 0.1,
+               f"{name}.lora_up.weight": torch.randn(width, 4) * 0.1, f"{name}.alpha": torch.tensor(4.0)}
+    save_file(tensors, loras / "anime.safetensors", {"ss_clip_skip": "2"})
+    save_file(tensors, loras / "photo.safetensors", {"ss_clip_skip": "None"})
+    radio = "#test-clip-skip input:checked"
+    with browser_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Test").click()
+        for label, expected in (("loras/anime.safetensors", "2"), ("loras/photo.safetensors", "1"),
+                                ("loras/anime.safetensors", "2")):
+            choose(page, "#test-lora", label)
+            wait_for(lambda expected=expected: page.locator(radio).input_value() == expected, 20,
+                     f"CLIP skip {expected} for {label}")
+        type_into(page.locator("#test-prompt textarea"), "lgdemo, a red circle")
+        set_number(page, "#test-steps", 2)
+        page.locator("#test-generate").click()
+        wait_for(lambda: "Clip skip: 2" in page.locator("#test-gallery").inner_text(), 60, "the image's parameters")

@@ -220,6 +220,7 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_enable_bucket": str(config.enable_buckets),
+        "ss_cache_latents": "True",  # always: each image is encoded once per run (on disk too with the setting)
         "ss_flip_aug": str(config.flip_augment),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
         "ss_scale_weight_norms": str(config.scale_weight_norms or None),

@@ -19,7 +19,7 @@ import torch
 
 from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
-from ..estimate import RunCosts, save_epochs, step_kind
+from ..estimate import RunCosts, sample_megapixels, save_epochs, size_key, step_kind, step_megapixels
 from ..events import Emit, JobEvent
 from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
 from ..threads import fit_threads
@@ -162,7 +162,7 @@ class Trainer:
         encoded = (store.written if store else len(self.cached)) * (2 if config.flip_augment else 1)
         self.costs = RunCosts()
         if encoded:
-            self.costs.encode_s_per_mpx = (time.perf_counter() - encoding) / (encoded * (config.resolution / 1000) ** 2)
+            self.costs.encode = {size_key(config.resolution ** 2 / 1e6): (time.perf_counter() - encoding) / encoded}
         self.render_s: list[float] = []  # seconds of each round of samples, and of each save
         self.save_s: list[float] = []
         if store:
@@ -235,10 +235,10 @@ class Trainer:
     def train_step(self, batches: list[list[int]]) -> torch.Tensor:
         """One optimizer step over ``batches`` (more than one: gradient accumulation); the loss over all processes."""
         config, accelerator, scheduler = self.config, self.accelerator, self.noise_scheduler
-        total = torch.zeros((), device=accelerator.device)
+        device = accelerator.device
+        total = torch.zeros((), device=device)
         for index, batch in enumerate(batches):
             items = [self.cached[i] for i in batch]
-            device = accelerator.device
             latents = sample_latents(items, self.generator, self.caption_rng, self.scaling).to(self.weight_dtype)
             noise = torch.randn(latents.shape, generator=self.generator, device=device).to(latents)
             if config.noise_offset:
@@ -396,18 +396,14 @@ class Trainer:
         return result
 
     def measured_costs(self) -> RunCosts:
-        """What this run's parts cost per unit of work (see :class:`RunCosts`), for the estimates of later runs."""
+        """What this run's parts cost at its sizes (see :class:`RunCosts`), for the estimates of later runs."""
         config, costs = self.config, self.costs
-        mpx = (config.resolution / 1000) ** 2
         steady = self.step_times[2:] if len(self.step_times) > 4 else self.step_times  # past the warm-up steps
         if steady:
-            per_step = sum(steady) / len(steady)
-            costs.step_s_per_mpx = {step_kind(config): per_step / (config.batch_size *
-                                                                   config.gradient_accumulation_steps * mpx)}
+            costs.steps = {step_kind(config): {size_key(step_megapixels(config)): sum(steady) / len(steady)}}
         if self.render_s:
-            width, height = config.sample_width or config.resolution, config.sample_height or config.resolution
-            units = len(config.sample_prompts) * config.sample_steps * width * height / 1e6
-            costs.render_s_per_mpx_step = sum(self.render_s) / len(self.render_s) / units
+            per_step = sum(self.render_s) / len(self.render_s) / (len(config.sample_prompts) * config.sample_steps)
+            costs.render = {size_key(sample_megapixels(config)): per_step}
         if self.save_s:
             costs.save_s = sum(self.save_s) / len(self.save_s)
         return costs
