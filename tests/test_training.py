@@ -356,3 +356,20 @@ def test_another_vae_never_reads_the_latent_cache(demo_pipe, demo_data, tmp_path
     entries[0].write_bytes(b"damaged")
     mended, _ = run(demo_pipe.vae)
     assert (mended.read, mended.written) == (7, 1)
+
+
+def test_a_run_saved_on_another_kind_of_device_resumes_with_a_warning(demo_spec, demo_data, quick_config, tmp_path):
+    """A CUDA generator's state (16 bytes) cannot seed a CPU generator: the run goes on and says why it differs."""
+    from lora_gradio.training.run_folder import RunFolder
+
+    stop = threading.Event()
+    config = apply_overrides(quick_config, {"epochs": 2, "batch_size": 2})
+    train(config, demo_spec, demo_data, tmp_path, stop=stop,
+          on_event=lambda event: stop.set() if event.kind == "step" and event.step == 2 else None)
+    folder = RunFolder(tmp_path)
+    state = folder.load_state()
+    folder.save_state({**state, "generator": torch.zeros(16, dtype=torch.uint8)})
+    events = []
+    result = train(config, demo_spec, demo_data, tmp_path, resume=True, on_event=events.append)
+    assert result.steps == 8 and not result.stopped
+    assert any("saved on another kind of device" in e.message for e in events if e.kind == "warning")

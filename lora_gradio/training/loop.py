@@ -496,7 +496,13 @@ class Trainer:
             self.lora_params[name].data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError:  # saved on another kind of device: its noise stream cannot continue here
+            self.generator.manual_seed(self.config.seed + state["step"])
+            self.emit(JobEvent("warning", "This run was saved on another kind of device (CPU or GPU): it continues "
+                                          "with a fresh random stream, so its next steps differ from an unbroken "
+                                          "run's."))
         self.caption_rng.setstate(state["caption_rng"])
         epoch, done = state["epoch"], state["steps_in_epoch"]
         self.show_history()
