@@ -158,6 +158,7 @@ class Studio:
         """Start the planned run in a new folder under outputs/; returns the job id that Stop needs."""
         run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.workspace.set_dataset_settings(plan.data.images.parent.name, plan.config.trigger_word, plan.data.repeats)
+
         def finish(result: TrainResult, emit: Emit) -> None:
             self.compare_with_estimate(plan, result, emit)
             self.install_trained(result, emit)

@@ -100,6 +100,19 @@ def test_impossible_settings_and_unknown_keys_are_refused_by_name(api, changes, 
         client.predict(dataset="apidata", settings=demo_settings(client, **changes), api_name="/train_start")
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"regularization": "../../etc"}, "is not a usable dataset name"),
+    ({"regularization": "apidata"}, "must be another dataset"),
+    ({"regularization": "nowhere"}, "Dataset 'nowhere' does not exist"),
+    ({"repeats": 0}, "repeats = 0: use a whole number from 1 to 1000"),
+    ({"repeats": 5000}, "repeats = 5000"),
+])
+def test_hostile_regularisation_and_repeats_are_refused_by_name(api, extra, message):
+    client, _ = api
+    with pytest.raises(AppError, match=message):
+        client.predict(dataset="apidata", settings=demo_settings(client), **extra, api_name="/train_start")
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"steps": 0}, "steps = 0"),
     ({"seed": -1}, "seed = -1"),
