@@ -145,7 +145,7 @@ class LatentStore:
         path = self.folder / f"{key}.safetensors"
         try:
             stored = load_file(path) if path.is_file() else None
-        except Exception:
+        except Exception:  # a damaged entry (any error of the reader): encoded again and rewritten
             return None
         if stored is None:
             return None
