@@ -85,7 +85,7 @@ def build(ctx: AppContext) -> None:
 
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
-                     skip: float) -> inference.GenerateRequest:
+                     skip: int) -> inference.GenerateRequest:
         return inference.GenerateRequest.checked(prompt_text, negative_text, seed_value or 0, step_count, guidance,
                                                  w or None, h or None, sampler, ctx.studio.lora(lora_label), s_model,
                                                  s_clip, skip)
@@ -93,7 +93,7 @@ def build(ctx: AppContext) -> None:
     @user_errors
     def on_generate(choice: str, repo: str, prompt_text: str, negative_text: str, seed_value: float,
                     step_count: float, guidance: float, w: float, h: float, sampler: str, lora_label: str,
-                    s_model: float, s_clip: float, skip: float, past: list,
+                    s_model: float, s_clip: float, skip: int, past: list,
                     progress: gr.Progress = gr.Progress()) -> tuple:
         request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
                                lora_label, s_model, s_clip, skip)
