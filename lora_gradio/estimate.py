@@ -206,10 +206,17 @@ def peak_memory_gb(config: TrainConfig) -> float:
     return (frozen + lora + activations) / GB + 0.6  # CUDA context and allocator slack
 
 
-def save_epochs(config: TrainConfig, epochs: int) -> list[int]:
-    """The epochs whose end saves a LoRA file and renders samples: every ``save_every_n_epochs``, and the last."""
+def saves_to_come(config: TrainConfig, epochs: int, steps: int, epochs_done: int = 0, steps_done: int = 0,
+                  ) -> tuple[int, int]:
+    """The LoRA saves and the rounds of samples a run still makes after ``epochs_done`` epochs and ``steps_done``
+    steps: a save every ``save_every_n_epochs`` and at the end, a round of samples with each, one every
+    ``sample_every_n_steps`` before the last step, and the base model's round before the first."""
     every = config.save_every_n_epochs
-    return [epoch for epoch in range(1, epochs) if every and epoch % every == 0] + [epochs]
+    ends = [epoch for epoch in range(1, epochs) if every and epoch % every == 0] + [epochs]
+    saves = sum(1 for end in ends if end > epochs_done)
+    often = config.sample_every_n_steps
+    rounds = saves + ((steps - 1) // often - steps_done // often if often else 0) + (steps_done == 0)
+    return saves, rounds if config.sample_prompts else 0
 
 
 def run_seconds(config: TrainConfig, images: int, steps: int, epochs: int, loaded: bool, known: RunCosts,
@@ -217,9 +224,7 @@ def run_seconds(config: TrainConfig, images: int, steps: int, epochs: int, loade
     """The run's seconds, their ±, and whether every part was measured at this size: each part's amount times its
     cost, measured where ``known`` has it (scaled from other sizes when it has not this one), else guessed."""
     kind = step_kind(config)
-    saves = len(save_epochs(config, epochs))
-    renders = (saves + 1 + (steps - 1) // config.sample_every_n_steps if config.sample_every_n_steps else saves + 1) \
-        if config.sample_prompts else 0
+    saves, renders = saves_to_come(config, epochs, steps)
     image, sample = config.resolution ** 2 / 1e6, sample_megapixels(config)
     def fixed(seconds: float | None) -> tuple[float, str] | None:
         return (seconds, "measured") if seconds is not None else None

@@ -19,7 +19,7 @@ import torch
 
 from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
-from ..estimate import RunCosts, sample_megapixels, save_epochs, size_key, step_kind, step_megapixels
+from ..estimate import RunCosts, sample_megapixels, saves_to_come, size_key, step_kind, step_megapixels
 from ..events import Emit, JobEvent
 from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
 from ..threads import fit_threads
@@ -356,11 +356,8 @@ class Trainer:
     def time_besides_steps(self, epoch: int, step: int) -> float:
         """Seconds the rest of the run will spend rendering samples and saving files, at what they cost so far;
         ``epoch`` epochs are done."""
-        config = self.config
-        saves = len([end for end in save_epochs(config, self.epochs) if end > epoch])
-        every = config.sample_every_n_steps
-        renders = saves + ((self.total_steps - 1) // every - step // every if every else 0)
-        render = self.render_s[-1] if self.render_s and config.sample_prompts else 0.0
+        saves, renders = saves_to_come(self.config, self.epochs, self.total_steps, epoch, step)
+        render = self.render_s[-1] if self.render_s else 0.0
         save = sum(self.save_s) / len(self.save_s) if self.save_s else 0.0
         return renders * render + saves * save
 
