@@ -7,9 +7,16 @@ import ipaddress
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lora_gradio.studio import Studio
 
 log = logging.getLogger("lora_gradio")
+MIN_PASSWORD = 8
+HOUSEKEEPING_S = 600  # how often old uploads and stale links are swept
 NO_AUTH = ("error: {where} would let anyone who reaches it use this server (its GPU, its files), so it needs a "
            "password: add --auth user:password, --auth-file FILE or LORA_GRADIO_AUTH=user:password "
            "(or --insecure-no-auth if you really mean it).")
@@ -34,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "several separated by commas, and keeps the password out of the process list")
     parser.add_argument("--auth-file", type=Path, default=env("LORA_GRADIO_AUTH_FILE"),
                         help="a file with one user:password per line (env LORA_GRADIO_AUTH_FILE)")
+    parser.add_argument("--admin", default=env("LORA_GRADIO_ADMIN"), metavar="NAME",
+                        help="the login of the operator, who may stop or delete anyone's jobs and runs and change the "
+                             "workspace settings (env LORA_GRADIO_ADMIN); default: the first login, taken from "
+                             "LORA_GRADIO_AUTH, then --auth, then --auth-file")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve a shared link or a public address without a password (not recommended)")
     parser.add_argument("--allow-dir", action="append", default=[d for d in env("LORA_GRADIO_ALLOW_DIRS", "").split(
@@ -49,6 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--max-grid", type=int, default=36, help="images per comparison grid")
     limits.add_argument("--max-image-side", type=int, default=1024, help="width and height of a test image")
     limits.add_argument("--max-steps", type=int, default=100, help="sampling steps of a test image")
+    limits.add_argument("--max-train-minutes", type=int, default=int(env("LORA_GRADIO_MAX_TRAIN_MINUTES", "120")),
+                        help="estimated length of a run started by anyone but the operator (env "
+                             "LORA_GRADIO_MAX_TRAIN_MINUTES)")
+    limits.add_argument("--max-samples", type=int, default=200,
+                        help="sample images a run started by anyone but the operator may render")
+    limits.add_argument("--keep-uploads-hours", type=float, default=24,
+                        help="uploads not imported by then are removed")
+    limits.add_argument("--uploads-budget-mb", type=int, default=4096,
+                        help="past this, the oldest uploads are removed first")
     return parser.parse_args(argv)
 
 
@@ -63,8 +83,12 @@ def env_is_space() -> bool:
 
 
 def logins(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Every user:password from the flags, the file and the environment; a malformed one is named by position."""
-    entries = [(f"--auth #{i + 1}", value) for i, value in enumerate(args.auth)]
+    """Every user:password from the environment, the flags and the file, in that order (the first is the operator
+    unless --admin names another); a malformed one or a short password is named by position."""
+    variable = os.environ.get("LORA_GRADIO_AUTH", "")
+    entries = [(f"entry {i + 1} of LORA_GRADIO_AUTH", part.strip()) for i, part in enumerate(variable.split(","))
+               if part.strip()]
+    entries += [(f"--auth #{i + 1}", value) for i, value in enumerate(args.auth)]
     if args.auth_file:
         try:
             lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
@@ -72,14 +96,14 @@ def logins(args: argparse.Namespace) -> list[tuple[str, str]]:
             raise ValueError(f"cannot read --auth-file {args.auth_file}: {exc.strerror or exc}") from exc
         entries += [(f"line {i + 1} of {args.auth_file}", line.strip()) for i, line in enumerate(lines)
                     if line.strip() and not line.lstrip().startswith("#")]
-    variable = os.environ.get("LORA_GRADIO_AUTH", "")
-    entries += [(f"entry {i + 1} of LORA_GRADIO_AUTH", part.strip()) for i, part in enumerate(variable.split(","))
-                if part.strip()]
     found = []
     for where, entry in entries:
         user, _, password = entry.partition(":")
         if not user.strip() or not password:
             raise ValueError(f"{where} is not user:password")  # never echo the entry: it may hold a password
+        if len(password) < MIN_PASSWORD:
+            raise ValueError(f"the password of {where} (user {user.strip()}) is shorter than {MIN_PASSWORD} "
+                             "characters, which a stranger guesses quickly: choose a longer one")
         found.append((user.strip(), password))
     return found
 
@@ -112,28 +136,57 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.warning("WARNING: serving %s WITHOUT A PASSWORD (--insecure-no-auth): anyone who reaches it can use "
                     "this server.", "a public share link" if args.share else f"on {args.host}")
+    users = [user for user, _ in auth]
+    if args.admin and args.admin not in users:
+        print(f"error: --admin {args.admin} is not one of the logins ({', '.join(users) or 'none'}).", file=sys.stderr)
+        return 2
+    from lora_gradio.access import Access
     from lora_gradio.errors import UserError
     from lora_gradio.workspace import Workspace
 
-    home = [] if public else [str(Path.home())]  # your own files, when nobody else can reach the app
+    home = [] if public or auth else [str(Path.home())]  # your own files, when you are the app's one user
     allowed = list(args.allow_dir) + home
     try:
         workspace = Workspace.open(args.workspace, tuple(allowed))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    os.environ["GRADIO_TEMP_DIR"] = str(workspace.root / ".cache" / "gradio")  # uploads stay in the workspace
-    from lora_gradio.studio import Limits
-    from lora_gradio.ui import CSS, build_app
+    uploads = workspace.root / ".cache" / "gradio"
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # uploads stay in the workspace
+    from starlette.middleware import Middleware
 
-    limits = Limits(args.max_images, args.max_grid, args.max_image_side, args.max_steps, args.max_upload_mb)
-    app = build_app(workspace, limits=limits, comfyui_url=args.comfyui_url)
+    from lora_gradio.served import SHOWN
+    from lora_gradio.studio import Limits, Studio
+    from lora_gradio.ui import CSS, build_app
+    from lora_gradio.ui.guard import Guard
+
+    limits = Limits(args.max_images, args.max_grid, args.max_image_side, args.max_steps, args.max_upload_mb,
+                    args.max_train_minutes, args.max_samples, args.keep_uploads_hours, args.uploads_budget_mb)
+    access = Access(bool(auth), args.admin or (users[0] if users else None), public)
+    studio = Studio(workspace, limits=limits, comfyui_url=args.comfyui_url, access=access, upload_dir=uploads)
+    app = build_app(studio)
     app.queue(default_concurrency_limit=4)
-    log.info("lora-gradio: workspace %s%s", workspace.root, f", sign-in for {len(auth)} user(s)" if auth else "")
+    public_names = {fn.api_name for fn in app.fns.values() if fn.api_visibility == "public" and fn.api_name}
+    sweep = threading.Event()
+    threading.Thread(target=housekeeping, args=(studio, sweep), name="housekeeping", daemon=True).start()
+    log.info("lora-gradio: workspace %s%s", workspace.root,
+             f", sign-in for {len(auth)} user(s), operator {access.operator}" if auth else "")
     log.info("lora-gradio: open http://%s:%d in your browser", args.host, args.port)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, quiet=True,
-               auth=auth or None, max_file_size=f"{limits.max_upload_mb}mb", footer_links=["api"])
+               auth=auth or None, max_file_size=f"{limits.max_upload_mb}mb", footer_links=["api"],
+               app_kwargs={"middleware": [Middleware(Guard, public_names=lambda: public_names,
+                                                     shown_dir=uploads / SHOWN)]})
+    sweep.set()
     return 0
+
+
+def housekeeping(studio: Studio, done: threading.Event) -> None:
+    """Every few minutes, remove old uploads and links to deleted files, until the app ends."""
+    while not done.wait(HOUSEKEEPING_S):
+        try:
+            studio.housekeeping()
+        except OSError:
+            log.warning("housekeeping of the upload folder failed", exc_info=True)
 
 
 if __name__ == "__main__":

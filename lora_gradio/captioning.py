@@ -136,7 +136,8 @@ def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: C
     result = CaptionResult({}, [str(p.relative_to(images_dir)) for p in images if p not in todo], [])
     if not todo:
         return result
-    with cache.use(("captioner", source), lambda: load_captioner(source), "captioning", on_wait=on_wait) as captioner:
+    with cache.use(("captioner", source), lambda: load_captioner(source), "captioning", on_wait=on_wait,
+                   stop=stop) as captioner:
         for start in range(0, len(todo), options.batch_size):
             if stop is not None and stop.is_set():
                 raise UserError(f"Captioning stopped after {start} of {len(todo)} images; their captions are saved.")

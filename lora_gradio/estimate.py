@@ -158,6 +158,7 @@ class Estimate:
     free_gb: float | None
     device: str
     stale: str | None = None  # what changed since Prepare, if anything
+    samples: int = 0  # sample images the run renders
 
     def markdown(self) -> str:
         """One short paragraph, with a warning when it will not fit."""
@@ -263,8 +264,9 @@ def estimate(config: TrainConfig, data: TrainData, demo: bool = False, known: Ru
     seconds, margin, measured = run_seconds(config, len(planned), steps, epochs, loaded, known or RunCosts(),
                                             guessed_costs(demo, device, config))
     counts = (steps, per_epoch, scan.total_repeats, sum(image.repeats for image in prior), seconds, margin, measured)
+    samples = saves_to_come(config, epochs, steps)[1] * len(config.sample_prompts)
     where = "the demo model" if demo else "this GPU" if torch.cuda.is_available() else "the CPU"
     if demo or not torch.cuda.is_available():
-        return Estimate(*counts, None, None, f"{where} ({device})", scan.stale)
+        return Estimate(*counts, None, None, f"{where} ({device})", scan.stale, samples)
     free, _ = torch.cuda.mem_get_info()
-    return Estimate(*counts, peak_memory_gb(config), free / GB, device, scan.stale)
+    return Estimate(*counts, peak_memory_gb(config), free / GB, device, scan.stale, samples)

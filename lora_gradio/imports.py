@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import time
 import unicodedata
 import zipfile
 import zlib
@@ -35,6 +36,8 @@ from .dataset import (
 MAX_FILE_BYTES = 100 * 2**20  # one image, packed or unpacked
 MAX_ZIP_BYTES = 4 * 2**30  # everything a zip may unpack to
 MAX_CAPTION_BYTES = 64 * 2**10
+WALK_FILES = 20_000  # files and folders a server-folder import looks at, at most ...
+WALK_SECONDS = 30.0  # ... and for how long
 MIN_SIDE = 64  # below this an image carries nothing to learn
 GOOD_SIDE = 512
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -349,11 +352,20 @@ def zip_entries(zip_path: Path, source: str | None = None) -> Iterator[Entry | F
             yield Entry(member, read, source)
 
 
-def folder_entries(folder: Path) -> Iterator[Entry | FileResult]:
+def folder_entries(folder: Path, max_files: int = WALK_FILES, max_seconds: float = WALK_SECONDS,
+                   ) -> Iterator[Entry | FileResult]:
     """Images and captions of a folder on the server, including kohya ``N_name`` subfolders. Links that lead out
-    of the folder are refused and named; links to folders are not followed."""
+    of the folder are refused and named; links to folders are not followed. The walk ends, saying so, after
+    ``max_files`` files or ``max_seconds``, so a huge folder cannot hold the server."""
     folder = Path(folder).resolve()
+    deadline, seen = time.monotonic() + max_seconds, 0
     for root, dirs, files in os.walk(folder):
+        seen += len(files) + len(dirs)
+        if seen > max_files or time.monotonic() > deadline:
+            yield FileResult("(the rest of the folder)", "skipped", f"not read: a folder import reads at most "
+                             f"{max_files} files in {max_seconds:g} s. Import a smaller folder, or a zip.",
+                             folder.name)
+            return
         dirs.sort()
         here = Path(root)
         for name in [d for d in dirs if (here / d).is_symlink()]:

@@ -144,22 +144,34 @@ def test_pipeline(cache: ModelCache, pipe: StableDiffusionPipeline) -> StableDif
     return cache.derived("test-view", lambda: pipeline_view(pipe))
 
 
-def generate_on(pipe: StableDiffusionPipeline, base: BaseModelSpec, request: GenerateRequest) -> Image.Image:
-    """Attach the request's LoRA at its strengths to a view the caller owns, then render. The image's
-    ``info['lora']`` says which of the file's modules were applied."""
+def generate_on(pipe: StableDiffusionPipeline, base: BaseModelSpec, request: GenerateRequest,
+                stop: threading.Event | None = None) -> Image.Image:
+    """Attach the request's LoRA at its strengths to a view the caller owns, then render (``stop`` ends it between
+    two sampling steps). The image's ``info['lora']`` says which of the file's modules were applied."""
     if request.lora is not None and not Path(request.lora).is_file():
         raise UserError(f"LoRA file '{request.lora}' does not exist.")
     fit = attach(pipe, request.lora, LORA_ADAPTER)
     if fit is not None:
         set_strengths(pipe, fit, LORA_ADAPTER, {"unet": request.strength_model, "text_encoder": request.strength_clip})
-    image = render(pipe, request, base.display_name)
+    image = render(pipe, request, base.display_name, stop)
     if fit is not None:
         image.info["lora"] = fit.line()
     return image
 
 
-def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: str) -> Image.Image:
-    """Run the pipeline as it is (adapters included) with the request's sampler, seed and size."""
+def stopped(stop: threading.Event | None) -> bool:
+    """Whether a job's Stop was pressed."""
+    return stop is not None and stop.is_set()
+
+
+class RenderStopped(UserError):
+    """A Stop arrived while an image was being sampled: the image was left unfinished and is not returned."""
+
+
+def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: str,
+           stop: threading.Event | None = None) -> Image.Image:
+    """Run the pipeline as it is (adapters included) with the request's sampler, seed and size; ``stop`` is
+    looked at after every sampling step, so a Stop never waits for a whole image."""
     import diffusers
     import torch
 
@@ -168,11 +180,20 @@ def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width, height = request.width or size, request.height or size
     generator = torch.Generator("cpu").manual_seed(request.seed)
+
+    def check_stop(pipeline: StableDiffusionPipeline, step: int, timestep: object, values: dict) -> dict:
+        if stopped(stop):
+            pipeline._interrupt = True  # diffusers' own flag: the remaining steps are skipped
+        return values
+
     with torch.inference_mode():
         embeds = encode_prompts(pipe.text_encoder, pipe.tokenizer, [request.prompt, request.negative_prompt],
                                 request.clip_skip)
         image = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], num_inference_steps=request.steps,
-                     guidance_scale=request.cfg, width=width, height=height, generator=generator).images[0]
+                     guidance_scale=request.cfg, width=width, height=height, generator=generator,
+                     callback_on_step_end=check_stop).images[0]
+    if stopped(stop):
+        raise RenderStopped("Stopped while an image was being rendered; it was left unfinished.")
     image.info["parameters"] = request.parameters_text(model_name, width, height)
     nodes = comfyui.build_graph(request, model_name, width, height)
     image.info["prompt"] = json.dumps(comfyui.api_prompt(nodes))  # the text chunks ComfyUI writes and reads back
@@ -210,15 +231,16 @@ def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateReques
     emit = emit or (lambda event: None)
     total = len(loras) * len(strengths)
     cells: list[list[Image.Image]] = []
-    with cache.pipeline(base, "a comparison grid", on_wait=lambda text: emit(JobEvent("status", text))) as pipe:
+    with cache.pipeline(base, "a comparison grid", on_wait=lambda text: emit(JobEvent("status", text)),
+                        stop=stop) as pipe:
         view = test_pipeline(cache, pipe)
         for _, path in loras:
             cells.append([])
             for strength in strengths:
-                if stop is not None and stop.is_set():
+                if stopped(stop):
                     raise UserError("Grid stopped before it was complete.")
                 cells[-1].append(generate_on(view, base, replace(request, lora=path, strength_model=strength,
-                                                                 strength_clip=strength)))
+                                                                 strength_clip=strength), stop))
                 done = sum(len(row) for row in cells)
                 emit(JobEvent("progress", f"Rendered {done} of {total} images", step=done, total_steps=total))
     rows = row_labels(loras)

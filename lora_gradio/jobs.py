@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .access import OPERATOR, Visitor
 from .errors import UserError
 from .events import Emit, JobEvent
 from .models import BaseModelSpec, ModelCache
@@ -67,7 +68,7 @@ class _Job:
     exclusive: str | None
     state: JobState
     stop: threading.Event
-    owner: str | None = None  # the signed-in user who started it, when the app has logins
+    owner: str | None = None  # the visitor who started it (a login, or a browser's id); None: the operator
     thread: threading.Thread | None = None
 
 
@@ -99,12 +100,13 @@ class JobRunner:
             job.thread.start()
         return job.id
 
-    def stop(self, job_id: str, user: str | None = None) -> None:
-        """Ask the job to stop at its next check; a training job saves what it has learned. A job started by a
-        signed-in user stops only for that user, whoever else holds its id."""
+    def stop(self, job_id: str, visitor: Visitor = OPERATOR) -> None:
+        """Ask the job to stop at its next check; a training job saves what it has learned. A job stops only for
+        whoever started it and for the operator, whoever else holds its id."""
         job = self._job(job_id)
-        if job.owner is not None and user != job.owner:
-            raise UserError("Another signed-in user started this job; only they can stop it.")
+        if not visitor.owns(job.owner):
+            raise UserError("Another user started this job: only they, or the operator who runs this server, can "
+                            "stop it.")
         with self._lock:
             if job.state.active:
                 job.stop.set()
@@ -190,12 +192,13 @@ class JobRunner:
 
 def run_training(config: TrainConfig, base: BaseModelSpec, data: TrainData, run_dir: Path,
                  on_event: Emit | None = None, stop: threading.Event | None = None,
-                 cache: ModelCache | None = None) -> TrainResult:
-    """Start a run in ``run_dir``, recording it so it can be resumed (a run that fails before saving leaves none)."""
+                 cache: ModelCache | None = None, owner: str | None = None) -> TrainResult:
+    """Start a run in ``run_dir``, recording it (and who started it) so it can be resumed; a run that fails before
+    saving leaves none."""
     run = RunFolder(Path(run_dir))
     created = not run.path.exists()
     run.check_writable()
-    run.write_job(RunJob(config, base, data))
+    run.write_job(RunJob(config, base, data, owner))
     try:
         return train(config, base, data, run_dir, on_event=on_event, stop=stop, cache=cache)
     except BaseException:
@@ -219,8 +222,13 @@ Finish = Callable[[TrainResult, Emit], None]  # runs after training in the same 
 
 
 def _then(result: TrainResult, emit: Emit, finish: Finish | None) -> TrainResult:
+    """Run the after-run steps; the LoRA is written, so a failure among them is a warning, never a failed run."""
     if finish is not None and result.lora_path is not None and not result.stopped:
-        finish(result, emit)
+        try:
+            finish(result, emit)
+        except Exception as exc:  # timings, a ComfyUI copy, a card: each is extra to what the run made
+            log.warning("an after-run step failed", exc_info=True)
+            emit(JobEvent("warning", f"The LoRA was saved, but an after-run step failed: {exc}"))
     return result
 
 
@@ -229,7 +237,7 @@ def start_training(runner: JobRunner, cache: ModelCache, config: TrainConfig, ba
                    planned_steps: int = 0) -> str:
     """Train in the background (one training at a time); returns the job id that Stop needs."""
     return runner.start("training", f"Training {Path(run_dir).name}", lambda stop, emit: _then(run_training(
-        config, base, data, run_dir, on_event=emit, stop=stop, cache=cache), emit, finish),
+        config, base, data, run_dir, on_event=emit, stop=stop, cache=cache, owner=owner), emit, finish),
         exclusive="training", run_dir=str(run_dir), owner=owner, planned_steps=planned_steps)
 
 

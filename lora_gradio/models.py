@@ -27,6 +27,7 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 T = TypeVar("T")
 M = TypeVar("M", bound="torch.nn.Module")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+STOP_CHECK_S = 0.5  # how often a job waiting for the model looks at its Stop
 
 # Tiny SD1.5-shaped components: the UNet keeps SD1.5's 4 levels of 2 layers so every kohya key pattern exists.
 DEMO_UNET = {
@@ -383,13 +384,13 @@ class ModelCache:
 
     @contextmanager
     def use(self, key: Hashable, loader: Callable[[], T], what: str, long: bool = False,
-            on_wait: Callable[[str], None] | None = None) -> Iterator[T]:
+            on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Iterator[T]:
         """Lease the model for ``key`` (loading it with ``loader`` if another or none is held) for ``what``.
 
         ``on_wait`` hears "waiting for the model: … ahead of you" while others are served first; it runs under the
-        cache's lock, so it must be quick.
+        cache's lock, so it must be quick. ``stop`` ends the wait (and skips the use after a load) with a message.
         """
-        self._acquire(what, long, on_wait)
+        self._acquire(what, long, on_wait, stop)
         try:
             fit_threads()  # this job runs on the cores free now
             if self._key != key or self._model is None:
@@ -399,6 +400,8 @@ class ModelCache:
                     self._model, self._key = model, key
                     self._loaded = [ref for ref in self._loaded if ref() is not None] + [weakref.ref(model)]
                     self.loads += 1
+            if stop is not None and stop.is_set():
+                raise UserError(f"Stopped: {what} ended before it began, once the model was loaded.")
             yield self._model
         finally:
             self._give_back()
@@ -413,13 +416,14 @@ class ModelCache:
         return self._derived[name]
 
     def pipeline(self, spec: BaseModelSpec, what: str, long: bool = False,
-                 on_wait: Callable[[str], None] | None = None) -> AbstractContextManager[StableDiffusionPipeline]:
+                 on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None,
+                 ) -> AbstractContextManager[StableDiffusionPipeline]:
         """Lease the base pipeline for ``spec``, loaded once onto the best device in its inference precision."""
-        return self.use(("pipeline", spec), lambda: place_pipeline(load_pipeline(spec)), what, long, on_wait)
+        return self.use(("pipeline", spec), lambda: place_pipeline(load_pipeline(spec)), what, long, on_wait, stop)
 
     def release(self) -> None:
         """Drop the cached model and give its memory back, once whoever holds it has finished."""
-        self._acquire("releasing the model", False, None)
+        self._acquire("releasing the model", False, None, None)
         try:
             self._drop()
         finally:
@@ -448,8 +452,9 @@ class ModelCache:
         """The key of what is cached now, for display."""
         return self._key
 
-    def _acquire(self, what: str, long: bool, on_wait: Callable[[str], None] | None) -> None:
-        """Wait for this caller's turn in arrival order, then hold the lease."""
+    def _acquire(self, what: str, long: bool, on_wait: Callable[[str], None] | None,
+                 stop: threading.Event | None) -> None:
+        """Wait for this caller's turn in arrival order (or until ``stop``), then hold the lease."""
         ticket = object()
         with self._cond:
             self._refuse_during_long_job()
@@ -464,7 +469,9 @@ class ModelCache:
                     if on_wait is not None and message != told:
                         on_wait(message)
                         told = message
-                    self._cond.wait()
+                    if stop is not None and stop.is_set():
+                        raise UserError(f"Stopped while waiting for the model: {what} did not start.")
+                    self._cond.wait(timeout=None if stop is None else STOP_CHECK_S)
             finally:
                 self._queue = [entry for entry in self._queue if entry[0] is not ticket]
                 self._cond.notify_all()

@@ -15,6 +15,7 @@ DATASET_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 SETTINGS_FILE = "settings.json"
 DATASET_FILE = "dataset.json"  # a dataset's own settings: its trigger word and repeats
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+MAX_PATH = 1024  # characters of a path a visitor may name; longer ones are refused like any outside path
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,16 @@ class Workspace:
     def check_allowed(self, path: Path | str, what: str) -> Path:
         """The resolved path (links followed) if it lies inside the workspace or an allowed folder; else a message
         that names the rule, before anything is read, created or said about the path."""
-        resolved = Path(path).expanduser().resolve()
-        if any(resolved == folder or folder in resolved.parents for folder in (self.root, *self.allowed_dirs)):
+        try:
+            resolved = Path(path).expanduser().resolve() if len(str(path)) <= MAX_PATH else None
+        except (ValueError, OSError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
+            resolved = None
+        if resolved is not None and any(resolved == folder or folder in resolved.parents
+                                        for folder in (self.root, *self.allowed_dirs)):
             return resolved
-        raise UserError(f"{what} '{path}' is outside the folders this app may use: the workspace and the folders "
+        text = str(path).replace("\0", "\\0")
+        text = text if len(text) <= 80 else f"{text[:60]}…"
+        raise UserError(f"{what} '{text}' is outside the folders this app may use: the workspace and the folders "
                         "its operator allowed with --allow-dir. Copy the files into the workspace, or ask the "
                         "operator to start the app with --allow-dir for that folder.")
 
@@ -139,10 +146,12 @@ class Workspace:
         times = self.dataset_settings(name).get("repeats", 1)
         return times if isinstance(times, int) and not isinstance(times, bool) and 1 <= times <= 1000 else 1
 
-    def set_dataset_settings(self, name: str, trigger_word: str | None = None, repeats: int | None = None) -> None:
-        """Remember the trigger word the dataset was captioned or trained with, and the repeats it trained with."""
+    def set_dataset_settings(self, name: str, trigger_word: str | None = None, repeats: int | None = None,
+                             owner: str | None = None) -> None:
+        """Remember the trigger word the dataset was captioned or trained with, the repeats it trained with, and
+        who created it."""
         saved = self.dataset_settings(name)
-        changes = {"trigger_word": (trigger_word or "").strip() or None, "repeats": repeats}
+        changes = {"trigger_word": (trigger_word or "").strip() or None, "repeats": repeats, "owner": owner}
         updated = {**saved, **{key: value for key, value in changes.items() if value is not None}}
         if updated != saved:
             write_text_atomic(self.dataset_dir(name) / DATASET_FILE, json.dumps(updated) + "\n")

@@ -1,5 +1,6 @@
 """The app as a stranger with the link meets it: sign-in, the server's files kept private, limits, no stray Stop."""
 
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_resume_of_a_path_and_a_base_outside_are_refused(client, locked, tmp_pat
     for path in ("../datasets", "..", str(workspace / "datasets")):
         with pytest.raises(AppError, match="is not a run name"):
             client.predict(path, api_name="/delete_run")
+    (workspace / "outputs" / "test-images").mkdir(exist_ok=True)
     with pytest.raises(AppError, match="is not a lora-gradio run folder"):
         client.predict("test-images", api_name="/delete_run")  # a folder of outputs/ that is not a run
     assert (workspace / "datasets" / "mine").is_dir()
@@ -186,7 +188,7 @@ def test_only_what_the_page_shows_is_served(client, locked):
     assert image["image"].endswith(".png")
     for private in (workspace / "settings.json", run / "job.json", run / "resume-state.pt",
                     workspace / "datasets" / "mine" / "images" / "00_red_circle.png",
-                    next((workspace / "outputs" / "test-images").glob("*.png"))):
+                    next((workspace / "outputs" / "test-images").rglob("*.png"))):
         assert fetch(url, private) == 403, private
     shown = list((workspace / ".cache" / "gradio" / "shown").glob("*/*.png"))
     assert shown and fetch(url, shown[0]) == 200  # the test image, as the page shows it
@@ -209,7 +211,7 @@ def test_a_job_stops_only_for_the_signed_in_user_who_started_it(client, locked):
     started = client.predict(dataset="mine", settings={**client.predict("demo", api_name="/preset"), "epochs": 300},
                              api_name="/train_start")
     ben = Client(url, auth=("ben", "another-Passw0rd"), verbose=False)
-    with pytest.raises(AppError, match="Another signed-in user started this job"):
+    with pytest.raises(AppError, match="Another user started this job"):
         ben.predict(job_id=started["job_id"], api_name="/train_stop")  # even with the id in hand
     assert client.predict(started["job_id"], 0, api_name="/job_status")["status"] == "running"
     client.predict(job_id=started["job_id"], api_name="/train_stop")
@@ -217,3 +219,199 @@ def test_a_job_stops_only_for_the_signed_in_user_who_started_it(client, locked):
     while state["status"] not in ("stopped", "done", "error"):
         state = client.predict(started["job_id"], 0, api_name="/job_status")
     assert state["status"] == "stopped"
+
+
+# A guest (ben) and the operator (anna, the first login) of one shared server: each finding of a guest's reach.
+
+GUEST = ("ben", "another-Passw0rd")
+
+
+@pytest.fixture(scope="module")
+def guest(locked, client):
+    return Client(locked[0], auth=GUEST, verbose=False)
+
+
+def signed_in(url, user, password):
+    """An HTTP client holding a browser's login cookie, as any script can have one."""
+    import httpx
+
+    session = httpx.Client(base_url=url, timeout=60)
+    assert session.post("login", data={"username": user, "password": password}).status_code == 200
+    return session
+
+
+def wait_done(app, job_id):
+    state = app.predict(job_id, 0, api_name="/job_status")
+    while state["status"] in ("running", "stopping"):
+        state = app.predict(job_id, 0, api_name="/job_status")
+    return state
+
+
+def test_a_preset_is_a_name_never_a_server_file(guest, locked):
+    _, workspace, _ = locked
+    secret = workspace.parent / "app_secrets.toml"
+    secret.write_text('rank = "rank-secret-value"\npassword = "hunter2-secret"\n')
+    answers = []
+    for name in (str(secret), str(workspace.parent / "absent.toml"), "../app_secrets", "/etc/hostname"):
+        with pytest.raises(AppError) as refused:
+            guest.predict(name, api_name="/preset")
+        answers.append(str(refused.value))
+    assert len(set(answers)) == 1 and "No preset has that name" in answers[0]  # exists or not: the same words
+    assert "secret" not in answers[0] and "hunter2" not in answers[0]
+    assert guest.predict("demo", api_name="/preset")["epochs"] >= 1  # a name works
+
+
+def test_with_logins_the_home_folder_is_not_allowed(guest, client, locked):
+    _, workspace, _ = locked
+    guest.predict("ben-set", api_name="/create_dataset")
+    for app in (guest, client):  # the operator too: with logins, only the workspace and --allow-dir folders
+        with pytest.raises(AppError, match="outside the folders this app may use"):
+            app.predict("ben-set" if app is guest else "mine", "~", api_name="/import_folder")
+    assert not list((workspace / "datasets" / "ben-set" / "images").glob("*"))
+
+
+def test_a_captioning_model_folder_outside_is_refused_like_any_path(guest, locked):
+    _, workspace, _ = locked
+    answers = []
+    for folder in (str(outside_folder(workspace)), "/nonexistent/blip-folder", "/etc"):
+        with pytest.raises(AppError, match=r"The BLIP folder .* is outside the folders this app may use") as refused:
+            guest.predict("ben-set", folder, api_name="/caption")
+        answers.append(str(refused.value).replace(folder, "FOLDER"))
+    assert len(set(answers)) == 1  # nothing said about whether the folder exists
+
+
+def test_odd_paths_get_the_ordinary_message(guest):
+    for path in ("photos\0/../etc", "/tmp/" + "x" * 5000):
+        with pytest.raises(AppError, match="outside the folders this app may use"):
+            guest.predict("ben-set", path, api_name="/import_folder")
+        with pytest.raises(AppError, match="outside the folders this app may use"):
+            guest.predict(prompt="x", steps=2, base=path, api_name="/generate")
+        with pytest.raises(AppError, match="is not a run name"):
+            guest.predict(path, api_name="/delete_run")
+
+
+def test_a_guest_cannot_change_the_workspace_or_another_users_dataset(guest, client, locked):
+    _, workspace, _ = locked
+    with pytest.raises(AppError, match="Only the operator who runs this server can change the workspace settings"):
+        guest.predict(str(workspace / "models"), api_name="/set_models_dir")
+    for call in (lambda: guest.predict("mine", str(workspace / "datasets" / "ben-set"), api_name="/import_folder"),
+                 lambda: guest.predict("mine", api_name="/delete_dataset"),
+                 lambda: guest.predict("mine", 512, api_name="/prepare")):
+        with pytest.raises(AppError, match="Dataset 'mine' belongs to another user"):
+            call()
+    assert len(list((workspace / "datasets" / "mine" / "images").glob("*.png"))) == 8
+    guest.predict("ben-temp", api_name="/create_dataset")
+    assert guest.predict("ben-temp", api_name="/delete_dataset") == "Deleted dataset ben-temp."
+    assert not (workspace / "datasets" / "ben-temp").exists()
+
+
+def test_runs_belong_to_who_started_them_and_delete_means_deleted(guest, client, locked):
+    url, workspace, _ = locked
+    settings = {**client.predict("demo", api_name="/preset"), "epochs": 1, "output_name": "owners"}
+    started = client.predict(dataset="mine", settings=settings, api_name="/train_start")
+    state = wait_done(client, started["job_id"])
+    assert state["status"] == "done"
+    assert json.loads((workspace / "outputs" / started["run"] / "job.json").read_text())["started_by"] == USER
+    lora = f"{started['run']}/owners.safetensors"
+    download = client.predict(lora, api_name="/download_lora")
+    served = Path(download).name
+    link = next((workspace / ".cache" / "gradio" / "shown").glob(f"*/{served}"))
+    session = signed_in(url, USER, PASSWORD)
+    assert session.get(f"gradio_api/file={link}").status_code == 200
+    with pytest.raises(AppError, match=f"Run '{started['run']}' belongs to another user"):
+        guest.predict(started["run"], api_name="/delete_run")
+    with pytest.raises(AppError, match="belongs to another user"):
+        guest.predict(started["run"], api_name="/train_resume")
+    assert (workspace / "outputs" / started["run"] / "owners.safetensors").is_file()
+    assert client.predict(started["run"], api_name="/delete_run") == f"Deleted run {started['run']}."
+    assert not (workspace / "outputs" / started["run"]).exists()
+    assert session.get(f"gradio_api/file={link}").status_code == 404 and not link.exists()
+
+
+def test_a_guest_run_over_the_caps_is_refused_before_it_starts(guest, locked):
+    _, workspace, _ = locked
+    make_demo_dataset(workspace / "datasets" / "ben-set" / "images")
+    settings = guest.predict("demo", api_name="/preset")
+    with pytest.raises(AppError, match=r"estimated at about .*up to 120 min a run .*--max-train-minutes"):
+        guest.predict(dataset="ben-set", settings={**settings, "epochs": 10_000}, api_name="/train_start")
+    with pytest.raises(AppError, match=r"would render \d+ sample images, .* allows visitors 200 a run .*--max-samples"):
+        guest.predict(dataset="ben-set", settings={**settings, "epochs": 200, "sample_every_n_steps": 1,
+                                                   "sample_prompts": ["lgdemo"]}, api_name="/train_start")
+    assert not [p for p in (workspace / "outputs").iterdir() if p.name.startswith("lora-")
+                and json.loads((p / "job.json").read_text()).get("started_by") == "ben"]
+
+
+def test_the_operator_stops_a_guest_run_within_seconds_while_samples_render(guest, client, locked):
+    import time
+
+    _, workspace, _ = locked
+    settings = {**guest.predict("demo", api_name="/preset"), "epochs": 2, "sample_steps": 100, "sample_width": 256,
+                "sample_height": 256, "sample_prompts": ["lgdemo, one", "lgdemo, two"], "output_name": "heavy"}
+    started = guest.predict(dataset="ben-set", settings=settings, api_name="/train_start")
+    state = guest.predict(started["job_id"], 0, api_name="/job_status")
+    while "Rendering sample images" not in state["message"]:
+        assert state["status"] == "running", state["message"]
+        state = guest.predict(started["job_id"], 0, api_name="/job_status")
+    time.sleep(1.0)  # well inside the round: two prompts of 100 steps take many seconds here
+    asked = time.monotonic()
+    client.predict(job_id=started["job_id"], api_name="/train_stop")  # the operator, who did not start it
+    state = wait_done(guest, started["job_id"])
+    assert state["status"] == "stopped" and time.monotonic() - asked < 10
+    assert not list((workspace / "outputs" / started["run"] / "samples").glob("*.png"))  # no half-made image
+
+
+def test_job_status_shows_no_server_path(guest):
+    state = guest.predict("", 0, api_name="/job_status")
+    text = json.dumps(state)
+    assert state["run_dir"] and state["log"]
+    assert "/tmp/" not in text and not any(isinstance(v, str) and v.startswith("/") for v in state.values())
+    assert state["run_dir"].startswith("outputs/")
+
+
+def test_a_huge_grid_is_refused_before_any_lookup(guest):
+    with pytest.raises(AppError, match=r"grids up to 36 images \(3000 asked\)"):
+        guest.predict(loras=[f"no-such-run/lora-{i}.safetensors" for i in range(3000)], strengths=[1.0],
+                      prompt="x", steps=2, api_name="/grid")
+
+
+def test_page_events_called_by_a_guest_touch_nothing_of_the_owner(guest, client, locked):
+    url, workspace, _ = locked
+    client.predict(prompt="lgdemo", steps=2, api_name="/generate")
+    guest.predict(prompt="lgdemo", steps=2, api_name="/generate")
+    owners = sorted((workspace / "outputs" / "test-images").rglob("*.png"))
+    session = signed_in(url, *GUEST)
+    by_name = session.post("gradio_api/call/on_clear", json={"data": []})
+    assert by_name.status_code == 404  # page wiring is not an API endpoint
+    config = session.get("config").json()
+    index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "on_clear")
+    joined = session.post("gradio_api/queue/join", json={"data": [], "fn_index": index, "session_hash": "guest-1",
+                                                          "event_data": None, "trigger_id": None})
+    assert joined.status_code == 200
+    stream = session.get("gradio_api/queue/data", params={"session_hash": "guest-1"}).text
+    assert "process_completed" in stream and "Deleted 1 test images" in stream
+    left = sorted((workspace / "outputs" / "test-images").rglob("*.png"))
+    assert len(left) == len(owners) - 1 and set(left) < set(owners)  # the guest's own image went, nothing else
+
+
+def test_the_sixth_failed_login_is_slower_than_the_first(locked):
+    import time
+
+    import httpx
+
+    url = locked[0]
+    times = []
+    for _ in range(6):
+        started = time.monotonic()
+        assert httpx.post(f"{url}login", data={"username": "ben", "password": "wrong-guess"}).status_code == 400
+        times.append(time.monotonic() - started)
+    assert times[5] > times[0] + 0.9
+    signed_in(url, *GUEST)  # the right password still works, and clears the count
+    started = time.monotonic()
+    httpx.post(f"{url}login", data={"username": "ben", "password": "wrong-guess"})
+    assert time.monotonic() - started < 0.9
+
+
+def test_a_short_password_is_refused_at_start(tmp_path):
+    done = start_refused("--auth", "bob:tiny7", "--workspace", str(tmp_path / "ws"))
+    assert done.returncode == 2 and "--auth #1 (user bob) is shorter than 8 characters" in done.stderr
+    assert "tiny7" not in done.stderr and not (tmp_path / "ws").exists()

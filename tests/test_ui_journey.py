@@ -33,7 +33,7 @@ def progress_text(page):
 
 def newest_test_images(workspace, count):
     folder = workspace / "outputs" / "test-images"
-    singles = [p for p in folder.glob("*.png") if not p.name.startswith("grid-")] if folder.is_dir() else []
+    singles = [p for p in folder.rglob("*.png") if not p.name.startswith("grid-")] if folder.is_dir() else []
     return sorted(singles, key=lambda p: p.stat().st_mtime)[-count:]
 
 
@@ -121,13 +121,13 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
             choose(page, "#grid-loras", f"{run.name}/{epoch_file}")
         page.locator("#grid-strengths").get_by_role("textbox").fill("0, 1")
         page.locator("#grid-run").click()
-        wait_for(lambda: list((workspace / "outputs" / "test-images").glob("grid-*.png")), 120, "the grid")
+        wait_for(lambda: list((workspace / "outputs" / "test-images").rglob("grid-*.png")), 120, "the grid")
         screenshot(page, "test-tab")
 
     base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
     assert np.array_equal(zero, base)
     assert np.abs(full - base).mean() > 1.0
-    with Image.open(next((workspace / "outputs" / "test-images").glob("grid-*.png"))) as grid:
+    with Image.open(next((workspace / "outputs" / "test-images").rglob("grid-*.png"))) as grid:
         assert grid.width > 2 * 64 and grid.height > 3 * 64
         assert grid.text["grid"].splitlines()[1:] == [  # the grid itself, row by row, not one image's settings
             f"Rows (LoRA file): epoch 1 · step 4, {run.name} = {run.name}/lora-000001.safetensors; epoch 3 · step 12, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -168,12 +169,16 @@ class LatentStore:
 @torch.no_grad()
 def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int, buckets_enabled: bool, flip: bool,
                   device: torch.device, dtype: torch.dtype, store: LatentStore | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> list[CachedImage]:
+                  progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+                  ) -> list[CachedImage]:
     """Encode every image once (or read it from ``store``); each training step then samples from the stored
-    distribution, which stays on ``device``."""
+    distribution, which stays on ``device``. ``stop`` ends the encoding between two images."""
     buckets = make_buckets(resolution, buckets_enabled)
     cached = []
     for index, item in enumerate(images):
+        if stop is not None and stop.is_set():
+            raise UserError(f"Stopped while encoding the images ({index} of {len(images)} done); nothing was "
+                            "trained yet.")
         bucket = pick_bucket(oriented_size(item.path), buckets)
         key = store.key(item.path, resolution, bucket, flip) if store else ""
         params = store.load(key) if store else None

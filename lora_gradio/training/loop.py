@@ -21,6 +21,7 @@ from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
 from ..estimate import RunCosts, sample_megapixels, saves_to_come, size_key, step_kind, step_megapixels
 from ..events import Emit, JobEvent
+from ..inference import RenderStopped
 from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
 from ..threads import fit_threads
 from . import cards, kohya
@@ -115,12 +116,12 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
     emit(JobEvent("status", f"Loading base model {base.display_name}"))
     cache = cache or ModelCache()
     started, loads = time.perf_counter(), cache.loads
+    stop = stop or threading.Event()
     try:
         with cache.pipeline(base, f"training ({run.path.name})", long=True,
-                            on_wait=lambda text: emit(JobEvent("status", text))) as pipe:
+                            on_wait=lambda text: emit(JobEvent("status", text)), stop=stop) as pipe:
             load_s = time.perf_counter() - started if cache.loads > loads else None
-            result = Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop or threading.Event(),
-                             latent_cache).run(resume)
+            result = Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop, latent_cache).run(resume)
         result.costs.load_s, result.seconds = load_s, time.perf_counter() - started
         return result
     finally:
@@ -158,7 +159,7 @@ class Trainer:
         store = LatentStore(latent_cache, self.pipe.vae, self.weight_dtype) if latent_cache else None
         encoding = time.perf_counter()
         self.cached = cache_latents(self.pipe.vae, scan.images + prior, config.resolution, config.enable_buckets,
-                                    config.flip_augment, device, self.weight_dtype, store)
+                                    config.flip_augment, device, self.weight_dtype, store, stop=stop)
         encoded = (store.written if store else len(self.cached)) * (2 if config.flip_augment else 1)
         self.costs = RunCosts()
         if encoded:
@@ -288,6 +289,10 @@ class Trainer:
             self.first_samples = self.samples(0)
         accumulation = config.gradient_accumulation_steps
         for epoch in range(start_epoch, self.epochs):
+            if self.stop.is_set():  # pressed while samples rendered: nothing of this epoch ran yet
+                result.stopped = True
+                self.checkpoint(epoch, skip if epoch == start_epoch else 0)
+                break
             plan = plan_epoch(self.cached, config.batch_size, config.seed, epoch, accelerator.process_index,
                               accelerator.num_processes)
             steps = [plan[i:i + accumulation] for i in range(0, len(plan), accumulation)]
@@ -444,8 +449,13 @@ class Trainer:
         when = f"step {step}" if step is not None else f"epoch {epoch}"
         self.emit(JobEvent("status", f"Rendering sample images for {when}"))
         started = time.perf_counter()
-        with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
-            paths = render_samples(self.pipe, self.config, self.folder, epoch, self.base.display_name, lora, step)
+        try:
+            with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
+                paths = render_samples(self.pipe, self.config, self.folder, epoch, self.base.display_name, lora, step,
+                                       self.stop)
+        except RenderStopped:
+            self.emit(JobEvent("status", f"Stop pressed: the samples for {when} were left unrendered"))
+            return []
         self.tick = time.perf_counter()  # the next step's time starts after this
         self.render_s.append(self.tick - started)
         if lora is not None:

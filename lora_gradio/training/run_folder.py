@@ -28,11 +28,12 @@ STOP_MARK = "-step"  # NAME-step00000123.safetensors: a run stopped at step 123 
 
 @dataclass(frozen=True)
 class RunJob:
-    """What a run trains: its settings, base model and data."""
+    """What a run trains: its settings, base model and data, and who started it (None: the operator)."""
 
     config: TrainConfig
     base: BaseModelSpec
     data: TrainData
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,18 +124,20 @@ class RunFolder:
             "config": job.config.to_dict(), "base": asdict(job.base), "data_dir": str(data.images),
             "prepared_dir": str(data.prepared) if data.prepared else None,
             "regularization_dir": str(data.regularization) if data.regularization else None,
-            "repeats": data.repeats, "created": time.time()}, indent=2) + "\n")
+            "repeats": data.repeats, "started_by": job.owner, "created": time.time()}, indent=2) + "\n")
 
     def read_job(self) -> RunJob:
         """The recorded job, or a clear message when this is not a run folder."""
         if not self.job_file.is_file():
-            raise UserError(f"'{self.path}' is not a lora-gradio run folder (no {JOB_FILE}).")
+            raise UserError(f"'{self.path.name}' is not a lora-gradio run folder (no {JOB_FILE}).")
         try:
             job = json.loads(self.job_file.read_text(encoding="utf-8"))
             prepared, regular = job.get("prepared_dir"), job.get("regularization_dir")
             data = TrainData(Path(job["data_dir"]), Path(prepared) if prepared else None,
                              Path(regular) if regular else None, job.get("repeats", 1))
-            return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]), data)
+            owner = job.get("started_by")
+            return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]), data,
+                          owner if isinstance(owner, str) else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"The {JOB_FILE} of run '{self.path.name}' is damaged ({exc}); it cannot be resumed. "
                             "Start a new run instead.") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,9 +31,10 @@ def sample_request(config: TrainConfig, index: int, lora: Path | None) -> Genera
 
 
 def render_samples(pipe: StableDiffusionPipeline, config: TrainConfig, run: RunFolder, epoch: int, base_name: str,
-                   lora: Path | None, step: int | None = None) -> list[Path]:
+                   lora: Path | None, step: int | None = None, stop: threading.Event | None = None) -> list[Path]:
     """One image per prompt from the model as it is now, same seed every time so changes are the LoRA's doing.
-    Each PNG names the base and the LoRA file saved with it, so its parameters and ComfyUI workflow reproduce it."""
+    Each PNG names the base and the LoRA file saved with it, so its parameters and ComfyUI workflow reproduce it.
+    ``stop`` ends the round between two sampling steps (``RenderStopped``), before any unfinished image is saved."""
     from ..inference import render, save_png
 
     run.samples_dir.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,9 @@ def render_samples(pipe: StableDiffusionPipeline, config: TrainConfig, run: RunF
     pipe.unet.eval()
     pipe.text_encoder.eval()
     try:
-        return [save_png(render(pipe, sample_request(config, index, lora), base_name),
-                         run.sample_file(epoch, index, step)) for index in range(len(config.sample_prompts))]
+        images = [render(pipe, sample_request(config, index, lora), base_name, stop)
+                  for index in range(len(config.sample_prompts))]
+        return [save_png(image, run.sample_file(epoch, index, step)) for index, image in enumerate(images)]
     finally:
         pipe.unet.train(unet_training)
         pipe.text_encoder.train(te_training)

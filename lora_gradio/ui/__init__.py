@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -14,13 +12,12 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from ..atomic import write_bytes_atomic
-from ..comfyui import DEFAULT_URL as DEFAULT_COMFYUI_URL
+from .. import served
+from ..access import Visitor
 from ..errors import UserError
 from ..estimate import format_duration
 from ..jobs import JobState
-from ..models import ModelCache
-from ..studio import Limits, Studio
+from ..studio import Studio
 from ..workspace import Workspace
 
 CSS = """
@@ -62,6 +59,10 @@ class AppContext:
         """The studio's workspace."""
         return self.studio.workspace
 
+    def visitor(self, request: gr.Request) -> Visitor:
+        """Who sent a page event: their login, or without logins this browser page's id."""
+        return self.studio.access.visitor(request.username, request.session_hash)
+
     def dataset_trigger(self, name: str | None) -> dict:
         """A handler's update for a trigger-word box: the dataset's own word, when it has one."""
         word = self.workspace.trigger_word(name)
@@ -85,13 +86,21 @@ def _on_user_error(answer: Callable[[UserError], Any]) -> Callable[[Callable[...
     return decorate
 
 
+def public_text(text: str) -> str:
+    """A message as a visitor reads it: the running app's own folders shown relative to its workspace."""
+    return _public[0](text)
+
+
+_public: list[Callable[[str], str]] = [str]  # build_app puts its Studio's wording here, for the module's decorators
+
+
 def _toast(error: UserError) -> Any:
-    gr.Warning(str(error))
+    gr.Warning(public_text(str(error)))
     return gr.skip()  # one skip leaves every output as it was
 
 
 def _raise(error: UserError) -> Any:
-    raise gr.Error(str(error), print_exception=False) from error
+    raise gr.Error(public_text(str(error)), print_exception=False) from error
 
 
 # a page handler's refusal is a toast, its widgets left as they were (a raised error would cover them with Gradio's
@@ -105,17 +114,7 @@ def shown(path: Path | str) -> str:
 
     Gradio serves that folder and nothing else of the workspace: settings, job files and originals stay private.
     """
-    source = Path(path)
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:24]
-    target = Path(get_upload_folder()) / "shown" / key / source.name
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:  # another file system: a copy, written whole before it appears
-            write_bytes_atomic(target, source.read_bytes())
-    return str(target)
+    return str(served.show(Path(get_upload_folder()), path))
 
 
 def progress_html(state: JobState) -> str:
@@ -131,15 +130,15 @@ def progress_html(state: JobState) -> str:
         counts = f"getting ready · {state.total_steps} steps planned" if state.total_steps else "getting ready"
     return (f'<div id="{state.kind or "job"}-progress-text">{state.status}: {counts}{speed}{eta}</div>'
             f'<progress value="{fraction:.4f}" max="1" style="width:100%;height:18px"></progress>'
-            f'<div>{html.escape(state.message)}</div>')
+            f'<div>{html.escape(public_text(state.message))}</div>')
 
 
-def stop_handler(studio: Studio) -> Callable[[str, gr.Request], None]:
-    """A Stop button's handler: this page's job id, and the signed-in user when the app has logins."""
+def stop_handler(ctx: AppContext) -> Callable[[str, gr.Request], None]:
+    """A Stop button's handler: this page's job id, stopped for whoever started it or the operator."""
 
     @user_errors
     def stop_job(job_id: str, request: gr.Request) -> None:
-        studio.jobs.stop(job_id, request.username)
+        ctx.studio.jobs.stop(job_id, ctx.visitor(request))
 
     return stop_job
 
@@ -155,7 +154,7 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     with gr.Row(equal_height=True):
         progress = gr.HTML(elem_id=f"{kind}-progress")
         stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop", interactive=False)
-    stop.click(stop_handler(ctx.studio), job_id, None, **PRIVATE)
+    stop.click(stop_handler(ctx), job_id, None, **PRIVATE)
     skips = [gr.skip()] * len(outputs)
 
     def tick(current: str, done: str) -> list:
@@ -176,12 +175,13 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
     return job_id
 
 
-def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Limits | None = None,
-              comfyui_url: str = DEFAULT_COMFYUI_URL) -> gr.Blocks:
-    """The whole app over one workspace and one model cache."""
+def build_app(studio: Studio) -> gr.Blocks:
+    """The whole app over one studio: its workspace, model cache, jobs, limits and operator."""
     from . import api, caption_tab, dataset_tab, test_tab, train_tab
 
-    studio = Studio(workspace, cache, limits=limits, comfyui_url=comfyui_url)
+    workspace = studio.workspace
+    _public[0] = studio.public
+    studio.housekeeping()
     with gr.Blocks(title="lora-gradio") as app:
         api.register(studio)  # first, so the public names are theirs
         with gr.Row(equal_height=True, elem_id="app-header"):
@@ -197,9 +197,9 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Lim
         chosen = ctx.remembered("dataset", "")  # the dataset this browser worked on
 
         @user_errors
-        def create_dataset(name: str) -> tuple[dict, str]:
-            workspace.dataset_dir(name, create=True)
-            return gr.update(choices=workspace.list_datasets(), value=name.strip()), ""
+        def create_dataset(name: str, request: gr.Request) -> tuple[dict, str]:
+            created = studio.create_dataset(name, ctx.visitor(request))
+            return gr.update(choices=workspace.list_datasets(), value=created), ""
 
         create.click(create_dataset, new_name, [dataset, new_name], **PRIVATE)
         new_name.submit(create_dataset, new_name, [dataset, new_name], **PRIVATE)
@@ -214,14 +214,27 @@ def build_app(workspace: Workspace, cache: ModelCache | None = None, limits: Lim
         with gr.Accordion("Workspace settings", open=False):
             gr.Markdown(f"Workspace: `{workspace.root.name}`. Point `models/` at a ComfyUI install to share its "
                         "checkpoints and LoRAs instead of copying them; leave empty for the workspace's own. The "
-                        "folder must be inside the workspace, or one the server's operator allowed (--allow-dir).")
+                        "folder must be inside the workspace, or one the server's operator allowed (--allow-dir). "
+                        "Only the operator changes these settings.\n\n" + studio.access.describe(),
+                        elem_id="workspace-access")
             with gr.Row(equal_height=True):
-                models_dir = gr.Textbox(label="ComfyUI models folder", value=str(workspace.settings.get(
-                    "models_dir", "")), placeholder="/path/to/ComfyUI/models", scale=4)
+                models_dir = gr.Textbox(label="ComfyUI models folder", placeholder="/path/to/ComfyUI/models",
+                                        scale=4, elem_id="models-dir")
                 save_models = gr.Button("Save", scale=1)
             models_note = gr.Markdown()
 
-        save_models.click(user_errors(studio.set_models_dir), models_dir, models_note, **PRIVATE)
+        @user_errors
+        def save_models_dir(folder: str, request: gr.Request) -> str:
+            return studio.set_models_dir(folder, ctx.visitor(request))
+
+        save_models.click(save_models_dir, models_dir, models_note, **PRIVATE)
+
+        def current_models_dir(request: gr.Request) -> str:
+            """The operator sees the folder they set; the server's layout stays hidden from everyone else."""
+            folder = str(workspace.settings.get("models_dir", ""))
+            return folder if ctx.visitor(request).operator or not folder else "(set by the operator)"
+
+        app.load(current_models_dir, None, models_dir, **PRIVATE)
 
         gr.Timer(1.0).tick(studio.cache.describe, None, cache_status, show_progress="hidden", **PRIVATE)
         app.load(studio.cache.describe, None, cache_status, **PRIVATE)

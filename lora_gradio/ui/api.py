@@ -13,30 +13,44 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from .. import captioning
+from ..access import Visitor
 from ..inference import GenerateRequest, short
 from ..jobs import JobState
 from ..studio import Studio
-from ..training.config import load_preset
-from . import MODEL, api_errors, shown
+from . import MODEL, api_errors, public_text, shown
 
 
 def plain(value: Any) -> Any:
-    """A job's result or state, or a list of outcomes, as JSON values (dataclasses as objects, paths as strings)."""
+    """A job's result or state, or a list of outcomes, as JSON values (dataclasses as objects, paths as strings
+    relative to the workspace: an answer never shows the server's own layout)."""
     def convert(item: Any) -> Any:
         if dataclasses.is_dataclass(item) and not isinstance(item, type):
             return dataclasses.asdict(item)
         return str(item)
 
-    return json.loads(json.dumps(value, default=convert))
+    def public(item: Any) -> Any:
+        if isinstance(item, str):
+            return public_text(item)
+        if isinstance(item, list):
+            return [public(i) for i in item]
+        if isinstance(item, dict):
+            return {key: public(i) for key, i in item.items()}
+        return item
+
+    return public(json.loads(json.dumps(value, default=convert)))
 
 
 def register(studio: Studio) -> None:
-    """Add every public endpoint to the Blocks being built."""
+    """Add every public endpoint to the Blocks being built. Each one that starts, changes or deletes something
+    acts for the visitor behind the request (the page's events check the same)."""
+
+    def visitor(request: gr.Request) -> Visitor:
+        return studio.access.visitor(request.username, request.session_hash)
 
     def finished(job_id: str) -> JobState:
         state = studio.jobs.wait(job_id)
         if state.status != "done":
-            raise gr.Error(state.message, print_exception=False)
+            raise gr.Error(public_text(state.message), print_exception=False)
         return state
 
     def request_of(prompt: object, negative_prompt: object, seed: object, steps: object, cfg: object, width: object,
@@ -52,18 +66,19 @@ def register(studio: Studio) -> None:
         (prior preservation); ``repeats`` is how often an epoch shows each image. Keep the returned job_id:
         /train_stop needs it."""
         plan = studio.plan_training(dataset, base, settings or {}, regularization or None, repeats)
-        job_id = studio.start_training(plan, request.username)
+        job_id = studio.start_training(plan, visitor(request))
         return {"job_id": job_id, "run": Path(studio.jobs.view(job_id).run_dir).name,
                 "estimate": plan.estimate.markdown()}
 
     def train_stop(request: gr.Request, job_id: str) -> str:
-        """Stop the training job started with this id (by this login); it saves what was learned."""
-        studio.jobs.stop(job_id, request.username)
+        """Stop the training job started with this id (by this login, or any as the operator); it saves what was
+        learned."""
+        studio.jobs.stop(job_id, visitor(request))
         return "stopping"
 
     def train_resume(request: gr.Request, run: str) -> dict:
         """Continue an interrupted run (its folder name under outputs/); returns the new job id."""
-        job_id = studio.resume_training(run, request.username)
+        job_id = studio.resume_training(run, visitor(request))
         return {"job_id": job_id, "run": Path(run).name}
 
     def job_status(job_id: str = "", since: int = 0) -> dict:
@@ -74,28 +89,32 @@ def register(studio: Studio) -> None:
         return plain(studio.jobs.view(job_id, since) if job_id else studio.jobs.latest("training", since))
 
     def preset(name: str = "seed-recommended") -> dict:
-        """A preset's settings, ready to change and pass to /train_start."""
-        return load_preset(name)[0].to_dict()
+        """A preset's settings by its name (a built-in one, or one saved in this workspace), ready to change and
+        pass to /train_start."""
+        return studio.preset(name)[0].to_dict()
 
-    def generate(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+    def generate(request: gr.Request, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                 cfg: float = 7.0,
                  width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
                  strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
                  clip_skip: int = 1) -> dict:
         """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none. The
         answer's ``lora`` says which of the file's modules were applied."""
         made = studio.generate(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler,
-                                                lora, strength_model, strength_clip, clip_skip))
+                                                lora, strength_model, strength_clip, clip_skip),
+                               visitor=visitor(request))
         return {"image": FileData(path=shown(made.path)), "parameters": made.parameters, "lora": made.lora}
 
-    def workflow(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
+    def workflow(request: gr.Request, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                 cfg: float = 7.0,
                  width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
                  strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
                  api_format: bool = False, clip_skip: int = 1) -> FileData:
         """The ComfyUI workflow for these settings: the UI format (drop it onto ComfyUI) or, with ``api_format``,
         what ComfyUI's ``/prompt`` takes."""
-        request = request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler, lora,
-                             strength_model, strength_clip, clip_skip)
-        return FileData(path=shown(studio.workflow(base, request, api_format)))
+        wanted = request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler, lora,
+                            strength_model, strength_clip, clip_skip)
+        return FileData(path=shown(studio.workflow(base, wanted, api_format, visitor(request))))
 
     def comfyui_queue(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
                       width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
@@ -106,55 +125,62 @@ def register(studio: Studio) -> None:
         return studio.queue_in_comfyui(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height,
                                                         scheduler, lora, strength_model, strength_clip, clip_skip))
 
-    def comfyui_install(lora: str, base: str = "demo", replace: bool = False) -> str:
-        """Copy a LoRA of this workspace into the shared ComfyUI's models/loras (see Workspace settings)."""
-        return studio.send_to_comfyui(lora, base, replace)
+    def comfyui_install(request: gr.Request, lora: str, base: str = "demo", replace: bool = False) -> str:
+        """Copy a LoRA of this workspace into the shared ComfyUI's models/loras (see Workspace settings); only the
+        operator replaces a file already there."""
+        return studio.send_to_comfyui(lora, base, replace, visitor(request))
 
     def inspect_lora(lora: str) -> str:
         """The LoRA inspector's report (layout, model family, ranks, metadata, unmapped keys) as plain text."""
         return studio.inspect(lora)
 
-    def grid(loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "", seed: int = 0,
-             steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo",
+    def grid(request: gr.Request, loras: list[str], strengths: list[float], prompt: str, negative_prompt: str = "",
+             seed: int = 0, steps: int = 20, cfg: float = 7.0, scheduler: str = "Euler", base: str = "demo",
              clip_skip: int = 1) -> dict:
         """A grid of LoRA files (rows) by strengths (columns, applied to model and clip alike)."""
-        request = GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler,
-                                          clip_skip=clip_skip)
-        state = finished(studio.start_grid(base, request, loras, strengths))
+        wanted = GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, scheduler=scheduler,
+                                         clip_skip=clip_skip)
+        state = finished(studio.start_grid(base, wanted, list(loras or []), list(strengths or []),
+                                           visitor(request)))
         return {"image": FileData(path=shown(state.result))}
 
-    def caption(dataset: str, model: str = captioning.DEFAULT_BLIP, trigger_word: str = "", prefix: str = "",
-                suffix: str = "", style: str = "sentence", overwrite: bool = False, max_length: int = 40,
-                batch_size: int = 8) -> dict:
-        """BLIP captions for a dataset; ``model`` is a hub id or a local BLIP folder."""
+    def caption(request: gr.Request, dataset: str, model: str = captioning.DEFAULT_BLIP, trigger_word: str = "",
+                prefix: str = "", suffix: str = "", style: str = "sentence", overwrite: bool = False,
+                max_length: int = 40, batch_size: int = 8) -> dict:
+        """BLIP captions for a dataset; ``model`` is a hub id or a local BLIP folder inside the allowed ones."""
         options = captioning.CaptionOptions(trigger_word, prefix, suffix, max_length, style, overwrite, batch_size)
-        return plain(finished(studio.start_caption(dataset, model, options)).result)
+        return plain(finished(studio.start_caption(dataset, model, options, visitor(request))).result)
 
-    def prepare(dataset: str, resolution: int = 512, center_crop: bool = False) -> dict:
+    def prepare(request: gr.Request, dataset: str, resolution: int = 512, center_crop: bool = False) -> dict:
         """Write the dataset's training copies at ``resolution``."""
-        done, skipped = finished(studio.start_prepare(dataset, resolution, center_crop)).result
+        done, skipped = finished(studio.start_prepare(dataset, resolution, center_crop, visitor(request))).result
         return {"prepared": done, "skipped": skipped}
 
-    def import_folder(dataset: str, folder: str) -> dict:
+    def import_folder(request: gr.Request, dataset: str, folder: str) -> dict:
         """Import a server folder (inside the workspace or one the operator allowed) into a dataset: a summary line
         and each file's outcome."""
-        report = studio.import_folder(dataset, folder)
+        report = studio.import_folder(dataset, folder, visitor(request))
         return {"summary": report.summary(), "files": plain(report.shown)}
 
-    def import_files(dataset: str, files: list[FileData]) -> dict:
+    def import_files(request: gr.Request, dataset: str, files: list[FileData]) -> dict:
         """Import uploaded images, ``.txt`` captions and zips into a dataset: a summary line and each file's
         outcome (upload with gradio_client's ``handle_file``)."""
         report = studio.import_uploads(dataset, [Path(f["path"] if isinstance(f, dict) else f.path)
-                                                 for f in files or []])
+                                                 for f in files or []], visitor(request))
         return {"summary": report.summary(), "files": plain(report.shown)}
 
-    def create_dataset(name: str) -> str:
-        """Create an empty dataset (a folder under datasets/); returns its name."""
-        return studio.workspace.dataset_dir(name, create=True).name
+    def create_dataset(request: gr.Request, name: str) -> str:
+        """Create an empty dataset (a folder under datasets/), yours to change and delete; returns its name."""
+        return studio.create_dataset(name, visitor(request))
 
-    def set_models_dir(folder: str) -> str:
-        """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none."""
-        return studio.set_models_dir(folder)
+    def delete_dataset(request: gr.Request, name: str) -> str:
+        """Delete a dataset of yours (the operator: any) with its images, captions and training copies."""
+        return studio.delete_dataset(name, visitor(request))
+
+    def set_models_dir(request: gr.Request, folder: str) -> str:
+        """Share models with a ComfyUI install's models folder (inside the allowed folders); empty for none. Only
+        the operator changes it."""
+        return studio.set_models_dir(folder, visitor(request))
 
     def download_lora(lora: str) -> FileData:
         """A LoRA file of this workspace by its label (run/file.safetensors or loras/file.safetensors)."""
@@ -167,9 +193,10 @@ def register(studio: Studio) -> None:
         """Every training run, newest first: its name, status, date, steps and recent loss."""
         return [dict(zip(("run", "status", "date", "steps", "loss"), row, strict=True)) for row in studio.runs()]
 
-    def delete_run(run: str) -> str:
-        """Delete a run (its folder under outputs/, with its LoRA files); never the one training now."""
-        return studio.delete_run(run)
+    def delete_run(request: gr.Request, run: str) -> str:
+        """Delete a run of yours (the operator: any), its folder under outputs/ with its LoRA files; never the one
+        training now."""
+        return studio.delete_run(run, visitor(request))
 
     def cache_status() -> dict:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
@@ -177,6 +204,6 @@ def register(studio: Studio) -> None:
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
-                     create_dataset, set_models_dir, download_lora, runs, delete_run, cache_status):
+                     create_dataset, delete_dataset, set_models_dir, download_lora, runs, delete_run, cache_status):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
     gr.api(api_errors(generate), api_name="generate", **MODEL)

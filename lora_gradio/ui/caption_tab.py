@@ -78,11 +78,13 @@ def build(ctx: AppContext) -> None:
         source = folder if choice == LOCAL else captioning.BLIP_MODELS[choice]
         options = captioning.CaptionOptions(trigger_word, before, after, int(length), how,
                                             which == "overwrite all", int(batch))
-        return ctx.studio.start_caption(name, source, options, request.username)
+        return ctx.studio.start_caption(name, source, options, ctx.visitor(request))
 
     @user_errors
-    def on_replace(name: str | None, needle: str, text: str, version: int) -> tuple[str, int, list]:
-        changed = dataset.find_replace_captions(ctx.studio.images_dir(name), needle, text)
+    def on_replace(name: str | None, needle: str, text: str, version: int, request: gr.Request,
+                   ) -> tuple[str, int, list]:
+        changed = dataset.find_replace_captions(ctx.studio.dataset_to_change(name, ctx.visitor(request)), needle,
+                                                text)
         return f"Replaced in {changed} captions.", version + 1, dataset.tag_frequencies(ctx.studio.images_dir(name))
 
     run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size],
@@ -115,7 +117,9 @@ def build(ctx: AppContext) -> None:
                 box = gr.Textbox(text, label=relative, info=caption_note(text), lines=3, scale=4, interactive=True,
                                  key=f"caption-{relative}", elem_classes="caption-box")
 
-            def save(value: str, image=path) -> dict:  # noqa: ANN001 - bound per row
+            @user_errors
+            def save(value: str, request: gr.Request, image=path) -> dict:  # noqa: ANN001 - bound per row
+                ctx.studio.dataset_to_change(name, ctx.visitor(request))  # another's captions stay as they are
                 dataset.write_caption(image, value)
                 return gr.update(info=caption_note(value))
 

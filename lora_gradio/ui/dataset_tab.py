@@ -10,7 +10,7 @@ from .. import imports, quality
 from ..dataset import IMAGE_SUFFIXES
 from ..errors import UserError
 from ..jobs import JobState
-from . import PRIVATE, AppContext, job_panel, shown, user_errors
+from . import PRIVATE, AppContext, job_panel, public_text, shown, user_errors
 
 TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}  # "ignored" files are only counted
@@ -70,22 +70,22 @@ def build(ctx: AppContext) -> None:
     prepared = gr.Markdown(elem_id="prepare-result")
     outputs = [gallery, report, remove_names]  # refreshed whenever the dataset or its files change
 
-    def on_upload(name: str | None, files: list[str] | None, version: int) -> tuple:
+    def on_upload(name: str | None, files: list[str] | None, version: int, request: gr.Request) -> tuple:
         """Import the dropped files; the drop zone empties either way, ready for the next try."""
         try:
-            found = ctx.studio.import_uploads(name, [Path(f) for f in files or []])
+            found = ctx.studio.import_uploads(name, [Path(f) for f in files or []], ctx.visitor(request))
         except UserError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip(), gr.skip(), None
         return *results_table(found), version + 1, None
 
     @user_errors
-    def on_folder(name: str | None, path: str, version: int) -> tuple:
-        return *results_table(ctx.studio.import_folder(name, path)), version + 1
+    def on_folder(name: str | None, path: str, version: int, request: gr.Request) -> tuple:
+        return *results_table(ctx.studio.import_folder(name, path, ctx.visitor(request))), version + 1
 
     @user_errors
-    def on_remove(name: str | None, names: list[str], version: int) -> tuple:
-        gone = quality.remove_images(ctx.studio.images_dir(name), names or [])
+    def on_remove(name: str | None, names: list[str], version: int, request: gr.Request) -> tuple:
+        gone = ctx.studio.remove_images(name, list(names or []), ctx.visitor(request))
         return f"**{len(gone)} removed.**", [["🗑 removed", n, ""] for n in gone], version + 1
 
     def prepare_done(state: JobState) -> list:
@@ -99,7 +99,7 @@ def build(ctx: AppContext) -> None:
 
     @user_errors
     def on_prepare(name: str | None, size: float, crop: bool, request: gr.Request) -> str:
-        return ctx.studio.start_prepare(name, float(size or 512), bool(crop), request.username)
+        return ctx.studio.start_prepare(name, float(size or 512), bool(crop), ctx.visitor(request))
 
     upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [summary, results, ctx.revision, upload], **PRIVATE)
     import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [summary, results, ctx.revision], **PRIVATE)

@@ -93,11 +93,12 @@ def build(ctx: AppContext) -> None:
     @user_errors
     def on_generate(choice: str, repo: str, prompt_text: str, negative_text: str, seed_value: float,
                     step_count: float, guidance: float, w: float, h: float, sampler: str, lora_label: str,
-                    s_model: float, s_clip: float, skip: int, past: list,
+                    s_model: float, s_clip: float, skip: int, past: list, page: gr.Request,
                     progress: gr.Progress = gr.Progress()) -> tuple:
         request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
                                lora_label, s_model, s_clip, skip)
-        made = ctx.studio.generate(base_name(choice, repo), request, on_wait=lambda text: progress(0, desc=text))
+        made = ctx.studio.generate(base_name(choice, repo), request, on_wait=lambda text: progress(0, desc=text),
+                                   visitor=ctx.visitor(page))
         items = [(shown(made.path), made.parameters), *past]
         return items, items, made.lora
 
@@ -105,16 +106,16 @@ def build(ctx: AppContext) -> None:
     def on_grid(page: gr.Request, choice: str, repo: str, labels: list[str], strength_text: str, *fields: object,
                 ) -> str:
         return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
-                                     parse_strengths(strength_text), page.username)
+                                     parse_strengths(strength_text), ctx.visitor(page))
 
     @user_errors
-    def on_workflow(choice: str, repo: str, *fields: object) -> dict:
-        path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields))
+    def on_workflow(page: gr.Request, choice: str, repo: str, *fields: object) -> dict:
+        path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields), visitor=ctx.visitor(page))
         return gr.update(value=shown(path), visible=True)
 
     @user_errors
-    def on_send(choice: str, repo: str, lora_label: str, overwrite: bool) -> str:
-        return ctx.studio.send_to_comfyui(lora_label, base_name(choice, repo), bool(overwrite))
+    def on_send(choice: str, repo: str, lora_label: str, overwrite: bool, page: gr.Request) -> str:
+        return ctx.studio.send_to_comfyui(lora_label, base_name(choice, repo), bool(overwrite), ctx.visitor(page))
 
     @user_errors
     def on_link(choice: str, repo: str) -> str:
@@ -149,8 +150,8 @@ def build(ctx: AppContext) -> None:
         return (gr.update(choices=choices, value=label), gr.skip() if keep or not suggested else suggested,
                 gr.update(choices=choices[1:]), label)
 
-    def on_clear() -> tuple[str, list, list]:
-        return ctx.studio.clear_test_images(), [], []
+    def on_clear(page: gr.Request) -> tuple[str, list, list]:
+        return ctx.studio.clear_test_images(ctx.visitor(page)), [], []
 
     def on_lora(label: str | None) -> int | dict:
         """The CLIP skip the chosen LoRA was trained with."""

@@ -15,20 +15,10 @@ from ..errors import UserError
 from ..jobs import JobRunner, JobState
 from ..models import DEMO, DEMO_NOTE
 from ..studio import TrainingPlan
-from ..training.config import (
-    FIELD_HELP,
-    SettingsError,
-    TrainConfig,
-    field_is_list,
-    field_type,
-    list_presets,
-    load_preset,
-    make_config,
-    save_preset,
-)
+from ..training.config import FIELD_HELP, SettingsError, TrainConfig, field_is_list, field_type, make_config
 from ..training.data import MAX_REPEATS
 from ..training.run_folder import SAMPLE_GRID, RunFolder, resumable_runs
-from . import PRIVATE, AppContext, progress_html, shown, stop_handler, user_errors
+from . import PRIVATE, AppContext, progress_html, public_text, shown, stop_handler, user_errors
 from .charts import loss_chart
 
 TITLE = "Train"
@@ -54,17 +44,6 @@ RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss"]
 def default_preset(base: str | None) -> str:
     """The demo base trains with the demo preset; real models start from the recommended one."""
     return "demo" if base == DEMO else "seed-recommended"
-
-
-def preset_choices(ctx: AppContext) -> dict[str, Path]:
-    """Built-in presets, then the user's own (saved from this tab)."""
-    from ..training.config import PRESETS_DIR
-
-    choices = {name: PRESETS_DIR / f"{name}.toml" for name in list_presets()}
-    if ctx.workspace.presets_dir.is_dir():
-        choices.update({f"{name} (yours)": ctx.workspace.presets_dir / f"{name}.toml"
-                        for name in list_presets(ctx.workspace.presets_dir)})
-    return choices
 
 
 def regularization_choices(ctx: AppContext) -> list[tuple[str, str]]:
@@ -121,7 +100,7 @@ def preview_samples(prompts: str, trigger: str) -> str:
 
 def log_html(lines: list[str]) -> str:
     """The job's log, newest line at the bottom and in view: a reversed flex column starts scrolled to its end."""
-    body = html.escape("\n".join(lines)) or "The log of the current run appears here."
+    body = html.escape(public_text("\n".join(lines))) or "The log of the current run appears here."
     return (f'<div id="train-log-box" class="log-box"><pre id="train-log-lines">{body}</pre></div>')
 
 
@@ -166,14 +145,15 @@ def build(ctx: AppContext) -> None:
         check = gr.Button("Estimate", scale=1, elem_id="train-check")
         prepare_again = gr.Button("Prepare again", visible=False, elem_id="train-prepare-again", scale=1)
     progress = gr.HTML(elem_id="train-progress")
-    plan = gr.Markdown(elem_id="train-estimate")
+    limits = ctx.studio.limits.describe_training()
+    plan = gr.Markdown(limits, elem_id="train-estimate")
     job_line = gr.Markdown(elem_id="train-job")
     with gr.Row():
         base_choice, base_repo = base_picker(ctx)
-        presets = gr.Dropdown(list(preset_choices(ctx)), value=default_preset(DEMO), label="Preset", scale=2,
+        presets = gr.Dropdown(list(ctx.studio.presets()), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
     # the page opens on the preset for the demo base, usable before its load event restores anything
-    first, first_text = load_preset(default_preset(DEMO))
+    first, first_text = ctx.studio.preset(default_preset(DEMO))
     first_values = {name: to_widget(name, value) for name, value in first.to_dict().items()}
     description = gr.Markdown(first_text, elem_id="preset-description")
     with gr.Row():
@@ -244,14 +224,14 @@ def build(ctx: AppContext) -> None:
 
     def plan_text(plan: TrainingPlan) -> str:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
-        return f"{plan.estimate.markdown()} Training on dataset `{plan.data.images.parent.name}`." + note
+        return f"{plan.estimate.markdown()} Training on dataset `{plan.data.images.parent.name}`.{note}\n\n{limits}"
 
     def form_values(config: TrainConfig) -> list:
         values = config.to_dict()
         return [to_widget(name, values[name]) for name in names]
 
     def preset_values(label: str) -> list:
-        config, text = load_preset(str(preset_choices(ctx).get(label, preset_choices(ctx)[default_preset(DEMO)])))
+        config, text = ctx.studio.preset(label if label in ctx.studio.presets() else default_preset(DEMO))
         return [text or "", *form_values(config)]
 
     def preset_form(label: str, trigger: str) -> list:
@@ -292,26 +272,23 @@ def build(ctx: AppContext) -> None:
     def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, regular: str | None,
                  times: int | None, *values: Any) -> list:
         plan = plan_run(dataset, choice, repo, regular, times, list(values))
-        job_id = ctx.studio.start_training(plan, request.username)
+        job_id = ctx.studio.start_training(plan, ctx.visitor(request))
         return [plan_text(plan), job_id, gr.update(visible=plan.estimate.stale is not None)]
 
     @user_errors
     def on_prepare_again(dataset: str | None, request: gr.Request) -> tuple[str, str, dict]:
-        job_id = ctx.studio.prepare_again(dataset, request.username)
+        job_id = ctx.studio.prepare_again(dataset, ctx.visitor(request))
         return job_id, "Preparing the training copies again; the Dataset tab shows the progress.", \
             gr.update(visible=False)
 
     @user_errors
     def on_resume(run: str | None, request: gr.Request) -> str:
-        return ctx.studio.resume_training(run, request.username)
+        return ctx.studio.resume_training(run, ctx.visitor(request))
 
     @user_errors
-    def on_save(name: str, *values: Any) -> tuple[dict, str]:
-        name = name.strip()
-        if not name or "/" in name or name.startswith("."):
-            raise UserError("Give the preset a simple name, such as my-character.")
-        save_preset(config_from(list(values)), ctx.workspace.presets_dir / f"{name}.toml", "Saved from the app.")
-        return gr.update(choices=list(preset_choices(ctx)), value=f"{name} (yours)"), ""
+    def on_save(request: gr.Request, name: str, *values: Any) -> tuple[dict, str]:
+        label = ctx.studio.save_preset(name, config_from(list(values)), ctx.visitor(request))
+        return gr.update(choices=list(ctx.studio.presets()), value=label), ""
 
     @user_errors
     def on_ask_delete(run: str | None) -> tuple[dict, str]:
@@ -325,8 +302,8 @@ def build(ctx: AppContext) -> None:
                 gr.update(open=True) if interrupted else gr.skip())
 
     @user_errors
-    def on_delete(run: str | None) -> tuple:
-        note = ctx.studio.delete_run(run)
+    def on_delete(run: str | None, request: gr.Request) -> tuple:
+        note = ctx.studio.delete_run(run, ctx.visitor(request))
         return note, gr.update(visible=False), *runs_view()[:3]
 
     def store(preset: str, choice: str, repo: str, *values: Any) -> dict:
@@ -351,7 +328,7 @@ def build(ctx: AppContext) -> None:
         if running is not None:
             values, line = running
         elif isinstance(saved, dict) and isinstance(saved.get("values"), dict) and \
-                set(saved["values"]) == set(names) and saved.get("preset") in preset_choices(ctx):
+                set(saved["values"]) == set(names) and saved.get("preset") in ctx.studio.presets():
             values, line = [saved["preset"], saved.get("base") or DEMO, saved.get("repo") or "",
                             preset_values(saved["preset"])[0], *[saved["values"][name] for name in names]], ""
         else:
@@ -398,7 +375,7 @@ def build(ctx: AppContext) -> None:
     ctx.dataset.change(lambda name: ctx.workspace.repeats(name) if name in ctx.workspace.list_datasets() else gr.skip(),
                        ctx.dataset, repeats, **PRIVATE)
     prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
-    stop.click(stop_handler(ctx.studio), train_job, None, **PRIVATE)
+    stop.click(stop_handler(ctx), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, train_job, **PRIVATE)
     save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
     delete.click(on_ask_delete, doomed, [confirm_row, confirm_text], **PRIVATE)
