@@ -58,8 +58,8 @@ class Access:
     def describe(self) -> str:
         """Who the operator is, as the page states it."""
         if self.logins:
-            return (f"The operator is `{self.operator}`: they may stop or delete any job, run, dataset or test image "
-                    "and change the workspace settings. Every other login touches only what it made.")
+            return ("The operator who runs this server may stop or delete any job, run, dataset or test image and "
+                    "change the workspace settings. Every other login touches only what it made.")
         if self.public:
             return "This server has no logins, so nobody is its operator: every visitor touches only what they made."
         return "Only this machine can reach the app, so you are its operator."

@@ -358,14 +358,19 @@ def folder_entries(folder: Path, max_files: int = WALK_FILES, max_seconds: float
     of the folder are refused and named; links to folders are not followed. The walk ends, saying so, after
     ``max_files`` files or ``max_seconds``, so a huge folder cannot hold the server."""
     folder = Path(folder).resolve()
-    deadline, seen = time.monotonic() + max_seconds, 0
-    for root, dirs, files in os.walk(folder):
-        seen += len(files) + len(dirs)
-        if seen > max_files or time.monotonic() > deadline:
+    deadline = time.monotonic() + max_seconds
+    for seen, entry in enumerate(_walk(folder)):
+        if seen >= max_files or time.monotonic() > deadline:
             yield FileResult("(the rest of the folder)", "skipped", f"not read: a folder import reads at most "
                              f"{max_files} files in {max_seconds:g} s. Import a smaller folder, or a zip.",
                              folder.name)
             return
+        yield entry
+
+
+def _walk(folder: Path) -> Iterator[Entry | FileResult]:
+    """Every file and link below ``folder``, in a stable order, as entries or refusals."""
+    for root, dirs, files in os.walk(folder):
         dirs.sort()
         here = Path(root)
         for name in [d for d in dirs if (here / d).is_symlink()]:

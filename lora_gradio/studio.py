@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -516,7 +517,8 @@ class Studio:
 
     def public(self, text: str) -> str:
         """Text for a visitor, with the server's own folders shown relative to the workspace."""
-        return text.replace(f"{self.workspace.root}{os.sep}", "").replace(str(self.workspace.root), "workspace")
+        root = re.escape(str(self.workspace.root))
+        return re.sub(root + r"(?![\w.-])", "workspace", re.sub(root + re.escape(os.sep), "", text))
 
     def images_dir(self, dataset: str | None) -> Path:
         """The images folder of a dataset; a clear message when none is chosen."""

@@ -310,3 +310,78 @@ def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measur
     assert second.estimate.measured and "first guess" not in second.estimate.markdown()
     assert second.estimate.margin == pytest.approx(0.2 * second.estimate.seconds)  # measured parts: ±20%
     assert second.estimate.seconds != first.estimate.seconds
+
+
+def test_a_run_whose_lora_was_saved_is_done_even_when_an_after_run_step_fails(tmp_path):
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.studio import Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    make_demo_dataset(studio.images_dir(studio.create_dataset("anna")))
+    (studio.workspace.root / "timings.json").mkdir()  # the estimate's record cannot be written
+    plan = studio.plan_training("anna", "demo", {"epochs": 1, "resolution": 64})
+    state = studio.jobs.wait(studio.start_training(plan), 120)
+    assert state.status == "done" and state.result.lora_path.is_file()
+    assert any("The LoRA was saved, but an after-run step failed" in line for line in state.warnings)
+    assert studio.runs()[0][1] == "finished"
+
+
+def test_each_visitor_clears_only_their_own_test_images_and_the_operator_all(tmp_path):
+    from lora_gradio.access import Visitor
+    from lora_gradio.inference import GenerateRequest
+    from lora_gradio.studio import Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    ben, eve = Visitor("ben", False), Visitor("eve", False)
+    mine = studio.generate("demo", GenerateRequest("a cat", steps=2))
+    bens = [studio.generate("demo", GenerateRequest("a cat", steps=2), visitor=ben) for _ in range(2)]
+    assert studio.clear_test_images(eve) == "Deleted 0 test images."
+    assert studio.clear_test_images(ben) == "Deleted 2 test images."
+    assert mine.path.is_file() and not any(made.path.exists() for made in bens)
+    studio.generate("demo", GenerateRequest("a cat", steps=2), visitor=eve)
+    assert studio.clear_test_images() == "Deleted 2 test images."  # the operator's button clears everyone's
+
+
+def test_shown_files_go_with_their_source_and_old_uploads_with_the_budget(tmp_path):
+    import time
+
+    from lora_gradio import served
+    from lora_gradio.studio import Limits, Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"), limits=Limits(keep_uploads_hours=1, uploads_budget_mb=1))
+    kept, gone = (studio.workspace.outputs_dir / name for name in ("kept.png", "gone.png"))
+    for path in (kept, gone):
+        path.write_bytes(b"png")
+    links = [served.show(studio.upload_dir, path) for path in (kept, gone)]
+    assert all(link.read_bytes() == b"png" for link in links)
+    assert studio.upload_dir not in gone.parents and not list(studio.upload_dir.rglob("*.json"))  # no record served
+    gone.unlink()
+    kept.write_bytes(b"changed")  # replaced: the old link shows what is no longer there
+    assert studio.housekeeping().startswith("2 stale links")
+    assert not links[0].exists() and not links[1].exists()
+    fresh = served.show(studio.upload_dir, kept)
+    assert fresh.read_bytes() == b"changed"
+    uploads = []
+    for index, size in enumerate((400_000, 400_000, 400_000, 10)):
+        folder = studio.upload_dir / f"upload{index}"
+        folder.mkdir(parents=True)
+        (folder / "photo.png").write_bytes(b"x" * size)
+        uploads.append(folder)
+    old = time.time() - 2 * 3600
+    os.utime(uploads[3] / "photo.png", (old, old))  # small but older than a hour
+    os.utime(uploads[0] / "photo.png", (old + 3599, old + 3599))  # within the hour, but the oldest of the big ones
+    assert studio.housekeeping() == "0 stale links and 2 old uploads removed."
+    assert [folder.exists() for folder in uploads] == [False, True, True, False] and fresh.exists()
+
+
+def test_a_folder_walk_stops_at_its_limit_and_says_so(tmp_path):
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.imports import folder_entries
+
+    make_demo_dataset(tmp_path / "photos")
+    (tmp_path / "photos" / "deeper").mkdir()
+    make_demo_dataset(tmp_path / "photos" / "deeper")
+    entries = list(folder_entries(tmp_path / "photos", max_files=20))
+    assert entries[-1].name == "(the rest of the folder)"
+    assert "at most 20 files in 30 s" in entries[-1].message and len(entries) == 21
+    assert len(list(folder_entries(tmp_path / "photos"))) == 32  # every file, under the default limits

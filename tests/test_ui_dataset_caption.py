@@ -124,7 +124,7 @@ def test_bad_files_each_get_a_visible_message_and_the_app_carries_on(app, tmp_pa
 def test_zips_from_a_mac_and_from_windows_show_their_captions_in_the_caption_tab(app, tmp_path):
     from test_brought_files import mac_zip, windows_zip
 
-    app_url, _ = app
+    app_url, workspace = app
     zips = tmp_path / "zips"
     zips.mkdir()
     mac_zip(zips / "photos.zip")
@@ -143,3 +143,13 @@ def test_zips_from_a_mac_and_from_windows_show_their_captions_in_the_caption_tab
             box = page.get_by_label(label)
             wait_for(lambda box=box, caption=caption: box.input_value() == caption, what=f"the caption of {label}")
         screenshot(page, "caption-from-zips")
+
+        page.get_by_role("tab", name="Dataset").click()
+        page.locator("#dataset-delete").click()
+        confirm = page.locator("#dataset-delete-confirm")
+        wait_for(lambda: "Delete dataset zipped with its 4 images" in confirm.inner_text(), what="the question")
+        page.locator("#dataset-delete-yes").click()
+        wait_for(lambda: "Deleted dataset zipped." in summary.inner_text(), 60, "the deletion")
+        assert not confirm.is_visible() and not (workspace / "datasets" / "zipped").exists()
+        assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == ""
+        assert sorted(p.name for p in zips.iterdir()) == ["photos.zip", "trip.zip"]  # what was brought stays

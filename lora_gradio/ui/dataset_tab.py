@@ -61,7 +61,13 @@ def build(ctx: AppContext) -> None:
         with gr.Column(scale=2):
             report = gr.Markdown(elem_id="quality-report")
             remove_names = gr.Dropdown(label="Remove from the dataset", multiselect=True, choices=[])
-            remove = gr.Button("Remove selected", variant="stop")
+            with gr.Row():
+                remove = gr.Button("Remove selected", variant="stop")
+                drop = gr.Button("Delete this dataset…", elem_id="dataset-delete")
+            with gr.Row(visible=False, elem_id="dataset-delete-confirm") as confirm_row:
+                confirm_text = gr.Markdown()
+                confirm = gr.Button("Yes, delete it", variant="stop", scale=0, elem_id="dataset-delete-yes")
+                cancel = gr.Button("Cancel", scale=0)
     with gr.Row():
         resolution = gr.Number(label="Training resolution", elem_id="prepare-resolution", value=512, precision=0,
                                minimum=256, maximum=2048, step=64)
@@ -88,6 +94,18 @@ def build(ctx: AppContext) -> None:
         gone = ctx.studio.remove_images(name, list(names or []), ctx.visitor(request))
         return f"**{len(gone)} removed.**", [["🗑 removed", n, ""] for n in gone], version + 1
 
+    @user_errors
+    def on_ask_drop(name: str | None, request: gr.Request) -> tuple[dict, str]:
+        folder = ctx.studio.dataset_to_change(name, ctx.visitor(request)).parent
+        count = len(quality.list_images(folder / "images"))
+        return gr.update(visible=True), (f"Delete dataset **{folder.name}** with its {count} images, their captions "
+                                         "and training copies? Your original files elsewhere are not touched.")
+
+    @user_errors
+    def on_drop(name: str | None, request: gr.Request) -> tuple:
+        note = ctx.studio.delete_dataset(name, ctx.visitor(request))
+        return f"**{note}**", gr.update(visible=False), gr.update(choices=ctx.workspace.list_datasets(), value=None)
+
     def prepare_done(state: JobState) -> list:
         if state.status != "done":
             return [f"⚠️ {state.message}"]
@@ -105,5 +123,8 @@ def build(ctx: AppContext) -> None:
     import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
     remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
     prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepare_job, **PRIVATE)
+    drop.click(on_ask_drop, ctx.dataset, [confirm_row, confirm_text], **PRIVATE)
+    cancel.click(lambda: gr.update(visible=False), None, confirm_row, **PRIVATE)
+    confirm.click(on_drop, ctx.dataset, [summary, confirm_row, ctx.dataset], **PRIVATE)
     ctx.revision.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
     ctx.dataset.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
