@@ -151,12 +151,11 @@ class Studio:
 
     def create_dataset(self, name: str, visitor: Visitor = OPERATOR) -> str:
         """Create an empty dataset, owned by whoever created it; an existing one is left as it is."""
-        folder = self.workspace.dataset_dir(name, create=False) if self.dataset_exists(name) else None
-        if folder is None:
+        if not self.dataset_exists(name):
             folder = self.workspace.dataset_dir(name, create=True)
             if visitor.name is not None:
                 self.workspace.set_dataset_settings(folder.name, owner=visitor.name)
-        return folder.name
+        return self.workspace.dataset_dir(name).name
 
     def dataset_exists(self, name: str) -> bool:
         """Whether a dataset of that (valid) name exists."""

@@ -415,3 +415,36 @@ def test_a_short_password_is_refused_at_start(tmp_path):
     done = start_refused("--auth", "bob:tiny7", "--workspace", str(tmp_path / "ws"))
     assert done.returncode == 2 and "--auth #1 (user bob) is shorter than 8 characters" in done.stderr
     assert "tiny7" not in done.stderr and not (tmp_path / "ws").exists()
+
+
+def test_a_guest_in_the_browser_sees_the_limits_and_cannot_delete_the_operators_run(locked, client):
+    from browser import browser_page, screenshot, wait_for
+    from test_ui_journey import choose
+
+    url, workspace, _ = locked
+    theirs = next(p.name for p in (workspace / "outputs").iterdir()
+                  if (p / "job.json").is_file() and json.loads((p / "job.json").read_text())["started_by"] == USER)
+    with browser_page() as page:
+        page.goto(url)
+        page.get_by_label("username").press_sequentially("ben", delay=30)
+        page.get_by_label("password").press_sequentially(GUEST[1], delay=30)
+        page.get_by_label("password").press("Enter")
+        page.get_by_role("tab", name="Train").click()
+        limits = page.locator("#train-estimate")
+        wait_for(lambda: "Runs started by anyone but the operator: up to 120 min (estimated) and 200 sample images"
+                 in limits.inner_text(), 60, "the training limits")
+        wait_for(lambda: page.locator("#runs-table").is_visible() or page.locator("#runs-panel").is_visible(), 30,
+                 "the runs panel")
+        if not page.locator("#runs-delete-choice").is_visible():  # it opens by itself while a run waits to resume
+            page.get_by_text("Runs: resume, delete").click()
+        choose(page, "#runs-delete-choice", theirs)
+        page.locator("#runs-delete").click()
+        page.locator("#runs-delete-yes").click()
+        toast = page.locator(".toast-body")
+        wait_for(lambda: toast.count() and f"Run '{theirs}' belongs to another user" in toast.first.inner_text(), 30,
+                 "the refusal")
+        screenshot(page, "guest-refused")
+        page.get_by_text("Workspace settings").click()
+        assert "Only the operator changes these settings" in page.locator("#workspace-access").inner_text()
+        assert page.locator("#models-dir textarea, #models-dir input").first.input_value() == ""
+    assert (workspace / "outputs" / theirs / "job.json").is_file()

@@ -45,7 +45,7 @@ def test_upload_report_caption_and_edit(app, tmp_path):
         (sources / f"photo{index:02d}.png").write_bytes(photo_bytes(index))
     Image.new("RGB", (200, 260), "orange").save(sources / "tiny.png")
     truncated_jpeg(sources / "corrupt.jpg")
-    blip = save_tiny_blip(tmp_path / "blip")
+    blip = save_tiny_blip(workspace / "models" / "blip")  # a local model folder must be inside the workspace
     originals = {p.name: p.read_bytes() for p in sources.iterdir()}
 
     with browser_page() as page:

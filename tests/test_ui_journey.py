@@ -43,7 +43,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
     photos.mkdir()
     for index in range(8):
         (photos / f"shot{index}.png").write_bytes(photo_bytes(index, (160, 192)))
-    blip = save_tiny_blip(tmp_path / "blip")
+    blip = save_tiny_blip(workspace / "models" / "blip")  # a local model folder must be inside the workspace
 
     with browser_page() as page:
         import_into_new_dataset(page, url, "journey", photos, "shot7.png")
@@ -53,10 +53,12 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         page.locator("#trigger-word").get_by_role("textbox").fill("lgdemo")
         page.locator("#caption-run").click()
         wait_for(lambda: "Captioned 8 images" in page.locator("#caption-status").inner_text(), 60, "captions")
+        assert str(workspace) not in page.locator("#cache-status").inner_text()  # "BLIP captioner models/blip"
 
         page.get_by_role("tab", name="Train").click()
         choose(page, "#preset", "demo")
         wait_for(lambda: page.locator("#field-rank input").input_value() == "4", what="the demo preset")
+        wait_for(lambda: not page.locator("#field-epochs .wrap:not(.hide)").count(), what="the preset to load")
         set_number(page, "#field-epochs", 6)
         page.locator("#field-trigger_word").get_by_role("textbox").fill("lgdemo")
         repeats = page.locator("#train-repeats input[type=number]")

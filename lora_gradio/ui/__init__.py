@@ -236,8 +236,11 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         app.load(current_models_dir, None, models_dir, **PRIVATE)
 
-        gr.Timer(1.0).tick(studio.cache.describe, None, cache_status, show_progress="hidden", **PRIVATE)
-        app.load(studio.cache.describe, None, cache_status, **PRIVATE)
+        def describe_cache() -> str:
+            return studio.public(studio.cache.describe())
+
+        gr.Timer(1.0).tick(describe_cache, None, cache_status, show_progress="hidden", **PRIVATE)
+        app.load(describe_cache, None, cache_status, **PRIVATE)
 
         with gr.Tabs():
             for tab in (dataset_tab, caption_tab, train_tab, test_tab):

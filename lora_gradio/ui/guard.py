@@ -21,6 +21,7 @@ FREE_FAILURES = 5  # failed sign-ins a user or an address may make before each n
 FIRST_DELAY_S = 1.0  # the wait of the first slowed try; it doubles with every further failure ...
 MAX_DELAY_S = 60.0  # ... up to this
 FORGET_AFTER_S = 15 * 60  # failures older than this no longer count
+MAX_KEYS = 10_000  # users and addresses remembered before the stale ones are dropped
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -39,6 +40,9 @@ class LoginThrottle:
         so many tries at once cannot share one count."""
         now = time.monotonic()
         with self._lock:
+            if len(self._failures) > MAX_KEYS:  # many names tried: forget the stale ones, so memory stays bounded
+                self._failures = {key: times for key, times in self._failures.items()
+                                  if times and now - times[-1] < FORGET_AFTER_S}
             counts = []
             for key in keys:
                 recent = [t for t in self._failures.get(key, []) if now - t < FORGET_AFTER_S]
