@@ -91,7 +91,9 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo
     assert [epoch for epoch, _ in resumed.samples] == [0, 1, 2, 3]
 
 
-def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path):
+def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("LORA_GRADIO_DEFAULT_THREADS", "1")  # one thread count throughout: images compared bit for bit
     cache, jobs = ModelCache(), JobRunner()
     jobs.wait(start_training(jobs, cache, apply_overrides(quick_config, {"epochs": 2, "save_every_n_epochs": 1}),
                              demo_spec, TrainData(demo_data), tmp_path / "run"), 120)
