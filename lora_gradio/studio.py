@@ -165,6 +165,13 @@ class Studio:
             return False
         return True
 
+    def set_trigger_word(self, dataset: str | None, word: str, visitor: Visitor = OPERATOR) -> None:
+        """Keep a dataset's trigger word as it is typed, so the Caption, Train and Test tabs all use it."""
+        self.dataset_to_change(dataset, visitor)
+        if len(word) > 100:
+            raise UserError("A trigger word of over 100 characters: use one short, rare word, such as ohwx.")
+        self.workspace.set_dataset_settings(str(dataset), word)
+
     def dataset_to_change(self, dataset: str | None, visitor: Visitor = OPERATOR) -> Path:
         """The images folder of a dataset that this visitor may change: theirs, or any for the operator."""
         images = self.images_dir(dataset)

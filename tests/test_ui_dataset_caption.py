@@ -1,5 +1,6 @@
 """The Dataset and Caption tabs in a real browser against the real app."""
 
+import json
 import re
 
 from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
@@ -72,6 +73,23 @@ def test_upload_report_caption_and_edit(app, tmp_path):
         wait_for(lambda: read_caption(folder / "photo03.png") == "ohwx, a portrait edited in the page",
                  what="the edited caption on disk")
         screenshot(page, "caption-tab")
+
+        type_into(page.locator("#trigger-word").get_by_role("textbox"), "lgnew")  # a new word, then on to Train
+        page.get_by_role("tab", name="Train").click()
+        train_word = page.locator("#field-trigger_word").get_by_role("textbox")
+        wait_for(lambda: train_word.input_value() == "lgnew", 30, "the Caption tab's word in the Train tab")
+        assert json.loads((folder.parent / "dataset.json").read_text())["trigger_word"] == "lgnew"
+        wait_for(lambda: "lgnew, portrait photo" in page.locator("#sample-preview").inner_text(), 30, "samples")
+        train_word.click()
+        train_word.press("ControlOrMeta+a")
+        train_word.press("Backspace")
+        page.locator("#train-check").click()
+        estimate = page.locator("#train-estimate")
+        wait_for(lambda: "No trigger word" in estimate.inner_text(), 30, "the warning")
+        train_word.press_sequentially("lgnew")
+        page.locator("#train-check").click()
+        wait_for(lambda: "steps" in estimate.inner_text() and "No trigger word" not in estimate.inner_text(), 30,
+                 "the estimate without the warning")
 
     captions = sorted(folder.glob("*.txt"))
     assert [c.stem for c in captions] == [f"photo{i:02d}" for i in range(10)] + ["tiny"]

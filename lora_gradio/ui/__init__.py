@@ -63,6 +63,19 @@ class AppContext:
         """Who sent a page event: their login, or without logins this browser page's id."""
         return self.studio.access.visitor(request.username, request.session_hash)
 
+    def keep_trigger(self, box: gr.Textbox) -> None:
+        """Save what is typed in a trigger-word box as the chosen dataset's word, so every tab shows the same one; in
+        another user's dataset the word stays in this page's form alone."""
+
+        def keep(name: str | None, word: str, request: gr.Request) -> None:
+            if name and word.strip():
+                try:
+                    self.studio.set_trigger_word(name, word, self.visitor(request))
+                except UserError:
+                    return
+
+        box.input(keep, [self.dataset, box], None, trigger_mode="always_last", show_progress="hidden", **PRIVATE)
+
     def dataset_trigger(self, name: str | None) -> dict:
         """A handler's update for a trigger-word box: the dataset's own word, when it has one."""
         word = self.workspace.trigger_word(name)

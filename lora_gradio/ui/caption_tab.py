@@ -96,6 +96,7 @@ def build(ctx: AppContext) -> None:
     revision.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(user_errors(ctx.dataset_trigger), ctx.dataset, trigger, show_progress="hidden", **PRIVATE)
+    ctx.keep_trigger(trigger)
 
     @gr.render(inputs=[ctx.dataset, page, revision])
     def editor(name: str | None, page_number: float, _version: int) -> None:

@@ -224,6 +224,9 @@ def build(ctx: AppContext) -> None:
 
     def plan_text(plan: TrainingPlan) -> str:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
+        if not plan.config.trigger_word:
+            note += ("\n\n⚠️ No trigger word: the LoRA will have no word to call it up, and `{trigger}` in the sample "
+                     "prompts stays empty. Type the word your captions start with (the Caption tab keeps it too).")
         return f"{plan.estimate.markdown()} Training on dataset `{plan.data.images.parent.name}`.{note}\n\n{limits}"
 
     def form_values(config: TrainConfig) -> list:
@@ -383,7 +386,9 @@ def build(ctx: AppContext) -> None:
     confirm.click(on_delete, doomed, [runs_note, confirm_row, runs, doomed, run_table], **PRIVATE)
     gr.on([w.change for w in (presets, base_choice, base_repo, *inputs)], store,
           [presets, base_choice, base_repo, *inputs], form, trigger_mode="always_last", **marked)
-    ctx.dataset.input(user_errors(ctx.dataset_trigger), ctx.dataset, widgets["trigger_word"], **PRIVATE)
+    for event in (ctx.dataset.input, ctx.tab.select):  # the word typed in the Caption tab, here on arrival
+        event(user_errors(ctx.dataset_trigger), ctx.dataset, widgets["trigger_word"], **PRIVATE)
+    ctx.keep_trigger(widgets["trigger_word"])
     live = [progress, curve, samples, saved, log, seen_losses, runs, doomed, run_table, runs_panel, stop, start]
     gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
     ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
