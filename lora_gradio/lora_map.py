@@ -343,7 +343,8 @@ METADATA_SHOWN = 300  # characters of each metadata value in the report (tag fre
 
 @dataclass
 class LoraInspection:
-    """What a LoRA file holds and how it maps onto SD1.5: the Test tab's inspector and ``inspect``."""
+    """What a LoRA file holds and how it maps onto SD1.5 (or the demo model, for a LoRA trained on it): the Test
+    tab's inspector and ``inspect``."""
 
     name: str
     layout: str
@@ -354,12 +355,13 @@ class LoraInspection:
     keys: int
     mapped_keys: int
     broken: int  # tensors with NaN or infinite values
+    target: str = "SD1.5"  # the architecture the keys were mapped onto
 
     def text(self) -> str:
         """The report as plain text (metadata is shown as text, never as markup)."""
         share = 100 * self.mapped_keys / self.keys if self.keys else 0
         lines = [self.name, f"Layout: {self.layout}", f"Made for: {self.family}", f"Modules: {self.fit.parts()}",
-                 f"Keys that map onto SD1.5: {self.mapped_keys} of {self.keys} ({share:.0f}%)"]
+                 f"Keys that map onto {self.target}: {self.mapped_keys} of {self.keys} ({share:.0f}%)"]
         if self.broken:
             lines.append(f"NaN or infinite values in {self.broken} tensors: this file renders black images.")
         problems = [*self.fit.misfits, *(f"{key}: {why}" for key, why in self.fit.not_applied.items())]
@@ -383,21 +385,25 @@ def block_of(key: str, component: str) -> str:
     return found.group(1).replace("s_", "s.") if found else "other"
 
 
-@lru_cache(maxsize=1)
-def sd15_table() -> dict[str, tuple[str, str, torch.nn.Module]]:
-    """The module table of the full SD1.5 architecture, built once on the meta device."""
+@lru_cache(maxsize=2)
+def sd15_table(demo: bool = False) -> dict[str, tuple[str, str, torch.nn.Module]]:
+    """The module table of the full SD1.5 architecture (or the demo model's), built once on the meta device."""
     from .models import sd15_skeleton
 
-    return module_table(sd15_skeleton())
+    return module_table(sd15_skeleton(demo))
 
 
 def inspect_lora(path: Path) -> LoraInspection:
-    """Read a LoRA file and map it onto the full SD1.5 architecture (built on the meta device), loading no model."""
+    """Read a LoRA file and map it onto the architecture it was made for (built on the meta device), loading no
+    model: the demo model's when its metadata says it was trained on the demo, else the full SD1.5."""
     import torch
+
+    from .models import DEMO
 
     tensors, metadata = read_lora(path)
     modules = read_modules(tensors)
-    fit = match_modules(modules, sd15_table())
+    demo = metadata.get("ss_sd_model_name") == DEMO
+    fit = match_modules(modules, sd15_table(demo))
     layouts = sorted({m.layout for m in modules.values() if m.layout}) or ["no LoRA layout this app reads"]
     layout = " + ".join(layouts)
     if any(m.down is not None and m.down.dim() == 4 and m.down.shape[2:] != (1, 1) for m in modules.values()):
@@ -414,4 +420,4 @@ def inspect_lora(path: Path) -> LoraInspection:
     mapped = sum(len(item.keys) - len(item.extra) for _, _, item in fit.applied.values())
     broken = sum(1 for t in tensors.values() if t.is_floating_point() and not torch.isfinite(t).all())
     return LoraInspection(Path(path).name, layout, architecture(modules, metadata), fit, blocks, metadata,
-                          len(tensors), mapped, broken)
+                          len(tensors), mapped, broken, "the demo model" if demo else "SD1.5")

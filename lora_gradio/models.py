@@ -239,12 +239,14 @@ def _sd15_component_configs() -> tuple[dict, dict, dict]:
     return tuple(loaded)
 
 
-def sd15_skeleton() -> StableDiffusionPipeline:
-    """The full SD1.5 architecture on the meta device: its real module names and shapes, without memory or files."""
+def sd15_skeleton(demo: bool = False) -> StableDiffusionPipeline:
+    """The full SD1.5 architecture (or, with ``demo``, the demo model's) on the meta device: its real module names
+    and shapes, without memory or files."""
     import torch
 
     with torch.device("meta"):
-        return build_pipeline(*_sd15_component_configs())
+        return build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER) if demo else \
+            build_pipeline(*_sd15_component_configs())
 
 
 def quiet_libraries() -> None:

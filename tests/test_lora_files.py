@@ -195,3 +195,20 @@ def test_the_inspector_names_keys_that_do_not_map(tmp_path):
     assert "Made for: SDXL" in text
     assert "  lora_unet_input_blocks_1_1_proj_in: no such module in an SD1.x model" in text
     assert "  lora_te_text_model_encoder_layers_0_mlp_fc1: its shapes (1, 1024) and (3072, 1) do not fit" in text
+
+
+def test_the_inspector_reads_a_demo_lora_against_the_demo_model(demo_spec, demo_data, quick_config, tmp_path):
+    import subprocess
+    import sys
+
+    from lora_gradio.lora_map import inspect_lora
+    from lora_gradio.training.loop import train
+
+    result = train(quick_config, demo_spec, demo_data, tmp_path / "run")
+    report = inspect_lora(result.lora_path)
+    text = report.text()
+    assert f"Keys that map onto the demo model: {report.keys} of {report.keys} (100%)" in text
+    assert "Not mapped" not in text and "do not fit" not in text and report.keys > 100
+    printed = subprocess.run([sys.executable, "-m", "lora_gradio", "inspect", str(result.lora_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0 and "(100%)" in printed.stdout and "do not fit" not in printed.stdout
