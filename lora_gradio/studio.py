@@ -21,7 +21,7 @@ from typing import Any
 
 from . import captioning, comfyui, imports, inference, quality, served
 from .access import OPERATOR, Access, Visitor
-from .dataset import read_manifest
+from .dataset import list_images, read_manifest
 from .errors import UserError
 from .estimate import TIMINGS_FILE, Estimate, Timings, device_name, estimate, format_duration
 from .events import Emit, JobEvent
@@ -248,6 +248,9 @@ class Studio:
                                                  for p in config.sample_prompts])
         spec = self.base(base)
         images, prepared = self.workspace.training_data(dataset)
+        if not images.is_dir() or not list_images(images):
+            raise UserError(f"Dataset '{dataset}' has no images yet: add photos in the Dataset tab (drop them, a zip, "
+                            "or a folder of this server), then train.")
         regular = self.workspace.training_data(regularization)[0] if regularization else None
         data = TrainData(images, prepared, regular, repeats)
         known = self.timings.costs(spec.display_name, device_name())

@@ -177,3 +177,29 @@ def test_picking_a_lora_trained_with_clip_skip_2_sets_the_test_tab_to_it(app, de
         set_number(page, "#test-steps", 2)
         page.locator("#test-generate").click()
         wait_for(lambda: "Clip skip: 2" in page.locator("#test-gallery").inner_text(), 60, "the image's parameters")
+
+
+def test_start_on_an_empty_dataset_says_what_to_do_and_names_the_last_run(app):
+    url, workspace = app
+    client = Client(url, verbose=False)
+    client.predict("done-before", api_name="/create_dataset")
+    make_demo_dataset(workspace / "datasets" / "done-before" / "images")
+    settings = {**client.predict("demo", api_name="/preset"), "epochs": 1, "sample_prompts": []}
+    run = client.predict(dataset="done-before", settings=settings, api_name="/train_start")["run"]
+    wait_for(lambda: client.predict("", 0, api_name="/job_status")["status"] == "done", 120, "the earlier run")
+    with browser_page() as page:
+        page.goto(url)
+        new_name = page.locator("#new-dataset").get_by_role("textbox")
+        new_name.press_sequentially("empty", delay=30)
+        page.locator("#create-dataset").click()
+        wait_for(lambda: page.locator("#dataset-picker").get_by_role("combobox").input_value() == "empty", 60,
+                 "the new dataset")
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-start").click()
+        toast = page.locator(".toast-body")
+        wait_for(lambda: toast.count() and "Dataset 'empty' has no images yet: add photos in the Dataset tab"
+                 in toast.first.inner_text(), 30, "the refusal")
+        assert "--data" not in toast.first.inner_text() and str(workspace) not in toast.first.inner_text()
+        assert progress(page).startswith(f"done: step 4/4 · epoch 1/1 · run {run} · ")  # the earlier run, named
+    assert not (workspace / "datasets" / "empty" / "images").exists()
+    assert sorted(p.name for p in (workspace / "outputs").iterdir() if p.name.startswith("lora-"))[-1] == run

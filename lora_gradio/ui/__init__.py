@@ -139,6 +139,8 @@ def progress_html(state: JobState) -> str:
     speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
     counts = (f"step {state.step}/{state.total_steps} · epoch {state.epoch}/{state.total_epochs}"
               if state.kind == "training" else f"{state.step}/{state.total_steps}")
+    if state.kind == "training" and not state.active and state.run_dir:  # an earlier run: say which
+        counts += f" · run {Path(state.run_dir).name}"
     if state.active and not state.step:  # loading the model, caching latents: nothing counted yet
         counts = f"getting ready · {state.total_steps} steps planned" if state.total_steps else "getting ready"
     return (f'<div id="{state.kind or "job"}-progress-text">{state.status}: {counts}{speed}{eta}</div>'
