@@ -22,6 +22,7 @@ from . import comfyui
 from .atomic import write_bytes_atomic
 from .errors import UserError
 from .events import JobEvent
+from .fonts import drawable, label_font
 from .lora_map import attach, set_strengths
 from .models import BaseModelSpec, ModelCache, encode_prompts, pipeline_view
 
@@ -282,13 +283,15 @@ GRID_MIN_CELL = 160  # smaller images (the demo's 64 px) are enlarged so that la
 
 
 def fitted(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> str:
-    """``text`` shortened in the middle with '…' until it fits ``width`` pixels, keeping both ends readable."""
+    """``text`` in characters the font has, shortened in the middle with '…' until it fits ``width`` pixels, keeping
+    both ends readable."""
+    text, cut = drawable(text, font), drawable("…", font)
     if draw.textlength(text, font=font) <= width:
         return text
     keep = len(text)
-    while keep > 2 and draw.textlength(f"{text[:keep // 2]}…{text[len(text) - keep // 2:]}", font=font) > width:
+    while keep > 2 and draw.textlength(f"{text[:keep // 2]}{cut}{text[len(text) - keep // 2:]}", font=font) > width:
         keep -= 1
-    return f"{text[:keep // 2]}…{text[len(text) - keep // 2:]}"
+    return f"{text[:keep // 2]}{cut}{text[len(text) - keep // 2:]}"
 
 
 def label_grid(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
@@ -299,14 +302,14 @@ def label_grid(cells: list[list[Image.Image]], row_labels: list[str], column_lab
     scale = max(1, math.ceil(GRID_MIN_CELL / min(width, height)))
     width, height = width * scale, height * scale
     size = max(13, min(width, height) // 14)
-    font, bold = ImageFont.load_default(size=size), ImageFont.load_default(size=size + 2)
+    font, bold = label_font(size), label_font(size + 2)
     line = size + 6
     margin_left, margin_top = max(160, width), 3 * line
     grid = Image.new("RGB", (margin_left + width * len(column_labels), margin_top + height * len(row_labels)),
                      "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((margin_left, 4), column_title, fill="black", font=bold)
-    draw.text((4, line + 4), row_title, fill="black", font=bold)
+    draw.text((margin_left, 4), drawable(column_title, bold), fill="black", font=bold)
+    draw.text((4, line + 4), drawable(row_title, bold), fill="black", font=bold)
     for column, label in enumerate(column_labels):
         text = fitted(draw, label, font, width - 8)
         left = margin_left + column * width + (width - draw.textlength(text, font=font)) / 2

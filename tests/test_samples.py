@@ -53,3 +53,29 @@ def test_grid_labels_stay_distinct_and_inside_their_own_space(tmp_path):
         assert (grid[top * 2 // 3:top, boundary] == 255).all(), boundary  # no header crosses into the next one
     assert (grid[top:, left - 4:left] == 255).all()  # no row label runs into the images
     assert (grid[:top, left:] < 128).any() and (grid[top:, :left] < 128).any()  # and there is text
+
+
+def test_grid_labels_are_drawn_without_missing_glyph_boxes():
+    """Arrows, '×', accents and a prompt in another script: each drawn character is a real glyph, found on the
+    pixels (a missing one is the font's box, searched for in the picture itself)."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+    from PIL import ImageDraw
+
+    from lora_gradio.fonts import NOTDEF, has_glyph, label_font
+    from lora_gradio.inference import label_grid
+
+    cells = [[Image.new("RGB", (64, 64), "white")] * 2] * 2
+    grid = np.asarray(label_grid(cells, ["epoch 1 · step 4", "café × 2"], ["lgdemo, a 写真 → test", "Ωmega"],
+                                 "epoch ↓", "sample prompt →").convert("L"))
+    size = 13  # the labels' size for cells of 160 px, and the titles' (two more)
+    for font in (label_font(size), label_font(size + 2)):
+        box = Image.new("L", (40, 40), 255)
+        ImageDraw.Draw(box).text((4, 4), NOTDEF, fill=0, font=font)
+        ink = np.asarray(box)
+        rows, columns = np.where(ink < 255)
+        template = ink[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
+        windows = sliding_window_view(grid, template.shape)
+        assert not (windows == template).all(axis=(2, 3)).any()  # no box anywhere in the grid
+        assert all(has_glyph(font, char) for char in "epoch ↓ sample prompt → × · café Ωmega")
+    assert (grid[:40] < 128).any()  # and the titles were drawn
