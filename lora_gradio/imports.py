@@ -398,9 +398,8 @@ def import_sources(paths: Iterable[Path], images_dir: Path, max_images: int | No
     """Import uploads of any mix: images, ``.txt`` captions, and zips."""
     paths = [Path(p) for p in paths]
     loose = [p for p in paths if p.suffix.lower() != ".zip"]
-    sources = [p.name for p in paths if p.suffix.lower() == ".zip"]
-    if loose:
-        sources.append(loose[0].name if len(loose) == 1 else f"{len(loose)} files")
+    sources = [loose[0].name if len(loose) == 1 else f"{len(loose)} files"] if loose else []
+    sources += [p.name for p in paths if p.suffix.lower() == ".zip"]
 
     def expand() -> Iterator[Entry | FileResult]:
         for path in paths:

@@ -171,3 +171,25 @@ def test_zips_from_a_mac_and_from_windows_show_their_captions_in_the_caption_tab
         assert not confirm.is_visible() and not (workspace / "datasets" / "zipped").exists()
         assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == ""
         assert sorted(p.name for p in zips.iterdir()) == ["photos.zip", "trip.zip"]  # what was brought stays
+
+
+def test_a_mixed_upload_is_counted_right(app, tmp_path):
+    import zipfile
+
+    app_url, workspace = app
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for index in range(5):
+        (mixed / f"loose{index}.png").write_bytes(photo_bytes(30 + index))
+    for index in range(2):
+        (mixed / f"loose{index}.txt").write_text(f"ohwx, loose {index}", encoding="utf-8")
+    with zipfile.ZipFile(mixed / "more.zip", "w") as packed:
+        for index in range(3):
+            packed.writestr(f"packed{index}.png", photo_bytes(40 + index))
+    with browser_page() as page:
+        import_into_new_dataset(page, app_url, "mixed", mixed, "packed2.png")
+        summary = page.locator("#import-summary")
+        wait_for(lambda: summary.inner_text().strip(), 30, "the summary")
+        assert summary.inner_text().strip() == "8 images and 2 captions imported from 7 files, more.zip."
+    images = workspace / "datasets" / "mixed" / "images"
+    assert len(list(images.glob("*.png"))) == 8 and len(list(images.glob("*.txt"))) == 2
