@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -238,14 +238,13 @@ class Studio:
 
     def plan_training(self, dataset: str | None, base: str | None, settings: dict[str, Any] | TrainConfig,
                       regularization: str | None = None, repeats: int = 1) -> TrainingPlan:
-        """Validate settings (unknown keys are named), fill the trigger word into the sample prompts, estimate.
+        """Validate settings (unknown keys are named) and estimate; the sample prompts keep ``{trigger}``, filled in
+        as they are rendered.
         ``regularization`` names a second dataset of class images; ``repeats`` is how often an epoch shows each
         image of ``dataset``."""
         if not dataset:
             raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
         config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
-        config = replace(config, sample_prompts=[p.replace("{trigger}", config.trigger_word or "")
-                                                 for p in config.sample_prompts])
         spec = self.base(base)
         images, prepared = self.workspace.training_data(dataset)
         if not images.is_dir() or not list_images(images):

@@ -48,8 +48,9 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         starter.locator("#train-start").click()
         wait_for(lambda: re.search(r"running: step [1-9]\d*/2500", progress(starter)), 60, "training to run")
         run = next((workspace / "outputs").glob("lora-*"))
-        prompts = RunFolder(run).read_job().config.sample_prompts
-        assert prompts and all(p.startswith("lgdemo") and "{trigger}" not in p and "sks" not in p for p in prompts)
+        config = RunFolder(run).read_job().config
+        assert config.sample_prompts and all(p.startswith("{trigger}") for p in config.sample_prompts)  # kept
+        assert all(p.startswith("lgdemo") and "sks" not in p for p in config.prompts())  # as rendered
         assert "Since Prepare" not in starter.locator("#train-estimate").inner_text()  # the copies are current
 
         visitor.get_by_role("tab", name="Train").click()
@@ -66,6 +67,8 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         starter.reload()  # the page keeps the key to its own job
         starter.get_by_role("tab", name="Train").click()
         wait_for(lambda: progress(starter).startswith("running"), 30, "the live job after the reload")
+        prompts_box = starter.locator("#field-sample_prompts textarea")  # the form shows the run's own settings
+        wait_for(lambda: prompts_box.input_value().startswith("{trigger}"), 30, "the prompts with {trigger} kept")
         starter.locator("#train-stop").click()
         wait_for(lambda: progress(starter).startswith("stopped"), 60, "the owner's stop")
         wait_for(lambda: progress(visitor).startswith("stopped"), 30, "the visitor to see the stop")

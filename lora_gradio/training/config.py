@@ -104,6 +104,11 @@ class TrainConfig:
         """Plain values, for metadata and preset files."""
         return dataclasses.asdict(self)
 
+    def prompts(self) -> list[str]:
+        """The sample prompts as they are rendered: ``{trigger}`` becomes the trigger word. The config keeps the
+        placeholder, so a form filled from a run's settings still follows a new trigger word."""
+        return [prompt.replace("{trigger}", self.trigger_word or "") for prompt in self.sample_prompts]
+
 
 # name -> (label, what it does and the usual value): the Train tab's labels and info lines, and the CLI's help
 FIELD_HELP: dict[str, tuple[str, str]] = {

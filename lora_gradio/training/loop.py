@@ -384,7 +384,7 @@ class Trainer:
             result.lora_path = self.save(None)
             if not result.stopped:
                 self.samples(result.epochs, result.lora_path)
-                grid = sample_grid(self.folder, list(self.config.sample_prompts))
+                grid = sample_grid(self.folder, self.config.prompts())
                 if grid is not None:
                     result.saved.append(grid)
                     self.emit(self.event("saved", "Saved the sample grid (epochs × prompts)", path=str(grid)))

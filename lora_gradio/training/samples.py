@@ -23,7 +23,7 @@ def sample_request(config: TrainConfig, index: int, lora: Path | None) -> Genera
     """The settings of sample ``index``: its prompt, a seed fixed per prompt, and the run's sampling settings."""
     from ..inference import GenerateRequest
 
-    prompt = config.sample_prompts[index] if config.sample_prompts else (config.trigger_word or "a photo")
+    prompt = config.prompts()[index] if config.sample_prompts else (config.trigger_word or "a photo")
     return GenerateRequest(prompt, config.sample_negative_prompt, config.seed + index, config.sample_steps,
                            config.sample_cfg, config.sample_width or config.resolution,
                            config.sample_height or config.resolution, config.sample_scheduler, lora,

@@ -343,7 +343,7 @@ def build(ctx: AppContext) -> None:
         state, seen, changed = follow_losses(ctx.studio.jobs, before)
         if state.started != before.get("started") and state.run_dir:
             try:
-                seen["prompts"] = RunFolder(Path(state.run_dir)).read_job().config.sample_prompts
+                seen["prompts"] = RunFolder(Path(state.run_dir)).read_job().config.prompts()
             except UserError:
                 seen["prompts"] = []
         else:
