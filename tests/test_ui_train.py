@@ -84,8 +84,9 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: re.search(r"running: step [1-9]\d*/60", progress(page)), 90, "training to run")
         assert page.locator("#train-stop").is_enabled() and page.locator("#train-start").is_disabled()
 
-        page.reload()  # the form, the dataset and the running job's settings come back
-        page.get_by_role("tab", name="Train").click()
+        page.reload()  # the form, the dataset and the running job's settings come back, on the Train tab
+        wait_for(lambda: page.locator("#train-start").is_visible(), 30, "the Train tab, opened by itself")
+        assert page.get_by_role("tab", name="Train").get_attribute("aria-selected") == "true"
         wait_for(lambda: "Training now: run lora-" in page.locator("#train-job").inner_text(), 30, "the job line")
         assert "dataset flow" in page.locator("#train-job").inner_text()
         assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == "flow"
@@ -94,6 +95,7 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: re.search(r"running: step ([5-9]|\d\d)/60", progress(page)), 90, "a few steps")
         page.locator("#train-stop").click()
         wait_for(lambda: progress(page).startswith("stopped"), 60, "the stop")
+        wait_for(lambda: "Training now" not in page.locator("#train-job").inner_text(), 30, "the job line to go")
         state = api.predict(api_name="/job_status")
         assert plotted(page) == [(step, loss) for step, loss, _ in state["losses"]]  # every point, as recorded
         saved = saved_files(page)
@@ -123,6 +125,11 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         assert log.evaluate(LAST_LINE_IN_VIEW) and "Finished after 60 steps" in log.inner_text()
         wait_for(lambda: re.search(rf"{run}\s+finished\s+\S+ \S+\s+60/60\s+\d\.\d{{4}}",
                                    page.locator("#runs-table").inner_text()), 30, "the run in the list")
+        interrupted = page.locator("#train-runs").get_by_role("combobox")
+        wait_for(lambda: interrupted.input_value() == "", 30, "the finished run to leave Interrupted runs")
+        interrupted.click()
+        assert not page.get_by_role("option", name=run, exact=True).count()  # not offered for Resume either
+        interrupted.press("Escape")
         screenshot(page, "train-finished")
 
         page.get_by_role("tab", name="Test").click()  # ready on what was just trained

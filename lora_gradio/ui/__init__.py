@@ -257,10 +257,13 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Timer(1.0).tick(describe_cache, None, cache_status, show_progress="hidden", **PRIVATE)
         app.load(describe_cache, None, cache_status, **PRIVATE)
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             for tab in (dataset_tab, caption_tab, train_tab, test_tab):
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}") as ctx.tab:
                     tab.build(ctx)
+        # a page opened or reloaded while a run trains opens where the run is
+        app.load(lambda: gr.Tabs(selected=train_tab.TITLE.lower()) if studio.training_run() else gr.skip(), None,
+                 tabs, **PRIVATE)
         for state in ctx.outside_tabs:
             state.render()
     return app

@@ -301,7 +301,8 @@ def build(ctx: AppContext) -> None:
     def runs_view() -> tuple[dict, dict, list, dict]:
         """The runs, and their panel opened while some run waits to be resumed."""
         interrupted, listed = resumable_runs(ctx.workspace.outputs_dir), ctx.studio.runs()
-        return (gr.update(choices=interrupted), gr.update(choices=[row[0] for row in listed], value=None), listed,
+        return (gr.update(choices=interrupted, value=None), gr.update(choices=[row[0] for row in listed], value=None),
+                listed,
                 gr.update(open=True) if interrupted else gr.skip())
 
     @user_errors
@@ -361,7 +362,8 @@ def build(ctx: AppContext) -> None:
         return (progress_html(state), chart, gallery, files, log_html(state.log), seen,
                 *(runs_view() if moved else (skip, skip, skip, skip)),
                 gr.update(interactive=state.active) if moved else skip,
-                gr.update(interactive=not state.active) if moved else skip)
+                gr.update(interactive=not state.active) if moved else skip,
+                "" if moved and not state.active else skip)  # no "Training now" line once the run ended
 
     marked = {"show_progress": "hidden", **PRIVATE}
     presets.input(on_preset, [presets, widgets["trigger_word"]], [description, *inputs, sample_preview], **PRIVATE)
@@ -389,7 +391,8 @@ def build(ctx: AppContext) -> None:
     for event in (ctx.dataset.input, ctx.tab.select):  # the word typed in the Caption tab, here on arrival
         event(user_errors(ctx.dataset_trigger), ctx.dataset, widgets["trigger_word"], **PRIVATE)
     ctx.keep_trigger(widgets["trigger_word"])
-    live = [progress, curve, samples, saved, log, seen_losses, runs, doomed, run_table, runs_panel, stop, start]
+    live = [progress, curve, samples, saved, log, seen_losses, runs, doomed, run_table, runs_panel, stop, start,
+            job_line]
     gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
     ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
                  **PRIVATE)
