@@ -23,10 +23,10 @@ COPY --chown=1000:1000 app.py ./
 COPY --chown=1000:1000 lora_gradio ./lora_gradio
 COPY --chown=1000:1000 presets ./presets
 
-# One volume keeps everything: datasets, models, runs and the Hugging Face cache.
+# One volume keeps everything: datasets, models, runs and the Hugging Face cache. The app starts as root only to give
+# that volume to uid 1000 (platforms often mount it owned by root), then runs as uid 1000 (LORA_GRADIO_USER).
 ENV LORA_GRADIO_HOST=0.0.0.0 LORA_GRADIO_PORT=7860 LORA_GRADIO_WORKSPACE=/workspace \
-    HF_HOME=/workspace/.cache/huggingface
-USER 1000
+    HF_HOME=/workspace/.cache/huggingface LORA_GRADIO_USER=1000 HOME=/home/lora
 VOLUME ["/workspace"]
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \

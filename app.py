@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lora_gradio")
 MIN_PASSWORD = 8
 HOUSEKEEPING_S = 600  # how often old uploads and stale links are swept
+STOP_WAIT_S = 60  # how long a stop signal waits for the running jobs to save
 NO_AUTH = ("error: {where} would let anyone who reaches it use this server (its GPU, its files), so it needs a "
            "password: add --auth user:password, --auth-file FILE or LORA_GRADIO_AUTH=user:password "
            "(or --insecure-no-auth if you really mean it).")
@@ -140,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.admin and args.admin not in users:
         print(f"error: --admin {args.admin} is not one of the logins ({', '.join(users) or 'none'}).", file=sys.stderr)
         return 2
+    problem = run_as_app_user(Path(args.workspace))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from lora_gradio.access import Access
     from lora_gradio.errors import UserError
     from lora_gradio.workspace import Workspace
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     public_names = {fn.api_name for fn in app.fns.values() if fn.api_visibility == "public" and fn.api_name}
     sweep = threading.Event()
     threading.Thread(target=housekeeping, args=(studio, sweep), name="housekeeping", daemon=True).start()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):  # docker stop, Ctrl-C: save the running run, then leave
+        signal.signal(stop_signal, lambda number, _frame: stop_and_save(studio, number))
     log.info("lora-gradio: workspace %s%s", workspace.root,
              f", sign-in for {len(auth)} user(s), operator {access.operator}" if auth else "")
     log.info("lora-gradio: open http://%s:%d in your browser", args.host, args.port)
@@ -178,6 +186,39 @@ def main(argv: list[str] | None = None) -> int:
                                                      shown_dir=uploads / SHOWN)]})
     sweep.set()
     return 0
+
+
+def run_as_app_user(workspace: Path) -> str | None:
+    """In the Docker image the app starts as root only to hand the workspace volume (which platforms often mount
+    owned by root) to its own user, LORA_GRADIO_USER, and then runs as that user. Elsewhere, a workspace this user
+    cannot write to is named with the command that fixes it. Returns what is wrong, or None."""
+    wanted = os.environ.get("LORA_GRADIO_USER", "")
+    if wanted.isdigit() and os.geteuid() == 0:
+        uid = int(wanted)
+        workspace.mkdir(parents=True, exist_ok=True)
+        if workspace.stat().st_uid != uid:
+            log.info("lora-gradio: giving the workspace %s to uid %d (it belonged to uid %d)", workspace, uid,
+                     workspace.stat().st_uid)
+            for folder, dirs, files in os.walk(workspace):
+                for name in [folder, *(os.path.join(folder, item) for item in dirs + files)]:
+                    os.lchown(name, uid, uid)
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    if workspace.exists() and not os.access(workspace, os.W_OK | os.X_OK):
+        me, owner = os.geteuid(), workspace.stat().st_uid
+        return (f"the workspace {workspace} belongs to uid {owner}, and this app runs as uid {me}, which cannot write "
+                f"to it. Run: chown -R {me}:{me} {workspace} (in Docker, start the container without --user: it "
+                "fixes this itself), or pass --workspace with a folder you can write to.")
+    return None
+
+
+def stop_and_save(studio: Studio, number: int) -> None:
+    """Stop every job as its Stop button does (a run saves its LoRA and its resume state), then close the server."""
+    log.info("lora-gradio: %s: stopping the running jobs and saving what they learned", signal.Signals(number).name)
+    for title in studio.jobs.stop_all(timeout=STOP_WAIT_S):
+        log.info("lora-gradio: stopped %s", title)
+    raise KeyboardInterrupt  # Gradio's serving loop closes the server on it
 
 
 def housekeeping(studio: Studio, done: threading.Event) -> None:

@@ -1,4 +1,5 @@
-"""Drive the app in the container as a script would: refused without the password, a demo LoRA with it."""
+"""Drive the app in the container as a script would: refused without the password, a demo LoRA with it; or, with
+--start-long-run, start a long run and print its name once it has made a few steps."""
 
 import sys
 import time
@@ -7,6 +8,16 @@ from gradio_client import Client
 from safetensors import safe_open
 
 url, user, password = sys.argv[1:4]
+client = Client(url, auth=(user, password), verbose=False)
+if sys.argv[4:] == ["--start-long-run"]:  # a run the container is stopped in the middle of; prints its name
+    long_run = {**client.predict("demo", api_name="/preset"), "epochs": 500}
+    started = client.predict(dataset="ci", base="demo", settings=long_run, api_name="/train_start")
+    deadline = time.monotonic() + 120
+    while client.predict(started["job_id"], 0, api_name="/job_status")["step"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(started["run"])
+    sys.exit(0)
+
 try:
     Client(url, verbose=False).predict(api_name="/cache_status")
 except Exception as exc:  # any refusal will do; a success will not
@@ -14,7 +25,6 @@ except Exception as exc:  # any refusal will do; a success will not
 else:
     sys.exit("the API answered without the password")
 
-client = Client(url, auth=(user, password), verbose=False)
 started = client.predict(dataset="ci", base="demo", settings=client.predict("demo", api_name="/preset"),
                          api_name="/train_start")
 deadline = time.monotonic() + 600

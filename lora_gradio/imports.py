@@ -246,6 +246,9 @@ def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path, max_
 def _import_entry(entry: Entry, images_dir: Path, room: int | None, max_images: int | None,
                   captions: list[tuple[Entry, bytes]], stored: dict[str, Path]) -> FileResult | None:
     """One entry: a system file is ignored, a caption is read and kept for later, an image is imported."""
+    if ".." in PurePosixPath(str(entry.path).replace("\\", "/")).parts:  # a name like ..\..\x.png climbs out
+        return FileResult(entry.path.name, "skipped", "unsafe path (it leads outside the dataset); refused",
+                          unsafe=True)
     if is_system_file(entry.path):
         return FileResult(entry.path.name, "ignored", "system file")
     suffix = entry.path.suffix.lower()
@@ -321,8 +324,12 @@ def zip_entries(zip_path: Path, source: str | None = None) -> Iterator[Entry | F
     source = source or Path(zip_path).name
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        yield FileResult(source, "skipped", f"not a readable zip ({exc})", source)
+    except (zipfile.BadZipFile, OSError):
+        with Path(zip_path).open("rb") as handle:
+            started_as_zip = handle.read(2) == b"PK"
+        yield FileResult(source, "skipped", "the zip is cut off: its end, which lists the files, is missing (an "
+                         "interrupted download or copy?); download or copy it again" if started_as_zip else
+                         "not a zip file, though its name ends in .zip", source)
         return
     with archive:
         budget = MAX_ZIP_BYTES

@@ -112,6 +112,20 @@ class JobRunner:
                 job.stop.set()
                 job.state.status = "stopping"
 
+    def stop_all(self, timeout: float | None = None) -> list[str]:
+        """Stop every running job (a training run saves what it learned) and wait up to ``timeout`` seconds for them
+        to end, as when the server itself is asked to stop; returns their titles."""
+        with self._lock:
+            running = [job for job in self._jobs.values() if job.state.active]
+            for job in running:
+                job.stop.set()
+                job.state.status = "stopping"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in running:
+            if job.thread is not None:
+                job.thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return [job.state.title for job in running]
+
     def view(self, job_id: str, since: int = 0) -> JobState:
         """A consistent copy of one job's state, with only the losses from index ``since`` on."""
         job = self._job(job_id)

@@ -195,15 +195,32 @@ def match_modules(modules: dict[str, LoraModule], table: dict[str, tuple[str, st
     return fit
 
 
+LYCORIS_KINDS = {"hada_": "LoHa", "lokr_": "LoKr"}  # key parts of LyCORIS's other network kinds
+SD15_CHANNELS = [320, 640, 1280, 1280]  # the UNet's block widths in full-size SD1.5
+
+
 def fit_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe: StableDiffusionPipeline,
              name: str) -> LoraFit:
     """Map a file's modules onto the pipeline; refuse it when it is for another model or holds broken weights."""
     check_finite(tensors, name)
     modules = read_modules(tensors)
+    if all(item.down is None and item.up is None for item in modules.values()):  # not one LoRA pair
+        lycoris = sorted({LYCORIS_KINDS[kind] for item in modules.values() for key in item.extra
+                          for kind in LYCORIS_KINDS if f".{kind}" in key})
+        if lycoris:
+            raise UserError(f"'{name}' is a LyCORIS {' and '.join(lycoris)} file: this app applies LoRA, LoCon and "
+                            "DoRA files. Use it in ComfyUI or A1111/Forge, which load LoHa and LoKr.")
+        raise UserError(f"'{name}' holds no LoRA weights: none of its {len(tensors)} tensors is part of a LoRA pair "
+                        "(lora_down/lora_up or lora_A/lora_B). It may be a checkpoint or an embedding instead.")
     fit = match_modules(modules, module_table(pipe))
     family = architecture(modules, metadata)
     if family == "SD2":
         raise UserError(f"'{name}' is an SD2 LoRA: it does not fit this SD1.x base model. Use an SD1.x LoRA.")
+    if fit.misfits and pipe.unet.config.block_out_channels != SD15_CHANNELS and \
+            not match_modules(read_modules(tensors), sd15_table()).misfits:
+        raise UserError(f"'{name}' is a LoRA for full-size SD1.5, and the base model here is the tiny demo model "
+                        "(SD1.5's layout with far fewer channels), which cannot take it. Pick a real SD1.5 "
+                        "checkpoint as the base model to test it.")
     if fit.misfits or not fit.applied:
         hint = "SDXL" if family == "SDXL" else "another model (or another rank layout)"
         first = fit.misfits[0] if fit.misfits else next(iter(fit.not_applied), "no LoRA weights")
@@ -305,8 +322,14 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise UserError(f"'{path.name}' is not a readable .safetensors LoRA ({exc}).") from exc
+    except Exception as exc:  # the library's own words ("header too large") would not help anyone
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head[:1] == b"\x80" or head == b"PK":  # a pickle, bare or in PyTorch's zip
+            raise UserError(f"'{path.name}' is a PyTorch pickle file under a .safetensors name. Pickle files are "
+                            "refused, since loading one can run any code: get the .safetensors version of it.") from exc
+        raise UserError(f"'{path.name}' is not a readable .safetensors LoRA: its header is damaged or the file is cut "
+                        "off (an interrupted download?). Download or copy it again.") from exc
     return tensors, metadata
 
 

@@ -28,7 +28,7 @@ from .events import Emit, JobEvent
 from .inference import short
 from .jobs import JobRunner, start_resume, start_training
 from .lora_map import inspect_lora, read_metadata
-from .models import DEMO, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
+from .models import DEMO, PICKLE_SUFFIXES, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
 from .training.config import PRESETS_DIR, TrainConfig, list_presets, load_preset, make_config, save_preset
 from .training.data import TrainData
 from .training.loop import TrainResult
@@ -232,6 +232,9 @@ class Studio:
         if not label or label == NO_LORA:
             return None
         files = self.workspace.lora_files()
+        if label not in files and Path(label).suffix.lower() in PICKLE_SUFFIXES:
+            raise UserError(f"LoRA {short(label)} is a pickle file: the app loads .safetensors LoRAs only, since "
+                            "loading a pickle can run any code. Use the .safetensors version of it.")
         if label not in files:
             raise UserError(f"LoRA '{label}' is not in this workspace (outputs/ or models/loras); refresh the list.")
         return files[label]

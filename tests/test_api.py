@@ -245,3 +245,45 @@ def test_an_import_of_a_server_path_dressed_as_an_upload_is_refused(api):
     upload = '{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}'
     assert raw_call(client.src, "import_files", f'"smuggled", [{upload}]') != "event: complete"  # Gradio refuses
     assert not list((workspace / "datasets" / "smuggled" / "images").glob("*"))
+
+
+def test_a_stop_signal_saves_the_running_run_before_the_server_leaves(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from browser import ROOT, free_port
+
+    workspace, port = tmp_path / "workspace", free_port()
+    log = (tmp_path / "app.log").open("w")
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace",
+                                str(workspace)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = wait_for(lambda: connected(f"http://127.0.0.1:{port}/"), 90, "the app")
+        client.predict("signal", api_name="/create_dataset")
+        make_demo_dataset(workspace / "datasets" / "signal" / "images")
+        started = client.predict(dataset="signal", settings=demo_settings(client, epochs=500), api_name="/train_start")
+        wait_for(lambda: job(client, started["job_id"])["step"] >= 3, 90, "a few steps")
+        process.send_signal(signal.SIGTERM)  # what docker stop sends
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        log.close()
+    run = workspace / "outputs" / started["run"]
+    saved = list(run.glob("lora-step*.safetensors"))
+    assert saved and (run / "resume-state.pt").is_file()  # the run can be resumed where it stopped
+    assert "SIGTERM: stopping the running jobs and saving" in (tmp_path / "app.log").read_text()
+
+
+def connected(url):
+    try:
+        return Client(url, verbose=False)
+    except Exception:  # not serving yet
+        return None
+
+
+def test_a_pickle_lora_is_refused_as_one(api):
+    client, workspace = api
+    torch.save({"x": torch.zeros(1)}, workspace / "models" / "loras" / "old_style.pt")
+    with pytest.raises(AppError, match=r"is a pickle file: the app loads .safetensors LoRAs only"):
+        generate(client, "loras/old_style.pt")

@@ -213,3 +213,26 @@ def test_the_report_reads_kohya_folders_as_captions_and_repeats(tmp_path):
     assert "**Repeats**: 10_ohwx woman: ×10 (3 images); 2_style: ×2 (2 images); 35 images per epoch" in text
     assert "**5 images captioned by their folder's name**: 'ohwx woman' (10_ohwx woman), 'style' (2_style)" in text
     assert "**1 image without a caption**" in text
+
+
+def test_a_cut_off_zip_a_fake_zip_and_a_windows_climb_are_named(tmp_path):
+    import zipfile
+
+    from bad_files import photo_bytes
+
+    from lora_gradio.imports import import_sources
+
+    whole = tmp_path / "whole.zip"
+    with zipfile.ZipFile(whole, "w") as packed:
+        packed.writestr("a.png", photo_bytes(1))
+    (tmp_path / "cut.zip").write_bytes(whole.read_bytes()[:-30])  # an interrupted download
+    (tmp_path / "fake.zip").write_bytes(b"just text")
+    (tmp_path / "..\\..\\evil.png").write_bytes(photo_bytes(2))
+    report = import_sources([tmp_path / "cut.zip", tmp_path / "fake.zip", tmp_path / "..\\..\\evil.png"],
+                            tmp_path / "ds" / "images")
+    found = {r.name: r for r in report.files}
+    assert found["cut.zip"].message.startswith("the zip is cut off: its end, which lists the files, is missing")
+    assert found["fake.zip"].message == "not a zip file, though its name ends in .zip"
+    climb = found["..\\..\\evil.png"]
+    assert climb.status == "skipped" and climb.message.startswith("unsafe path") and climb.unsafe
+    assert not list((tmp_path / "ds" / "images").glob("*")) and not list(tmp_path.parent.glob("evil.png"))

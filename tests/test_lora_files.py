@@ -1,5 +1,7 @@
 """Third-party LoRA files in the Test tab: every layout people share, each module applied or named, bad ones refused."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -212,3 +214,31 @@ def test_the_inspector_reads_a_demo_lora_against_the_demo_model(demo_spec, demo_
     printed = subprocess.run([sys.executable, "-m", "lora_gradio", "inspect", str(result.lora_path)],
                              capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0 and "(100%)" in printed.stdout and "do not fit" not in printed.stdout
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("full", r"is a LoRA for full-size SD1.5, and the base model here is the tiny demo model"),
+    ("loha", r"is a LyCORIS LoHa file: this app applies LoRA, LoCon and DoRA files"),
+    ("lokr", r"is a LyCORIS LoKr file"),
+    ("none", r"holds no LoRA weights: none of its 2 tensors is part of a LoRA pair"),
+    ("pickle", r"is a PyTorch pickle file under a .safetensors name. Pickle files are refused"),
+    ("cut", r"is not a readable .safetensors LoRA: its header is damaged or the file is cut off"),
+])
+def test_each_kind_of_unusable_file_is_named_for_what_it_is(view, tmp_path, kind, message):
+    path = tmp_path / f"{kind}.safetensors"
+    conv = "lora_unet_down_blocks_0_resnets_0_conv2"
+    if kind == "full":
+        full_sd15_file(path, "kohya")
+    elif kind in ("loha", "lokr"):
+        save_file({f"{conv}.hada_w1_a" if kind == "loha" else f"{conv}.lokr_w1": torch.randn(4, 4),
+                   f"{conv}.alpha": torch.tensor(4.0)}, path)
+    elif kind == "none":
+        save_file({"model.diffusion_model.out.0.weight": torch.zeros(4), "cond_stage_model.x": torch.zeros(1)}, path)
+    elif kind == "pickle":
+        torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, path)
+    else:
+        save_file({f"{conv}.lora_down.weight": torch.zeros(4, 32)}, tmp_path / "whole.safetensors")
+        path.write_bytes((tmp_path / "whole.safetensors").read_bytes()[:20])
+    with pytest.raises(UserError, match=message) as refused:
+        attach(view, path, "t")
+    assert not re.search(r"header too large|meta tensor|Error\(|\(first: no", str(refused.value))  # no library text
