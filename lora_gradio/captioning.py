@@ -92,8 +92,9 @@ def load_captioner(source: str) -> Captioner:
     if Path(source).is_absolute() or source.startswith((".", "~")):
         raise UserError(f"BLIP folder '{source}' does not exist.")
     return from_hub(load, source, "config.json",
-                    "Connect to the internet for the first use (the weights are cached afterwards), "
-                    "or choose a local folder holding a downloaded BLIP model.")
+                    "Connect to the internet for the first use (the weights are cached afterwards), or download it "
+                    f"on a machine that can: huggingface-cli download {source} --local-dir blip-base, copy that "
+                    "folder into the workspace and pick it under 'Local folder…'.")
 
 
 def to_tags(sentence: str) -> str:

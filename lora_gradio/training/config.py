@@ -194,16 +194,13 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         close = difflib.get_close_matches(name, FIELDS, n=1)
         return f"unknown setting '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-    limits = {k: v for k, v in (error.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt", "multiple_of",
-                                                                        "pattern")}
-    allowed = ", ".join(f"{k} {v}" for k, v in limits.items())
     value = repr(error.get("input"))
     if len(value) > 60:
         value = f"{value[:40]}… ({len(str(error.get('input')))} characters)"
     if error["type"] == "string_pattern_mismatch" and name in PATTERN_HINTS:
         return f"{name} = {value}: {PATTERN_HINTS[name]}"
-    message = error["msg"][:1].lower() + error["msg"][1:]
-    return f"{name} = {value}: {message}" + (f" ({allowed})" if allowed else "")
+    message = error["msg"][:1].lower() + error["msg"][1:]  # it states the bound ("greater than or equal to 1")
+    return f"{name} = {value}: {message}"
 
 
 class SettingsError(UserError):

@@ -26,6 +26,8 @@ CSS = """
 .log-box {display: flex; flex-direction: column-reverse; max-height: 220px; overflow: auto}
 .log-box pre {margin: 0; white-space: pre-wrap; font-size: 12px}
 .invalid-field {outline: 2px solid var(--error-border-color, #ef4444); border-radius: 6px}
+.job-error {color: var(--error-text-color, #b91c1c); white-space: pre-wrap}
+.gradio-container {--block-info-text-color: #4b5563}  /* help lines readable on white (4.5:1 and more) */
 #app-header {align-items: center}
 #app-header h1 {font-size: 1.3rem; margin: 0}
 #app-header p {margin: 0}
@@ -134,6 +136,9 @@ def progress_html(state: JobState) -> str:
     """A job's progress bar with its counts and ETA, readable by people and by tests; the message is escaped."""
     if state.status == "idle":
         return f'<div id="{state.kind or "job"}-progress-text">Nothing running yet.</div>'
+    if state.status == "error":  # no bar: nothing was counted, and the reason is what matters
+        return (f'<div id="{state.kind or "job"}-progress-text">error: {state.title}</div>'
+                f'<div class="job-error">⚠️ {html.escape(public_text(state.message))}</div>')
     fraction = state.step / state.total_steps if state.total_steps else 0.0
     eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.active else ""
     speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""

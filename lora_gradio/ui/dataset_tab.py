@@ -62,7 +62,7 @@ def build(ctx: AppContext) -> None:
             report = gr.Markdown(elem_id="quality-report")
             remove_names = gr.Dropdown(label="Remove from the dataset", multiselect=True, choices=[])
             with gr.Row():
-                remove = gr.Button("Remove selected", variant="stop")
+                remove = gr.Button("Remove selected", variant="stop", interactive=False, elem_id="remove-selected")
                 drop = gr.Button("Delete this dataset…", elem_id="dataset-delete")
             with gr.Row(visible=False, elem_id="dataset-delete-confirm") as confirm_row:
                 confirm_text = gr.Markdown()
@@ -120,6 +120,8 @@ def build(ctx: AppContext) -> None:
         return ctx.studio.start_prepare(name, float(size or 512), bool(crop), ctx.visitor(request))
 
     upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [summary, results, ctx.revision, upload], **PRIVATE)
+    remove_names.change(lambda names: gr.update(interactive=bool(names)), remove_names, remove, show_progress="hidden",
+                        **PRIVATE)
     import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
     remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
     prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepare_job, **PRIVATE)
