@@ -193,3 +193,32 @@ def test_a_mixed_upload_is_counted_right(app, tmp_path):
         assert summary.inner_text().strip() == "8 images and 2 captions imported from 7 files, more.zip."
     images = workspace / "datasets" / "mixed" / "images"
     assert len(list(images.glob("*.png"))) == 8 and len(list(images.glob("*.txt"))) == 2
+
+
+def test_remove_waits_for_a_choice_help_lines_are_readable_and_an_offline_blip_says_what_to_do(app, tmp_path):
+    app_url, workspace = app
+    photos = tmp_path / "two"
+    photos.mkdir()
+    for index in range(2):
+        (photos / f"pick{index}.png").write_bytes(photo_bytes(50 + index))
+    with browser_page() as page:
+        import_into_new_dataset(page, app_url, "edges", photos, "pick1.png")
+        wait_for(lambda: "2 images" in page.locator("#quality-report").inner_text(), 30, "the dataset's view")
+        remove = page.locator("#remove-selected")
+        assert remove.is_disabled()  # nothing chosen: nothing to remove
+        page.get_by_label("Remove from the dataset").click()
+        page.get_by_role("option", name="pick0.png", exact=True).click()
+        page.keyboard.press("Escape")  # the list closes, the choice stays
+        wait_for(lambda: remove.is_enabled(), 30, "Remove, once something is chosen")
+        remove.click()
+        wait_for(lambda: "1 removed" in page.locator("#import-summary").inner_text(), 30, "the removal")
+        assert [p.name for p in (workspace / "datasets" / "edges" / "images").glob("*.png")] == ["pick1.png"]
+
+        page.get_by_role("tab", name="Caption").click()
+        page.locator("#caption-run").click()  # the hub's BLIP, which this offline machine cannot download
+        progress = page.locator("#caption-progress")
+        wait_for(lambda: "huggingface-cli download" in progress.inner_text(), 60, "the offline message")
+        assert progress.inner_text().startswith("error: Captioning edges") and "0/0" not in progress.inner_text()
+        assert not progress.locator("progress").count()  # no empty bar
+        info = page.locator("[data-testid='block-info']").first
+        assert info.evaluate("e => getComputedStyle(e).color") == "rgb(75, 85, 99)"  # help lines readable

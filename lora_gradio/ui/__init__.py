@@ -27,7 +27,8 @@ CSS = """
 .log-box pre {margin: 0; white-space: pre-wrap; font-size: 12px}
 .invalid-field {outline: 2px solid var(--error-border-color, #ef4444); border-radius: 6px}
 .job-error {color: var(--error-text-color, #b91c1c); white-space: pre-wrap}
-.gradio-container {--block-info-text-color: #4b5563}  /* help lines readable on white (4.5:1 and more) */
+[data-testid="block-info"] {color: #4b5563 !important}  /* help lines: 7:1 on white, not the theme's pale grey */
+.dark [data-testid="block-info"] {color: #d1d5db !important}
 #app-header {align-items: center}
 #app-header h1 {font-size: 1.3rem; margin: 0}
 #app-header p {margin: 0}
