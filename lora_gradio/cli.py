@@ -59,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a preset field, e.g. --set rank=32 --set trigger_word=ohwx")
     train.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt base models (they can run code)")
 
-    gen = sub.add_parser("generate", help="generate an image with a LoRA")
+    gen = sub.add_parser("generate", help="generate an image with a LoRA",
+                         formatter_class=ShownDefaults)
     image_settings(gen, "--prompt")
     gen.add_argument("--output", type=Path, required=True, help="PNG file to write")
-    gen.add_argument("--allow-pickle", action="store_true")
+    gen.add_argument("--allow-pickle", action="store_true", help="allow a .ckpt/.pt base model (it can run code)")
 
-    flow = sub.add_parser("workflow", help="write the ComfyUI workflow JSON that uses a LoRA")
+    flow = sub.add_parser("workflow", help="write the ComfyUI workflow JSON that uses a LoRA",
+                          formatter_class=ShownDefaults)
     image_settings(flow, "--prompt", "ohwx, portrait photo")
     flow.add_argument("--format", choices=["ui", "api"], default="ui",
                       help="ui: drop onto ComfyUI or open with Load; api: what ComfyUI's /prompt takes")
@@ -93,17 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ShownDefaults(argparse.HelpFormatter):
+    """Help that states each flag's default, where it has one worth stating."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if not silent and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def image_settings(parser: argparse.ArgumentParser, prompt: str, default_prompt: str | None = None) -> None:
     """The flags of one image: base, LoRA, prompt, sampler and the two ComfyUI strengths."""
     parser.add_argument("--base", default="demo", help="checkpoint file (for workflow: its name in ComfyUI)")
-    parser.add_argument("--lora", type=Path)
-    parser.add_argument(prompt, required=default_prompt is None, default=default_prompt)
-    parser.add_argument("--negative", default="")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
+    parser.add_argument("--lora", type=Path, help="the .safetensors LoRA; none: the base model alone")
+    parser.add_argument(prompt, required=default_prompt is None, default=default_prompt,
+                        help="what to draw; start it with the LoRA's trigger word")
+    parser.add_argument("--negative", default="", help="what to keep out of the image")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same image")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--cfg", type=float, default=7.0, help="how closely to follow the prompt (guidance scale)")
+    parser.add_argument("--width", type=int, help="pixels; default: the base model's own (512 for SD1.5)")
+    parser.add_argument("--height", type=int, help="pixels; default: the base model's own (512 for SD1.5)")
     parser.add_argument("--scheduler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M Karras' or DDIM")
     parser.add_argument("--strength-model", type=float, default=1.0, help="LoRA strength on the UNet (ComfyUI)")
     parser.add_argument("--strength-clip", type=float, default=1.0, help="LoRA strength on the text encoder")

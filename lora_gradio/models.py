@@ -239,11 +239,19 @@ def _sd15_component_configs() -> tuple[dict, dict, dict]:
     return tuple(loaded)
 
 
+def default_side(spec: BaseModelSpec) -> int:
+    """The image side a base model renders when none is asked for: the demo's small one, SD1.5's 512 px."""
+    if spec.kind == DEMO:
+        return DEMO_UNET["sample_size"] * 2 ** (len(DEMO_VAE["block_out_channels"]) - 1)
+    return 512
+
+
 def sd15_skeleton(demo: bool = False) -> StableDiffusionPipeline:
     """The full SD1.5 architecture (or, with ``demo``, the demo model's) on the meta device: its real module names
     and shapes, without memory or files."""
     import torch
 
+    quiet_libraries()  # the pipeline's imports warn about optional image backends the skeleton never uses
     with torch.device("meta"):
         return build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER) if demo else \
             build_pipeline(*_sd15_component_configs())

@@ -28,7 +28,7 @@ from .events import Emit, JobEvent
 from .inference import short
 from .jobs import JobRunner, start_resume, start_training
 from .lora_map import inspect_lora, read_metadata
-from .models import DEMO, PICKLE_SUFFIXES, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, resolve_base
+from .models import DEMO, PICKLE_SUFFIXES, RANDOM_SD15, REPO_ID, BaseModelSpec, ModelCache, default_side, resolve_base
 from .training.config import PRESETS_DIR, TrainConfig, list_presets, load_preset, make_config, save_preset
 from .training.data import TrainData
 from .training.loop import TrainResult
@@ -438,16 +438,19 @@ class Studio:
         return GeneratedImage(path, image.info["parameters"], image.info.get("lora", ""))
 
     def graph(self, base: str | None, request: inference.GenerateRequest) -> list[comfyui.Node]:
-        """The ComfyUI graph that makes a Test-tab image, with the base and LoRA by their file names."""
+        """The ComfyUI graph that makes a Test-tab image, with the base and LoRA by their file names, at the size
+        the Test tab renders (the model's own when the request leaves it at 0)."""
         request.validate()
-        return comfyui.build_graph(request, self.base(base).display_name, request.width or 512,
-                                   request.height or 512)
+        spec = self.base(base)
+        side = default_side(spec)
+        return comfyui.build_graph(request, spec.display_name, request.width or side, request.height or side)
 
     def workflow(self, base: str | None, request: inference.GenerateRequest, api: bool = False,
                  visitor: Visitor = OPERATOR) -> Path:
-        """The ComfyUI workflow (UI format, or API format) for a Test-tab image, saved in the visitor's folder of
-        outputs/test-images."""
-        path = self.test_images_dir(visitor) / f"workflow-{stamp()}{'.api' if api else ''}.json"
+        """The ComfyUI workflow (UI format, or API format) for a Test-tab image, named after its LoRA and saved in
+        the visitor's folder of outputs/test-images."""
+        name = request.lora.stem if request.lora is not None else "base-model"
+        path = self.test_images_dir(visitor) / f"workflow-{stamp()}" / f"{name}{'.api' if api else ''}.workflow.json"
         return comfyui.write_graph(path, self.graph(base, request), api)
 
     def queue_in_comfyui(self, base: str | None, request: inference.GenerateRequest) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,15 @@ def test_the_workflow_command_writes_comfyuis_json(tmp_path, capsys, fmt):
     assert prompt["1"]["inputs"]["ckpt_name"] == "dreamshaper_8.safetensors"
     assert prompt["2"]["inputs"]["lora_name"] == "anna.safetensors" and prompt["2"]["inputs"]["strength_clip"] == 0.5
     assert (prompt["6"]["inputs"]["seed"], prompt["6"]["inputs"]["scheduler"]) == (7, "ddim_uniform")
+
+
+def test_every_generate_flag_says_what_it_does_and_its_default():
+    shown = subprocess.run([sys.executable, "-m", "lora_gradio", "generate", "--help"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "COLUMNS": "200"})
+    flags = re.findall(r"^  (--[\w-]+)(?: [A-Z_{},0-9]+)?\s{2,}(.+)$", shown.stdout, re.MULTILINE)
+    assert {flag for flag, _ in flags} >= {"--base", "--lora", "--prompt", "--seed", "--steps", "--cfg", "--width",
+                                           "--strength-model", "--output", "--allow-pickle"}
+    helps = dict(flags)
+    assert "(default: 0)" in helps["--seed"] and "(default: 20)" in helps["--steps"]
+    assert "(default" not in helps["--lora"]  # no "default: None"
+    assert not shown.stderr

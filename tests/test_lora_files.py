@@ -214,6 +214,7 @@ def test_the_inspector_reads_a_demo_lora_against_the_demo_model(demo_spec, demo_
     printed = subprocess.run([sys.executable, "-m", "lora_gradio", "inspect", str(result.lora_path)],
                              capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0 and "(100%)" in printed.stdout and "do not fit" not in printed.stdout
+    assert "torchvision" not in printed.stderr  # no warnings about backends the inspector never uses
 
 
 @pytest.mark.parametrize(("kind", "message"), [

@@ -114,9 +114,12 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         link.wait_for(timeout=30_000)
         with page.expect_download() as download:
             link.click()
+        assert download.value.suggested_filename == "lora.workflow.json"  # named after the LoRA it loads
         workflow = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
         prompt = api_from_ui(workflow)
         assert prompt["2"]["inputs"]["lora_name"] == "lora.safetensors"
+        latent = next(node["inputs"] for node in prompt.values() if node["class_type"] == "EmptyLatentImage")
+        assert (latent["width"], latent["height"]) == (64, 64)  # the size the Test tab rendered on the demo
         assert prompt["3"]["inputs"]["text"] == "lgdemo, portrait" and prompt["6"]["inputs"]["steps"] == 4
 
         for epoch_file in ("lora-000001.safetensors", "lora-000003.safetensors", "lora.safetensors"):
