@@ -35,6 +35,7 @@ class Visitor:
 
 
 OPERATOR = Visitor()  # the Python API and the CLI run on the operator's own machine
+LOCAL = "local"  # the one user of an app without logins that only this machine reaches
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,13 @@ class Access:
     public: bool = False
 
     def visitor(self, username: str | None, browser: str | None = None) -> Visitor:
-        """The visitor behind a request: its login, or without logins its browser's id."""
+        """The visitor behind a request: its login; without logins, the one local user, or on a public address the
+        browser page's id (which a reload renews: such a stranger keeps nothing across reloads)."""
         if self.logins:
             return Visitor(username, username is not None and username == self.operator)
-        return Visitor(f"browser {browser or 'unknown'}", not self.public)
+        if not self.public:
+            return Visitor(LOCAL, True)
+        return Visitor(f"browser {browser or 'unknown'}", False)
 
     def describe(self) -> str:
         """Who the operator is, as the page states it."""

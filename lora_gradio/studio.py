@@ -130,6 +130,11 @@ class Studio:
         key = "operator" if visitor.name is None else hashlib.sha256(visitor.name.encode()).hexdigest()[:16]
         return self.workspace.outputs_dir / TEST_IMAGES / key
 
+    def test_image(self, name: str, visitor: Visitor = OPERATOR) -> Path | None:
+        """One of the visitor's own Test-tab images by its file name; None when it is not there (any more)."""
+        path = self.test_images_dir(visitor) / Path(str(name)).name
+        return path if path.suffix == ".png" and exists(path) and path.is_file() else None
+
     def base(self, choice: str | None) -> BaseModelSpec:
         """The base model a visitor picked: ``demo``, a file or folder in models/checkpoints, a hub repo id, or a
         path inside the workspace or an allowed folder. Anything else is refused before it is opened."""

@@ -129,6 +129,13 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: list((workspace / "outputs" / "test-images").rglob("grid-*.png")), 120, "the grid")
         screenshot(page, "test-tab")
 
+        page.reload()  # the Test tab comes back as it was left: its images and the grid's rows
+        page.get_by_role("tab", name="Test").click()
+        wait_for(lambda: page.locator("#test-gallery img").count() >= 3, 30, "the images made before the reload")
+        assert "strength_model: 1.0, strength_clip: 1.0" in page.locator("#test-gallery").inner_text()
+        rows = page.locator("#grid-loras").inner_text()
+        assert all(f"{run.name}/{name}" in rows for name in ("lora-000001.safetensors", "lora.safetensors"))
+
     base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
     assert np.array_equal(zero, base)
     assert np.abs(full - base).mean() > 1.0

@@ -7,6 +7,7 @@ import math
 import gradio as gr
 
 from .. import inference
+from ..access import Visitor
 from ..errors import UserError
 from ..jobs import JobState
 from ..studio import NO_LORA, Studio
@@ -14,6 +15,7 @@ from . import MODEL, PRIVATE, AppContext, job_panel, shown, user_errors
 from .base_picker import base_name, base_picker
 
 TITLE = "Test"
+KEEP_IMAGES = 48  # images the gallery keeps, newest first
 
 
 def build(ctx: AppContext) -> None:
@@ -80,8 +82,19 @@ def build(ctx: AppContext) -> None:
             return [shown(state.result) if state.status == "done" else gr.skip()]
 
         grid_job = job_panel(ctx, "grid", grid_done, [grid])
-    history = gr.State([])
+    history = ctx.remembered("test-images", [])  # [file name, parameters] of this browser's images, newest first
+    picked = ctx.remembered("test-grid-loras", [])  # the grid's rows as this browser left them
     newest = gr.State("")  # the newest trained LoRA this page has offered
+
+    def gallery_of(kept: list, visitor: Visitor) -> list:
+        """The remembered images that are still this visitor's test images; the browser's list is only a hint."""
+        items = []
+        for entry in kept if isinstance(kept, list) else []:
+            if isinstance(entry, list | tuple) and len(entry) == 2 and all(isinstance(v, str) for v in entry):
+                path = ctx.studio.test_image(entry[0], visitor)
+                if path is not None:
+                    items.append((shown(path), entry[1]))
+        return items[:KEEP_IMAGES]
 
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
@@ -97,10 +110,11 @@ def build(ctx: AppContext) -> None:
                     progress: gr.Progress = gr.Progress()) -> tuple:
         request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
                                lora_label, s_model, s_clip, skip)
+        visitor = ctx.visitor(page)
         made = ctx.studio.generate(base_name(choice, repo), request, on_wait=lambda text: progress(0, desc=text),
-                                   visitor=ctx.visitor(page))
-        items = [(shown(made.path), made.parameters), *past]
-        return items, items, made.lora
+                                   visitor=visitor)
+        kept = [[made.path.name, made.parameters], *(past if isinstance(past, list) else [])][:KEEP_IMAGES]
+        return gallery_of(kept, visitor), kept, made.lora
 
     @user_errors
     def on_grid(page: gr.Request, choice: str, repo: str, labels: list[str], strength_text: str, *fields: object,
@@ -165,6 +179,15 @@ def build(ctx: AppContext) -> None:
     for event in (ctx.app.load, ctx.tab.select):
         event(ready, [lora, prompt, newest], [lora, prompt, grid_loras, newest], **PRIVATE)
     clear.click(on_clear, None, [cleared, gallery, history], **PRIVATE)
+
+    def restore(kept: list, rows: list, page: gr.Request) -> tuple:
+        """A reload shows this browser's images and grid rows again, as far as they still exist."""
+        labels = set(lora_choices()[1:])
+        rows = [row for row in rows if isinstance(row, str) and row in labels] if isinstance(rows, list) else []
+        return gallery_of(kept, ctx.visitor(page)), gr.update(value=rows) if rows else gr.skip()
+
+    ctx.app.load(restore, [history, picked], [gallery, grid_loras], **PRIVATE)
+    grid_loras.change(lambda rows: rows or [], grid_loras, picked, show_progress="hidden", **PRIVATE)
     lora.change(on_lora, lora, clip_skip, **PRIVATE)
 
 
