@@ -94,7 +94,7 @@ def load_captioner(source: str) -> Captioner:
     return from_hub(load, source, "config.json",
                     "Connect to the internet for the first use (the weights are cached afterwards), or download it "
                     f"on a machine that can: huggingface-cli download {source} --local-dir blip-base, copy that "
-                    "folder into the workspace and pick it under 'Local folder…'.")
+                    "folder into the workspace and pick it as a local folder ('Local folder…').")
 
 
 def to_tags(sentence: str) -> str:

@@ -66,6 +66,7 @@ def test_no_weights_and_no_internet_names_both_remedies():
         load_captioner(DEFAULT_BLIP)
     message = str(info.value)
     assert "internet for the first use" in message and "local folder" in message
+    assert f"huggingface-cli download {DEFAULT_BLIP} --local-dir blip-base" in message
 
 
 def test_local_folder_that_is_not_blip(tmp_path):
