@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +273,17 @@ class Studio:
         if visitor.owns(self.workspace.dataset_settings(dataset).get("owner")):  # another's dataset stays theirs
             self.workspace.set_dataset_settings(dataset, plan.config.trigger_word, plan.data.repeats)
 
+        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, visitor.name,
+                              self.after_run(plan), plan.estimate.steps)
+
+    def after_run(self, plan: TrainingPlan) -> Callable[[TrainResult, Emit], None]:
+        """What follows a finished run: its time against the estimate shown before it, then the ComfyUI copy."""
+
         def finish(result: TrainResult, emit: Emit) -> None:
             self.compare_with_estimate(plan, result, emit)
             self.install_trained(result, emit)
 
-        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, visitor.name,
-                              finish, plan.estimate.steps)
+        return finish
 
     @property
     def timings(self) -> Timings:
@@ -319,7 +324,19 @@ class Studio:
         job = folder.read_job()
         visitor.require(job.owner, f"Run '{folder.path.name}'")
         self.check_job(job)
-        return start_resume(self.jobs, self.cache, folder.path, visitor.name, self.install_trained)
+        return start_resume(self.jobs, self.cache, folder.path, visitor.name, self.after_run(self.plan_rest(folder)))
+
+    def plan_rest(self, folder: RunFolder) -> TrainingPlan:
+        """An interrupted run's estimate for the part still to train: the whole run's, in proportion to the steps
+        left, so a resumed run is compared with an estimate too."""
+        job = folder.read_job()
+        known = self.timings.costs(job.base.display_name, device_name())
+        loaded = self.cache.holds == ("pipeline", job.base)
+        whole = estimate(job.config, job.data, job.base.kind == DEMO, known, loaded)
+        left = max(0, whole.steps - folder.summary().steps) / whole.steps if whole.steps else 1.0
+        rest = replace(whole, seconds=whole.seconds * left if whole.seconds is not None else None,
+                       margin=whole.margin * left if whole.margin is not None else None)
+        return TrainingPlan(job.config, job.base, job.data, rest)
 
     def training_run(self) -> str | None:
         """The folder name of the run training now, if any."""

@@ -385,3 +385,26 @@ def test_a_folder_walk_stops_at_its_limit_and_says_so(tmp_path):
     assert entries[-1].name == "(the rest of the folder)"
     assert "at most 20 files in 30 s" in entries[-1].message and len(entries) == 21
     assert len(list(folder_entries(tmp_path / "photos"))) == 32  # every file, under the default limits
+
+
+def test_a_resumed_run_is_compared_with_the_estimate_of_what_was_left(tmp_path):
+    import time
+
+    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.studio import Studio
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    make_demo_dataset(studio.images_dir(studio.create_dataset("anna")))
+    plan = studio.plan_training("anna", "demo", {"epochs": 20, "resolution": 64})
+    job = studio.start_training(plan)
+    deadline = time.monotonic() + 60
+    while studio.jobs.view(job).step < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    studio.jobs.stop(job)
+    stopped = studio.jobs.wait(job, 60)
+    run = studio.runs()[0][0]
+    rest = studio.plan_rest(studio.run_folder(run))
+    assert rest.estimate.seconds <= plan.estimate.seconds * (1 - stopped.step / plan.estimate.steps) + 1e-9
+    resumed = studio.jobs.wait(studio.resume_training(run), 120)
+    assert resumed.status == "done"
+    assert any(line.startswith("Took ") and "the estimate was about" in line for line in resumed.log)

@@ -34,6 +34,14 @@ def type_into(box, text):
     box.press_sequentially(text)
 
 
+def photos_in(folder, stem, count, seed):
+    """A folder of ``count`` distinct test photos named ``stem0.png``, ``stem1.png``, …"""
+    folder.mkdir()
+    for index in range(count):
+        (folder / f"{stem}{index}.png").write_bytes(photo_bytes(seed + index))
+    return folder
+
+
 def results_text(page):
     return page.locator("#import-results").inner_text()
 
@@ -177,10 +185,7 @@ def test_a_mixed_upload_is_counted_right(app, tmp_path):
     import zipfile
 
     app_url, workspace = app
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    for index in range(5):
-        (mixed / f"loose{index}.png").write_bytes(photo_bytes(30 + index))
+    mixed = photos_in(tmp_path / "mixed", "loose", 5, 30)
     for index in range(2):
         (mixed / f"loose{index}.txt").write_text(f"ohwx, loose {index}", encoding="utf-8")
     with zipfile.ZipFile(mixed / "more.zip", "w") as packed:
@@ -197,10 +202,7 @@ def test_a_mixed_upload_is_counted_right(app, tmp_path):
 
 def test_remove_waits_for_a_choice_help_lines_are_readable_and_an_offline_blip_says_what_to_do(app, tmp_path):
     app_url, workspace = app
-    photos = tmp_path / "two"
-    photos.mkdir()
-    for index in range(2):
-        (photos / f"pick{index}.png").write_bytes(photo_bytes(50 + index))
+    photos = photos_in(tmp_path / "two", "pick", 2, 50)
     with browser_page() as page:
         import_into_new_dataset(page, app_url, "edges", photos, "pick1.png")
         wait_for(lambda: "2 images" in page.locator("#quality-report").inner_text(), 30, "the dataset's view")

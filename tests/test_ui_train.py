@@ -98,6 +98,9 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: "Training now" not in page.locator("#train-job").inner_text(), 30, "the job line to go")
         state = api.predict(api_name="/job_status")
         assert plotted(page) == [(step, loss) for step, loss, _ in state["losses"]]  # every point, as recorded
+        sizes = page.locator("#loss-chart text").evaluate_all(
+            "labels => labels.map(t => parseFloat(getComputedStyle(t).fontSize) * t.getScreenCTM().a)")
+        assert sizes and min(sizes) >= 11  # the chart's words as large on screen as the page's small text
         saved = saved_files(page)
         assert f"lora-step{state['step']:08d}.safetensors" in saved and "lora.safetensors" not in saved
         log = page.locator("#train-log-box")

@@ -8,8 +8,9 @@ import math
 
 SMOOTHING = 0.9
 MAX_POINTS = 500  # the curve keeps its shape; the page gets at most this many points
-WIDTH, HEIGHT = 640, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 64, 24, 36  # room for the axes' numbers and titles
+WIDTH, HEIGHT = 480, 240  # about the chart's width on a 1024 px screen, so its 12 px text stays 12 px there
+LEFT, RIGHT, TOP, BOTTOM = 50, 52, 24, 36  # room for the axes' numbers and titles
+FONT_PX = 12
 Point = tuple[int, float, float | None]  # step, loss, learning rate
 
 
@@ -64,7 +65,8 @@ def loss_chart(points: list[Point], steps_per_epoch: int = 0) -> str:
         return TOP + (high - value) / (high - low) * plot_h
 
     parts = [f'<svg id="loss-chart" viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" role="img" '
-             f'aria-label="Loss over {len(points)} steps" style="max-height:{HEIGHT}px;font:11px sans-serif">']
+             f'aria-label="Loss over {len(points)} steps" style="max-height:{HEIGHT * 1.5:.0f}px;'
+             f'font:{FONT_PX}px sans-serif">']
     for value in ticks(y_low, y_high):
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
                      f'stroke="#8884" /><text x="{LEFT - 4}" y="{y(value) + 4:.1f}" text-anchor="end" '
