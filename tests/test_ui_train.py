@@ -99,7 +99,8 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         state = api.predict(api_name="/job_status")
         assert plotted(page) == [(step, loss) for step, loss, _ in state["losses"]]  # every point, as recorded
         sizes = page.locator("#loss-chart text").evaluate_all(
-            "labels => labels.map(t => parseFloat(getComputedStyle(t).fontSize) * t.getScreenCTM().a)")
+            "labels => labels.map(t => parseFloat(getComputedStyle(t).fontSize) * Math.hypot(t.getScreenCTM().a, "
+            "t.getScreenCTM().b))")  # the scale of each label as drawn, the turned axis title too
         assert sizes and min(sizes) >= 11  # the chart's words as large on screen as the page's small text
         saved = saved_files(page)
         assert f"lora-step{state['step']:08d}.safetensors" in saved and "lora.safetensors" not in saved
@@ -110,7 +111,7 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         page.reload()  # the stopped run waits under Interrupted runs, and the form is as it was
         page.get_by_role("tab", name="Train").click()
         wait_for(lambda: page.locator("#field-epochs input").input_value() == "15", 30, "the form as it was")
-        assert page.locator("#train-job").inner_text().strip() == ""  # nothing runs now
+        assert page.locator("#train-job [data-testid='markdown']").inner_text().strip() == ""  # nothing runs now
         wait_for(lambda: page.locator("#train-runs").is_visible(), 30, "the runs, opened for the interrupted one")
         choose(page, "#train-runs", run)
         before = len(plotted(page))

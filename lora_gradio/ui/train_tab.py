@@ -395,5 +395,5 @@ def build(ctx: AppContext) -> None:
             job_line]
     gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
     ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
-                 **PRIVATE)
-    ctx.app.load(on_tick, seen_losses, live, **PRIVATE)
+                 **marked)
+    ctx.app.load(on_tick, seen_losses, live, **marked)  # a refresh, with no spinner over the widgets
