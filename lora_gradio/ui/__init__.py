@@ -63,7 +63,8 @@ class AppContext:
         return self.studio.workspace
 
     def visitor(self, request: gr.Request) -> Visitor:
-        """Who sent a page event: their login, or without logins this browser page's id."""
+        """Who sent a page event: their login; without logins, the one local user, or on a public address this
+        browser page's id."""
         return self.studio.access.visitor(request.username, request.session_hash)
 
     def keep_trigger(self, box: gr.Textbox) -> None:
@@ -138,7 +139,7 @@ def progress_html(state: JobState) -> str:
     if state.status == "idle":
         return f'<div id="{state.kind or "job"}-progress-text">Nothing running yet.</div>'
     if state.status == "error":  # no bar: nothing was counted, and the reason is what matters
-        return (f'<div id="{state.kind or "job"}-progress-text">error: {state.title}</div>'
+        return (f'<div id="{state.kind or "job"}-progress-text">error: {html.escape(state.title)}</div>'
                 f'<div class="job-error">⚠️ {html.escape(public_text(state.message))}</div>')
     fraction = state.step / state.total_steps if state.total_steps else 0.0
     eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.active else ""
