@@ -44,7 +44,7 @@ def show(upload_dir: Path, path: Path | str) -> Path:
         try:
             os.link(source, target)
         except FileExistsError:  # another request linked it first
-            pass
+            return target
         except OSError:  # another file system: a copy, written whole before it appears
             write_bytes_atomic(target, source.read_bytes())
     return target
