@@ -223,14 +223,14 @@ class Studio:
 
     def housekeeping(self) -> str:
         """Remove shown files whose source is gone, and uploads past the age or the size budget."""
-        links = served.forget_deleted(self.upload_dir)
+        links = self.forget_deleted()
         uploads = served.clean_uploads(self.upload_dir, self.limits.keep_uploads_hours * 3600,
                                        self.limits.uploads_budget_mb * 2**20)
         return f"{links} stale links and {uploads} old uploads removed."
 
-    def forget_deleted(self) -> None:
-        """Stop serving what was just deleted: its old URLs answer 404."""
-        served.forget_deleted(self.upload_dir)
+    def forget_deleted(self) -> int:
+        """Stop serving what was just deleted (its old URLs answer 404); returns how many links went."""
+        return served.forget_deleted(self.upload_dir)
 
     def lora(self, label: str | None) -> Path | None:
         """The LoRA file behind a label of :meth:`Workspace.lora_files`; None for no LoRA."""

@@ -63,9 +63,8 @@ class AppContext:
         return self.studio.workspace
 
     def visitor(self, request: gr.Request) -> Visitor:
-        """Who sent a page event: their login; without logins, the one local user, or on a public address this
-        browser page's id."""
-        return self.studio.access.visitor(request.username, request.session_hash)
+        """Who sent a page event."""
+        return visitor_of(self.studio, request)
 
     def keep_trigger(self, box: gr.Textbox) -> None:
         """Save what is typed in a trigger-word box as the chosen dataset's word, so every tab shows the same one; in
@@ -101,6 +100,12 @@ def _on_user_error(answer: Callable[[UserError], Any]) -> Callable[[Callable[...
         return wrapped
 
     return decorate
+
+
+def visitor_of(studio: Studio, request: gr.Request) -> Visitor:
+    """Who sent an event or an API call: their login; without logins, the one local user, or on a public address
+    this browser page's id."""
+    return studio.access.visitor(request.username, request.session_hash)
 
 
 def public_text(text: str) -> str:

@@ -17,7 +17,7 @@ from ..access import Visitor
 from ..inference import GenerateRequest, short
 from ..jobs import JobState
 from ..studio import Studio
-from . import MODEL, api_errors, public_text, shown
+from . import MODEL, api_errors, public_text, shown, visitor_of
 
 
 def plain(value: Any) -> Any:
@@ -45,7 +45,7 @@ def register(studio: Studio) -> None:
     acts for the visitor behind the request (the page's events check the same)."""
 
     def visitor(request: gr.Request) -> Visitor:
-        return studio.access.visitor(request.username, request.session_hash)
+        return visitor_of(studio, request)
 
     def finished(job_id: str) -> JobState:
         state = studio.jobs.wait(job_id)
