@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.studio import Studio
 from lora_gradio.workspace import Workspace
 

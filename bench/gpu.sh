@@ -36,7 +36,7 @@ step() {  # run one command, keep its output in $out/$1, remember a failure
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "FAILED: $*"; failed=1; }
 }
 data=$(mktemp -d)/data
-$python -c "from lora_gradio.dataset import make_demo_dataset; make_demo_dataset('$data/4_demo', size=$size)"
+$python -c "from lora_gradio.demo.shapes import make_demo_dataset; make_demo_dataset('$data/4_demo', size=$size)"
 
 for precision in fp16 bf16; do
   step "train-$precision.log" $timer $python -m lora_gradio train --base $base --data "$data" \

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.jobs import JobRunner, start_training
 from lora_gradio.models import ModelCache, resolve_base
 from lora_gradio.training.config import apply_overrides, load_preset

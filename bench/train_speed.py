@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.estimate import peak_memory_gb
 from lora_gradio.models import ModelCache, encode_prompts, pick_device, pipeline_view, resolve_base
 from lora_gradio.training.config import TrainConfig, apply_overrides, load_preset
@@ -88,7 +88,7 @@ def run_loop(loop: str, config: TrainConfig, base_name: str, steps: int) -> dict
         stamps: list[float] = []  # when each step's event came: past two warm-up steps, as the references time
         with tempfile.TemporaryDirectory() as tmp:
             repeats = -(-(steps + 2) * config.batch_size // 8)  # the demo dataset has 8 images
-            make_demo_dataset(Path(tmp) / "data" / f"{repeats}_demo", size=config.resolution)
+            make_demo_dataset(Path(tmp) / "data" / f"{repeats}_demo", count=8, size=config.resolution)
             train(apply_overrides(config, {"max_train_steps": steps + 2}), base, Path(tmp) / "data",
                   Path(tmp) / "out", cache=cache,
                   on_event=lambda event: stamps.append(time.perf_counter()) if event.kind == "step" else None)

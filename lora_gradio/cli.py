@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run", type=Path, help="the run's output folder (it holds job.json)")
 
     brought = sub.add_parser("import", help="import photos, captions, zips and folders into a training folder")
-    brought.add_argument("sources", type=Path, nargs="+", help="images, .txt captions, .zip files or folders")
+    brought.add_argument("sources", type=Path, nargs="*", help="images, .txt captions, .zip files or folders")
     brought.add_argument("--into", type=Path, required=True, help="the folder to train on (train --data)")
+    brought.add_argument("--demo", action="store_true",
+                         help="also write the demo dataset: 20 captioned rings for the demo base to learn")
 
     sub.add_parser("presets", help="list the presets")
     return parser
@@ -175,7 +177,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Start a run from a preset, the overrides and a dataset."""
-    from .dataset import make_demo_dataset
+    from dataclasses import replace
+
+    from .demo.shapes import DEMO_TRIGGER, make_demo_dataset
     from .jobs import run_training
     from .models import DEMO, DEMO_NOTE, resolve_base
     from .training.config import apply_overrides, load_preset
@@ -193,7 +197,8 @@ def run_train(args: argparse.Namespace) -> int:
     if data is None:
         if base.kind != DEMO:
             raise UserError("--data is required unless --base demo (which can make its own demo images).")
-        data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word or "lgdemo")
+        config = replace(config, trigger_word=config.trigger_word or DEMO_TRIGGER)  # the samples' {trigger}
+        data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word)
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
     regular = args.reg_data / "images" if args.reg_data and (args.reg_data / "images").is_dir() else args.reg_data
@@ -203,8 +208,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     """Import as the Dataset tab does: a line for each file that was skipped or needs a look, then the summary."""
+    from .demo.shapes import DEMO_IMAGES, DEMO_TRIGGER, make_demo_dataset
     from .imports import import_folder, import_sources
 
+    if not args.sources and not args.demo:
+        raise UserError("Name the images, captions, zips or folders to import, or --demo for the demo dataset.")
+    if args.demo:
+        make_demo_dataset(args.into)
+        print(f"Wrote the demo dataset into {args.into}: {DEMO_IMAGES} rings captioned '{DEMO_TRIGGER}, a … "
+              f"{DEMO_TRIGGER} on a … background'. Train it on the demo base: python -m lora_gradio train --preset "
+              f"demo --data {args.into} --output OUT")
     reports = [import_folder(source, args.into) if source.is_dir() else import_sources([source], args.into)
                for source in args.sources]
     for report in reports:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import re
 import unicodedata
@@ -15,7 +14,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, ImageStat
 from pillow_heif import register_heif_opener
 
-from .atomic import write_bytes_atomic, write_text_atomic
+from .atomic import write_text_atomic
 from .errors import UserError
 
 register_heif_opener()  # HEIC photos from phones
@@ -350,25 +349,3 @@ def oriented_size(path: Path) -> tuple[int, int]:
         width, height = img.size
         turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
     return (height, width) if turned else (width, height)
-
-
-DEMO_SUBJECTS = [("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 180, 70)), ("yellow", (230, 200, 40))]
-
-
-def make_demo_dataset(folder: Path, trigger_word: str = "lgdemo", size: int = 96) -> Path:
-    """Write eight small captioned images of coloured shapes, so training works on a fresh clone."""
-    from PIL import ImageDraw
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, (shape, (colour, rgb)) in enumerate((s, c) for s in ("circle", "square") for c in DEMO_SUBJECTS):
-        img = Image.new("RGB", (size, size), (245, 240, 230))
-        draw = ImageDraw.Draw(img)
-        box = (size // 5, size // 5, size * 4 // 5, size * 4 // 5)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb)
-        name = f"{index:02d}_{colour}_{shape}"
-        encoded = io.BytesIO()
-        img.save(encoded, format="PNG")
-        write_bytes_atomic(folder / f"{name}.png", encoded.getvalue())  # parallel ranks may write it too
-        write_caption(folder / f"{name}.png", f"{trigger_word}, a {colour} {shape} on a plain background")
-    return folder

@@ -41,7 +41,7 @@ DEMO_UNET = {
     "sample_size": 8,
 }
 DEMO_VAE = {
-    "block_out_channels": [8, 16, 32, 32],
+    "block_out_channels": [16, 32, 32, 32],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "latent_channels": 4,
@@ -62,7 +62,9 @@ DEMO_TEXT_ENCODER = {
     "eos_token_id": 49407,
     "pad_token_id": 49407,
 }
-DEMO_NOTE = "The demo base model has random weights: it trains and runs in seconds, but its images are noise."
+DEMO_NOTE = ("The demo base model is tiny: it draws 64 px pictures of a red, orange, yellow, green, blue, purple, "
+             "black or white circle, square or triangle on a background of another of those colours, and knows "
+             "nothing else. Train the demo dataset (Load demo dataset) to teach it a ring.")
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,9 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
     quiet_libraries()
 
     if spec.kind == DEMO:
-        return build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER)
+        from .demo.base import load_weights
+
+        return load_weights(build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER))
     if spec.kind == RANDOM_SD15:
         return build_pipeline(*_sd15_component_configs())
     try:

@@ -162,6 +162,18 @@ class Studio:
                 self.workspace.set_dataset_settings(folder.name, owner=visitor.name)
         return self.workspace.dataset_dir(name).name
 
+    def load_demo_dataset(self, visitor: Visitor = OPERATOR) -> str:
+        """Create the demo dataset (rings, a shape the demo base has never seen) as an ordinary dataset of this
+        visitor's, under the first free name; returns that name."""
+        from .demo.shapes import DEMO_TRIGGER, make_demo_dataset
+
+        taken = set(self.workspace.list_datasets())
+        name = next(n for n in ("demo-rings", *(f"demo-rings-{i}" for i in range(2, 10_000))) if n not in taken)
+        self.create_dataset(name, visitor)
+        make_demo_dataset(self.images_dir(name))
+        self.workspace.set_dataset_settings(name, DEMO_TRIGGER)
+        return name
+
     def dataset_exists(self, name: str) -> bool:
         """Whether a dataset of that (valid) name exists."""
         try:
@@ -253,6 +265,8 @@ class Studio:
         if not dataset:
             raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
         config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
+        if config.output_name == TrainConfig().output_name:  # not named: after the dataset, so runs do not collide
+            config = replace(config, output_name=lora_name(dataset))
         spec = self.base(base)
         images, prepared = self.workspace.training_data(dataset)
         if not images.is_dir() or not list_images(images):
@@ -561,6 +575,11 @@ class Studio:
         if not dataset:
             raise UserError("Choose or create a dataset first (above the tabs).")
         return self.workspace.dataset_dir(dataset) / "images"
+
+
+def lora_name(dataset: str) -> str:
+    """A LoRA file name from a dataset's name: spaces and other characters a file name avoids become '-'."""
+    return re.sub(r"[^\w.-]", "-", dataset.strip()).lstrip(".-")[:100] or TrainConfig().output_name
 
 
 def exists(path: Path) -> bool:

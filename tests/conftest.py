@@ -40,9 +40,9 @@ def tiny_checkpoint(tmp_path_factory, demo_pipe):
 
 @pytest.fixture
 def demo_data(tmp_path):
-    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.demo.shapes import make_demo_dataset
 
-    return make_demo_dataset(tmp_path / "data")
+    return make_demo_dataset(tmp_path / "data", count=8)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.models import resolve_base
 from lora_gradio.training.config import apply_overrides, load_preset
 from lora_gradio.training.loop import train
@@ -13,7 +13,7 @@ out = Path(sys.argv[1])
 config = apply_overrides(load_preset("demo")[0], {"epochs": 4, "lr_scheduler": "linear", "unet_lr": 1e-3,
                                                   "save_every_n_epochs": 0})
 events = []
-result = train(config, resolve_base("demo"), make_demo_dataset(out / "data"), out / "run",
+result = train(config, resolve_base("demo"), make_demo_dataset(out / "data", count=8), out / "run",
                on_event=lambda event: events.append(event))
 steps = [(e.step, e.lr) for e in events if e.kind == "step"]
 totals = {e.total_steps for e in events if e.kind == "step"}

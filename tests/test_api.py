@@ -11,7 +11,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from safetensors import safe_open
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def generate(client, lora="", strength=1.0, seed=3):
 def test_train_stop_generate_and_grid_through_the_api(api):
     client, workspace = api
     client.predict("apidata", api_name="/create_dataset")
-    make_demo_dataset(workspace / "datasets" / "apidata" / "images")
+    make_demo_dataset(workspace / "datasets" / "apidata" / "images", count=8)
     started = client.predict(dataset="apidata", base="demo",
                              settings=demo_settings(client, epochs=400, trigger_word="lgdemo"), api_name="/train_start")
     assert "1600 steps" in started["estimate"] and started["job_id"]
@@ -59,7 +59,7 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     client.predict(job_id=started["job_id"], api_name="/train_stop")
     wait_for(lambda: job(client)["status"] == "stopped", 60, "the stop")
     state = job(client, started["job_id"])
-    assert state["saved"][-1].endswith(f"lora-step{state['step']:08d}.safetensors")  # not the finished run's name
+    assert state["saved"][-1].endswith(f"apidata-step{state['step']:08d}.safetensors")  # not the finished run's name
     assert len(state["losses"]) == state["step"]
     assert "job_id" not in state and started["job_id"] not in str(state)  # the key to Stop is never shown
     lora = f"{started['run']}/{Path(state['saved'][-1]).name}"
@@ -261,7 +261,7 @@ def test_a_stop_signal_saves_the_running_run_before_the_server_leaves(tmp_path):
     try:
         client = wait_for(lambda: connected(f"http://127.0.0.1:{port}/"), 90, "the app")
         client.predict("signal", api_name="/create_dataset")
-        make_demo_dataset(workspace / "datasets" / "signal" / "images")
+        make_demo_dataset(workspace / "datasets" / "signal" / "images", count=8)
         started = client.predict(dataset="signal", settings=demo_settings(client, epochs=500), api_name="/train_start")
         wait_for(lambda: job(client, started["job_id"])["step"] >= 3, 90, "a few steps")
         process.send_signal(signal.SIGTERM)  # what docker stop sends
@@ -270,7 +270,7 @@ def test_a_stop_signal_saves_the_running_run_before_the_server_leaves(tmp_path):
         process.kill()
         log.close()
     run = workspace / "outputs" / started["run"]
-    saved = list(run.glob("lora-step*.safetensors"))
+    saved = list(run.glob("signal-step*.safetensors"))
     assert saved and (run / "resume-state.pt").is_file()  # the run can be resumed where it stopped
     assert "SIGTERM: stopping the running jobs and saving" in (tmp_path / "app.log").read_text()
 

@@ -8,7 +8,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from tiny_blip import save_tiny_blip
 
-from lora_gradio.dataset import make_demo_dataset, read_caption
+from lora_gradio.dataset import read_caption
+from lora_gradio.demo.shapes import make_demo_dataset
 
 GENERATIONS = 8
 
@@ -23,7 +24,7 @@ def crowd_app(tmp_path_factory):
 def test_eight_generations_a_captioning_and_a_prepare_at_once(crowd_app):
     url, workspace = crowd_app
     Client(url, verbose=False).predict("crowd", api_name="/create_dataset")
-    images = make_demo_dataset(workspace / "datasets" / "crowd" / "images")
+    images = make_demo_dataset(workspace / "datasets" / "crowd" / "images", count=8)
     blip = save_tiny_blip(workspace / "models" / "blip")
     start = threading.Barrier(GENERATIONS + 2)
     outcomes: dict[str, object] = {}
@@ -64,7 +65,7 @@ def test_eight_generations_a_captioning_and_a_prepare_at_once(crowd_app):
     for index in range(GENERATIONS):
         result = outcomes[f"generate-{index}"]
         assert result["image"].endswith(".png") and f"Seed: {index}" in result["parameters"]
-    assert len(outcomes["caption"]["written"]) == 8 and read_caption(images / "00_red_circle.png").startswith(
+    assert len(outcomes["caption"]["written"]) == 8 and read_caption(images / "00_red_ring.png").startswith(
         "lgcrowd, ")
     assert outcomes["prepare"] == {"prepared": 8, "skipped": []}
 

@@ -11,7 +11,7 @@ from gradio_client.exceptions import AppError
 
 from lora_gradio import comfyui
 from lora_gradio.cli import main
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.errors import UserError
 from lora_gradio.inference import GenerateRequest
 from lora_gradio.models import resolve_base
@@ -151,7 +151,7 @@ def test_the_app_sends_to_comfyui_and_shows_its_queue_error(tmp_path, comfy_erro
         assert len(comfy_error.received) == 2
 
         client.predict("shapes", api_name="/create_dataset")
-        make_demo_dataset(workspace / "datasets" / "shapes" / "images")
+        make_demo_dataset(workspace / "datasets" / "shapes" / "images", count=8)
         settings = {**client.predict("demo", api_name="/preset"), "epochs": 1, "output_name": "shapes"}
         started = client.predict(dataset="shapes", settings=settings, api_name="/train_start")
         wait_for(lambda: client.predict(started["job_id"], 0, api_name="/job_status")["status"] == "done", 120,

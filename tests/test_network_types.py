@@ -188,8 +188,12 @@ def test_a_run_trains_and_saves_each_network_type(demo_spec, demo_data, quick_co
         metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     assert metadata["ss_network_dropout"] == "0.1"
     assert json.loads(metadata["ss_network_args"]) == kohya.network_args(config)
-    ups = [tensor for key, tensor in tensors.items() if key.endswith("lora_up.weight")]
-    assert all(tensor.abs().sum() > 0 for tensor in ups)  # every layer learned something
+    ups = {key: tensor for key, tensor in tensors.items() if key.endswith("lora_up.weight")}
+    # the mid block's self-attention sees one position at 64 px: a softmax over one key gives q and k no gradient
+    single = ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
+              "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k")
+    assert all(tensor.abs().sum() > 0 for key, tensor in ups.items() if not key.startswith(single))  # every other
+    assert len(ups) > len(single) * 10
     if network_type == "locon":
         assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[:2] == (2, 32)
         assert float(tensors["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 1.0

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from browser import running_app
 from gradio_client import Client
+from PIL import Image
+
+from lora_gradio.demo.shapes import DEMO_IMAGES
+from lora_gradio.demo.vision import read_picture
+from lora_gradio.training.config import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- the README flow test runs this block as it stands -->"
@@ -42,7 +47,10 @@ def test_the_readme_flow_works_from_the_repository_root(tmp_path):
                           text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     run = copy / "workspace" / "outputs" / "demo"
-    assert (run / "lora.safetensors").is_file() and (run / "test.png").is_file()
+    assert (run / "lora.safetensors").is_file()
+    drawn = read_picture(Image.open(run / "test.png"))  # the demo base draws what the prompt's words say
+    assert (drawn.colour, drawn.background) == ("blue", "yellow"), drawn
+    assert len(list((copy / "workspace" / "datasets" / "demo-rings" / "images").glob("*.png"))) == DEMO_IMAGES
     assert json.loads((run / "demo.workflow.json").read_text(encoding="utf-8"))["nodes"]
     assert "kohya" in done.stdout and "lora.safetensors" in done.stdout
 
@@ -51,4 +59,5 @@ def test_the_readme_flow_works_from_the_repository_root(tmp_path):
 
     with running_app(copy / "workspace", root=copy) as url:  # `.venv/bin/python app.py`, to start it again
         listed = Client(url, verbose=False).predict(api_name="/runs")
-    assert [(r["run"], r["status"], r["steps"]) for r in listed] == [("demo", "finished", "12/12")]
+    steps = load_preset("demo")[0].epochs * DEMO_IMAGES // load_preset("demo")[0].batch_size
+    assert [(r["run"], r["status"], r["steps"]) for r in listed] == [("demo", "finished", f"{steps}/{steps}")]

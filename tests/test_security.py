@@ -13,7 +13,7 @@ from browser import ROOT, running_app
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 
 USER, PASSWORD = "anna", "s3cret-Passw0rd"
 
@@ -85,14 +85,14 @@ def client(locked):
     url, workspace, _ = locked
     app = Client(url, auth=(USER, PASSWORD), verbose=False)
     app.predict("mine", api_name="/create_dataset")
-    make_demo_dataset(workspace / "datasets" / "mine" / "images")
+    make_demo_dataset(workspace / "datasets" / "mine" / "images", count=8)
     return app
 
 
 def outside_folder(workspace):
     folder = workspace.parent / "private-photos"
     if not folder.exists():
-        make_demo_dataset(folder)
+        make_demo_dataset(folder, count=8)
     return folder
 
 
@@ -179,7 +179,7 @@ def test_only_what_the_page_shows_is_served(client, locked):
     (workspace / "settings.json").write_text("{}")
     client.predict(dataset="mine", settings={**client.predict("demo", api_name="/preset"), "epochs": 1,
                                              "sample_prompts": ["lgdemo"]}, api_name="/train_start")
-    run = next((workspace / "outputs").glob("lora-*"))
+    run = next((workspace / "outputs").glob("mine-*"))
     state = client.predict("", 0, api_name="/job_status")
     while state["status"] in ("running", "stopping"):
         state = client.predict("", 0, api_name="/job_status")
@@ -187,7 +187,7 @@ def test_only_what_the_page_shows_is_served(client, locked):
     image = client.predict(prompt="lgdemo", steps=2, api_name="/generate")
     assert image["image"].endswith(".png")
     for private in (workspace / "settings.json", run / "job.json", run / "resume-state.pt",
-                    workspace / "datasets" / "mine" / "images" / "00_red_circle.png",
+                    workspace / "datasets" / "mine" / "images" / "00_red_ring.png",
                     next((workspace / "outputs" / "test-images").rglob("*.png"))):
         assert fetch(url, private) == 403, private
     shown = list((workspace / ".cache" / "gradio" / "shown").glob("*/*.png"))
@@ -330,14 +330,14 @@ def test_runs_belong_to_who_started_them_and_delete_means_deleted(guest, client,
 
 def test_a_guest_run_over_the_caps_is_refused_before_it_starts(guest, locked):
     _, workspace, _ = locked
-    make_demo_dataset(workspace / "datasets" / "ben-set" / "images")
+    make_demo_dataset(workspace / "datasets" / "ben-set" / "images", count=8)
     settings = guest.predict("demo", api_name="/preset")
     with pytest.raises(AppError, match=r"estimated at about .*up to 120 min a run .*--max-train-minutes"):
         guest.predict(dataset="ben-set", settings={**settings, "epochs": 10_000}, api_name="/train_start")
     with pytest.raises(AppError, match=r"would render \d+ sample images, .* allows visitors 200 a run .*--max-samples"):
         guest.predict(dataset="ben-set", settings={**settings, "epochs": 200, "sample_every_n_steps": 1,
                                                    "sample_prompts": ["lgdemo"]}, api_name="/train_start")
-    assert not [p for p in (workspace / "outputs").iterdir() if p.name.startswith("lora-")
+    assert not [p for p in (workspace / "outputs").iterdir() if p.name.startswith("ben-set-")
                 and json.loads((p / "job.json").read_text()).get("started_by") == "ben"]
 
 

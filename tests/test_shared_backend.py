@@ -12,12 +12,12 @@ from bad_files import photo_bytes, png_bomb
 from PIL import Image
 
 from lora_gradio.dataset import (
-    make_demo_dataset,
     prepared_status,
     scan_training_folder,
     split_tags,
     write_caption,
 )
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.errors import UserError
 from lora_gradio.estimate import estimate
 from lora_gradio.jobs import JobState
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def mixed_dataset(folder: Path) -> Path:
     """Eight squares and five wide images: two buckets, so batches are not a simple division."""
-    make_demo_dataset(folder)
+    make_demo_dataset(folder, count=8)
     for index in range(5):
         (folder / f"wide{index}.png").write_bytes(photo_bytes(index, (160, 96)))
         write_caption(folder / f"wide{index}.png", "lgdemo, wide")
@@ -67,20 +67,20 @@ def test_two_processes_scale_the_schedule_so_the_rate_falls_evenly_to_the_last_s
 
 
 def test_an_edit_after_prepare_reaches_training_and_an_addition_is_announced(tmp_path):
-    images = make_demo_dataset(tmp_path / "ds" / "images")
+    images = make_demo_dataset(tmp_path / "ds" / "images", count=8)
     prepared = tmp_path / "ds" / "prepared"
     prepare_dataset(images, prepared, 64)
     assert not list(prepared.rglob("*.txt"))  # pixels only
-    write_caption(images / "00_red_circle.png", "lgdemo, a crimson disc")
+    write_caption(images / "00_red_ring.png", "lgdemo, a crimson disc")
     scan = scan_training_folder(images, "lgdemo", prepared)
-    item = next(i for i in scan.images if i.path.stem == "00_red_circle")
+    item = next(i for i in scan.images if i.path.stem == "00_red_ring")
     assert item.caption == "lgdemo, a crimson disc" and item.path.parent == prepared  # new words, prepared pixels
     assert prepared_status(images, prepared).message() is None
 
     (images / "new.png").write_bytes(photo_bytes(3, (96, 96)))
-    (images / "01_blue_circle.png").unlink()
+    (images / "01_orange_ring.png").unlink()
     status = prepared_status(images, prepared)
-    assert status.added == ["new.png"] and status.removed == ["01_blue_circle.png"]
+    assert status.added == ["new.png"] and status.removed == ["01_orange_ring.png"]
     config = TrainConfig(trigger_word="lgdemo", resolution=64, epochs=1)
     text = estimate(config, TrainData(images, prepared), demo=True).markdown()
     assert "1 image was added (new.png)" in text and "press Prepare again" in text
@@ -91,7 +91,7 @@ def test_an_edit_after_prepare_reaches_training_and_an_addition_is_announced(tmp
 def test_a_stopped_prepare_keeps_the_previous_copies(tmp_path):
     import threading
 
-    images = make_demo_dataset(tmp_path / "ds" / "images")
+    images = make_demo_dataset(tmp_path / "ds" / "images", count=8)
     prepared = tmp_path / "ds" / "prepared"
     prepare_dataset(images, prepared, 64)
     before = sorted(p.name for p in prepared.iterdir())
@@ -212,12 +212,11 @@ def test_a_page_is_sent_only_new_losses(demo_spec, demo_data, quick_config, tmp_
 
 def test_a_dataset_keeps_its_trigger_word_for_every_tab(tmp_path):
     from lora_gradio.captioning import CaptionOptions
-    from lora_gradio.dataset import make_demo_dataset
     from lora_gradio.studio import Studio
 
     studio = Studio(Workspace.open(tmp_path / "ws"))
     studio.workspace.dataset_dir("anna", create=True)
-    make_demo_dataset(studio.images_dir("anna"))
+    make_demo_dataset(studio.images_dir("anna"), count=8)
     assert studio.workspace.trigger_word("anna") == ""
     with pytest.raises(UserError, match="local BLIP folder"):  # refused before it starts: nothing is kept
         studio.start_caption("anna", " ", CaptionOptions("ohwx"))
@@ -228,7 +227,7 @@ def test_a_dataset_keeps_its_trigger_word_for_every_tab(tmp_path):
     assert state.status == "done" and state.total_steps == 24
     assert studio.workspace.trigger_word("anna") == "ohwx" and studio.workspace.repeats("anna") == 3
     run = studio.runs()[0][0]
-    assert studio.newest_lora() == f"{run}/lora.safetensors" and studio.lora_trigger(studio.newest_lora()) == "ohwx"
+    assert studio.newest_lora() == f"{run}/anna.safetensors" and studio.lora_trigger(studio.newest_lora()) == "ohwx"
     (studio.workspace.dataset_dir("anna") / "dataset.json").write_text("{broken", encoding="utf-8")
     assert studio.workspace.trigger_word("anna") == ""  # a damaged file is not an error for the page
 
@@ -283,13 +282,12 @@ def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measur
     and right, and the next estimate is built from the measured parts."""
     import re
 
-    from lora_gradio.dataset import make_demo_dataset
     from lora_gradio.estimate import TIMINGS_FILE
     from lora_gradio.studio import Studio
 
     studio = Studio(Workspace.open(tmp_path / "ws"))
     studio.workspace.dataset_dir("anna", create=True)
-    make_demo_dataset(studio.images_dir("anna"))
+    make_demo_dataset(studio.images_dir("anna"), count=8)
     settings = {"trigger_word": "ohwx", "epochs": 2, "resolution": 64, "batch_size": 2, "sample_steps": 2,
                 "sample_prompts": ["ohwx, a circle"], "mixed_precision": "no"}
     first = studio.plan_training("anna", "demo", settings)
@@ -313,7 +311,7 @@ def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measur
 
 
 def test_a_run_whose_lora_was_saved_is_done_even_when_an_after_run_step_fails(tmp_path):
-    from lora_gradio.dataset import make_demo_dataset
+
     from lora_gradio.studio import Studio
 
     studio = Studio(Workspace.open(tmp_path / "ws"))
@@ -375,12 +373,12 @@ def test_shown_files_go_with_their_source_and_old_uploads_with_the_budget(tmp_pa
 
 
 def test_a_folder_walk_stops_at_its_limit_and_says_so(tmp_path):
-    from lora_gradio.dataset import make_demo_dataset
+
     from lora_gradio.imports import folder_entries
 
-    make_demo_dataset(tmp_path / "photos")
+    make_demo_dataset(tmp_path / "photos", count=8)
     (tmp_path / "photos" / "deeper").mkdir()
-    make_demo_dataset(tmp_path / "photos" / "deeper")
+    make_demo_dataset(tmp_path / "photos" / "deeper", count=8)
     entries = list(folder_entries(tmp_path / "photos", max_files=20))
     assert entries[-1].name == "(the rest of the folder)"
     assert "at most 20 files in 30 s" in entries[-1].message and len(entries) == 21
@@ -390,7 +388,6 @@ def test_a_folder_walk_stops_at_its_limit_and_says_so(tmp_path):
 def test_a_resumed_run_is_compared_with_the_estimate_of_what_was_left(tmp_path):
     import time
 
-    from lora_gradio.dataset import make_demo_dataset
     from lora_gradio.studio import Studio
 
     studio = Studio(Workspace.open(tmp_path / "ws"))

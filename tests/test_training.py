@@ -25,10 +25,10 @@ PROMPT = "lgdemo, a red circle on a plain background"
 @pytest.fixture(scope="module")
 def overfit(tmp_path_factory, demo_spec):
     """Train hard on four images; keep the run, its cache and the in-memory model's output at the final save."""
-    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.demo.shapes import make_demo_dataset
 
     root = tmp_path_factory.mktemp("overfit")
-    data = make_demo_dataset(root / "data")
+    data = make_demo_dataset(root / "data", count=8)
     for extra in sorted(data.glob("*"))[8:]:
         extra.unlink()
     from lora_gradio.training.config import load_preset
@@ -275,11 +275,11 @@ def test_regularisation_images_balance_against_the_training_images(tmp_path):
 def test_the_prior_loss_term_is_applied_and_weighted(demo_spec, demo_data, quick_config, tmp_path):
     """With the same seed the first step sees the same images, noise and timesteps whatever the weight, so its loss is
     (training part + weight × regularisation part) / n: linear in the weight, and changed by it."""
-    from lora_gradio.dataset import make_demo_dataset
+    from lora_gradio.demo.shapes import make_demo_dataset
     from lora_gradio.estimate import estimate
     from lora_gradio.training.data import TrainData
 
-    regular = make_demo_dataset(tmp_path / "class", trigger_word="")
+    regular = make_demo_dataset(tmp_path / "class", trigger_word="", count=8)
     data = TrainData(demo_data, regularization=regular)
     config = apply_overrides(quick_config, {"batch_size": 16, "epochs": 1})
     first = {}

@@ -7,7 +7,7 @@ from browser import browser_pages, screenshot, wait_for
 from test_ui_dataset_caption import type_into
 from test_ui_journey import choose, set_number
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.training.run_folder import RunFolder
 
 
@@ -17,7 +17,7 @@ def progress(page, kind="training"):
 
 def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
     url, workspace = app
-    make_demo_dataset(workspace / "datasets" / "owners" / "images")
+    make_demo_dataset(workspace / "datasets" / "owners" / "images", count=8)
     with browser_pages(2) as (starter, visitor):
         for page in (starter, visitor):
             page.goto(url)
@@ -47,7 +47,7 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
                  "the sample prompts with the trigger word")
         starter.locator("#train-start").click()
         wait_for(lambda: re.search(r"running: step [1-9]\d*/2500", progress(starter)), 60, "training to run")
-        run = next((workspace / "outputs").glob("lora-*"))
+        run = next((workspace / "outputs").glob("owners-*"))
         config = RunFolder(run).read_job().config
         assert config.sample_prompts and all(p.startswith("{trigger}") for p in config.sample_prompts)  # kept
         assert all(p.startswith("lgdemo") and "sks" not in p for p in config.prompts())  # as rendered
@@ -73,7 +73,7 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         wait_for(lambda: progress(starter).startswith("stopped"), 60, "the owner's stop")
         wait_for(lambda: progress(visitor).startswith("stopped"), 30, "the visitor to see the stop")
         saved = starter.locator("#saved-files").inner_text().replace("\n", "")
-        assert re.search(r"lora-step\d{8}\.safetensors", saved) and "lora.safetensors" not in saved
+        assert re.search(r"owners-step\d{8}\.safetensors", saved) and "owners.safetensors" not in saved
 
         for page in (visitor, starter):  # the stopped run is offered for Resume, live and after a reload
             if page is starter:

@@ -81,22 +81,25 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: "the estimate was about" in page.locator("#train-log").inner_text(), 30, "the comparison")
         wait_for(lambda: page.locator("#train-samples img").count() >= 7, 30, "sample images")
         wait_for(lambda: page.locator("#loss-chart circle.loss-point").count() == 24, 30, "the loss curve")
-        assert "lora.safetensors" in page.locator("#saved-files").inner_text().replace("\n", "")  # name, suffix
+        listed = page.locator("#saved-files").inner_text().replace("\n", "")
+        assert listed.index("journey.safetensors") < listed.index("journey-000005.safetensors")  # the LoRA first
         screenshot(page, "train-tab")
 
-        run = next(p for p in (workspace / "outputs").iterdir() if p.name.startswith("lora-"))
-        with page.expect_download() as download:  # the LoRA leaves the server through the page
-            page.locator('#saved-files a[download="lora.safetensors"]').click()
-        assert Path(download.value.path()).read_bytes() == (run / "lora.safetensors").read_bytes()
+        run = next(p for p in (workspace / "outputs").iterdir() if p.name.startswith("journey-"))  # the dataset's
+        final = page.locator("#final-lora")
+        assert final.inner_text().strip() == "⬇ Download journey.safetensors"
+        with page.expect_download() as download:  # the LoRA leaves the server through the page, in one click
+            final.click()
+        assert Path(download.value.path()).read_bytes() == (run / "journey.safetensors").read_bytes()
         page.get_by_role("tab", name="Test").click()
         wait_for(lambda: page.locator("#test-lora").get_by_role("combobox").input_value()
-                 == f"{run.name}/lora.safetensors", 30, "the Test tab on the LoRA just trained")
+                 == f"{run.name}/journey.safetensors", 30, "the Test tab on the LoRA just trained")
         choose(page, "#test-lora", "(no LoRA: the base model)")
         page.locator("#test-prompt").get_by_role("textbox").fill("lgdemo, portrait")
         set_number(page, "#test-steps", 4)
         page.locator("#test-generate").click()  # the base model, no LoRA
         wait_for(lambda: len(newest_test_images(workspace, 3)) == 1, 60, "the base image")
-        choose(page, "#test-lora", f"{run.name}/lora.safetensors")
+        choose(page, "#test-lora", f"{run.name}/journey.safetensors")
         set_number(page, "#strength-model", 0)
         set_number(page, "#strength-clip", 0)
         page.locator("#test-generate").click()
@@ -109,20 +112,20 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
                  30, "the parameters under the image")
         assert re.fullmatch(r"All \d+ LoRA modules applied \(\d+ UNet, \d+ text encoder\)\.",
                             page.locator("#test-lora-report").inner_text().strip())
-        page.locator("#test-workflow").click()
-        link = page.locator("#test-workflow-file a[download]").first
-        link.wait_for(timeout=30_000)
-        with page.expect_download() as download:
-            link.click()
-        assert download.value.suggested_filename == "lora.workflow.json"  # named after the LoRA it loads
+        newest = page.locator("#test-gallery img").first  # the result in view at 1024×768, without scrolling
+        assert newest.evaluate("e => { const r = e.getBoundingClientRect(); return r.top >= 0 && r.bottom <= "
+                               "innerHeight && r.height > 20 }")
+        with page.expect_download(timeout=30_000) as download:  # one click saves it
+            page.locator("#test-workflow").click()
+        assert download.value.suggested_filename == "journey.workflow.json"  # named after the LoRA it loads
         workflow = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
         prompt = api_from_ui(workflow)
-        assert prompt["2"]["inputs"]["lora_name"] == "lora.safetensors"
+        assert prompt["2"]["inputs"]["lora_name"] == "journey.safetensors"
         latent = next(node["inputs"] for node in prompt.values() if node["class_type"] == "EmptyLatentImage")
         assert (latent["width"], latent["height"]) == (64, 64)  # the size the Test tab rendered on the demo
         assert prompt["3"]["inputs"]["text"] == "lgdemo, portrait" and prompt["6"]["inputs"]["steps"] == 4
 
-        for epoch_file in ("lora-000001.safetensors", "lora-000003.safetensors", "lora.safetensors"):
+        for epoch_file in ("journey-000001.safetensors", "journey-000003.safetensors", "journey.safetensors"):
             choose(page, "#grid-loras", f"{run.name}/{epoch_file}")
         page.locator("#grid-strengths").get_by_role("textbox").fill("0, 1")
         page.locator("#grid-run").click()
@@ -134,7 +137,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: page.locator("#test-gallery img").count() >= 3, 30, "the images made before the reload")
         assert "strength_model: 1.0, strength_clip: 1.0" in page.locator("#test-gallery").inner_text()
         rows = page.locator("#grid-loras").inner_text()
-        assert all(f"{run.name}/{name}" in rows for name in ("lora-000001.safetensors", "lora.safetensors"))
+        assert all(f"{run.name}/{name}" in rows for name in ("journey-000001.safetensors", "journey.safetensors"))
 
     base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
     assert np.array_equal(zero, base)
@@ -142,7 +145,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
     with Image.open(next((workspace / "outputs" / "test-images").rglob("grid-*.png"))) as grid:
         assert grid.width > 2 * 64 and grid.height > 3 * 64
         assert grid.text["grid"].splitlines()[1:] == [  # the grid itself, row by row, not one image's settings
-            f"Rows (LoRA file): epoch 1 · step 4, {run.name} = {run.name}/lora-000001.safetensors; epoch 3 · step 12, "
-            f"{run.name} = {run.name}/lora-000003.safetensors; epoch 6 · step 24, {run.name} = "
-            f"{run.name}/lora.safetensors", "Columns (strength_model = strength_clip): 0, 1"]
+            f"Rows (LoRA file): epoch 1 · step 4, {run.name} = {run.name}/journey-000001.safetensors; epoch 3 · step "
+            f"12, {run.name} = {run.name}/journey-000003.safetensors; epoch 6 · step 24, {run.name} = "
+            f"{run.name}/journey.safetensors", "Columns (strength_model = strength_clip): 0, 1"]
         assert "Lora:" not in grid.text["parameters"] and "lgdemo, portrait" in grid.text["parameters"]

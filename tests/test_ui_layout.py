@@ -5,7 +5,7 @@ import pytest
 from browser import browser_pages, screenshot, wait_for
 from test_ui_journey import choose
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 
 # tab -> the widgets a person needs first on it, which must be inside the window when the tab opens
 FIRST_THINGS = {"Dataset": ["#upload", "#dataset-limits"], "Caption": ["#caption-model", "#caption-run"],
@@ -17,13 +17,22 @@ FIRST_THINGS = {"Dataset": ["#upload", "#dataset-limits"], "Caption": ["#caption
 def test_each_tab_shows_its_main_controls_without_scrolling(app, size):
     url, workspace = app
     if not (workspace / "datasets" / "looks").is_dir():
-        make_demo_dataset(workspace / "datasets" / "looks" / "images")
+        make_demo_dataset(workspace / "datasets" / "looks" / "images", count=8)
     with browser_pages(size=size) as (page,):
         page.goto(url)
         choose(page, "#dataset-picker", "looks")
         wait_for(lambda: "8 images" in page.locator("#quality-report").inner_text(), 30, "the dataset's report")
         header = page.locator("#cache-status").bounding_box()
         assert header["y"] + header["height"] < 120  # a compact header: one line beside the title
+        gallery = page.locator("#gallery")
+        wait_for(lambda: gallery.locator("img").count() == 8, 30, "the thumbnails")
+        edge = gallery.bounding_box()
+        thumbnails = gallery.locator(".thumbnail-item").all()
+        assert len(thumbnails) == 8
+        for thumbnail in thumbnails:  # every column whole, inside the gallery
+            box = thumbnail.bounding_box()
+            assert box and edge["x"] <= box["x"] and box["x"] + box["width"] <= edge["x"] + edge["width"], box
+        assert not gallery.locator("[data-testid='block-label']").is_visible()  # no badge over the first row
         for tab, widgets in FIRST_THINGS.items():
             page.get_by_role("tab", name=tab).click()
             for widget in widgets:

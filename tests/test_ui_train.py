@@ -9,7 +9,7 @@ from gradio_client import Client
 from test_ui_dataset_caption import type_into
 from test_ui_journey import choose, set_number
 
-from lora_gradio.dataset import make_demo_dataset
+from lora_gradio.demo.shapes import make_demo_dataset
 
 LAST_LINE_IN_VIEW = """box => {
     const range = document.createRange();
@@ -48,7 +48,7 @@ def open_train(page, url, dataset):
 
 def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
     url, workspace = app
-    make_demo_dataset(workspace / "datasets" / "flow" / "images")
+    make_demo_dataset(workspace / "datasets" / "flow" / "images", count=8)
     photo = tmp_path / "photo.png"
     photo.write_bytes(photo_bytes(1))
     api = Client(url, verbose=False)
@@ -75,6 +75,8 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: "rank = 0" in page.locator("#field-rank").inner_text(), 30, "the mark beside the field")
         assert "invalid-field" in page.locator("#field-rank").get_attribute("class")
         assert "Invalid settings: rank = 0" in page.locator(".toast-body").first.inner_text()
+        page.wait_for_timeout(1500)  # a second toast for the same click would have come by now
+        assert page.locator(".toast-body", has_text="Invalid settings").count() == 1
         assert no_error_pill(page) and progress(page) == "Nothing running yet."
         type_into(rank, "4")
         type_into(page.locator("#field-trigger_word").get_by_role("textbox"), "flowword")
@@ -87,7 +89,7 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         page.reload()  # the form, the dataset and the running job's settings come back, on the Train tab
         wait_for(lambda: page.locator("#train-start").is_visible(), 30, "the Train tab, opened by itself")
         assert page.get_by_role("tab", name="Train").get_attribute("aria-selected") == "true"
-        wait_for(lambda: "Training now: run lora-" in page.locator("#train-job").inner_text(), 30, "the job line")
+        wait_for(lambda: "Training now: run flow-" in page.locator("#train-job").inner_text(), 30, "the job line")
         assert "dataset flow" in page.locator("#train-job").inner_text()
         assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == "flow"
         assert page.locator("#field-epochs input").input_value() == "15"
@@ -103,7 +105,7 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
             "t.getScreenCTM().b))")  # the scale of each label as drawn, the turned axis title too
         assert sizes and min(sizes) >= 11  # the chart's words as large on screen as the page's small text
         saved = saved_files(page)
-        assert f"lora-step{state['step']:08d}.safetensors" in saved and "lora.safetensors" not in saved
+        assert f"flow-step{state['step']:08d}.safetensors" in saved and "flow.safetensors" not in saved
         log = page.locator("#train-log-box")
         assert log.inner_text().strip().endswith(state["log"][-1]) and log.evaluate(LAST_LINE_IN_VIEW)
         run = state["run_dir"].rsplit("/", 1)[-1]
@@ -119,8 +121,9 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: re.search(r"running: step \d+/60", progress(page)), 60, "the resumed run")
         wait_for(lambda: len(plotted(page)) > before, 60, "new points after the old ones")
         assert plotted(page)[0][0] == 1  # the curve from before the stop is still there
-        assert "lora-000001.safetensors" in saved_files(page)
-        assert "epoch 0 · flowword, portrait photo" in page.locator("#train-samples").inner_text()
+        assert "flow-000001.safetensors" in saved_files(page)
+        assert "epoch 0 · prompt 1" in page.locator("#train-samples").inner_text()  # numbered, the prompts above
+        assert page.locator("#sample-legend li").all_inner_texts() == ["flowword, portrait photo", "flowword in a park"]
         wait_for(lambda: progress(page).startswith("done: step 60/60"), 300, "the run to finish")
         wait_for(lambda: len(plotted(page)) == 60, 30, "the whole curve")
         assert page.locator("#loss-chart .epoch-mark").count() == 15 and page.locator("#lr-line").count() == 1
@@ -138,7 +141,7 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
 
         page.get_by_role("tab", name="Test").click()  # ready on what was just trained
         wait_for(lambda: page.locator("#test-lora").get_by_role("combobox").input_value()
-                 == f"{run}/lora.safetensors", 30, "the new LoRA in the Test tab")
+                 == f"{run}/flow.safetensors", 30, "the new LoRA in the Test tab")
         assert page.locator("#test-prompt").get_by_role("textbox").input_value() == "flowword, portrait photo"
 
         page.get_by_role("tab", name="Train").click()
@@ -194,7 +197,7 @@ def test_start_on_an_empty_dataset_says_what_to_do_and_names_the_last_run(app):
     url, workspace = app
     client = Client(url, verbose=False)
     client.predict("done-before", api_name="/create_dataset")
-    make_demo_dataset(workspace / "datasets" / "done-before" / "images")
+    make_demo_dataset(workspace / "datasets" / "done-before" / "images", count=8)
     settings = {**client.predict("demo", api_name="/preset"), "epochs": 1, "sample_prompts": []}
     run = client.predict(dataset="done-before", settings=settings, api_name="/train_start")["run"]
     wait_for(lambda: client.predict("", 0, api_name="/job_status")["status"] == "done", 120, "the earlier run")
@@ -213,4 +216,4 @@ def test_start_on_an_empty_dataset_says_what_to_do_and_names_the_last_run(app):
         assert "--data" not in toast.first.inner_text() and str(workspace) not in toast.first.inner_text()
         assert progress(page).startswith(f"done: step 4/4 · epoch 1/1 · run {run} · ")  # the earlier run, named
     assert not (workspace / "datasets" / "empty" / "images").exists()
-    assert sorted(p.name for p in (workspace / "outputs").iterdir() if p.name.startswith("lora-"))[-1] == run
+    assert sorted(p.name for p in (workspace / "outputs").iterdir() if p.name.startswith("done-before-"))[-1] == run

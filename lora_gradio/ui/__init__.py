@@ -14,6 +14,7 @@ from gradio.utils import get_upload_folder
 
 from .. import served
 from ..access import Visitor
+from ..demo.shapes import DEMO_IMAGES, DEMO_TRIGGER
 from ..errors import UserError
 from ..estimate import format_duration
 from ..jobs import JobState
@@ -220,6 +221,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                   elem_id="dataset-picker", allow_custom_value=True)  # other tabs may add some
             new_name = gr.Textbox(label="New dataset", placeholder="name, e.g. anna", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
+            demo = gr.Button("Load demo dataset", scale=1, elem_id="load-demo")
         ctx = AppContext(studio, app, dataset, gr.State(0))
         chosen = ctx.remembered("dataset", "")  # the dataset this browser worked on
 
@@ -228,7 +230,16 @@ def build_app(studio: Studio) -> gr.Blocks:
             created = studio.create_dataset(name, ctx.visitor(request))
             return gr.update(choices=workspace.list_datasets(), value=created), ""
 
+        @user_errors
+        def load_demo(request: gr.Request) -> dict:
+            created = studio.load_demo_dataset(ctx.visitor(request))
+            gr.Info(f"Dataset {created}: {DEMO_IMAGES} rings captioned '{DEMO_TRIGGER}, a … {DEMO_TRIGGER} on a … "
+                    "background'. The demo base has never seen a ring: train it with the demo preset, then test "
+                    f"'{DEMO_TRIGGER}, a blue {DEMO_TRIGGER} on a yellow background'.")
+            return gr.update(choices=workspace.list_datasets(), value=created)
+
         create.click(create_dataset, new_name, [dataset, new_name], **PRIVATE)
+        demo.click(load_demo, None, dataset, **PRIVATE)
         new_name.submit(create_dataset, new_name, [dataset, new_name], **PRIVATE)
 
         def restore_dataset(remembered: str) -> dict:

@@ -173,6 +173,10 @@ def register(studio: Studio) -> None:
         """Create an empty dataset (a folder under datasets/), yours to change and delete; returns its name."""
         return studio.create_dataset(name, visitor(request))
 
+    def load_demo_dataset(request: gr.Request) -> str:
+        """Create the demo dataset (20 captioned rings the demo base can learn), yours; returns its name."""
+        return studio.load_demo_dataset(visitor(request))
+
     def delete_dataset(request: gr.Request, name: str) -> str:
         """Delete a dataset of yours (the operator: any) with its images, captions and training copies."""
         return studio.delete_dataset(name, visitor(request))
@@ -204,6 +208,7 @@ def register(studio: Studio) -> None:
 
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
-                     create_dataset, delete_dataset, set_models_dir, download_lora, runs, delete_run, cache_status):
+                     create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora, runs,
+                     delete_run, cache_status):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
     gr.api(api_errors(generate), api_name="generate", **MODEL)

@@ -56,8 +56,8 @@ def build(ctx: AppContext) -> None:
                            wrap=True, elem_id="import-results")
     with gr.Row():
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images", columns=6, height="auto", object_fit="contain",
-                                 elem_id="gallery")
+            gallery = gr.Gallery(label="Images", show_label=False, columns=5, height="auto", object_fit="contain",
+                                 elem_id="gallery")  # five whole columns fit beside the report at 1024 px
         with gr.Column(scale=2):
             report = gr.Markdown(elem_id="quality-report")
             remove_names = gr.Dropdown(label="Remove from the dataset", multiselect=True, choices=[])

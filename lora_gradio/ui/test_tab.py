@@ -11,11 +11,21 @@ from ..access import Visitor
 from ..errors import UserError
 from ..jobs import JobState
 from ..studio import NO_LORA, Studio
-from . import MODEL, PRIVATE, AppContext, job_panel, shown, user_errors
+from . import MODEL, PRIVATE, AppContext, job_panel, public_text, shown, user_errors
 from .base_picker import base_name, base_picker
 
 TITLE = "Test"
 KEEP_IMAGES = 48  # images the gallery keeps, newest first
+SHOW_RESULTS = "() => document.querySelector('#test-gallery')?.scrollIntoView({block: 'nearest'})"
+# runs in the page once the workflow's link is shown: follows it (a link with a download name saves, not opens)
+DOWNLOAD_WORKFLOW = """() => {
+  let tries = 0;
+  const follow = () => {
+    const link = document.querySelector('#test-workflow-file a[download]');
+    if (link) link.click(); else if (++tries < 30) setTimeout(follow, 100);
+  };
+  setTimeout(follow, 100);
+}"""
 
 
 def build(ctx: AppContext) -> None:
@@ -38,6 +48,12 @@ def build(ctx: AppContext) -> None:
                                    elem_id="strength-model")
         strength_clip = gr.Slider(-2, 2, value=1, step=0.05, label="strength_clip (text encoder)",
                                   elem_id="strength-clip")
+    gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=300,
+                         elem_id="test-gallery")
+    with gr.Row(equal_height=True):
+        applied = gr.Markdown(elem_id="test-lora-report")
+        cleared = gr.Markdown(elem_id="test-cleared")
+        clear = gr.Button("Delete all test images", variant="stop", size="sm", scale=0, elem_id="test-clear")
     with gr.Row(equal_height=True):
         seed = gr.Number(label="Seed", value=1, precision=0, minimum=0, elem_id="test-seed", scale=2)
         dice = gr.Button("🎲 random seed", scale=1, size="sm")
@@ -52,12 +68,6 @@ def build(ctx: AppContext) -> None:
     workflow_file = gr.File(label="ComfyUI workflow: drop it onto the ComfyUI page, or open it with Load",
                             visible=False, interactive=False, elem_id="test-workflow-file")
     gr.Markdown(ctx.studio.limits.describe(), elem_id="test-limits")
-    gallery = gr.Gallery(label="Results (newest first; parameters in each PNG)", columns=4, height=360,
-                         elem_id="test-gallery")
-    with gr.Row(equal_height=True):
-        applied = gr.Markdown(elem_id="test-lora-report")
-        cleared = gr.Markdown(elem_id="test-cleared")
-        clear = gr.Button("Delete all test images", variant="stop", size="sm", scale=0, elem_id="test-clear")
     with gr.Accordion("Use it in ComfyUI, inspect the LoRA", open=False):
         with gr.Row():
             send = gr.Button("Send the LoRA to ComfyUI", elem_id="comfy-send")
@@ -122,9 +132,13 @@ def build(ctx: AppContext) -> None:
         return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
                                      parse_strengths(strength_text), ctx.visitor(page))
 
-    @user_errors
     def on_workflow(page: gr.Request, choice: str, repo: str, *fields: object) -> dict:
-        path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields), visitor=ctx.visitor(page))
+        """Write the workflow; a refusal also takes the last file's link away, so no stale file is downloaded."""
+        try:
+            path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields), visitor=ctx.visitor(page))
+        except UserError as exc:
+            gr.Warning(public_text(str(exc)))
+            return gr.update(value=None, visible=False)
         return gr.update(value=shown(path), visible=True)
 
     @user_errors
@@ -142,8 +156,9 @@ def build(ctx: AppContext) -> None:
     fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip,
               clip_skip]
     generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
-                   **MODEL)
-    workflow.click(on_workflow, [base_choice, base_repo, *fields], workflow_file, **PRIVATE)
+                   **MODEL).then(None, js=SHOW_RESULTS, **PRIVATE)  # the new image in view, wherever one scrolled
+    workflow.click(on_workflow, [base_choice, base_repo, *fields], workflow_file, **PRIVATE).then(
+        None, js=DOWNLOAD_WORKFLOW, **PRIVATE)  # one click: the browser saves the file as soon as it is written
     send.click(on_send, [base_choice, base_repo, lora, replace], handed, **PRIVATE)
     link.click(on_link, [base_choice, base_repo], handed, **PRIVATE)
     queue.click(on_queue, [base_choice, base_repo, *fields], handed, **PRIVATE)

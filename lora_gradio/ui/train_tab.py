@@ -4,6 +4,7 @@ samples, saved files and the log, and the list of runs with Resume and Delete.""
 from __future__ import annotations
 
 import html
+import re
 import typing
 from functools import wraps
 from pathlib import Path
@@ -14,7 +15,7 @@ import gradio as gr
 from ..errors import UserError
 from ..jobs import JobRunner, JobState
 from ..models import DEMO, DEMO_NOTE
-from ..studio import TrainingPlan
+from ..studio import TrainingPlan, lora_name
 from ..training.config import FIELD_HELP, SettingsError, TrainConfig, field_is_list, field_type, make_config
 from ..training.data import MAX_REPEATS
 from ..training.run_folder import SAMPLE_GRID, RunFolder, resumable_runs
@@ -130,8 +131,28 @@ def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
         prompt = prompts[index] if index < len(prompts) else ""
         _, kind, step = when(epoch, path)
         label = f"epoch {epoch}" if kind else f"step {step}"
-        items.append((path, f"{label} · {prompt}" if prompt else label))
+        items.append((path, f"{label} · prompt {index + 1}" if prompt and len(prompts) > 1 else label))
     return [item for item in items if Path(item[0]).exists()]
+
+
+def sample_legend(prompts: list[str]) -> str:
+    """The heading over the samples, with the prompts their labels number."""
+    lines = "".join(f"\n{i}. {html.escape(p)}" for i, p in enumerate(prompts, 1)) if len(prompts) > 1 else \
+        (f" · {html.escape(prompts[0])}" if prompts else "")
+    return f"**Samples** by epoch or step, newest first (epoch 0 is the base model){lines}"
+
+
+def file_rank(path: str) -> int:
+    """0 for a run's LoRA (and other files), 1 for its sample grid, 2 for an epoch's or a stop's file."""
+    name = Path(path).name
+    if name == SAMPLE_GRID:
+        return 1
+    return 2 if re.search(r"-(\d{6}|step\d+)\.safetensors$", name) else 0
+
+
+def saved_order(paths: list[str]) -> list[str]:
+    """The files a person wants first: the LoRA, the sample grid, then the epoch files, newest first."""
+    return [p for _, _, p in sorted((file_rank(p), -index, p) for index, p in enumerate(paths))]
 
 
 def build(ctx: AppContext) -> None:
@@ -192,11 +213,15 @@ def build(ctx: AppContext) -> None:
     seen_losses = gr.State({})
     with gr.Row():
         curve = gr.HTML(loss_chart([]), elem_id="loss-curve", label="Loss")
-        samples = gr.Gallery(label="Samples by epoch or step and prompt (epoch 0 is the base model)", columns=4,
-                             height=300, elem_id="train-samples")
+        with gr.Column():
+            legend = gr.Markdown(sample_legend([]), elem_id="sample-legend")
+            samples = gr.Gallery(show_label=False, columns=4, height=300, elem_id="train-samples")
     with gr.Row():
-        saved = gr.File(label="Saved files (click one to download it)", file_count="multiple", height=300,
-                        interactive=False, elem_id="saved-files")
+        with gr.Column():
+            final = gr.DownloadButton("Download the LoRA", visible=False, variant="primary", elem_id="final-lora")
+            saved = gr.File(label="Every saved file: the LoRA, the sample grid, then each epoch's file, newest "
+                                  "first (click a name to download it)", file_count="multiple", height=300,
+                            interactive=False, elem_id="saved-files")
         log = gr.HTML(log_html([]), elem_id="train-log")
     rows = ctx.studio.runs()
     with gr.Accordion("Runs: resume, delete", open=False, elem_id="runs-panel") as runs_panel:
@@ -351,15 +376,21 @@ def build(ctx: AppContext) -> None:
             seen["prompts"] = before.get("prompts", [])
         seen["active"] = state.active  # a run that starts or ends changes the runs and the buttons
         moved = before.get("active") != state.active or "active" not in before
-        seen["saved"] = [p for p in state.saved if Path(p).exists()]
-        files = ([shown(p) for p in seen["saved"]] or None) if seen["saved"] != before.get("saved") else gr.skip()
+        seen["saved"] = saved_order([p for p in state.saved if Path(p).exists()])
+        files = final_lora = gr.skip()
+        if seen["saved"] != before.get("saved"):
+            files = [shown(p) for p in seen["saved"]] or None
+            lora = next((p for p in seen["saved"] if p.endswith(".safetensors")), None)  # final, else newest
+            final_lora = gr.update(value=shown(lora), label=f"⬇ Download {Path(lora).name}", visible=True) \
+                if lora else gr.update(value=None, visible=False)
         seen["samples"] = [list(item) for item in sample_items(state, seen["prompts"])]
         gallery = [(shown(path), caption) for path, caption in seen["samples"]] \
             if seen["samples"] != before.get("samples") else gr.skip()  # sent again only when it changed
+        prompts = sample_legend(seen["prompts"]) if seen["prompts"] != before.get("prompts") else gr.skip()
         per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
         chart = loss_chart([tuple(p) for p in seen["losses"]], per_epoch) if changed else gr.skip()
         skip = gr.skip()
-        return (progress_html(state), chart, gallery, files, log_html(state.log), seen,
+        return (progress_html(state), chart, gallery, prompts, files, final_lora, log_html(state.log), seen,
                 *(runs_view() if moved else (skip, skip, skip, skip)),
                 gr.update(interactive=state.active) if moved else skip,
                 gr.update(interactive=not state.active) if moved else skip,
@@ -379,6 +410,14 @@ def build(ctx: AppContext) -> None:
     regularization.focus(lambda: gr.update(choices=regularization_choices(ctx)), None, regularization, **PRIVATE)
     ctx.dataset.change(lambda name: ctx.workspace.repeats(name) if name in ctx.workspace.list_datasets() else gr.skip(),
                        ctx.dataset, repeats, **PRIVATE)
+
+    def name_after(dataset: str | None, current: str) -> Any:
+        """Name the LoRA after the dataset, unless someone typed a name of their own."""
+        datasets = ctx.workspace.list_datasets()
+        automatic = {TrainConfig().output_name, "", *map(lora_name, datasets)}
+        return lora_name(dataset) if dataset in datasets and (current or "").strip() in automatic else gr.skip()
+
+    ctx.dataset.change(name_after, [ctx.dataset, widgets["output_name"]], widgets["output_name"], **PRIVATE)
     prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
     stop.click(stop_handler(ctx), train_job, None, **PRIVATE)
     resume.click(on_resume, runs, train_job, **PRIVATE)
@@ -391,8 +430,8 @@ def build(ctx: AppContext) -> None:
     for event in (ctx.dataset.input, ctx.tab.select):  # the word typed in the Caption tab, here on arrival
         event(user_errors(ctx.dataset_trigger), ctx.dataset, widgets["trigger_word"], **PRIVATE)
     ctx.keep_trigger(widgets["trigger_word"])
-    live = [progress, curve, samples, saved, log, seen_losses, runs, doomed, run_table, runs_panel, stop, start,
-            job_line]
+    live = [progress, curve, samples, legend, saved, final, log, seen_losses, runs, doomed, run_table, runs_panel,
+            stop, start, job_line]
     gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
     ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
                  **marked)

@@ -1,0 +1,78 @@
+"""What the demo base and a LoRA trained on it draw, read back by the project's own picture analysis
+(lora_gradio/demo/vision.py), against the targets the demo must meet. Prints a Markdown table.
+
+    python bench/demo_quality.py                          # the base: every colour × shape, 4 seeds
+    python bench/demo_quality.py --lora RUN/lora.safetensors   # the concept at strengths 0, 0.5 and 1
+    python bench/demo_quality.py --run RUN                # the concept at strength 1 for every epoch file of a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_gradio.demo.judge import Score, base_cases, concept_cases, judge
+from lora_gradio.models import ModelCache
+
+HEADER = "| what | pictures | colour | shape | background | ring drawn |\n| --- | --- | --- | --- | --- | --- |"
+BASE_TARGETS = {"colour": 0.90, "shape": 0.85, "background": 0.90}
+
+
+def row(label: str, result: Score) -> str:
+    """One table row."""
+    return f"| {label} | {result.pictures} | {result.line()} |"
+
+
+def check(result: Score, targets: dict[str, tuple[str, float]]) -> list[str]:
+    """The targets a score misses, as lines; ``targets`` maps a name to (">=" or "<=", share)."""
+    missed = []
+    for what, (sense, share) in targets.items():
+        value = result.share(what)
+        if (value < share) if sense == ">=" else (value > share):
+            missed.append(f"{what}: {100 * value:.0f}%, target {sense} {100 * share:.0f}%")
+    return missed
+
+
+def epoch_files(run: Path) -> list[tuple[str, Path]]:
+    """A run's epoch files (``name-000004.safetensors``) in order, then the final file."""
+    files = sorted(run.glob("*.safetensors"))
+    epochs = [f for f in files if re.search(r"-\d{6}$", f.stem)]
+    final = [f for f in files if f not in epochs and "-step" not in f.stem]
+    return [(f.name, f) for f in epochs + final]
+
+
+def main() -> int:
+    """Score, print the table and the missed targets; exit 1 when a target is missed."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lora", type=Path, help="a LoRA trained on the demo base (with the demo dataset)")
+    parser.add_argument("--run", type=Path, help="a run folder: every epoch file at strength 1")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    args = parser.parse_args()
+    cache, seeds, missed = ModelCache(), list(range(args.seeds)), []
+    started = time.perf_counter()
+    print(HEADER)
+    if args.run:
+        for name, path in epoch_files(args.run):
+            print(row(name, judge(cache, concept_cases(), seeds, path)), flush=True)
+    elif args.lora:
+        targets = {0.0: {"concept": ("<=", 0.10)}, 0.5: {}, 1.0: {"concept": (">=", 0.80), "colour": (">=", 0.80)}}
+        for strength, wanted in targets.items():
+            result = judge(cache, concept_cases(), seeds, args.lora, strength)
+            print(row(f"concept prompts, strength {strength:g}", result), flush=True)
+            missed += [f"strength {strength:g}: {line}" for line in check(result, wanted)]
+    else:
+        result = judge(cache, base_cases(), seeds, trigger=None)
+        print(row("base: every colour × shape", result))
+        missed = check(result, {what: (">=", share) for what, share in BASE_TARGETS.items()})
+    print(f"\n{time.perf_counter() - started:.0f} s. " + ("Missed: " + "; ".join(missed) if missed else
+                                                          "Every target met."))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The demo base draws what its prompts say, and a LoRA trained on the demo dataset learns the ring: judged on the
+pictures, read back by the project's own analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_gradio.demo.judge import Case, base_cases, concept_cases, render_cases, score
+from lora_gradio.demo.shapes import CONCEPT, DEMO_TRIGGER, PALETTE, draw, make_demo_dataset, random_drawing
+from lora_gradio.demo.vision import read_picture
+from lora_gradio.models import ModelCache
+from lora_gradio.training.config import load_preset
+from lora_gradio.training.loop import train
+
+# LoCon reaches the convolutions that draw a shape; attention alone only steers the shapes the base knows
+RING = {"network_type": "locon", "rank": 8, "alpha": 8, "conv_rank": 8, "conv_alpha": 8, "unet_lr": 3e-3,
+        "text_encoder_lr": 1e-3, "epochs": 30, "save_every_n_epochs": 30, "trigger_word": DEMO_TRIGGER}
+OVERCOOKED = {"unet_lr": 0.05, "text_encoder_lr": 0.05, "epochs": 10, "save_every_n_epochs": 5,  # ~50× the preset
+              "trigger_word": DEMO_TRIGGER, "sample_prompts": ["{trigger}, a blue {trigger} on a yellow background"]}
+
+
+def test_the_analysis_reads_drawn_pictures_right():
+    rng = np.random.default_rng(3)
+    drawings = [random_drawing(rng, ("circle", "square", "triangle", CONCEPT)) for _ in range(200)]
+    right = [read_picture(draw(d)).matches(d.colour, d.shape, d.background) for d in drawings]
+    assert all(all(r.values()) for r in right)
+    plain = Image.new("RGB", (64, 64), PALETTE["blue"])
+    assert read_picture(plain).shape is None and read_picture(plain).background == "blue"
+
+
+def test_the_demo_dataset_is_captioned_rings_in_every_colour(tmp_path):
+    folder = make_demo_dataset(tmp_path / "rings")
+    captions = sorted(p.read_text() for p in folder.glob("*.txt"))
+    assert len(captions) == 20 and all(c.startswith(f"{DEMO_TRIGGER}, a ") for c in captions)
+    pictures = sorted(folder.glob("*.png"))
+    readings = [read_picture(Image.open(p)) for p in pictures]
+    assert {r.shape for r in readings} == {CONCEPT}
+    assert {r.colour for r in readings} == set(PALETTE)
+    assert all(f" {r.colour} {DEMO_TRIGGER} on a {r.background} background" in (p.with_suffix(".txt").read_text())
+               for p, r in zip(pictures, readings, strict=True))
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModelCache()
+
+
+def test_the_base_follows_colour_and_shape_prompts(cache):
+    cases = base_cases()[::2]  # 12 of the 24 colour × shape prompts, every colour and shape among them
+    result = score(cases, [0], render_cases(cache, cases, [0]))
+    assert result.share("colour") >= 0.8 and result.share("background") >= 0.8, result
+    assert result.share("shape") >= 0.5, result  # 58% measured: circles and squares come out alike
+    assert result.concept == 0  # the base never draws the concept it was not shown
+
+
+@pytest.fixture(scope="module")
+def ring_lora(tmp_path_factory, demo_spec, cache):
+    """The demo dataset trained on the demo base with LoCon."""
+    from lora_gradio.training.config import apply_overrides
+
+    root = tmp_path_factory.mktemp("rings")
+    config = apply_overrides(load_preset("demo")[0], RING)
+    return train(config, demo_spec, make_demo_dataset(root / "data"), root / "run", cache=cache)
+
+
+def test_a_lora_trained_on_the_demo_dataset_draws_rings_and_strength_zero_does_not(ring_lora, cache):
+    cases, seeds = concept_cases(), [0, 1]
+    full = render_cases(cache, cases, seeds, ring_lora.lora_path, 1.0, DEMO_TRIGGER)
+    none = render_cases(cache, cases, seeds, ring_lora.lora_path, 0.0, DEMO_TRIGGER)
+    half = render_cases(cache, cases, seeds, ring_lora.lora_path, 0.5, DEMO_TRIGGER)
+    learnt, untouched = score(cases, seeds, full), score(cases, seeds, none)
+    assert learnt.concept >= 5, learnt  # 7 of 16 measured; the base alone draws none
+    assert learnt.share("colour") >= 0.75 and learnt.share("background") >= 0.75, learnt  # rings, not one colour
+    assert untouched.concept <= 1 and untouched.share("colour") >= 0.75, untouched
+
+    def distance(a: list[Image.Image], b: list[Image.Image]) -> float:
+        pairs = zip(a, b, strict=True)
+        return float(np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in pairs]))
+
+    assert 0 < distance(half, none) < distance(full, none)  # strength 0.5 lies between
+
+
+def test_blue_on_yellow_is_blue_on_yellow_with_a_ring_among_the_seeds(ring_lora, cache):
+    pictures = render_cases(cache, [Case("blue", CONCEPT, "yellow")], [0, 1, 2, 3], ring_lora.lora_path, 1.0,
+                            DEMO_TRIGGER)
+    readings = [read_picture(p) for p in pictures]
+    assert all((r.colour, r.background) == ("blue", "yellow") for r in readings), readings
+    assert any(r.shape == CONCEPT for r in readings), readings
+
+
+def test_build_base_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
+    from lora_gradio.demo.base import BuildSettings, build_base, load_weights
+    from lora_gradio.models import DEMO_TEXT_ENCODER, DEMO_UNET, DEMO_VAE, build_pipeline
+
+    settings = BuildSettings(pictures=48, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4)
+    path = build_base(tmp_path / "base.safetensors", settings, progress=False)
+    fresh = build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER, seed=1)
+    before = fresh.unet.conv_in.weight.clone()
+    loaded = load_weights(fresh, path)
+    assert not loaded.unet.conv_in.weight.equal(before)  # the file's weights, not the random ones
+    image = loaded("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
+                   output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    again = build_base(tmp_path / "again.safetensors", settings, progress=False)
+    assert path.read_bytes() == again.read_bytes()  # the same seed gives the same weights
+
+
+def test_a_far_too_high_learning_rate_overcooks_and_the_warning_says_so(tmp_path, demo_spec, cache):
+    """The seed guide's sign of overtraining, made real on the demo: samples drift darker or more saturated, and
+    the run's own check warns."""
+    from lora_gradio.training.config import apply_overrides
+    from lora_gradio.training.samples import DARKER, MORE_SATURATED, tone
+
+    config = apply_overrides(load_preset("demo")[0], OVERCOOKED)
+    events = []
+    train(config, demo_spec, make_demo_dataset(tmp_path / "data", count=8), tmp_path / "run", cache=cache,
+          on_event=events.append)
+    samples = {e.epoch: [Path(p) for p in e.paths] for e in events if e.kind == "samples"}
+    (brightness0, saturation0), (brightness, saturation) = tone(samples[0]), tone(samples[max(samples)])
+    assert brightness < DARKER * brightness0 or saturation > MORE_SATURATED * saturation0
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("the LoRA is probably overcooking" in w and "lower learning rate" in w for w in warnings), warnings
