@@ -168,7 +168,12 @@ class Studio:
         from .demo.shapes import DEMO_TRIGGER, make_demo_dataset
 
         taken = set(self.workspace.list_datasets())
-        name = next(n for n in ("demo-rings", *(f"demo-rings-{i}" for i in range(2, 10_000))) if n not in taken)
+        free = [n for n in ("demo-rings", *(f"demo-rings-{i}" for i in range(2, MAX_DEMO_DATASETS + 1)))
+                if n not in taken]
+        if not free:
+            raise UserError(f"There are {MAX_DEMO_DATASETS} demo datasets already: use one of them, or delete one "
+                            "(Dataset tab, Delete this dataset…) before loading another.")
+        name = free[0]
         self.create_dataset(name, visitor)
         make_demo_dataset(self.images_dir(name))
         self.workspace.set_dataset_settings(name, DEMO_TRIGGER)
@@ -575,6 +580,9 @@ class Studio:
         if not dataset:
             raise UserError("Choose or create a dataset first (above the tabs).")
         return self.workspace.dataset_dir(dataset) / "images"
+
+
+MAX_DEMO_DATASETS = 20  # Load demo dataset is a public endpoint: it must not fill the disk
 
 
 def lora_name(dataset: str) -> str:

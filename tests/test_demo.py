@@ -128,3 +128,22 @@ def test_a_far_too_high_learning_rate_overcooks_and_the_warning_says_so(tmp_path
     assert brightness < DARKER * brightness0 or saturation > MORE_SATURATED * saturation0
     warnings = [e.message for e in events if e.kind == "warning"]
     assert any("the LoRA is probably overcooking" in w and "lower learning rate" in w for w in warnings), warnings
+
+
+def test_load_demo_dataset_makes_an_ordinary_dataset_and_stops_at_a_cap(tmp_path):
+    from lora_gradio.access import Visitor
+    from lora_gradio.errors import UserError
+    from lora_gradio.studio import MAX_DEMO_DATASETS, Studio
+    from lora_gradio.workspace import Workspace
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    ben = Visitor("ben", operator=False)
+    assert studio.load_demo_dataset(ben) == "demo-rings"
+    assert studio.workspace.trigger_word("demo-rings") == DEMO_TRIGGER
+    assert studio.workspace.dataset_settings("demo-rings")["owner"] == "ben"  # his to change and delete
+    assert len(list(studio.images_dir("demo-rings").glob("*.png"))) == 20
+    for _ in range(MAX_DEMO_DATASETS - 1):
+        studio.load_demo_dataset(ben)
+    with pytest.raises(UserError, match="demo datasets already"):
+        studio.load_demo_dataset(ben)
+    assert len(studio.workspace.list_datasets()) == MAX_DEMO_DATASETS

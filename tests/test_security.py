@@ -448,3 +448,16 @@ def test_a_guest_in_the_browser_sees_the_limits_and_cannot_delete_the_operators_
         assert "Only the operator changes these settings" in page.locator("#workspace-access").inner_text()
         assert page.locator("#models-dir textarea, #models-dir input").first.input_value() == ""
     assert (workspace / "outputs" / theirs / "job.json").is_file()
+
+
+def test_a_guest_loads_the_demo_dataset_as_theirs_and_not_without_the_password(guest, client, locked):
+    url, workspace, _ = locked
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do, a dataset will not
+        Client(url, verbose=False).predict(api_name="/load_demo_dataset")
+    names = [guest.predict(api_name="/load_demo_dataset"), client.predict(api_name="/load_demo_dataset")]
+    assert names == ["demo-rings", "demo-rings-2"]
+    owners = {name: json.loads((workspace / "datasets" / name / "dataset.json").read_text()).get("owner")
+              for name in names}
+    assert owners[names[0]] == "ben"
+    with pytest.raises(AppError, match="Dataset 'demo-rings-2' belongs to another user"):
+        guest.predict(names[1], api_name="/delete_dataset")  # the operator's, untouchable for him
