@@ -15,9 +15,6 @@ if TYPE_CHECKING:
 
     from ..models import ModelCache
 
-STEPS = 20  # the Test tab's default
-
-
 @dataclass(frozen=True)
 class Case:
     """One prompt: a shape of one colour on a background of another."""
@@ -70,13 +67,13 @@ class Score:
 
 
 def render_cases(cache: ModelCache, cases: list[Case], seeds: list[int], lora: Path | None = None,
-                 strength: float = 1.0, trigger: str | None = None, steps: int = STEPS) -> list[Image.Image]:
+                 strength: float = 1.0, trigger: str | None = None) -> list[Image.Image]:
     """Pictures of every case at every seed, from the demo base with ``lora`` at ``strength`` (model and clip)."""
     from ..inference import GenerateRequest, generate_on, test_pipeline
     from ..models import DEMO, resolve_base
 
     base = resolve_base(DEMO)
-    request = GenerateRequest("", steps=steps, lora=lora, strength_model=strength, strength_clip=strength)
+    request = GenerateRequest("", lora=lora, strength_model=strength, strength_clip=strength)  # the Test tab's defaults
     with cache.pipeline(base, "the demo read-out") as pipe:
         view = test_pipeline(cache, pipe)
         return [generate_on(view, base, replace(request, prompt=case.prompt(trigger), seed=seed))
