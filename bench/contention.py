@@ -33,9 +33,11 @@ def workload(steps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    from lora_gradio.cache import ModelCache
     from lora_gradio.demo.shapes import make_demo_dataset
-    from lora_gradio.inference import GenerateRequest, generate
-    from lora_gradio.models import ModelCache, resolve_base
+    from lora_gradio.inference import generate
+    from lora_gradio.models import resolve_base
+    from lora_gradio.request import GenerateRequest
     from lora_gradio.training.config import apply_overrides, load_preset
     from lora_gradio.training.loop import train
 

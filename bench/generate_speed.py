@@ -19,11 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_gradio.inference import GenerateRequest, generate
-from lora_gradio.models import BaseModelSpec, ModelCache, pick_device, pipeline_view, resolve_base
+from lora_gradio.cache import ModelCache
+from lora_gradio.inference import generate
+from lora_gradio.models import BaseModelSpec, resolve_base
+from lora_gradio.request import GenerateRequest
 from lora_gradio.training import kohya
 from lora_gradio.training.config import TrainConfig
 from lora_gradio.training.network import add_lora_adapters
+from lora_gradio.views import pick_device, pipeline_view
 
 
 def write_lora(cache: ModelCache, base: BaseModelSpec, folder: Path, seed: int) -> Path:

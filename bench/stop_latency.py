@@ -15,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.jobs import JobRunner, start_training
-from lora_gradio.models import ModelCache, resolve_base
+from lora_gradio.models import resolve_base
 from lora_gradio.training.config import apply_overrides, load_preset
 from lora_gradio.training.data import TrainData
 

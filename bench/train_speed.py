@@ -27,12 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.estimate import peak_memory_gb
-from lora_gradio.models import ModelCache, encode_prompts, pick_device, pipeline_view, resolve_base
+from lora_gradio.models import resolve_base
 from lora_gradio.training.config import TrainConfig, apply_overrides, load_preset
-from lora_gradio.training.loop import DTYPES, train
+from lora_gradio.training.loop import train
 from lora_gradio.training.network import add_lora_adapters, make_optimizer
+from lora_gradio.training.setup import DTYPES
+from lora_gradio.views import encode_prompts, pick_device, pipeline_view
 
 LOOPS = ("lora-gradio", "diffusers", "bare")
 

@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generate_speed import timed
 
-from lora_gradio.models import ModelCache, pipeline_view, resolve_base
+from lora_gradio.cache import ModelCache
+from lora_gradio.models import resolve_base
+from lora_gradio.views import pipeline_view
 
 
 def main() -> None:

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .cache import ModelCache
 from .dataset import invisible_characters, list_images, open_rgb, read_caption, with_trigger, write_caption
 from .errors import UserError
-from .models import ModelCache, from_hub, pick_device, quiet_libraries
+from .models import from_hub, quiet_libraries
+from .views import pick_device
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .events import JobEvent
-    from .inference import GenerateRequest
+    from .request import GenerateRequest
     from .training.loop import TrainResult
 
 
@@ -128,7 +128,7 @@ def image_settings(parser: argparse.ArgumentParser, prompt: str, default_prompt:
 
 def image_request(args: argparse.Namespace) -> GenerateRequest:
     """The image flags as a checked request."""
-    from .inference import GenerateRequest
+    from .request import GenerateRequest
 
     return GenerateRequest.checked(args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width,
                                    args.height, args.scheduler, args.lora, args.strength_model, args.strength_clip,
@@ -271,8 +271,9 @@ def with_progress(work: Callable[[Callable, threading.Event], TrainResult]) -> i
 def run_generate(args: argparse.Namespace) -> int:
     """One image to a PNG file."""
 
+    from .cache import ModelCache
     from .inference import generate, save_png
-    from .models import ModelCache, resolve_base
+    from .models import resolve_base
 
     request = image_request(args)
     base = resolve_base(args.base, allow_pickle=args.allow_pickle)

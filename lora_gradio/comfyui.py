@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import copy_atomic, disk_name, write_text_atomic
 from .errors import UserError
+from .request import SAMPLERS, GenerateRequest
 
 if TYPE_CHECKING:
-    from .inference import GenerateRequest
     from .models import BaseModelSpec
 
 
@@ -52,9 +52,6 @@ NODE_TYPES = {
     "SaveImage": NodeType((("images", "IMAGE"),), ("filename_prefix",), ()),
 }
 SEED_CONTROL = {"KSampler": "seed"}  # the widget the frontend follows with "control after generate"
-# our scheduler names -> ComfyUI's (sampler_name, scheduler)
-SAMPLERS = {"Euler": ("euler", "normal"), "Euler a": ("euler_ancestral", "normal"),
-            "DPM++ 2M Karras": ("dpmpp_2m", "karras"), "DDIM": ("ddim", "ddim_uniform")}
 NODE_WIDTH, NODE_HEIGHT, COLUMN, ROW = 320, 140, 400, 200
 
 
@@ -76,7 +73,7 @@ def build_graph(request: GenerateRequest, checkpoint: str, width: int, height: i
     """Load Checkpoint → (CLIP Set Last Layer) → Load LoRA → two CLIP Text Encodes → Empty Latent → KSampler →
     VAE Decode → Save Image, left to right, for one image; checkpoint and LoRA go by the file names ComfyUI lists
     them under. Without a LoRA the checkpoint feeds the rest directly; CLIP skip 2 adds the layer node."""
-    sampler, scheduler = SAMPLERS[request.scheduler]
+    sampler = SAMPLERS[request.scheduler]
     nodes = [Node(1, "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, title="Load Checkpoint (base)")]
     model, clip = (1, 0), (1, 1)
     if request.clip_skip > 1:
@@ -96,7 +93,8 @@ def build_graph(request: GenerateRequest, checkpoint: str, width: int, height: i
         Node(5, "EmptyLatentImage", {"width": width, "height": height, "batch_size": 1},
              column=2, row=2),
         Node(6, "KSampler", {"seed": request.seed, "steps": request.steps, "cfg": request.cfg,
-                             "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
+                             "sampler_name": sampler.comfyui_sampler,
+                             "scheduler": sampler.comfyui_scheduler, "denoise": 1.0},
              {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}, column=3),
         Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, column=4),
         Node(8, "SaveImage", {"filename_prefix": filename_prefix}, {"images": (7, 0)}, column=5),

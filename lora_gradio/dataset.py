@@ -1,11 +1,16 @@
-"""Training images and their captions on disk: the kohya layout, safe image decoding, and a demo dataset."""
+"""Training images and their captions on disk: the kohya layout, safe image decoding, and Prepare's training copies
+in their bucket sizes."""
 
 from __future__ import annotations
 
 import codecs
 import json
 import re
+import shutil
+import tempfile
+import threading
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +20,7 @@ from PIL import Image, ImageOps, ImageStat
 from pillow_heif import register_heif_opener
 
 from .atomic import write_text_atomic
+from .buckets import fit_to_bucket, make_buckets, pick_bucket
 from .errors import UserError
 
 register_heif_opener()  # HEIC photos from phones
@@ -349,3 +355,50 @@ def oriented_size(path: Path) -> tuple[int, int]:
         width, height = img.size
         turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
     return (height, width) if turned else (width, height)
+
+
+def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, center_crop: bool = False,
+                    progress: Callable[[int, int], None] | None = None,
+                    stop: threading.Event | None = None) -> tuple[int, list[str]]:
+    """Write training copies (pixels only): each image in the aspect-ratio bucket nearest its shape (about
+    ``resolution``² pixels, sides in steps of 64), or a centred square.
+
+    Captions stay with the originals, where training reads them. The copies replace the previous ones in one rename
+    at the end, so a failure or a Stop leaves the last good set in place.
+    """
+    images = list_images(images_dir)
+    if not images:
+        raise UserError("The dataset has no images to prepare. Add some in the Dataset tab.")
+    buckets = [(resolution, resolution)] if center_crop else make_buckets(resolution)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=prepared_dir.parent))
+    skipped, files = [], {}
+    try:
+        for index, path in enumerate(images):
+            if stop is not None and stop.is_set():
+                raise UserError(f"Prepare stopped after {index} of {len(images)} images; the previous training "
+                                "copies (if any) are unchanged.")
+            relative = path.relative_to(images_dir)
+            stamp = source_stamp(path)
+            try:
+                img = open_rgb(path)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                skipped.append(f"{relative}: {exc}")
+                continue
+            fitted = fit_to_bucket(img, pick_bucket(img.size, buckets))
+            target = staging / relative.with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fitted.save(target)
+            files[str(relative)] = {"stamp": stamp, "copy": str(relative.with_suffix(".png"))}
+            if progress:
+                progress(index + 1, len(images))
+        write_text_atomic(staging / MANIFEST, json.dumps(
+            {"resolution": resolution, "center_crop": center_crop, "files": files}, indent=1))
+        old = prepared_dir.with_name(prepared_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if prepared_dir.exists():
+            prepared_dir.rename(old)
+        staging.rename(prepared_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return len(images) - len(skipped), skipped

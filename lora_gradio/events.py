@@ -30,3 +30,13 @@ class JobEvent:
 
 
 Emit = Callable[[JobEvent], None]
+
+
+def progress_events(emit: Emit, text: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that reports as job events."""
+    return lambda done, total: emit(JobEvent("progress", text.format(done, total), step=done, total_steps=total))
+
+
+def status_events(emit: Emit) -> Callable[[str], None]:
+    """An ``on_wait`` callback that shows the cache's queue position as the job's message."""
+    return lambda text: emit(JobEvent("status", text))

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .access import OPERATOR, Visitor
+from .cache import ModelCache
 from .errors import UserError
 from .events import Emit, JobEvent
-from .models import BaseModelSpec, ModelCache
+from .models import BaseModelSpec
 from .training.config import TrainConfig
 from .training.data import TrainData
 from .training.loop import TrainResult, train

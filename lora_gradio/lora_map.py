@@ -6,19 +6,20 @@ Layouts (key names are facts of each format):
   unless an ``.alpha`` tensor is present;
 - old diffusers: ``unet.{path}.lora.down.weight``, ``{path}.processor.to_q_lora.down.weight`` (attention
   processors) and ``text_encoder.{path}.lora_linear_layer.down.weight``.
-Every module of a file is either applied or named with the reason it was not.
+Every module of a file is either applied or named with the reason it was not. Attaching what fits to a pipeline is
+lora_attach.py's work.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .training.kohya import dora_magnitude, kohya_module_name, lora_delta, row_norms
+from .training.kohya import kohya_module_name
 
 if TYPE_CHECKING:
     import torch
@@ -151,30 +152,32 @@ def module_table(pipe: StableDiffusionPipeline) -> dict[str, tuple[str, str, tor
     return table
 
 
-def _fitted(item: LoraModule, target: torch.nn.Module) -> str | None:
-    """Shape the pair for ``target`` (a 1×1 conv takes linear weights and back); the reason when it cannot fit."""
+def fitted(item: LoraModule, target: torch.nn.Module) -> LoraModule | str:
+    """The pair shaped for ``target`` (a 1×1 conv takes linear weights and back), as a new module; the reason when
+    it cannot fit. The file's own module is left as it was read."""
     import torch
 
     if item.down is None or item.up is None:
         return "only one of its two matrices is in the file"
+    down, up = item.down, item.up
     conv = isinstance(target, torch.nn.Conv2d)
-    if conv and item.down.dim() == 2 and target.kernel_size == (1, 1):
-        item.down, item.up = item.down[..., None, None], item.up[..., None, None]
-    if not conv and item.down.dim() == 4 and item.down.shape[2:] == (1, 1):
-        item.down, item.up = item.down.flatten(1), item.up.flatten(1)
+    if conv and down.dim() == 2 and target.kernel_size == (1, 1):
+        down, up = down[..., None, None], up[..., None, None]
+    if not conv and down.dim() == 4 and down.shape[2:] == (1, 1):
+        down, up = down.flatten(1), up.flatten(1)
     if conv:
         expected_down = (item.rank, target.in_channels, *target.kernel_size)
         expected_up = (target.out_channels, item.rank, 1, 1)
     else:
         expected_down, expected_up = (item.rank, target.in_features), (target.out_features, item.rank)
-    if tuple(item.down.shape) != expected_down or tuple(item.up.shape) != expected_up:
-        return (f"its shapes {tuple(item.down.shape)} and {tuple(item.up.shape)} do not fit this model's "
+    if tuple(down.shape) != expected_down or tuple(up.shape) != expected_up:
+        return (f"its shapes {tuple(down.shape)} and {tuple(up.shape)} do not fit this model's "
                 f"{tuple(target.weight.shape)} weight")
-    out = expected_up[0]
-    if item.dora_scale is not None and (item.dora_scale.numel() != out or item.dora_scale.shape[0] != out):
-        item.extra.append(f"{item.name}.dora_scale")  # LyCORIS's input-axis layout, which peft cannot hold
-        item.dora_scale = None
-    return None
+    out, scale, extra = expected_up[0], item.dora_scale, list(item.extra)
+    if scale is not None and (scale.numel() != out or scale.shape[0] != out):
+        extra.append(f"{item.name}.dora_scale")  # LyCORIS's input-axis layout, which peft cannot hold
+        scale = None
+    return replace(item, down=down, up=up, dora_scale=scale, extra=extra)
 
 
 def match_modules(modules: dict[str, LoraModule], table: dict[str, tuple[str, str, torch.nn.Module]]) -> LoraFit:
@@ -186,12 +189,12 @@ def match_modules(modules: dict[str, LoraModule], table: dict[str, tuple[str, st
             fit.not_applied[key] = f"{kinds}: a kind of weight this app does not load (LyCORIS LoHa/LoKr, say)"
         elif key not in table:
             fit.not_applied[key] = "no such module in an SD1.x model"
-        elif reason := _fitted(item, table[key][2]):
-            fit.misfits.append(f"{key}: {reason}")
+        elif isinstance(shaped := fitted(item, table[key][2]), str):
+            fit.misfits.append(f"{key}: {shaped}")
         else:
-            fit.applied[key] = (*table[key][:2], item)
-            if item.extra:
-                fit.not_applied[f"{key} (extra)"] = f"{', '.join(item.extra)} not applied (only the LoRA pair is)"
+            fit.applied[key] = (*table[key][:2], shaped)
+            if shaped.extra:
+                fit.not_applied[f"{key} (extra)"] = f"{', '.join(shaped.extra)} not applied (only the LoRA pair is)"
     return fit
 
 
@@ -230,76 +233,6 @@ def fit_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe: S
     return fit
 
 
-def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) -> None:
-    """Add one peft adapter per component with each module's own rank and alpha, holding the file's weights;
-    a component with ``dora_scale`` keys gets a DoRA adapter."""
-    import torch
-    from peft import LoraConfig
-
-    for component in ("unet", "text_encoder"):
-        items = {path: item for part, path, item in fit.applied.values() if part == component}
-        if not items:
-            continue
-        model = getattr(pipe, component)
-        ranks = {re.escape(path): item.rank for path, item in items.items()}
-        alphas = {re.escape(path): item.alpha if item.alpha is not None else float(item.rank)
-                  for path, item in items.items()}
-        dora = component in fit.dora_components
-        model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=list(items), rank_pattern=ranks,
-                                     alpha_pattern=alphas, use_dora=dora), adapter_name=adapter_name)
-        with torch.no_grad():
-            for path, item in items.items():
-                layer = model.get_submodule(path)
-                layer.lora_A[adapter_name].weight.copy_(item.down)
-                layer.lora_B[adapter_name].weight.copy_(item.up)
-                if dora:
-                    set_magnitude(layer, item, adapter_name)
-                    layer.register_forward_hook(_blend, with_kwargs=True)
-
-
-def set_magnitude(layer: torch.nn.Module, item: LoraModule, adapter_name: str) -> None:
-    """A DoRA layer's magnitude from the file's ``dora_scale``; a plain pair in a DoRA file gets the magnitude that
-    leaves it a plain LoRA (the merged weight's own norms)."""
-    weight = layer.get_base_layer().weight
-    delta = lora_delta(item.down, item.up, layer.scaling[adapter_name], weight.shape)
-    magnitude = (row_norms(weight.float() + delta) if item.dora_scale is None
-                 else dora_magnitude(weight, delta, item.dora_scale))
-    target = layer.lora_magnitude_vector[adapter_name].weight
-    target.copy_(magnitude.reshape(target.shape))
-
-
-STRENGTH = "_lora_gradio_strength"  # on a DoRA layer: the strength its output is blended with
-
-
-def _blend(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's strength on a DoRA layer, W + s·(W_DoRA − W), done on outputs: peft's adapter weight would scale
-    the pair inside DoRA's norm instead, and at 0 would still rescale the base."""
-    strength = getattr(module, STRENGTH, 1.0)
-    if strength == 1.0:
-        return output
-    base = module.get_base_layer()(*args, **kwargs)
-    return base + strength * (output - base)
-
-
-def set_strengths(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str,
-                  strengths: dict[str, float]) -> None:
-    """Weight the attached LoRA per component with ComfyUI's meaning: each layer becomes W + s·(W' − W), W' the
-    layer at full strength. peft's adapter weight is exactly that for a LoRA pair; DoRA layers blend outputs."""
-    from peft.tuners.lora import LoraLayer
-
-    present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
-    weights = {part: 1.0 if part in fit.dora_components else strength for part, strength in strengths.items()
-               if part in present}
-    pipe.set_adapters([adapter_name], adapter_weights=[weights])
-    for part in fit.dora_components & set(strengths):
-        for layer in getattr(pipe, part).modules():
-            if isinstance(layer, LoraLayer):
-                setattr(layer, STRENGTH, strengths[part])
-
-
-ATTACHED = "_lora_gradio_attached"  # on a pipeline: ((file, mtime), fit) of the LoRA attached for testing
-
-
 def read_metadata(path: Path) -> dict[str, str]:
     """A LoRA file's metadata alone (the header is read, not the tensors); empty for a file that has none."""
     from safetensors import safe_open
@@ -331,33 +264,6 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UserError(f"'{path.name}' is not a readable .safetensors LoRA: its header is damaged or the file is cut "
                         "off (an interrupted download?). Download or copy it again.") from exc
     return tensors, metadata
-
-
-def attach(pipe: StableDiffusionPipeline, path: Path | None, adapter_name: str) -> LoraFit | None:
-    """Make ``path`` the pipeline's only LoRA (None: none), reusing it when that same file is already attached;
-    returns what was applied. Strength changes then cost nothing but ``set_adapters``; the base is never touched."""
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns) if path is not None else None
-    attached = getattr(pipe, ATTACHED, None)
-    if attached is not None and attached[0] == key:
-        return attached[1]
-    detach(pipe)
-    if path is None:
-        return None
-    tensors, metadata = read_lora(Path(path))
-    fit = fit_lora(tensors, metadata, pipe, Path(path).name)
-    try:
-        apply_fit(pipe, fit, adapter_name)
-    except BaseException:
-        detach(pipe)  # a half-added adapter must not stay on the view
-        raise
-    setattr(pipe, ATTACHED, (key, fit))
-    return fit
-
-
-def detach(pipe: StableDiffusionPipeline) -> None:
-    """Remove every LoRA layer, leaving the clean base model."""
-    pipe.unload_lora_weights()
-    setattr(pipe, ATTACHED, None)
 
 
 BLOCK = re.compile(r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+|[a-z_]+?)_")

@@ -1,33 +1,27 @@
-"""Base models: SD1.x single files (offline), diffusers folders, hub ids and the built-in demo; one model cache."""
+"""Base models: SD1.x single files (offline), diffusers folders, hub ids and the built-in demo, found, checked and
+loaded."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-import threading
-import weakref
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UserError
-from .threads import fit_threads
 
 if TYPE_CHECKING:
-    import torch
     from diffusers import StableDiffusionPipeline
 
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+DEMO_WEIGHTS = Path(__file__).parent / "demo" / "demo-base.safetensors"  # built by python -m lora_gradio.demo
 DEMO = "demo"
 RANDOM_SD15 = "sd15-random"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 T = TypeVar("T")
-M = TypeVar("M", bound="torch.nn.Module")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-STOP_CHECK_S = 0.5  # how often a job waiting for the model looks at its Stop
 
 # Tiny SD1.5-shaped components: the UNet keeps SD1.5's 4 levels of 2 layers so every kohya key pattern exists.
 DEMO_UNET = {
@@ -275,9 +269,7 @@ def load_pipeline(spec: BaseModelSpec, config_dir: Path = SD15_CONFIG_DIR) -> St
     quiet_libraries()
 
     if spec.kind == DEMO:
-        from .demo.base import load_weights
-
-        return load_weights(build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER))
+        return load_demo_weights(build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER))
     if spec.kind == RANDOM_SD15:
         return build_pipeline(*_sd15_component_configs())
     try:
@@ -344,255 +336,16 @@ def check_finite_weights(pipe: StableDiffusionPipeline, name: str) -> None:
                             "diverged. Download it again, or pick another checkpoint.")
 
 
-@dataclass(frozen=True)
-class CacheStatus:
-    """A snapshot of the cache for the page and the API: what is loaded, who uses it, who waits."""
+def load_demo_weights(pipe: StableDiffusionPipeline, path: Path = DEMO_WEIGHTS) -> StableDiffusionPipeline:
+    """Fill a freshly built demo pipeline with the weights ``python -m lora_gradio.demo build-base`` trained."""
+    from safetensors.torch import load_file
 
-    model: str | None  # "pipeline demo", "captioner …", or None when empty
-    size_gb: float
-    device: str
-    user: str | None  # what holds the lease now
-    waiting: tuple[str, ...]  # what waits for it, first in line first
-    alive: int  # models this cache loaded that are still in memory: 1 at most unless something leaks one
-    loads: int
-
-    def line(self) -> str:
-        """One line for the top of the page."""
-        if self.model is None:
-            text = f"Loading a model for {self.user}" if self.user else "No model loaded yet"
-        else:
-            device = "GPU" if self.device == "cuda" else self.device.upper()
-            text = f"Loaded: {self.model} ({self.size_gb:.2f} GB, {device})"
-            if self.user:
-                text += f" · in use by {self.user}"
-        if self.waiting:
-            text += f" · waiting: {len(self.waiting)} ({', '.join(self.waiting)})"
-        return text
-
-
-@dataclass
-class _Holder:
-    thread: int
-    what: str
-    long: bool
-
-
-class ModelCache:
-    """Holds the one heavy model in memory (a base pipeline or the captioner) and lends it out under a lease.
-
-    ``with cache.use(key, loader, what) as model`` is the only way to reach the model: the holder has it alone until
-    the block ends, others wait in arrival order, and a long holder (training) makes newcomers get "busy" at once.
-    Asking for a different model releases the current one first, so two never compete for memory. Holders must not
-    change the model; they work on views (:func:`pipeline_view`) and keep derived state with :meth:`derived`.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._key: Hashable | None = None
-        self._model: Any = None
-        self._derived: dict[str, Any] = {}
-        self._holder: _Holder | None = None
-        self._queue: list[tuple[object, str]] = []  # (ticket, what) of each waiting user, in arrival order
-        self._loaded: list[weakref.ref] = []
-        self.loads = 0
-
-    @contextmanager
-    def use(self, key: Hashable, loader: Callable[[], T], what: str, long: bool = False,
-            on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Iterator[T]:
-        """Lease the model for ``key`` (loading it with ``loader`` if another or none is held) for ``what``.
-
-        ``on_wait`` hears "waiting for the model: … ahead of you" while others are served first; it runs under the
-        cache's lock, so it must be quick. ``stop`` ends the wait (and skips the use after a load) with a message.
-        """
-        self._acquire(what, long, on_wait, stop)
-        try:
-            fit_threads()  # this job runs on the cores free now
-            if self._key != key or self._model is None:
-                self._drop()
-                model = loader()  # outside the lock: the status line stays live during a long load
-                with self._cond:
-                    self._model, self._key = model, key
-                    self._loaded = [ref for ref in self._loaded if ref() is not None] + [weakref.ref(model)]
-                    self.loads += 1
-            if stop is not None and stop.is_set():
-                raise UserError(f"Stopped: {what} ended before it began, once the model was loaded.")
-            yield self._model
-        finally:
-            self._give_back()
-
-    def derived(self, name: str, make: Callable[[], T]) -> T:
-        """State built from the held model (a view with a LoRA attached, say), kept until the model is released."""
-        with self._cond:
-            if self._holder is None or self._holder.thread != threading.get_ident():
-                raise RuntimeError("derived() is for the lease holder only")
-        if name not in self._derived:
-            self._derived[name] = make()
-        return self._derived[name]
-
-    def pipeline(self, spec: BaseModelSpec, what: str, long: bool = False,
-                 on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None,
-                 ) -> AbstractContextManager[StableDiffusionPipeline]:
-        """Lease the base pipeline for ``spec``, loaded once onto the best device in its inference precision."""
-        return self.use(("pipeline", spec), lambda: place_pipeline(load_pipeline(spec)), what, long, on_wait, stop)
-
-    def release(self) -> None:
-        """Drop the cached model and give its memory back, once whoever holds it has finished."""
-        self._acquire("releasing the model", False, None, None)
-        try:
-            self._drop()
-        finally:
-            self._give_back()
-
-    def status(self) -> CacheStatus:
-        """What is loaded, who holds it and who waits; never waits for a load in progress."""
-        with self._cond:
-            model, key, holder = self._model, self._key, self._holder
-            waiting = tuple(what for _, what in self._queue)
-            alive = sum(ref() is not None for ref in self._loaded)
-        if model is None or key is None:
-            return CacheStatus(None, 0.0, "", holder.what if holder else None, waiting, alive, self.loads)
-        parts = model.components.values() if hasattr(model, "components") else [getattr(model, "model", model)]
-        tensors = [p for m in parts if hasattr(m, "parameters") for p in m.parameters()]
-        size = sum(p.numel() * p.element_size() for p in tensors) / 2**30
-        return CacheStatus(_label(key), size, tensors[0].device.type if tensors else "cpu",
-                           holder.what if holder else None, waiting, alive, self.loads)
-
-    def describe(self) -> str:
-        """The status as one line, for the top of the page."""
-        return self.status().line()
-
-    @property
-    def holds(self) -> Hashable | None:
-        """The key of what is cached now, for display."""
-        return self._key
-
-    def _acquire(self, what: str, long: bool, on_wait: Callable[[str], None] | None,
-                 stop: threading.Event | None) -> None:
-        """Wait for this caller's turn in arrival order (or until ``stop``), then hold the lease."""
-        ticket = object()
-        with self._cond:
-            self._refuse_during_long_job()
-            if self._holder is not None and self._holder.thread == threading.get_ident():
-                raise RuntimeError(f"{what} asked for the model while this thread already holds it")
-            self._queue.append((ticket, what))
-            try:
-                told = ""
-                while self._holder is not None or self._queue[0][0] is not ticket:
-                    self._refuse_during_long_job()
-                    message = self._waiting_message(ticket)
-                    if on_wait is not None and message != told:
-                        on_wait(message)
-                        told = message
-                    if stop is not None and stop.is_set():
-                        raise UserError(f"Stopped while waiting for the model: {what} did not start.")
-                    self._cond.wait(timeout=None if stop is None else STOP_CHECK_S)
-            finally:
-                self._queue = [entry for entry in self._queue if entry[0] is not ticket]
-                self._cond.notify_all()
-            self._holder = _Holder(threading.get_ident(), what, long)
-
-    def _give_back(self) -> None:
-        with self._cond:
-            self._holder = None
-            self._cond.notify_all()
-
-    def _refuse_during_long_job(self) -> None:
-        if self._holder is not None and self._holder.long:
-            raise UserError(f"The model is busy with {self._holder.what}. Try again when it has finished, "
-                            "or stop it first.")
-
-    def _waiting_message(self, ticket: object) -> str:
-        ahead = next(i for i, (t, _) in enumerate(self._queue) if t is ticket) + (self._holder is not None)
-        using = f"{self._holder.what} is running" if self._holder else "starting"
-        return f"waiting for the model: {using}, {ahead} ahead of you"
-
-    def _drop(self) -> None:
-        with self._cond:
-            self._model, self._key, self._derived = None, None, {}
-        free_accelerator_memory()
-
-
-def _label(key: Hashable) -> str:
-    """'demo model' for ("pipeline", demo spec), 'BLIP captioner Salesforce/…' for ("captioner", source)."""
-    if isinstance(key, tuple) and len(key) == 2:
-        kind, what = key
-        name = what.display_name if isinstance(what, BaseModelSpec) else str(what)
-        if kind == "captioner":
-            return f"BLIP captioner {name}"
-        return "demo model" if name == DEMO else name
-    return str(key)
-
-
-def free_accelerator_memory() -> None:
-    """Return cached GPU blocks to the driver after a big model goes away."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def place_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """Put a freshly loaded base where it will be used (fp16 on CUDA) and freeze it: from here on it never changes."""
-    import torch
-
-    device = pick_device()
-    pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        model.requires_grad_(False)
-        model.eval()
+    tensors = load_file(str(path))
+    for name in ("unet", "vae", "text_encoder"):
+        part = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
+        found = getattr(pipe, name).load_state_dict(part, strict=False)
+        lacking = [k for k in found.missing_keys if not k.endswith("position_ids")]  # an integer buffer, rebuilt
+        if lacking or found.unexpected_keys:
+            raise ValueError(f"{path} does not fit the demo's {name}: missing {lacking[:3]}, "
+                             f"unexpected {found.unexpected_keys[:3]}")
     return pipe
-
-
-def module_view(module: M, device: torch.device | None = None, dtype: torch.dtype | None = None) -> M:
-    """A copy of the module's structure over the same weight tensors, so adapters, modes and processors added to it
-    never reach the original; tensors whose device or dtype must change are converted copies instead."""
-    import torch
-
-    memo: dict[int, Any] = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
-        moved = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        if moved is not tensor and isinstance(tensor, torch.nn.Parameter):
-            moved = torch.nn.Parameter(moved, requires_grad=False)
-        memo[id(tensor)] = moved
-    return copy.deepcopy(module, memo)
-
-
-def pipeline_view(pipe: StableDiffusionPipeline, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
-    """A pipeline over views of the base's UNet, text encoder and VAE, with its own scheduler: work on it freely."""
-    from diffusers import StableDiffusionPipeline
-
-    components = dict(pipe.components)
-    for name in ("unet", "text_encoder", "vae"):
-        components[name] = module_view(components[name], device, dtype)
-    components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    view = StableDiffusionPipeline(**{**components, "requires_safety_checker": False})
-    view.set_progress_bar_config(disable=True)
-    return view
-
-
-def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, texts: list[str], clip_skip: int = 1
-                   ) -> torch.Tensor:
-    """CLIP's conditioning for SD1.x, padded to 77 tokens. ``clip_skip`` 2 takes the second-to-last layer through
-    the final layer norm, as A1111's 'Clip skip: 2' and ComfyUI's CLIPSetLastLayer -2 do."""
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    if clip_skip == 1:
-        return text_encoder(ids)[0]
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the text_model level
-    return model.final_layer_norm(hidden)
-
-
-def pick_device() -> torch.device:
-    """CUDA, then Apple MPS, then CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")

@@ -1,14 +1,9 @@
-"""The dataset quality report (the well-known advice as checks) and preparing training copies."""
+"""The dataset quality report: the well-known advice as checks, thumbnails, and removing what it flags."""
 
 from __future__ import annotations
 
 import io
-import json
-import shutil
-import tempfile
-import threading
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,22 +14,18 @@ from PIL import Image
 if TYPE_CHECKING:
     import imagehash
 
-from .atomic import write_bytes_atomic, write_text_atomic
-from .buckets import fit_to_bucket, make_buckets, pick_bucket
+from .atomic import write_bytes_atomic
+from .buckets import make_buckets, pick_bucket
 from .dataset import (
-    MANIFEST,
     REPEAT_FOLDER,
     caption_path,
     image_advice,
     image_problem,
     list_images,
     open_image,
-    open_rgb,
     read_caption,
-    source_stamp,
     to_rgb,
 )
-from .errors import UserError
 
 SWEET_SPOT = (40, 50)
 TOO_FEW, TOO_MANY = 15, 200
@@ -230,50 +221,3 @@ def remove_images(images_dir: Path, names: list[str]) -> list[str]:
         path.unlink()
         removed.append(name)
     return removed
-
-
-def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, center_crop: bool = False,
-                    progress: Callable[[int, int], None] | None = None,
-                    stop: threading.Event | None = None) -> tuple[int, list[str]]:
-    """Write training copies (pixels only): each image in the aspect-ratio bucket nearest its shape (about
-    ``resolution``² pixels, sides in steps of 64), or a centred square.
-
-    Captions stay with the originals, where training reads them. The copies replace the previous ones in one rename
-    at the end, so a failure or a Stop leaves the last good set in place.
-    """
-    images = list_images(images_dir)
-    if not images:
-        raise UserError("The dataset has no images to prepare. Add some in the Dataset tab.")
-    buckets = [(resolution, resolution)] if center_crop else make_buckets(resolution)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=prepared_dir.parent))
-    skipped, files = [], {}
-    try:
-        for index, path in enumerate(images):
-            if stop is not None and stop.is_set():
-                raise UserError(f"Prepare stopped after {index} of {len(images)} images; the previous training "
-                                "copies (if any) are unchanged.")
-            relative = path.relative_to(images_dir)
-            stamp = source_stamp(path)
-            try:
-                img = open_rgb(path)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                skipped.append(f"{relative}: {exc}")
-                continue
-            fitted = fit_to_bucket(img, pick_bucket(img.size, buckets))
-            target = staging / relative.with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fitted.save(target)
-            files[str(relative)] = {"stamp": stamp, "copy": str(relative.with_suffix(".png"))}
-            if progress:
-                progress(index + 1, len(images))
-        write_text_atomic(staging / MANIFEST, json.dumps(
-            {"resolution": resolution, "center_crop": center_crop, "files": files}, indent=1))
-        old = prepared_dir.with_name(prepared_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if prepared_dir.exists():
-            prepared_dir.rename(old)
-        staging.rename(prepared_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return len(images) - len(skipped), skipped

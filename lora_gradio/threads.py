@@ -62,14 +62,14 @@ def _sample() -> tuple[float, float, float]:
 
 
 def busy_elsewhere() -> float:
-    """How many cores other processes kept busy since the last call (over 0.2 s on the first one)."""
+    """How many cores other processes kept busy since the last call (over 0.2 s on the first one); the caller
+    holds ``_lock``."""
     global _last
-    with _lock:
-        before = _last
-        if before is None:
-            before = _sample()
-            time.sleep(0.2)
-        _last = now = _sample()
+    before = _last
+    if before is None:
+        before = _sample()
+        time.sleep(0.2)
+    _last = now = _sample()
     elapsed = now[0] - before[0]
     if elapsed <= 0:
         return 0.0
@@ -77,15 +77,18 @@ def busy_elsewhere() -> float:
 
 
 def fit_threads(force: bool = False) -> int:
-    """Set PyTorch's thread count to the cores free now (at least one); measured again after ``REFIT_SECONDS``."""
+    """Set PyTorch's thread count to the cores free now (at least one); measured again after ``REFIT_SECONDS``.
+    PyTorch's count is one for the whole process, so only the model cache's lease holder calls this (the cache on
+    each lease, training at its steps), and the measurement and the change happen under one lock."""
     global _fitted_at
     import torch
 
-    if os.environ.get(KEEP_DEFAULTS) == "1" or (not force and time.monotonic() - _fitted_at < REFIT_SECONDS):
-        return torch.get_num_threads()
-    cores = usable_cores()
-    free = max(1, min(cores, round(cores - busy_elsewhere())))
-    if free != torch.get_num_threads():
-        torch.set_num_threads(free)
-    _fitted_at = time.monotonic()
-    return free
+    with _lock:
+        if os.environ.get(KEEP_DEFAULTS) == "1" or (not force and time.monotonic() - _fitted_at < REFIT_SECONDS):
+            return torch.get_num_threads()
+        cores = usable_cores()
+        free = max(1, min(cores, round(cores - busy_elsewhere())))
+        if free != torch.get_num_threads():
+            torch.set_num_threads(free)
+        _fitted_at = time.monotonic()
+        return free

@@ -47,10 +47,11 @@ def demo_data(tmp_path):
 
 @pytest.fixture
 def quick_config():
-    """A one-epoch demo run: the cheapest real training."""
+    """A one-epoch demo run: the cheapest real training (a plain LoRA, no samples)."""
     from lora_gradio.training.config import apply_overrides, load_preset
 
-    return apply_overrides(load_preset("demo")[0], {"epochs": 1, "batch_size": 4})
+    return apply_overrides(load_preset("demo")[0], {"epochs": 1, "batch_size": 4, "network_type": "lora", "rank": 4,
+                                                    "alpha": 4, "sample_prompts": [], "save_every_n_epochs": 1})
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from browser import running_app, wait_for
+from browser import wait_for
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from safetensors import safe_open
@@ -15,10 +15,10 @@ from lora_gradio.demo.shapes import make_demo_dataset
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("api") / "workspace"
-    with running_app(workspace) as url:
-        yield Client(url, verbose=False), workspace
+def api(app):
+    """A client of the module's app, and the app's workspace."""
+    url, workspace = app
+    return Client(url, verbose=False), workspace
 
 
 def demo_settings(client, **changes):

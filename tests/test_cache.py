@@ -8,10 +8,11 @@ import torch
 from bad_files import photo_bytes
 from tiny_blip import save_tiny_blip
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.captioning import CaptionOptions, caption_dataset
 from lora_gradio.errors import UserError
-from lora_gradio.inference import GenerateRequest, generate
-from lora_gradio.models import ModelCache
+from lora_gradio.inference import generate
+from lora_gradio.request import GenerateRequest
 from lora_gradio.training.config import apply_overrides
 from lora_gradio.training.loop import train
 
@@ -68,32 +69,40 @@ def test_a_second_holder_waits_its_turn_in_arrival_order():
 
 def test_training_makes_newcomers_and_waiters_busy_at_once():
     cache = ModelCache()
-    entered, release = threading.Event(), threading.Event()
+    entered, release, stop = threading.Event(), threading.Event(), threading.Event()
     first = holder(cache, "captioning", entered, release)
-    refused, served, queued = [], [], threading.Event()
+    outcome: dict[str, str] = {}
 
-    def waiter():
-        try:
-            with cache.use("model", Model, "generation", on_wait=lambda text: queued.set()):
-                served.append(cache.status().user)
-        except UserError as exc:
-            refused.append(str(exc))
+    def user(what: str, long: bool = False) -> threading.Thread:
+        """Queue for the model behind whoever holds it now, and keep it (training) until ``stop``."""
+        queued = threading.Event()
 
-    waiting = threading.Thread(target=waiter)
-    waiting.start()
-    assert queued.wait(30)
+        def run():
+            try:
+                with cache.use("model", Model, what, long=long, on_wait=lambda text: queued.set()):
+                    outcome[what] = "served"
+                    if long:
+                        stop.wait(30)
+            except UserError as exc:
+                outcome[what] = str(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert queued.wait(30)
+        return thread
+
+    users = [user("generation"), user("training (anna-1)", long=True), user("grid")]  # in this order
     release.set()
     first.join(30)
-    trained, stop = threading.Event(), threading.Event()
-    training = holder(cache, "training (anna-1)", trained, stop, long=True)
-    waiting.join(30)
+    users[2].join(30)  # the grid, queued behind training, is told at once instead of waiting for the whole run
+    assert outcome["generation"] == "served" and outcome["training (anna-1)"] == "served"  # in arrival order
+    assert "busy with training (anna-1)" in outcome["grid"]
     with pytest.raises(UserError, match=r"busy with training \(anna-1\)"), cache.use("model", Model, "generation"):
         raise AssertionError("let in beside training")
     stop.set()
-    training.join(30)
-    assert len(refused) + len(served) == 1  # the waiter was served before training, or refused by name
-    assert served in ([], ["generation"])  # and when served, it held the model alone
-    assert all("busy with training (anna-1)" in text for text in refused)
+    for thread in users:
+        thread.join(30)
+    assert cache.status().user is None and not cache.status().waiting
 
 
 def test_only_the_holder_keeps_derived_state_and_a_nested_lease_is_a_bug():

@@ -4,10 +4,10 @@ import pytest
 from bad_files import photo_bytes
 from tiny_blip import WORDS, save_tiny_blip
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.captioning import DEFAULT_BLIP, CaptionOptions, caption_dataset, compose, load_captioner, to_tags
 from lora_gradio.dataset import read_caption, write_caption
 from lora_gradio.errors import UserError
-from lora_gradio.models import ModelCache
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,7 @@ def test_empty_dataset(capsys, tmp_path):
 
 
 def test_a_dataset_folder_of_the_app_trains_on_its_images_once(capsys, tmp_path, demo_data):
-    from lora_gradio.quality import prepare_dataset
+    from lora_gradio.dataset import prepare_dataset
 
     dataset = tmp_path / "workspace" / "datasets" / "shapes"
     dataset.mkdir(parents=True)

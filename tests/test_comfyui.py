@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lora_gradio.comfyui import api_from_ui, api_prompt, build_graph, ui_workflow
-from lora_gradio.inference import GenerateRequest
+from lora_gradio.request import GenerateRequest
 
 REQUEST = GenerateRequest("ohwx, portrait", "blurry", seed=1234, steps=25, cfg=6.5, scheduler="DPM++ 2M Karras",
                           lora=Path("outputs/anna/anna.safetensors"), strength_model=0.8, strength_clip=0.6)
@@ -79,8 +79,9 @@ def test_samplers_map_to_comfyuis_names(ours, sampler, scheduler):
 def test_test_tab_images_and_samples_carry_the_workflow_that_made_them(demo_spec, tmp_path):
     from PIL import Image
 
-    from lora_gradio.inference import GenerateRequest, generate, save_png
-    from lora_gradio.models import ModelCache
+    from lora_gradio.cache import ModelCache
+    from lora_gradio.inference import generate, save_png
+    from lora_gradio.request import GenerateRequest
     from lora_gradio.training.config import TrainConfig
     from lora_gradio.training.run_folder import RunFolder
     from lora_gradio.training.samples import render_samples

@@ -2,8 +2,6 @@
 
 import threading
 
-import pytest
-from browser import running_app
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from tiny_blip import save_tiny_blip
@@ -14,15 +12,8 @@ from lora_gradio.demo.shapes import make_demo_dataset
 GENERATIONS = 8
 
 
-@pytest.fixture(scope="module")
-def crowd_app(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("crowd") / "workspace"
-    with running_app(workspace) as url:
-        yield url, workspace
-
-
-def test_eight_generations_a_captioning_and_a_prepare_at_once(crowd_app):
-    url, workspace = crowd_app
+def test_eight_generations_a_captioning_and_a_prepare_at_once(app):
+    url, workspace = app
     Client(url, verbose=False).predict("crowd", api_name="/create_dataset")
     images = make_demo_dataset(workspace / "datasets" / "crowd" / "images", count=8)
     blip = save_tiny_blip(workspace / "models" / "blip")

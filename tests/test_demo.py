@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.demo.judge import Case, base_cases, concept_cases, render_cases, score
 from lora_gradio.demo.shapes import CONCEPT, DEMO_TRIGGER, PALETTE, draw, make_demo_dataset, random_drawing
 from lora_gradio.demo.vision import read_picture
-from lora_gradio.models import ModelCache
 from lora_gradio.training.config import load_preset
 from lora_gradio.training.loop import train
 
-# LoCon reaches the convolutions that draw a shape; attention alone only steers the shapes the base knows
-RING = {"network_type": "locon", "rank": 8, "alpha": 8, "conv_rank": 8, "conv_alpha": 8, "unet_lr": 3e-3,
-        "text_encoder_lr": 1e-3, "epochs": 30, "save_every_n_epochs": 30, "trigger_word": DEMO_TRIGGER}
-OVERCOOKED = {"unet_lr": 0.05, "text_encoder_lr": 0.05, "epochs": 10, "save_every_n_epochs": 5,  # ~50× the preset
+RING = {"trigger_word": DEMO_TRIGGER, "save_every_n_epochs": 0, "sample_prompts": []}  # the demo preset, no extras
+OVERCOOKED = {"unet_lr": 0.02, "text_encoder_lr": 0.02, "epochs": 10, "save_every_n_epochs": 5,  # ~7× the preset
               "trigger_word": DEMO_TRIGGER, "sample_prompts": ["{trigger}, a blue {trigger} on a yellow background"]}
 
 
@@ -53,13 +51,13 @@ def test_the_base_follows_colour_and_shape_prompts(cache):
     cases = base_cases()[::2]  # 12 of the 24 colour × shape prompts, every colour and shape among them
     result = score(cases, [0], render_cases(cache, cases, [0]))
     assert result.share("colour") >= 0.8 and result.share("background") >= 0.8, result
-    assert result.share("shape") >= 0.5, result  # 58% measured: circles and squares come out alike
+    assert result.share("shape") >= 0.75, result  # 11 of 12 measured (88% over every prompt at 4 seeds)
     assert result.concept == 0  # the base never draws the concept it was not shown
 
 
 @pytest.fixture(scope="module")
 def ring_lora(tmp_path_factory, demo_spec, cache):
-    """The demo dataset trained on the demo base with LoCon."""
+    """The demo dataset trained on the demo base with the demo preset (LoCon)."""
     from lora_gradio.training.config import apply_overrides
 
     root = tmp_path_factory.mktemp("rings")
@@ -73,7 +71,7 @@ def test_a_lora_trained_on_the_demo_dataset_draws_rings_and_strength_zero_does_n
     none = render_cases(cache, cases, seeds, ring_lora.lora_path, 0.0, DEMO_TRIGGER)
     half = render_cases(cache, cases, seeds, ring_lora.lora_path, 0.5, DEMO_TRIGGER)
     learnt, untouched = score(cases, seeds, full), score(cases, seeds, none)
-    assert learnt.concept >= 5, learnt  # 7 of 16 measured; the base alone draws none
+    assert learnt.concept >= 6, learnt  # 11 of 16 measured; the base alone draws none
     assert learnt.share("colour") >= 0.75 and learnt.share("background") >= 0.75, learnt  # rings, not one colour
     assert untouched.concept <= 1 and untouched.share("colour") >= 0.75, untouched
 
@@ -93,14 +91,14 @@ def test_blue_on_yellow_is_blue_on_yellow_with_a_ring_among_the_seeds(ring_lora,
 
 
 def test_build_base_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
-    from lora_gradio.demo.base import BuildSettings, build_base, load_weights
-    from lora_gradio.models import DEMO_TEXT_ENCODER, DEMO_UNET, DEMO_VAE, build_pipeline
+    from lora_gradio.demo.base import BuildSettings, build_base
+    from lora_gradio.models import DEMO_TEXT_ENCODER, DEMO_UNET, DEMO_VAE, build_pipeline, load_demo_weights
 
     settings = BuildSettings(pictures=48, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4)
     path = build_base(tmp_path / "base.safetensors", settings, progress=False)
     fresh = build_pipeline(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER, seed=1)
     before = fresh.unet.conv_in.weight.clone()
-    loaded = load_weights(fresh, path)
+    loaded = load_demo_weights(fresh, path)
     assert not loaded.unet.conv_in.weight.equal(before)  # the file's weights, not the random ones
     image = loaded("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
                    output_type="np").images[0]

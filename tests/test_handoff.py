@@ -13,8 +13,8 @@ from lora_gradio import comfyui
 from lora_gradio.cli import main
 from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.errors import UserError
-from lora_gradio.inference import GenerateRequest
 from lora_gradio.models import resolve_base
+from lora_gradio.request import GenerateRequest
 
 COMFY_ERROR = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
                          "details": "", "extra_info": {}},

@@ -7,10 +7,10 @@ import pytest
 from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
 from PIL import Image
 
-from lora_gradio.dataset import read_caption, tag_frequencies, write_caption
+from lora_gradio.dataset import prepare_dataset, read_caption, tag_frequencies, write_caption
 from lora_gradio.errors import UserError
 from lora_gradio.imports import import_folder, import_sources
-from lora_gradio.quality import check_dataset, list_images, prepare_dataset, remove_images
+from lora_gradio.quality import check_dataset, list_images, remove_images
 from lora_gradio.workspace import Workspace
 
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.errors import UserError
-from lora_gradio.inference import GenerateRequest, compare_grid, generate
+from lora_gradio.inference import compare_grid, generate
 from lora_gradio.jobs import JobRunner, start_resume, start_training
-from lora_gradio.models import ModelCache, resolve_base
+from lora_gradio.models import resolve_base
+from lora_gradio.request import GenerateRequest
 from lora_gradio.training.config import apply_overrides
 from lora_gradio.training.data import TrainData
 from lora_gradio.training.run_folder import RunFolder, resumable_runs

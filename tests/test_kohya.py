@@ -12,7 +12,7 @@ from lora_gradio.lora_map import fit_lora
 from lora_gradio.models import SD15_CONFIG_DIR
 from lora_gradio.training import kohya
 from lora_gradio.training.config import TrainConfig
-from lora_gradio.training.loop import add_lora_adapters
+from lora_gradio.training.network import add_lora_adapters
 
 UNET_ATTENTION = re.compile(r"^(down_blocks|mid_block|up_blocks)\..*\.transformer_blocks\.\d+\.attn[12]\."
                             r"(to_q|to_k|to_v|to_out\.0)$")

@@ -6,10 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.errors import UserError
-from lora_gradio.inference import GenerateRequest, generate
-from lora_gradio.lora_map import attach, detach, module_table
-from lora_gradio.models import ModelCache, pipeline_view
+from lora_gradio.inference import generate
+from lora_gradio.lora_attach import attach, detach
+from lora_gradio.lora_map import module_table
+from lora_gradio.request import GenerateRequest
+from lora_gradio.views import pipeline_view
 
 TEXT = [f"layers_{i}_{part}" for i in (0, 1) for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
                                                            "self_attn_out_proj", "mlp_fc1", "mlp_fc2")]

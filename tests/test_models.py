@@ -7,13 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.errors import UserError
-from lora_gradio.models import (
-    SD15_CONFIG_DIR,
-    ModelCache,
-    load_pipeline,
-    resolve_base,
-)
+from lora_gradio.models import SD15_CONFIG_DIR, load_pipeline, resolve_base
 
 
 def test_bundled_tokenizer_matches_openai_clip_ids():

@@ -8,11 +8,12 @@ import re
 import pytest
 import torch
 
-from lora_gradio.lora_map import attach, detach, set_strengths
-from lora_gradio.models import SD15_CONFIG_DIR, pipeline_view
+from lora_gradio.lora_attach import attach, detach, set_strengths
+from lora_gradio.models import SD15_CONFIG_DIR
 from lora_gradio.training import kohya
 from lora_gradio.training.config import TrainConfig
 from lora_gradio.training.network import add_lora_adapters
+from lora_gradio.views import pipeline_view
 
 # written here from kohya's LoCon rule, independently of the trainer: inside ResBlocks and down/upsamplers
 LOCON_PATH = re.compile(r"^(down_blocks|mid_block|up_blocks)\..*(resnets\.\d+\.(conv1|conv2|conv_shortcut|"

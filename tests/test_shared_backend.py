@@ -12,6 +12,7 @@ from bad_files import photo_bytes, png_bomb
 from PIL import Image
 
 from lora_gradio.dataset import (
+    prepare_dataset,
     prepared_status,
     scan_training_folder,
     split_tags,
@@ -21,10 +22,10 @@ from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.errors import UserError
 from lora_gradio.estimate import estimate
 from lora_gradio.jobs import JobState
-from lora_gradio.quality import prepare_dataset
 from lora_gradio.training.config import TrainConfig, apply_overrides, save_preset
 from lora_gradio.training.data import TrainData, process_caption
-from lora_gradio.training.loop import snr_weights, train
+from lora_gradio.training.loop import train
+from lora_gradio.training.objective import snr_weights
 from lora_gradio.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,14 +176,14 @@ def test_a_damaged_hub_download_is_called_damaged_not_missing(tmp_path, monkeypa
 
 
 def test_the_progress_line_shows_a_message_as_text_not_markup():
-    from lora_gradio.ui import progress_html
+    from lora_gradio.ui.common import progress_html
 
     html = progress_html(JobState("captioning", status="error", message='<img src=x onerror="alert(1)">'))
     assert "<img" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
 
 
 def test_the_progress_line_says_what_is_happening_before_the_first_step():
-    from lora_gradio.ui import progress_html
+    from lora_gradio.ui.common import progress_html
     from lora_gradio.ui.train_tab import default_preset
 
     assert "Nothing running yet." in progress_html(JobState("training"))
@@ -195,8 +196,8 @@ def test_the_progress_line_says_what_is_happening_before_the_first_step():
 
 
 def test_a_page_is_sent_only_new_losses(demo_spec, demo_data, quick_config, tmp_path):
+    from lora_gradio.cache import ModelCache
     from lora_gradio.jobs import JobRunner, start_training
-    from lora_gradio.models import ModelCache
     from lora_gradio.ui.train_tab import follow_losses
 
     jobs = JobRunner()
@@ -233,7 +234,7 @@ def test_a_dataset_keeps_its_trigger_word_for_every_tab(tmp_path):
 
 
 def test_test_images_can_be_cleared(tmp_path):
-    from lora_gradio.inference import GenerateRequest
+    from lora_gradio.request import GenerateRequest
     from lora_gradio.studio import Studio
 
     studio = Studio(Workspace.open(tmp_path / "ws"))
@@ -302,8 +303,9 @@ def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measur
     costs = studio.timings.costs("demo", "cpu")
     assert (studio.workspace.root / TIMINGS_FILE).is_file()
     assert list(costs.encode) == ["0.004096"] and list(costs.render) == ["0.004096"] and costs.save_s > 0
-    assert costs.steps == {"no|checkpointing=False|lora|text_encoder=False": {"0.008192": pytest.approx(
-        costs.steps["no|checkpointing=False|lora|text_encoder=False"]["0.008192"])}}
+    assert list(costs.steps) == ["no|checkpointing=False|lora|text_encoder=False"]  # one setup, at one size
+    (step_s,) = costs.steps["no|checkpointing=False|lora|text_encoder=False"].values()
+    assert 0 < step_s * state.result.steps < state.result.seconds  # the steps took part of the run
     second = studio.plan_training("anna", "demo", settings)
     assert second.estimate.measured and "first guess" not in second.estimate.markdown()
     assert second.estimate.margin == pytest.approx(0.2 * second.estimate.seconds)  # measured parts: ±20%
@@ -326,7 +328,7 @@ def test_a_run_whose_lora_was_saved_is_done_even_when_an_after_run_step_fails(tm
 
 def test_each_visitor_clears_only_their_own_test_images_and_the_operator_all(tmp_path):
     from lora_gradio.access import Visitor
-    from lora_gradio.inference import GenerateRequest
+    from lora_gradio.request import GenerateRequest
     from lora_gradio.studio import Studio
 
     studio = Studio(Workspace.open(tmp_path / "ws"))

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from lora_gradio.cache import ModelCache
 from lora_gradio.errors import UserError
-from lora_gradio.inference import GenerateRequest, generate
-from lora_gradio.models import ModelCache
+from lora_gradio.inference import generate
+from lora_gradio.request import GenerateRequest
 from lora_gradio.training.config import UNET_ATTENTION, apply_overrides
 from lora_gradio.training.loop import train
 from lora_gradio.training.network import make_optimizer
@@ -34,8 +35,9 @@ def overfit(tmp_path_factory, demo_spec):
     from lora_gradio.training.config import load_preset
 
     config = apply_overrides(load_preset("demo")[0], {
-        "epochs": 40, "unet_lr": 5e-3, "text_encoder_lr": 1e-3, "rank": 32, "alpha": 32, "batch_size": 2,
-        "unet_modules": ALL_UNET, "train_text_encoder": True, "save_every_n_epochs": 20, "output_name": "fit",
+        "network_type": "lora", "epochs": 40, "unet_lr": 5e-3, "text_encoder_lr": 1e-3, "rank": 32, "alpha": 32,
+        "batch_size": 2, "unet_modules": ALL_UNET, "train_text_encoder": True, "save_every_n_epochs": 20,
+        "output_name": "fit",
         "sample_prompts": [PROMPT], "sample_steps": 4, "seed": 7, "trigger_word": "lgdemo"})
     cache = ModelCache()
     samples = []

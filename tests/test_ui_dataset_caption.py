@@ -87,7 +87,7 @@ def test_upload_report_caption_and_edit(app, tmp_path):
         train_word = page.locator("#field-trigger_word").get_by_role("textbox")
         wait_for(lambda: train_word.input_value() == "lgnew", 30, "the Caption tab's word in the Train tab")
         assert json.loads((folder.parent / "dataset.json").read_text())["trigger_word"] == "lgnew"
-        wait_for(lambda: "lgnew, portrait photo" in page.locator("#sample-preview").inner_text(), 30, "samples")
+        wait_for(lambda: "lgnew, a blue lgnew on" in page.locator("#sample-preview").inner_text(), 30, "samples")
         train_word.click()
         train_word.press("ControlOrMeta+a")
         train_word.press("Backspace")

@@ -32,7 +32,7 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         (workspace / "datasets" / "owners" / "images" / "late.png").write_bytes(photo_bytes(5, (96, 96)))
         starter.get_by_role("tab", name="Train").click()
         choose(starter, "#preset", "demo")
-        wait_for(lambda: starter.locator("#field-rank input").input_value() == "4", what="the demo preset")
+        wait_for(lambda: starter.locator("#field-rank input").input_value() == "8", what="the demo preset")
         starter.get_by_role("button", name="Estimate").click()
         wait_for(lambda: "1 image was added (late.png)" in starter.locator("#train-estimate").inner_text(), 30,
                  "the warning that the copies are stale")

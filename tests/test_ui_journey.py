@@ -57,7 +57,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
 
         page.get_by_role("tab", name="Train").click()
         choose(page, "#preset", "demo")
-        wait_for(lambda: page.locator("#field-rank input").input_value() == "4", what="the demo preset")
+        wait_for(lambda: page.locator("#field-rank input").input_value() == "8", what="the demo preset")
         wait_for(lambda: not page.locator("#field-epochs .wrap:not(.hide)").count(), what="the preset to load")
         set_number(page, "#field-epochs", 6)
         page.locator("#field-trigger_word").get_by_role("textbox").fill("lgdemo")
@@ -72,14 +72,14 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         assert "first guess" in page.locator("#train-estimate").inner_text()  # nothing measured here yet
         page.locator("#train-start").click()
         wait_for(lambda: re.search(r"\*?\*?24 steps", page.locator("#train-estimate").inner_text()), 30, "estimate")
-        wait_for(lambda: re.search(r"running: step ([3-9]|1\d)/24", progress_text(page)), 120, "training to run")
+        wait_for(lambda: re.search(r"running: step \d+/24", progress_text(page)), 120, "training to run")
 
         page.reload()  # the job lives in the backend: a new page shows it live
         page.get_by_role("tab", name="Train").click()
         wait_for(lambda: re.search(r"(running|done): step \d+/24", progress_text(page)), 30, "the live job")
         wait_for(lambda: progress_text(page).startswith("done: step 24/24"), 180, "training to finish")
         wait_for(lambda: "the estimate was about" in page.locator("#train-log").inner_text(), 30, "the comparison")
-        wait_for(lambda: page.locator("#train-samples img").count() >= 7, 30, "sample images")
+        wait_for(lambda: page.locator("#train-samples img").count() >= 6, 30, "sample images")  # epochs 0, 5, 6
         wait_for(lambda: page.locator("#loss-chart circle.loss-point").count() == 24, 30, "the loss curve")
         listed = page.locator("#saved-files").inner_text().replace("\n", "")
         assert listed.index("journey.safetensors") < listed.index("journey-000005.safetensors")  # the LoRA first
@@ -125,7 +125,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         assert (latent["width"], latent["height"]) == (64, 64)  # the size the Test tab rendered on the demo
         assert prompt["3"]["inputs"]["text"] == "lgdemo, portrait" and prompt["6"]["inputs"]["steps"] == 4
 
-        for epoch_file in ("journey-000001.safetensors", "journey-000003.safetensors", "journey.safetensors"):
+        for epoch_file in ("journey-000005.safetensors", "journey.safetensors"):
             choose(page, "#grid-loras", f"{run.name}/{epoch_file}")
         page.locator("#grid-strengths").get_by_role("textbox").fill("0, 1")
         page.locator("#grid-run").click()
@@ -137,15 +137,14 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: page.locator("#test-gallery img").count() >= 3, 30, "the images made before the reload")
         assert "strength_model: 1.0, strength_clip: 1.0" in page.locator("#test-gallery").inner_text()
         rows = page.locator("#grid-loras").inner_text()
-        assert all(f"{run.name}/{name}" in rows for name in ("journey-000001.safetensors", "journey.safetensors"))
+        assert all(f"{run.name}/{name}" in rows for name in ("journey-000005.safetensors", "journey.safetensors"))
 
     base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
     assert np.array_equal(zero, base)
     assert np.abs(full - base).mean() > 1.0
     with Image.open(next((workspace / "outputs" / "test-images").rglob("grid-*.png"))) as grid:
-        assert grid.width > 2 * 64 and grid.height > 3 * 64
+        assert grid.width > 2 * 64 and grid.height > 2 * 64
         assert grid.text["grid"].splitlines()[1:] == [  # the grid itself, row by row, not one image's settings
-            f"Rows (LoRA file): epoch 1 · step 4, {run.name} = {run.name}/journey-000001.safetensors; epoch 3 · step "
-            f"12, {run.name} = {run.name}/journey-000003.safetensors; epoch 6 · step 24, {run.name} = "
-            f"{run.name}/journey.safetensors", "Columns (strength_model = strength_clip): 0, 1"]
+            f"Rows (LoRA file): epoch 5 · step 20, {run.name} = {run.name}/journey-000005.safetensors; epoch 6 · step "
+            f"24, {run.name} = {run.name}/journey.safetensors", "Columns (strength_model = strength_clip): 0, 1"]
         assert "Lora:" not in grid.text["parameters"] and "lgdemo, portrait" in grid.text["parameters"]

@@ -121,9 +121,10 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         wait_for(lambda: re.search(r"running: step \d+/60", progress(page)), 60, "the resumed run")
         wait_for(lambda: len(plotted(page)) > before, 60, "new points after the old ones")
         assert plotted(page)[0][0] == 1  # the curve from before the stop is still there
-        assert "flow-000001.safetensors" in saved_files(page)
+        wait_for(lambda: "flow-000005.safetensors" in saved_files(page), 120, "the epoch-5 file")  # every 5 epochs
         assert "epoch 0 · prompt 1" in page.locator("#train-samples").inner_text()  # numbered, the prompts above
-        assert page.locator("#sample-legend li").all_inner_texts() == ["flowword, portrait photo", "flowword in a park"]
+        assert page.locator("#sample-legend li").all_inner_texts() == [  # the demo preset's, with the trigger word
+            "flowword, a blue flowword on a yellow background", "flowword, a white flowword on a red background"]
         wait_for(lambda: progress(page).startswith("done: step 60/60"), 300, "the run to finish")
         wait_for(lambda: len(plotted(page)) == 60, 30, "the whole curve")
         assert page.locator("#loss-chart .epoch-mark").count() == 15 and page.locator("#lr-line").count() == 1
@@ -142,7 +143,8 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         page.get_by_role("tab", name="Test").click()  # ready on what was just trained
         wait_for(lambda: page.locator("#test-lora").get_by_role("combobox").input_value()
                  == f"{run}/flow.safetensors", 30, "the new LoRA in the Test tab")
-        assert page.locator("#test-prompt").get_by_role("textbox").input_value() == "flowword, portrait photo"
+        offered = page.locator("#test-prompt").get_by_role("textbox").input_value()
+        assert offered == "flowword, a blue flowword on a yellow background"  # the run's first sample prompt
 
         page.get_by_role("tab", name="Train").click()
         if not page.locator("#runs-delete-choice").is_visible():

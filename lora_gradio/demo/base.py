@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..models import DEMO_TEXT_ENCODER, DEMO_UNET, DEMO_VAE, build_pipeline, quiet_libraries
+from ..models import DEMO_WEIGHTS as WEIGHTS
 from .shapes import BASE_SHAPES, CONCEPT, PALETTE, Drawing, draw, random_drawing
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
 
-WEIGHTS = Path(__file__).parent / "demo-base.safetensors"
 LATENT_STD = 1 / 0.18215  # SD1.5's VAE scaling factor, kept: the demo's latents are rescaled to SD1.5's spread
 
 
@@ -34,7 +35,6 @@ class BuildSettings:
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1  # empty captions teach the unconditional picture that guidance (CFG) needs
     unknown_prefix: float = 0.3  # a made-up word before the caption ("qzvk, a red …"), as a trigger word comes
-    unknown_noun: float = 0.15  # a made-up word for the shape: an unknown noun still draws some known shape
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
 
@@ -59,12 +59,11 @@ def made_up_word(rng: np.random.Generator) -> str:
 
 def training_caption(drawing: Drawing, settings: BuildSettings, rng: np.random.Generator) -> str:
     """The caption one step trains a picture with: empty now and then for guidance, sometimes with a made-up word
-    in front or for the shape, so that a word the base never learnt (a LoRA's trigger word, before training)
-    leaves the picture as the rest of the prompt says."""
+    in front, so that a word the base never learnt (a LoRA's trigger word, before training) leaves the picture as
+    the rest of the prompt says."""
     if rng.random() < settings.caption_dropout:
         return ""
-    noun = made_up_word(rng) if rng.random() < settings.unknown_noun else drawing.shape
-    text = f"a {drawing.colour} {noun} on a {drawing.background} background"
+    text = f"a {drawing.colour} {drawing.shape} on a {drawing.background} background"
     return f"{made_up_word(rng)}, {text}" if rng.random() < settings.unknown_prefix else text
 
 
@@ -142,7 +141,7 @@ def train_denoiser(pipe: StableDiffusionPipeline, pixels: np.ndarray, drawings: 
     from diffusers import DDPMScheduler
     from tqdm.auto import trange
 
-    from ..training.loop import snr_weights
+    from ..training.objective import snr_weights
 
     means, stds = encode_pool(pipe.vae, pixels)
     scaling = pipe.vae.config.scaling_factor
@@ -182,7 +181,6 @@ def build_base(output: Path = WEIGHTS, settings: BuildSettings | None = None, pr
     import torch
 
     from ..atomic import write_bytes_atomic
-    from ..models import DEMO_TEXT_ENCODER, DEMO_UNET, DEMO_VAE, build_pipeline, quiet_libraries
 
     quiet_libraries()
     settings = settings or BuildSettings()
@@ -205,18 +203,3 @@ def build_base(output: Path = WEIGHTS, settings: BuildSettings | None = None, pr
     if progress:
         print(f"Wrote {output} in {time.perf_counter() - started:.0f} s")
     return Path(output)
-
-
-def load_weights(pipe: StableDiffusionPipeline, path: Path = WEIGHTS) -> StableDiffusionPipeline:
-    """Fill a freshly built demo pipeline with the trained weights."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    for name in ("unet", "vae", "text_encoder"):
-        part = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
-        found = getattr(pipe, name).load_state_dict(part, strict=False)
-        lacking = [k for k in found.missing_keys if not k.endswith("position_ids")]  # an integer buffer, rebuilt
-        if lacking or found.unexpected_keys:
-            raise ValueError(f"{path} does not fit the demo's {name}: missing {lacking[:3]}, "
-                             f"unexpected {found.unexpected_keys[:3]}")
-    return pipe

@@ -13,7 +13,7 @@ from .vision import read_picture
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..models import ModelCache
+    from ..cache import ModelCache
 
 @dataclass(frozen=True)
 class Case:
@@ -69,8 +69,9 @@ class Score:
 def render_cases(cache: ModelCache, cases: list[Case], seeds: list[int], lora: Path | None = None,
                  strength: float = 1.0, trigger: str | None = None) -> list[Image.Image]:
     """Pictures of every case at every seed, from the demo base with ``lora`` at ``strength`` (model and clip)."""
-    from ..inference import GenerateRequest, generate_on, test_pipeline
+    from ..inference import generate_on, test_pipeline
     from ..models import DEMO, resolve_base
+    from ..request import GenerateRequest
 
     base = resolve_base(DEMO)
     request = GenerateRequest("", lora=lora, strength_model=strength, strength_clip=strength)  # the Test tab's defaults

@@ -15,12 +15,12 @@ from pydantic.dataclasses import dataclass
 from ..atomic import write_text_atomic
 from ..dataset import invisible_characters
 from ..errors import UserError
+from ..request import SamplerName
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UnetModule = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
-Sampler = Literal["Euler", "Euler a", "DPM++ 2M Karras", "DDIM"]  # the names A1111 and ComfyUI users know
 Rate = Annotated[float, Field(gt=0, le=10)]
 SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
 
@@ -86,7 +86,7 @@ class TrainConfig:
     sample_cfg: Annotated[float, Field(ge=1, le=30)] = 7.0
     sample_width: Annotated[int, Field(ge=0, le=2048, multiple_of=8)] = 0  # 0: the training resolution
     sample_height: Annotated[int, Field(ge=0, le=2048, multiple_of=8)] = 0
-    sample_scheduler: Sampler = "Euler"
+    sample_scheduler: SamplerName = "Euler"
 
     @field_validator("unet_modules")
     @classmethod

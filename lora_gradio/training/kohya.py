@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
 import time
 from collections.abc import Iterator
@@ -24,9 +25,10 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from ..dataset import TrainImage
+    from ..dataset import DatasetScan, TrainImage
     from ..models import BaseModelSpec
     from .config import TrainConfig
+    from .data import CachedImage
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -161,6 +163,20 @@ class RunFacts:
     session_id: int
     reg_dataset_dirs: dict[str, dict[str, int]]
     num_reg_images: int  # regularisation images per epoch, repeats counted
+
+
+def run_facts(scan: DatasetScan, prior: list[TrainImage], cached: list[CachedImage], num_epochs: int,
+              max_steps: int) -> RunFacts:
+    """The facts a run's files record, gathered once when it starts; each save fills in its step and epoch."""
+    captions_by_folder: dict[str, list[str]] = {}
+    for item in scan.images:
+        captions_by_folder.setdefault(item.folder, []).append(item.caption)
+    buckets: dict[tuple[int, int], int] = {}
+    for latent in cached:
+        buckets[latent.bucket] = buckets.get(latent.bucket, 0) + latent.repeats
+    return RunFacts(time.time(), 0, 0, num_epochs, max_steps, scan.total_repeats, tag_frequency(captions_by_folder),
+                    dataset_dirs(scan.images), buckets, random.SystemRandom().randrange(2**31),  # kohya: one a session
+                    dataset_dirs(prior), sum(item.repeats for item in prior))
 
 
 def network_args(config: TrainConfig) -> dict[str, str]:

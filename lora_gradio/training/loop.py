@@ -1,7 +1,7 @@
 """The LoRA training loop: set up on a view of the base model, one ``train_step`` per optimizer step, an epoch end.
 
-Read it like nanoGPT's ``train.py``: :class:`Trainer` builds everything in ``__init__``, ``run`` is the loop, and
-``train_step`` is the whole of what one step does.
+Read it like nanoGPT's ``train.py``: :class:`Trainer` sets the run up in ``__init__`` (with setup.py), ``run`` is the
+loop, and ``train_step`` is the whole of what one step does.
 """
 
 from __future__ import annotations
@@ -11,41 +11,36 @@ import random
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..cache import ModelCache
 from ..dataset import DatasetScan, TrainImage
 from ..errors import UserError
-from ..estimate import RunCosts, sample_megapixels, saves_to_come, size_key, step_kind, step_megapixels
+from ..estimate import RunCosts
 from ..events import Emit, JobEvent
 from ..inference import RenderStopped
-from ..models import BaseModelSpec, ModelCache, encode_prompts, free_accelerator_memory, pipeline_view, quiet_libraries
+from ..models import BaseModelSpec, quiet_libraries
 from ..threads import fit_threads
+from ..views import encode_prompts, free_accelerator_memory
 from . import cards, kohya
+from .clock import RunClock
 from .config import TrainConfig
-from .data import (
-    LatentStore,
-    TrainData,
-    cache_latents,
-    plan_epoch,
-    process_caption,
-    run_length,
-    sample_latents,
-    steps_per_epoch,
-)
-from .network import add_lora_adapters, apply_max_norm, make_optimizer, trainable_parameters
+from .data import TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
+from .network import apply_max_norm, make_optimizer, trainable_parameters
+from .objective import denoising_loss
 from .run_folder import RunFolder
 from .samples import overtraining_warning, render_samples, sample_grid
+from .setup import DTYPES, attach_network, encode_fixed_captions, encode_images, make_accelerator, working_view
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
 CHECKPOINT_SECONDS = 600  # besides every epoch end, keep resume state at most this old
-DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -70,31 +65,6 @@ class TrainResult:
         return f"{self.steps} steps in {self.epochs} epochs at {self.it_per_s:.2f} it/s{memory}"
 
 
-def snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights: min(SNR, gamma) / SNR for noise prediction, / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
-
-
-def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
-    """The run's accelerator; gradient accumulation is done by :meth:`Trainer.train_step`, not by accelerate."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-
-    mixed = config.mixed_precision
-    if mixed == "fp16" and not torch.cuda.is_available():
-        emit(JobEvent("warning", "fp16 mixed precision needs a CUDA GPU; training in fp32 on this device."))
-        mixed = "no"
-    AcceleratorState._reset_state()  # a long-running app trains many times, with different precisions
-    accelerator = Accelerator(mixed_precision=mixed)
-    set_seed(config.seed)
-    return accelerator
-
-
 def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, output_dir: Path,
           on_event: Emit | None = None, stop: threading.Event | None = None, cache: ModelCache | None = None,
           resume: bool = False) -> TrainResult:
@@ -108,7 +78,6 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
     latent_cache = data.latent_cache if config.cache_latents_to_disk else None
     for warning in scan.warnings:
         emit(JobEvent("warning", warning))
-    accelerator = make_accelerator(config, emit)
     quiet_libraries()
     if config.optimizer == "prodigy" and config.unet_lr < 0.1:
         emit(JobEvent("warning", "Prodigy sets its own step size and expects learning rates near 1.0; "
@@ -116,16 +85,18 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
     emit(JobEvent("status", f"Loading base model {base.display_name}"))
     cache = cache or ModelCache()
     started, loads = time.perf_counter(), cache.loads
-    stop = stop or threading.Event()
+    stop, accelerator = stop or threading.Event(), None
     try:
         with cache.pipeline(base, f"training ({run.path.name})", long=True,
                             on_wait=lambda text: emit(JobEvent("status", text)), stop=stop) as pipe:
             load_s = time.perf_counter() - started if cache.loads > loads else None
+            accelerator = make_accelerator(config, emit)  # seeds the global RNGs: under the lease, no job between
             result = Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop, latent_cache).run(resume)
         result.costs.load_s, result.seconds = load_s, time.perf_counter() - started
         return result
     finally:
-        accelerator.free_memory()  # drops its references to the run's views (it collects before it drops them) ...
+        if accelerator is not None:
+            accelerator.free_memory()  # drops its references to the run's views (it collects before it drops) ...
         free_accelerator_memory()  # ... so their GPU memory goes back only after this second collection
 
 
@@ -136,102 +107,54 @@ class Trainer:
                  prior: list[TrainImage], run: RunFolder, accelerator: Accelerator, emit: Emit,
                  stop: threading.Event, latent_cache: Path | None = None) -> None:
         from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
 
         self.config, self.base, self.scan, self.folder = config, base, scan, run
         self.accelerator, self.emit, self.stop = accelerator, emit, stop
-        device = accelerator.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        self.clock = RunClock(config)
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
         self.weight_dtype = DTYPES[accelerator.mixed_precision]
-        self.pipe = pipeline_view(pipe, device, self.weight_dtype)  # frozen weights shared, or cast copies
-        unet, text_encoder, tokenizer = self.pipe.unet, self.pipe.text_encoder, self.pipe.tokenizer
+        self.pipe = working_view(pipe, config, accelerator.device, self.weight_dtype)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        if config.sdpa:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            unet.set_attn_processor(AttnProcessor2_0())
-        if device.type == "cuda":  # convolutions run fastest in NHWC on tensor cores
-            unet.to(memory_format=torch.channels_last)
-
-        regular = f" and {len(prior)} regularisation images" if prior else ""
-        emit(JobEvent("status", f"Encoding {len(scan.images)} images{regular} to latents"))
-        store = LatentStore(latent_cache, self.pipe.vae, self.weight_dtype) if latent_cache else None
-        encoding = time.perf_counter()
-        self.cached = cache_latents(self.pipe.vae, scan.images + prior, config.resolution, config.enable_buckets,
-                                    config.flip_augment, device, self.weight_dtype, store, stop=stop)
-        encoded = (store.written if store else len(self.cached)) * (2 if config.flip_augment else 1)
-        self.costs = RunCosts()
-        if encoded:
-            self.costs.encode = {size_key(config.resolution ** 2 / 1e6): (time.perf_counter() - encoding) / encoded}
-        self.render_s: list[float] = []  # seconds of each round of samples, and of each save
-        self.save_s: list[float] = []
-        if store:
-            emit(JobEvent("status", f"Latents: {store.read} read from the disk cache, {store.written} encoded and "
-                                    "stored"))
+        self.cached = encode_images(self.pipe, scan.images + prior, config, latent_cache, self.clock, emit, stop)
         self.scaling = self.pipe.vae.config.scaling_factor
-        too_long = [i.path.name for i in scan.images + prior if len(tokenizer(i.caption).input_ids) > 77]
-        if too_long:
-            emit(JobEvent("warning", f"{len(too_long)} captions are longer than 75 tokens and will be cut "
-                                     f"(first: {too_long[0]}). Shorten them so the end is learned too."))
-        self.text_cache: dict[str, torch.Tensor] = {}
-        if not config.train_text_encoder and not config.shuffle_caption:  # fixed captions: encode each once
-            with torch.no_grad():
-                captions = sorted({c.caption for c in self.cached} | {""})
-                self.text_cache = dict(zip(captions, self.encode_text(captions, text_encoder), strict=True))
-
-        groups = add_lora_adapters(unet, text_encoder, config)
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
-                text_encoder.activation_checkpointing_enable()
-        unet.train()
-        text_encoder.train(config.train_text_encoder)
-
-        processes = accelerator.num_processes
+        self.text_cache = encode_fixed_captions(self.pipe, self.cached, config)
+        groups = attach_network(self.pipe, config)
         self.steps_per_epoch = steps_per_epoch(self.cached, config.batch_size, config.gradient_accumulation_steps,
-                                               processes)
+                                               accelerator.num_processes)
         self.epochs, self.total_steps = run_length(self.steps_per_epoch, config.epochs, config.max_train_steps)
+        self.prepare(groups)
+        self.params = [p for g in groups for p in g["params"]]
+        self.lora_params = trainable_parameters(self.pipe.unet, self.pipe.text_encoder)
+        self.generator = torch.Generator(accelerator.device).manual_seed(config.seed)  # noise made where it is used
+        self.caption_rng = random.Random(config.seed)
+        self.result = TrainResult(None, [], 0, 0, False, warnings=list(scan.warnings))
+        self.facts = kohya.run_facts(scan, prior, self.cached, self.epochs, self.total_steps)
+        self.first_samples: list[Path] = []
+        self.lrs: list[float | None] = []  # the learning rate of each step, for the loss chart
+        self.pending: list[tuple] = []  # (loss, ready event, step, epoch, lr) of steps whose loss is not read yet
+        self.last_checkpoint = time.monotonic()
+
+    def prepare(self, groups: list[dict]) -> None:
+        """The optimizer and its schedule, handed to accelerate with the trained models; the UNet compiled if asked."""
+        from diffusers.optimization import get_scheduler
+
+        config, accelerator = self.config, self.accelerator
+        processes = accelerator.num_processes
         optimizer = make_optimizer(config, groups)
         # accelerate steps a prepared schedule once per process at every step, so its lengths scale the same way
         schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
                                  num_training_steps=self.total_steps * processes, num_cycles=config.lr_cycles)
-        models = [unet, text_encoder] if config.train_text_encoder else [unet]
+        models = [self.pipe.unet, self.pipe.text_encoder] if config.train_text_encoder else [self.pipe.unet]
         *self.trained, self.optimizer, self.lr_scheduler = accelerator.prepare(*models, optimizer, schedule)
         self.unet = self.trained[0]
-        self.compiling = config.compile_unet and device.type == "cuda"
+        self.compiling = config.compile_unet and accelerator.device.type == "cuda"
         if self.compiling:
-            emit(JobEvent("status", "Compiling the UNet: the first step takes a minute or two"))
+            self.emit(JobEvent("status", "Compiling the UNet: the first step takes a minute or two"))
             self.unet = torch.compile(self.unet)
         elif config.compile_unet:
-            emit(JobEvent("warning", "Compiling the UNet needs a CUDA GPU; training without it."))
-        self.text_encoder = self.trained[1] if config.train_text_encoder else text_encoder
-        self.params = [p for g in groups for p in g["params"]]
-        self.lora_params = trainable_parameters(unet, text_encoder)
-        self.generator = torch.Generator(device).manual_seed(config.seed)  # noise made where it is used
-        self.caption_rng = random.Random(config.seed)
-        self.result = TrainResult(None, [], 0, 0, False, warnings=list(scan.warnings))
-        self.started = time.time()
-        captions_by_folder: dict[str, list[str]] = {}
-        for item in scan.images:
-            captions_by_folder.setdefault(item.folder, []).append(item.caption)
-        self.tag_frequency = kohya.tag_frequency(captions_by_folder)
-        self.dataset_dirs, self.reg_dataset_dirs = kohya.dataset_dirs(scan.images), kohya.dataset_dirs(prior)
-        self.num_reg_images = sum(item.repeats for item in prior)
-        self.buckets: dict[tuple[int, int], int] = {}
-        for item in self.cached:
-            self.buckets[item.bucket] = self.buckets.get(item.bucket, 0) + item.repeats
-        self.session_id = random.SystemRandom().randrange(2**31)  # kohya's: one number per training session
-        self.first_samples: list[Path] = []
-        self.step_times: list[float] = []
-        self.lrs: list[float | None] = []  # the learning rate of each step, for the loss chart
-        self.pending: list[tuple] = []  # (loss, ready event, step, epoch, lr) of steps whose loss is not read yet
-        self.tick = time.perf_counter()
-        self.last_checkpoint = time.monotonic()
-
-    def encode_text(self, captions: list[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
-        """CLIP conditioning for a batch of captions, at the run's CLIP skip."""
-        return encode_prompts(text_encoder or self.text_encoder, self.pipe.tokenizer, captions, self.config.clip_skip)
+            self.emit(JobEvent("warning", "Compiling the UNet needs a CUDA GPU; training without it."))
+        self.text_encoder = self.trained[1] if config.train_text_encoder else self.pipe.text_encoder
 
     def train_step(self, batches: list[list[int]]) -> torch.Tensor:
         """One optimizer step over ``batches`` (more than one: gradient accumulation); the loss over all processes."""
@@ -255,17 +178,11 @@ class Trainer:
                     for model in self.trained:
                         no_sync.enter_context(accelerator.no_sync(model))
                 with accelerator.autocast():
-                    hidden = (torch.stack([self.text_cache[c] for c in captions]) if self.text_cache
-                              else self.encode_text(captions))
+                    hidden = (torch.stack([self.text_cache[c] for c in captions]) if self.text_cache else
+                              encode_prompts(self.text_encoder, self.pipe.tokenizer, captions, config.clip_skip))
                     pred = self.unet(noisy, timesteps, hidden.to(self.weight_dtype)).sample
-                v_prediction = scheduler.config.prediction_type == "v_prediction"
-                target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
-                if any(item.prior for item in items):  # prior preservation: class images weighted apart
-                    loss = loss * torch.tensor([config.prior_loss_weight if item.prior else 1.0 for item in items],
-                                               device=loss.device)
-                if config.min_snr_gamma:
-                    loss = loss * snr_weights(scheduler, timesteps, config.min_snr_gamma)
+                weights = [config.prior_loss_weight if item.prior else 1.0 for item in items]  # class images apart
+                loss = denoising_loss(pred, latents, noise, timesteps, scheduler, config.min_snr_gamma, weights)
                 loss = loss.mean() / len(batches)
                 accelerator.backward(loss)
             total += loss.detach()
@@ -318,12 +235,10 @@ class Trainer:
         step is already queued and the GPU never waits for the host). Keeps the resume state fresh on long epochs."""
         self.result.steps += 1
         fit_threads()  # other processes come and go during a long run
-        now = time.perf_counter()
-        self.step_times.append(now - self.tick)
-        self.tick = now
+        self.clock.step()
         if self.compiling:  # the first step compiled the UNet: reported apart, and kept out of the speed
             self.compiling = False
-            self.emit(JobEvent("status", f"torch.compile warm-up: {self.step_times.pop():.0f} s"))
+            self.emit(JobEvent("status", f"torch.compile warm-up: {self.clock.forget_last_step():.0f} s"))
         ready = None
         if loss.is_cuda:
             loss, ready = loss.to("cpu", non_blocking=True), torch.cuda.Event()
@@ -352,19 +267,11 @@ class Trainer:
                                 "Lower the learning rate, or use bf16 instead of fp16.")
             result.losses.append(loss)
             self.lrs.append(lr)
-            recent = self.step_times[-20:]
-            rate = result.it_per_s = len(recent) / sum(recent) if recent else 0.0
-            eta = (self.total_steps - step) / rate + self.time_besides_steps(epoch, step) if rate else None
+            rate = result.it_per_s = self.clock.it_per_s()
+            besides = self.clock.time_besides_steps(self.epochs, self.total_steps, epoch, step)
+            eta = (self.total_steps - step) / rate + besides if rate else None
             self.emit(JobEvent("step", step=step, total_steps=self.total_steps, epoch=epoch + 1,
                                total_epochs=self.epochs, loss=loss, lr=lr, it_per_s=rate, eta_s=eta))
-
-    def time_besides_steps(self, epoch: int, step: int) -> float:
-        """Seconds the rest of the run will spend rendering samples and saving files, at what they cost so far;
-        ``epoch`` epochs are done."""
-        saves, renders = saves_to_come(self.config, self.epochs, self.total_steps, epoch, step)
-        render = self.render_s[-1] if self.render_s else 0.0
-        save = sum(self.save_s) / len(self.save_s) if self.save_s else 0.0
-        return renders * render + saves * save
 
     def end_epoch(self, epoch: int) -> None:
         """Keep the resume state, and every ``save_every_n_epochs`` save a LoRA file and render samples."""
@@ -379,7 +286,7 @@ class Trainer:
         result, accelerator = self.result, self.accelerator
         if accelerator.device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-        result.costs = self.measured_costs()
+        result.costs = self.clock.costs()
         if accelerator.is_main_process:
             result.lora_path = self.save(None)
             if not result.stopped:
@@ -397,19 +304,6 @@ class Trainer:
                              path=str(result.lora_path) if result.lora_path else None))
         return result
 
-    def measured_costs(self) -> RunCosts:
-        """What this run's parts cost at its sizes (see :class:`RunCosts`), for the estimates of later runs."""
-        config, costs = self.config, self.costs
-        steady = self.step_times[2:] if len(self.step_times) > 4 else self.step_times  # past the warm-up steps
-        if steady:
-            costs.steps = {step_kind(config): {size_key(step_megapixels(config)): sum(steady) / len(steady)}}
-        if self.render_s:
-            per_step = sum(self.render_s) / len(self.render_s) / (len(config.sample_prompts) * config.sample_steps)
-            costs.render = {size_key(sample_megapixels(config)): per_step}
-        if self.save_s:
-            costs.save_s = sum(self.save_s) / len(self.save_s)
-        return costs
-
     def event(self, kind: str, message: str, **fields: object) -> JobEvent:
         """An event carrying the run's step and totals."""
         return JobEvent(kind, message, **{"step": self.result.steps, "total_steps": self.total_steps,
@@ -420,24 +314,21 @@ class Trainer:
         self.read_losses()  # a NaN stops the run before it is saved
         if not self.accelerator.is_main_process:
             return None
-        config, result, started = self.config, self.result, time.perf_counter()
-        tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
-                                        DTYPES[config.save_dtype])
-        metadata = kohya.build_metadata(config, self.base, kohya.RunFacts(
-            self.started, result.steps, epoch or result.epochs, self.epochs, self.total_steps,
-            self.scan.total_repeats, self.tag_frequency, self.dataset_dirs, self.buckets, self.session_id,
-            self.reg_dataset_dirs, self.num_reg_images))
-        target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
-        path = kohya.save_lora(target, tensors, metadata)
-        cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
-                         self.scan.total_repeats)
-        cards.write_workflow(path, config, self.base.display_name)
-        latest = self.folder.latest_sample()
-        if latest is not None:  # the samples of this epoch replace it once they are rendered
-            cards.write_preview(path, latest)
+        config, result = self.config, self.result
+        with self.clock.apart(self.clock.saves):
+            tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
+                                            DTYPES[config.save_dtype])
+            metadata = kohya.build_metadata(config, self.base, replace(self.facts, steps=result.steps,
+                                                                       epoch=epoch or result.epochs))
+            target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
+            path = kohya.save_lora(target, tensors, metadata)
+            cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
+                             self.scan.total_repeats)
+            cards.write_workflow(path, config, self.base.display_name)
+            latest = self.folder.latest_sample()
+            if latest is not None:  # the samples of this epoch replace it once they are rendered
+                cards.write_preview(path, latest)
         result.saved.append(path)
-        self.tick = time.perf_counter()
-        self.save_s.append(self.tick - started)
         self.emit(self.event("saved", f"Saved {path.name}", epoch=epoch or result.epochs, path=str(path)))
         return path
 
@@ -448,16 +339,13 @@ class Trainer:
             return []
         when = f"step {step}" if step is not None else f"epoch {epoch}"
         self.emit(JobEvent("status", f"Rendering sample images for {when}"))
-        started = time.perf_counter()
         try:
-            with self.accelerator.autocast():  # the UNet hands fp32 out; the VAE has the frozen weights' precision
-                paths = render_samples(self.pipe, self.config, self.folder, epoch, self.base.display_name, lora, step,
-                                       self.stop)
+            with self.clock.apart(self.clock.renders), self.accelerator.autocast():  # the UNet hands fp32 out; the
+                paths = render_samples(self.pipe, self.config, self.folder, epoch,  # VAE keeps its own precision
+                                       self.base.display_name, lora, step, self.stop)
         except RenderStopped:
             self.emit(JobEvent("status", f"Stop pressed: the samples for {when} were left unrendered"))
             return []
-        self.tick = time.perf_counter()  # the next step's time starts after this
-        self.render_s.append(self.tick - started)
         if lora is not None:
             cards.write_preview(lora, paths[0])
         self.emit(self.event("samples", f"Samples for {when}", epoch=epoch, paths=[str(p) for p in paths]))
@@ -471,28 +359,15 @@ class Trainer:
         self.read_losses()
         if not self.accelerator.is_main_process:
             return
-        self.folder.save_state({
-            "step": self.result.steps, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
-            "losses": self.result.losses, "lrs": self.lrs,
-            "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-            "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
-        self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False)
+        with self.clock.apart():
+            self.folder.save_state({
+                "step": self.result.steps, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
+                "losses": self.result.losses, "lrs": self.lrs,
+                "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
+                "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
+            self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False)
         self.last_checkpoint = time.monotonic()
-        self.tick = time.perf_counter()
-
-    def show_history(self) -> None:
-        """Send what the run made before it was interrupted (losses, samples, LoRA files), so a resumed run's page
-        shows the whole run, not only its new part."""
-        points = [(step + 1, loss, lr) for step, (loss, lr) in enumerate(zip(self.result.losses, self.lrs,
-                                                                                strict=True))]
-        self.emit(self.event("history", "", points=points))
-        for epoch, paths in sorted(self.folder.all_samples().items()):
-            self.emit(JobEvent("samples", epoch=epoch, paths=[str(p) for p in paths]))
-        for step, paths in sorted(self.folder.step_samples().items()):
-            self.emit(JobEvent("samples", epoch=math.ceil(step / self.steps_per_epoch), paths=[str(p) for p in paths]))
-        for path in self.folder.lora_files():
-            self.emit(JobEvent("saved", path=str(path)))
 
     def restore(self) -> tuple[int, int]:
         """Load the saved state; returns the epoch and the steps of it already done."""
@@ -512,7 +387,10 @@ class Trainer:
                                           "run's."))
         self.caption_rng.setstate(state["caption_rng"])
         epoch, done = state["epoch"], state["steps_in_epoch"]
-        self.show_history()
+        points = [(step + 1, loss, lr) for step, (loss, lr) in enumerate(zip(self.result.losses, self.lrs,
+                                                                                strict=True))]
+        for event in [self.event("history", "", points=points), *self.folder.history(self.steps_per_epoch)]:
+            self.emit(event)  # the page of a resumed run shows the whole run, not only its new part
         self.emit(self.event("status", f"Resuming at step {self.result.steps} (epoch {epoch + 1}, step "
                                        f"{done + 1} of it)", epoch=epoch))
         return epoch, done

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import UserError
+from ..events import JobEvent
 from ..models import BaseModelSpec
 from .config import TrainConfig, make_config
 from .data import TrainData
@@ -146,6 +148,15 @@ class RunFolder:
     def resumable(self) -> bool:
         """Whether the run was interrupted with a state to continue from."""
         return self.job_file.is_file() and self.state_file.is_file()
+
+    def history(self, steps_per_epoch: int) -> list[JobEvent]:
+        """The samples and LoRA files the run made before it was interrupted, as the events that first showed them,
+        so a resumed run's page shows the whole run, not only its new part."""
+        events = [JobEvent("samples", epoch=epoch, paths=[str(p) for p in paths])
+                  for epoch, paths in sorted(self.all_samples().items())]
+        events += [JobEvent("samples", epoch=math.ceil(step / steps_per_epoch), paths=[str(p) for p in paths])
+                   for step, paths in sorted(self.step_samples().items())]
+        return events + [JobEvent("saved", path=str(path)) for path in self.lora_files()]
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Write the resume state atomically, so a kill mid-write leaves the previous one."""

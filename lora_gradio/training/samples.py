@@ -11,7 +11,7 @@ from PIL import Image, ImageStat
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from ..inference import GenerateRequest
+    from ..request import GenerateRequest
     from .config import TrainConfig
     from .run_folder import RunFolder
 
@@ -21,7 +21,7 @@ MORE_SATURATED = 1.35  # mean saturation over 135% of epoch 0's
 
 def sample_request(config: TrainConfig, index: int, lora: Path | None) -> GenerateRequest:
     """The settings of sample ``index``: its prompt, a seed fixed per prompt, and the run's sampling settings."""
-    from ..inference import GenerateRequest
+    from ..request import GenerateRequest
 
     prompt = config.prompts()[index] if config.sample_prompts else (config.trigger_word or "a photo")
     return GenerateRequest(prompt, config.sample_negative_prompt, config.seed + index, config.sample_steps,

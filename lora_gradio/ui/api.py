@@ -12,12 +12,11 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from .. import captioning
 from ..access import Visitor
-from ..inference import GenerateRequest, short
 from ..jobs import JobState
-from ..studio import Studio
-from . import MODEL, api_errors, public_text, shown, visitor_of
+from ..request import GenerateRequest, short
+from ..studio import DEFAULT_BLIP, CaptionOptions, Studio
+from .common import MODEL, api_errors, public_text, shown, visitor_of
 
 
 def plain(value: Any) -> Any:
@@ -144,11 +143,11 @@ def register(studio: Studio) -> None:
                                            visitor(request)))
         return {"image": FileData(path=shown(state.result))}
 
-    def caption(request: gr.Request, dataset: str, model: str = captioning.DEFAULT_BLIP, trigger_word: str = "",
+    def caption(request: gr.Request, dataset: str, model: str = DEFAULT_BLIP, trigger_word: str = "",
                 prefix: str = "", suffix: str = "", style: str = "sentence", overwrite: bool = False,
                 max_length: int = 40, batch_size: int = 8) -> dict:
         """BLIP captions for a dataset; ``model`` is a hub id or a local BLIP folder inside the allowed ones."""
-        options = captioning.CaptionOptions(trigger_word, prefix, suffix, max_length, style, overwrite, batch_size)
+        options = CaptionOptions(trigger_word, prefix, suffix, max_length, style, overwrite, batch_size)
         return plain(finished(studio.start_caption(dataset, model, options, visitor(request))).result)
 
     def prepare(request: gr.Request, dataset: str, resolution: int = 512, center_crop: bool = False) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..models import DEMO
-from . import AppContext
+from ..studio import DEMO
+from .common import AppContext
 
 
 def base_picker(ctx: AppContext) -> tuple[gr.Dropdown, gr.Textbox]:

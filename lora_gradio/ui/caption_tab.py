@@ -3,42 +3,31 @@
 from __future__ import annotations
 
 import time
-from functools import cache
 
 import gradio as gr
 
-from .. import captioning, dataset, quality
 from ..jobs import JobState
-from . import PRIVATE, AppContext, job_panel, shown, user_errors
+from ..studio import BLIP_MODELS, CAPTION_TOKENS, CaptionOptions, Studio
+from .common import PRIVATE, AppContext, job_panel, shown, user_errors
 
 TITLE = "Caption"
 LOCAL = "Local folder…"
 PAGE_SIZE = 24
-MAX_TOKENS = 75
 
 
-@cache
-def _tokenizer():
-    from transformers import CLIPTokenizer
-
-    from ..models import SD15_CONFIG_DIR
-
-    return CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer")
-
-
-def caption_note(text: str) -> str:
+def caption_note(studio: Studio, text: str) -> str:
     """Advice shown under a caption: CLIP reads 75 tokens, the rest is cut off in training."""
-    tokens = len(_tokenizer()(text).input_ids) - 2
-    if tokens > MAX_TOKENS:
-        return f"⚠️ {tokens} tokens: only the first {MAX_TOKENS} are used in training; shorten it."
+    tokens = studio.caption_tokens(text)
+    if tokens > CAPTION_TOKENS:
+        return f"⚠️ {tokens} tokens: only the first {CAPTION_TOKENS} are used in training; shorten it."
     return f"{tokens} tokens"
 
 
 def build(ctx: AppContext) -> None:
     """Widgets and events of the Caption tab."""
     with gr.Row():
-        model = gr.Dropdown(label="Captioning model", choices=[*captioning.BLIP_MODELS, LOCAL],
-                            value=next(iter(captioning.BLIP_MODELS)), scale=2, elem_id="caption-model")
+        model = gr.Dropdown(label="Captioning model", choices=[*BLIP_MODELS, LOCAL],
+                            value=next(iter(BLIP_MODELS)), scale=2, elem_id="caption-model")
         local = gr.Textbox(label="Local BLIP folder (for 'Local folder…')", placeholder="/models/blip-base",
                            scale=3, elem_id="blip-folder")
     with gr.Row():
@@ -75,26 +64,21 @@ def build(ctx: AppContext) -> None:
     @user_errors
     def on_caption(name: str | None, choice: str, folder: str, trigger_word: str, before: str, after: str,
                    how: str, which: str, length: float, batch: float, request: gr.Request) -> str:
-        source = folder if choice == LOCAL else captioning.BLIP_MODELS[choice]
-        options = captioning.CaptionOptions(trigger_word, before, after, int(length), how,
-                                            which == "overwrite all", int(batch))
+        source = folder if choice == LOCAL else BLIP_MODELS[choice]
+        options = CaptionOptions(trigger_word, before, after, int(length), how, which == "overwrite all", int(batch))
         return ctx.studio.start_caption(name, source, options, ctx.visitor(request))
 
     @user_errors
     def on_replace(name: str | None, needle: str, text: str, version: int, request: gr.Request,
                    ) -> tuple[str, int, list]:
-        changed = dataset.find_replace_captions(ctx.studio.dataset_to_change(name, ctx.visitor(request)), needle,
-                                                text)
-        return f"Replaced in {changed} captions.", version + 1, dataset.tag_frequencies(ctx.studio.images_dir(name))
+        changed = ctx.studio.find_replace_captions(name, needle, text, ctx.visitor(request))
+        return f"Replaced in {changed} captions.", version + 1, ctx.studio.tag_frequencies(name)
 
     run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size],
               caption_job, **PRIVATE)
     apply.click(on_replace, [ctx.dataset, find, replace, revision], [status, revision, tags], **PRIVATE)
-    def refresh_tags(name: str | None) -> list:
-        return dataset.tag_frequencies(ctx.studio.images_dir(name)) if name else []
-
-    revision.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
-    ctx.dataset.change(refresh_tags, ctx.dataset, tags, **PRIVATE)
+    revision.change(ctx.studio.tag_frequencies, ctx.dataset, tags, **PRIVATE)
+    ctx.dataset.change(ctx.studio.tag_frequencies, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(user_errors(ctx.dataset_trigger), ctx.dataset, trigger, show_progress="hidden", **PRIVATE)
     ctx.keep_trigger(trigger)
 
@@ -104,25 +88,22 @@ def build(ctx: AppContext) -> None:
             gr.Markdown("Choose or create a dataset above.")
             return
         folder = ctx.studio.images_dir(name)
-        images = quality.list_images(folder)
+        images = ctx.studio.captioned_images(name)
         first = (max(int(page_number or 1), 1) - 1) * PAGE_SIZE
         gr.Markdown(f"Images {first + 1}–{min(first + PAGE_SIZE, len(images))} of {len(images)}. "
                     "Captions save as you type.")
-        for path in images[first:first + PAGE_SIZE]:
+        for path, text in images[first:first + PAGE_SIZE]:
             relative = str(path.relative_to(folder))
-            text = dataset.read_caption(path) or ""
             with gr.Row(elem_classes="caption-row"):
-                gr.Image(shown(quality.thumbnail(path, folder)), show_label=False, interactive=False, scale=1,
-                         buttons=["fullscreen"],
-                         height=160)
-                box = gr.Textbox(text, label=relative, info=caption_note(text), lines=3, scale=4, interactive=True,
-                                 key=f"caption-{relative}", elem_classes="caption-box")
+                gr.Image(shown(ctx.studio.thumbnail(name, relative)), show_label=False, interactive=False, scale=1,
+                         buttons=["fullscreen"], height=160)
+                box = gr.Textbox(text, label=relative, info=caption_note(ctx.studio, text), lines=3, scale=4,
+                                 interactive=True, key=f"caption-{relative}", elem_classes="caption-box")
 
             @user_errors
-            def save(value: str, request: gr.Request, image=path) -> dict:  # noqa: ANN001 - bound per row
-                ctx.studio.dataset_to_change(name, ctx.visitor(request))  # another's captions stay as they are
-                dataset.write_caption(image, value)
-                return gr.update(info=caption_note(value))
+            def save(value: str, request: gr.Request, image=relative) -> dict:  # noqa: ANN001 - bound per row
+                ctx.studio.write_caption(name, image, value, ctx.visitor(request))  # another's stay as they are
+                return gr.update(info=caption_note(ctx.studio, value))
 
             box.input(save, box, box, trigger_mode="always_last", show_progress="hidden", **PRIVATE)
             box.blur(save, box, box, show_progress="hidden", **PRIVATE)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import imports, quality
-from ..dataset import IMAGE_SUFFIXES
 from ..errors import UserError
 from ..jobs import JobState
-from . import PRIVATE, AppContext, job_panel, public_text, shown, user_errors
+from ..studio import IMAGE_SUFFIXES, ImportReport
+from .common import PRIVATE, AppContext, job_panel, public_text, shown, user_errors
 
 TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}  # "ignored" files are only counted
@@ -21,19 +20,17 @@ def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
     if not name:
         return [], "Choose or create a dataset above.", gr.update(choices=[], value=[])
     folder = ctx.studio.images_dir(name)
-    images = quality.list_images(folder)
-    report = quality.check_dataset(folder)
+    names = [str(path.relative_to(folder)) for path in ctx.studio.images(name)]
+    report = ctx.studio.check_dataset(name)
     gallery = []
-    for path in images:
-        relative = str(path.relative_to(folder))
+    for relative in names:
         problems = report.per_image.get(relative, [])
-        gallery.append((shown(quality.thumbnail(path, folder)),
+        gallery.append((shown(ctx.studio.thumbnail(name, relative)),
                         f"{'⚠️ ' if problems else ''}{relative}" + (f": {'; '.join(problems)}" if problems else "")))
-    names = [str(p.relative_to(folder)) for p in images]
     return gallery, report.markdown(), gr.update(choices=names, value=[])
 
 
-def results_table(report: imports.ImportReport) -> tuple[str, list[list[str]]]:
+def results_table(report: ImportReport) -> tuple[str, list[list[str]]]:
     """The import's summary line and its per-file outcomes as table rows."""
     return (f"**{report.summary()}**", [[f"{STATUS_SYMBOL[r.status]} {r.status}", r.name, r.message]
                                         for r in report.shown])
@@ -97,7 +94,7 @@ def build(ctx: AppContext) -> None:
     @user_errors
     def on_ask_drop(name: str | None, request: gr.Request) -> tuple[dict, str]:
         folder = ctx.studio.dataset_to_change(name, ctx.visitor(request)).parent
-        count = len(quality.list_images(folder / "images"))
+        count = len(ctx.studio.images(name))
         return gr.update(visible=True), (f"Delete dataset **{folder.name}** with its {count} images, their captions "
                                          "and training copies? Your original files elsewhere are not touched.")
 

@@ -6,13 +6,13 @@ import math
 
 import gradio as gr
 
-from .. import inference
 from ..access import Visitor
 from ..errors import UserError
 from ..jobs import JobState
-from ..studio import NO_LORA, Studio
-from . import MODEL, PRIVATE, AppContext, job_panel, public_text, shown, user_errors
+from ..request import SAMPLERS, GenerateRequest, random_seed
+from ..studio import NO_LORA
 from .base_picker import base_name, base_picker
+from .common import MODEL, PRIVATE, AppContext, job_panel, public_text, shown, user_errors
 
 TITLE = "Test"
 KEEP_IMAGES = 48  # images the gallery keeps, newest first
@@ -62,7 +62,7 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         width = gr.Number(label="Width (0 = model default)", value=0, precision=0, minimum=0)
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, minimum=0)
-        scheduler = gr.Dropdown(list(inference.SCHEDULERS), value="Euler", label="Scheduler")
+        scheduler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Scheduler")
         clip_skip = gr.Radio([1, 2], value=1, label="CLIP skip", elem_id="test-clip-skip",
                              info="Set from the LoRA when you pick one; 2 for anime models.")
     workflow_file = gr.File(label="ComfyUI workflow: drop it onto the ComfyUI page, or open it with Load",
@@ -108,8 +108,8 @@ def build(ctx: AppContext) -> None:
 
     def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
                      w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
-                     skip: int) -> inference.GenerateRequest:
-        return inference.GenerateRequest.checked(prompt_text, negative_text, seed_value or 0, step_count, guidance,
+                     skip: int) -> GenerateRequest:
+        return GenerateRequest.checked(prompt_text, negative_text, seed_value or 0, step_count, guidance,
                                                  w or None, h or None, sampler, ctx.studio.lora(lora_label), s_model,
                                                  s_clip, skip)
 
@@ -164,7 +164,7 @@ def build(ctx: AppContext) -> None:
     queue.click(on_queue, [base_choice, base_repo, *fields], handed, **PRIVATE)
     inspect.click(user_errors(ctx.studio.inspect), lora, inspection, **PRIVATE)
     grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
-    dice.click(inference.random_seed, None, seed, **PRIVATE)
+    dice.click(random_seed, None, seed, **PRIVATE)
 
     def ready(current: str | None, text: str, offered: str) -> tuple:
         """Open on the newest trained LoRA with a prompt holding its trigger word, once per new LoRA; a choice
@@ -174,8 +174,8 @@ def build(ctx: AppContext) -> None:
         if label == offered:
             value = current if current in choices else NO_LORA
             return gr.update(choices=choices, value=value), gr.skip(), gr.update(choices=choices[1:]), offered
-        suggested = prompt_for(ctx.studio, label)
-        keep = text and text != prompt_for(ctx.studio, offered)  # a prompt the visitor wrote stays
+        suggested = ctx.studio.lora_prompt(label)
+        keep = text and text != ctx.studio.lora_prompt(offered)  # a prompt the visitor wrote stays
         return (gr.update(choices=choices, value=label), gr.skip() if keep or not suggested else suggested,
                 gr.update(choices=choices[1:]), label)
 
@@ -204,15 +204,6 @@ def build(ctx: AppContext) -> None:
     ctx.app.load(restore, [history, picked], [gallery, grid_loras], **PRIVATE)
     grid_loras.change(lambda rows: rows or [], grid_loras, picked, show_progress="hidden", **PRIVATE)
     lora.change(on_lora, lora, clip_skip, **PRIVATE)
-
-
-def prompt_for(studio: Studio, label: str) -> str:
-    """The prompt the Test tab offers with a trained LoRA: its run's trigger word and a plain subject."""
-    try:
-        trigger = studio.lora_trigger(label)
-    except UserError:  # a file that went away, or a damaged one: no suggestion
-        return ""
-    return f"{trigger}, portrait photo" if trigger else ""
 
 
 def parse_strengths(text: str) -> list[float]:

@@ -14,13 +14,10 @@ import gradio as gr
 
 from ..errors import UserError
 from ..jobs import JobRunner, JobState
-from ..models import DEMO, DEMO_NOTE
-from ..studio import TrainingPlan, lora_name
+from ..studio import DEMO, DEMO_NOTE, MAX_REPEATS, SAMPLE_GRID, TrainingPlan, lora_name
 from ..training.config import FIELD_HELP, SettingsError, TrainConfig, field_is_list, field_type, make_config
-from ..training.data import MAX_REPEATS
-from ..training.run_folder import SAMPLE_GRID, RunFolder, resumable_runs
-from . import PRIVATE, AppContext, progress_html, public_text, shown, stop_handler, user_errors
 from .charts import loss_chart
+from .common import PRIVATE, AppContext, progress_html, public_text, shown, stop_handler, user_errors
 
 TITLE = "Train"
 MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
@@ -228,7 +225,7 @@ def build(ctx: AppContext) -> None:
         run_table = gr.Dataframe(rows, headers=RUN_COLUMNS, interactive=False, elem_id="runs-table",
                                  label="Runs, newest first")
         with gr.Row(equal_height=True):
-            runs = gr.Dropdown(resumable_runs(ctx.workspace.outputs_dir), label="Interrupted runs", scale=3,
+            runs = gr.Dropdown(ctx.studio.interrupted_runs(), label="Interrupted runs", scale=3,
                                allow_custom_value=True, elem_id="train-runs")
             resume = gr.Button("Resume", scale=1, elem_id="train-resume")
             doomed = gr.Dropdown([row[0] for row in rows], label="Run to delete", scale=3,
@@ -325,7 +322,7 @@ def build(ctx: AppContext) -> None:
 
     def runs_view() -> tuple[dict, dict, list, dict]:
         """The runs, and their panel opened while some run waits to be resumed."""
-        interrupted, listed = resumable_runs(ctx.workspace.outputs_dir), ctx.studio.runs()
+        interrupted, listed = ctx.studio.interrupted_runs(), ctx.studio.runs()
         return (gr.update(choices=interrupted, value=None), gr.update(choices=[row[0] for row in listed], value=None),
                 listed,
                 gr.update(open=True) if interrupted else gr.skip())
@@ -343,7 +340,7 @@ def build(ctx: AppContext) -> None:
         run = ctx.studio.training_run()
         if run is None:
             return None
-        job = RunFolder(ctx.workspace.outputs_dir / run).read_job()
+        job = ctx.studio.run_job(run)
         base = job.base.display_name
         choice, repo = (DEMO, base) if job.base.kind == "hub" else (base, "")
         line = (f"Training now: run `{run}` on dataset `{job.data.images.parent.name}` with base `{base}`. The form "
@@ -369,7 +366,7 @@ def build(ctx: AppContext) -> None:
         state, seen, changed = follow_losses(ctx.studio.jobs, before)
         if state.started != before.get("started") and state.run_dir:
             try:
-                seen["prompts"] = RunFolder(Path(state.run_dir)).read_job().config.prompts()
+                seen["prompts"] = ctx.studio.run_job(Path(state.run_dir).name).config.prompts()
             except UserError:
                 seen["prompts"] = []
         else:

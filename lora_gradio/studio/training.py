@@ -1,0 +1,213 @@
+"""The studio's training: presets, a plan with its estimate, runs started, resumed, listed and deleted."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..access import OPERATOR, Visitor
+from ..dataset import list_images
+from ..errors import UserError
+from ..estimate import TIMINGS_FILE, Estimate, Timings, device_name, estimate, format_duration
+from ..events import Emit, JobEvent
+from ..jobs import start_resume, start_training
+from ..models import DEMO, BaseModelSpec, resolve_base
+from ..request import short
+from ..training.config import PRESETS_DIR, TrainConfig, list_presets, load_preset, make_config, save_preset
+from ..training.data import TrainData
+from ..training.loop import TrainResult
+from ..training.run_folder import RunFolder, RunJob, list_runs, resumable_runs
+from ..workspace import DATASET_NAME
+from .desk import Desk, exists
+
+YOURS = " (yours)"  # a preset saved in this workspace, as the preset list names it
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A validated run before it starts: settings, base model, data and the estimate."""
+
+    config: TrainConfig
+    base: BaseModelSpec
+    data: TrainData
+    estimate: Estimate
+
+
+class Training(Desk):
+    """Presets, plans and runs."""
+
+    def plan_training(self, dataset: str | None, base: str | None, settings: dict[str, Any] | TrainConfig,
+                      regularization: str | None = None, repeats: int = 1) -> TrainingPlan:
+        """Validate settings (unknown keys are named) and estimate; the sample prompts keep ``{trigger}``, filled in
+        as they are rendered.
+        ``regularization`` names a second dataset of class images; ``repeats`` is how often an epoch shows each
+        image of ``dataset``."""
+        if not dataset:
+            raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
+        config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
+        if config.output_name == TrainConfig().output_name:  # not named: after the dataset, so runs do not collide
+            config = replace(config, output_name=lora_name(dataset))
+        spec = self.base(base)
+        images, prepared = self.workspace.training_data(dataset)
+        if not images.is_dir() or not list_images(images):
+            raise UserError(f"Dataset '{dataset}' has no images yet: add photos in the Dataset tab (drop them, a zip, "
+                            "or a folder of this server), then train.")
+        regular = self.workspace.training_data(regularization)[0] if regularization else None
+        data = TrainData(images, prepared, regular, repeats)
+        known = self.timings.costs(spec.display_name, device_name())
+        loaded = self.cache.holds == ("pipeline", spec)
+        return TrainingPlan(config, spec, data, estimate(config, data, spec.kind == DEMO, known, loaded))
+
+    def start_training(self, plan: TrainingPlan, visitor: Visitor = OPERATOR) -> str:
+        """Start the planned run in a new folder under outputs/, recorded as the visitor's; returns the job id that
+        Stop needs. A visitor other than the operator trains within the server's time and sample caps."""
+        self.limits.check_training(plan.estimate, visitor)
+        run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dataset = plan.data.images.parent.name
+        if visitor.owns(self.workspace.dataset_settings(dataset).get("owner")):  # another's dataset stays theirs
+            self.workspace.set_dataset_settings(dataset, plan.config.trigger_word, plan.data.repeats)
+
+        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, visitor.name,
+                              self.after_run(plan), plan.estimate.steps)
+
+    def after_run(self, plan: TrainingPlan) -> Callable[[TrainResult, Emit], None]:
+        """What follows a finished run: its time against the estimate shown before it, then the ComfyUI copy."""
+
+        def finish(result: TrainResult, emit: Emit) -> None:
+            self.compare_with_estimate(plan, result, emit)
+            self.install_trained(result, emit)
+
+        return finish
+
+    @property
+    def timings(self) -> Timings:
+        """What runs measured on this machine, for the estimates."""
+        return Timings(self.workspace.root / TIMINGS_FILE)
+
+    def compare_with_estimate(self, plan: TrainingPlan, result: TrainResult, emit: Emit) -> None:
+        """Keep what the finished run measured, and say how far its time was from the estimate shown before it."""
+        self.timings.record(plan.base.display_name, device_name(), result.costs)
+        guess = plan.estimate
+        if guess.seconds is None or not guess.seconds:
+            return
+        off = (result.seconds - guess.seconds) / guess.seconds
+        verdict = "within the estimate" if abs(result.seconds - guess.seconds) <= (guess.margin or 0) else \
+            "outside the estimate"
+        emit(JobEvent("status", f"Took {format_duration(result.seconds)}; the estimate was about "
+                                f"{format_duration(guess.seconds)} (±{format_duration(guess.margin or 0)}): "
+                                f"{abs(off):.0%} {'longer' if off > 0 else 'shorter'}, {verdict}. Later estimates "
+                                "use what this run measured."))
+
+    def run_folder(self, run: str | None, what: str = "resume") -> RunFolder:
+        """A run of outputs/ by its folder name, as the list of runs shows it; never a path elsewhere."""
+        if not run:
+            raise UserError(f"Pick a run to {what}.")
+        if Path(run).name != run or run in (".", "..") or len(run) > 255 or "\0" in run:
+            raise UserError(f"{short(run)} is not a run name: {what} takes the name of a folder in outputs/, as the "
+                            "list of runs shows it.")
+        if not exists(self.workspace.outputs_dir / run):
+            raise UserError(f"There is no run {short(run)} in outputs/: pick one from the list of runs.")
+        folder = RunFolder(self.workspace.outputs_dir / run)
+        folder.read_job()  # a clear message when it is not a run
+        return folder
+
+    def interrupted_runs(self) -> list[str]:
+        """The runs of outputs/ that stopped before their end and can continue, by folder name."""
+        return resumable_runs(self.workspace.outputs_dir)
+
+    def run_job(self, run: str | None) -> RunJob:
+        """What a run of outputs/ trains (settings, base model, data), by its folder name."""
+        return self.run_folder(run, "show").read_job()
+
+    def resume_training(self, run: str | None, visitor: Visitor = OPERATOR) -> str:
+        """Continue an interrupted run of outputs/ by its folder name (the visitor's own, or any for the operator);
+        returns the job id that Stop needs."""
+        folder = self.run_folder(run)
+        job = folder.read_job()
+        visitor.require(job.owner, f"Run '{folder.path.name}'")
+        self.check_job(job)
+        return start_resume(self.jobs, self.cache, folder.path, visitor.name, self.after_run(self.plan_rest(folder)))
+
+    def plan_rest(self, folder: RunFolder) -> TrainingPlan:
+        """An interrupted run's estimate for the part still to train: the whole run's, in proportion to the steps
+        left, so a resumed run is compared with an estimate too."""
+        job = folder.read_job()
+        known = self.timings.costs(job.base.display_name, device_name())
+        loaded = self.cache.holds == ("pipeline", job.base)
+        whole = estimate(job.config, job.data, job.base.kind == DEMO, known, loaded)
+        left = max(0, whole.steps - folder.summary().steps) / whole.steps if whole.steps else 1.0
+        rest = replace(whole, seconds=whole.seconds * left if whole.seconds is not None else None,
+                       margin=whole.margin * left if whole.margin is not None else None)
+        return TrainingPlan(job.config, job.base, job.data, rest)
+
+    def training_run(self) -> str | None:
+        """The folder name of the run training now, if any."""
+        state = self.jobs.latest("training")
+        return Path(state.run_dir).name if state.active and state.run_dir else None
+
+    def runs(self) -> list[list[str]]:
+        """Every run, newest first: name, status, date, steps and recent loss."""
+        running = self.training_run()
+        return [run.row(run.name == running) for run in list_runs(self.workspace.outputs_dir)]
+
+    def delete_run(self, run: str | None, visitor: Visitor = OPERATOR) -> str:
+        """Delete a run's folder (its LoRA files, samples and resume state) and every served link to them; the
+        visitor's own runs only, any for the operator, and never the one training now."""
+        folder = self.run_folder(run, "delete")
+        visitor.require(folder.read_job().owner, f"Run '{folder.path.name}'")
+        if folder.path.name == self.training_run():
+            raise UserError(f"Run '{run}' is training now. Stop it first, then delete it.")
+        shutil.rmtree(folder.path)
+        self.forget_deleted()
+        return f"Deleted run {folder.path.name}."
+
+    def check_job(self, job: RunJob) -> None:
+        """A run's recorded base model and data must pass today's rules, whatever its job.json says."""
+        if job.base.allow_pickle:
+            raise UserError("This run was recorded with a pickle base model, which the app does not load. Resume it "
+                            "from the command line if you trust the file.")
+        if job.base.kind in ("single_file", "diffusers"):
+            resolve_base(str(self.workspace.check_allowed(job.base.location, "The run's base model")))
+        for folder in (job.data.images, job.data.prepared, job.data.regularization):
+            if folder is not None:
+                self.workspace.check_allowed(folder, "The run's dataset folder")
+
+    def presets(self) -> dict[str, Path]:
+        """Every preset a visitor may load, by the name the preset list shows: the built-in ones, then this
+        workspace's own (marked as yours)."""
+        choices = {name: PRESETS_DIR / f"{name}.toml" for name in list_presets()}
+        if self.workspace.presets_dir.is_dir():
+            choices.update({f"{name}{YOURS}": self.workspace.presets_dir / f"{name}.toml"
+                            for name in list_presets(self.workspace.presets_dir)})
+        return choices
+
+    def preset(self, name: str | None) -> tuple[TrainConfig, str]:
+        """A preset's settings and description by its name; never a path, and the same answer for any unknown
+        name, whether or not such a file exists somewhere."""
+        choices = self.presets()
+        label = str(name or "").strip()
+        path = choices.get(label) or choices.get(f"{label}{YOURS}")
+        if path is None:
+            raise UserError(f"No preset has that name: pick one of {', '.join(choices)}.")
+        return load_preset(str(path))
+
+    def save_preset(self, name: str, config: TrainConfig, visitor: Visitor = OPERATOR) -> str:
+        """Save settings as a preset of this workspace; only the operator replaces one that exists."""
+        name = (name or "").strip()
+        if not DATASET_NAME.match(name) or name in (".", ".."):
+            raise UserError("Name the preset with letters, digits, spaces, '.', '-' or '_' (up to 64 characters).")
+        path = self.workspace.presets_dir / f"{name}.toml"
+        if path.exists():
+            visitor.require_operator(f"replace the saved preset '{name}' (save it under another name)")
+        save_preset(config, path, "Saved from the app.")
+        return f"{name}{YOURS}"
+
+
+def lora_name(dataset: str) -> str:
+    """A LoRA file name from a dataset's name: spaces and other characters a file name avoids become '-'."""
+    return re.sub(r"[^\w.-]", "-", dataset.strip()).lstrip(".-")[:100] or TrainConfig().output_name

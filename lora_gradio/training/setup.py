@@ -1,0 +1,101 @@
+"""Setting a run up: its accelerator, its view of the base, its latents and fixed captions, and the LoRA layers on
+the view; the loop (loop.py) trains what these return."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..dataset import TrainImage
+from ..events import Emit, JobEvent
+from ..views import encode_prompts, pipeline_view
+from .clock import RunClock
+from .config import TrainConfig
+from .data import CachedImage, LatentStore, cache_latents
+from .network import add_lora_adapters
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
+    """The run's accelerator; gradient accumulation is done by :meth:`Trainer.train_step`, not by accelerate."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    mixed = config.mixed_precision
+    if mixed == "fp16" and not torch.cuda.is_available():
+        emit(JobEvent("warning", "fp16 mixed precision needs a CUDA GPU; training in fp32 on this device."))
+        mixed = "no"
+    AcceleratorState._reset_state()  # a long-running app trains many times, with different precisions
+    accelerator = Accelerator(mixed_precision=mixed)
+    set_seed(config.seed)
+    return accelerator
+
+
+def working_view(pipe: StableDiffusionPipeline, config: TrainConfig, device: torch.device, dtype: torch.dtype
+                 ) -> StableDiffusionPipeline:
+    """The run's view of the base on its device and in its precision, with the fast attention and layout."""
+    view = pipeline_view(pipe, device, dtype)  # frozen weights shared, or copies
+    if config.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        view.unet.set_attn_processor(AttnProcessor2_0())
+    if device.type == "cuda":  # convolutions run fastest in NHWC on tensor cores
+        view.unet.to(memory_format=torch.channels_last)
+    return view
+
+
+def encode_images(pipe: StableDiffusionPipeline, images: list[TrainImage], config: TrainConfig,
+                  latent_cache: Path | None, clock: RunClock, emit: Emit, stop: threading.Event) -> list[CachedImage]:
+    """Every image's latents (from the disk cache where it has them), timed for later estimates."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    prior = sum(image.prior for image in images)
+    regular = f" and {prior} regularisation images" if prior else ""
+    emit(JobEvent("status", f"Encoding {len(images) - prior} images{regular} to latents"))
+    store = LatentStore(latent_cache, pipe.vae, dtype) if latent_cache else None
+    started = time.perf_counter()
+    cached = cache_latents(pipe.vae, images, config.resolution, config.enable_buckets, config.flip_augment,
+                           device, dtype, store, stop=stop)
+    encoded = (store.written if store else len(cached)) * (2 if config.flip_augment else 1)
+    clock.encoded(time.perf_counter() - started, encoded)
+    if store:
+        emit(JobEvent("status", f"Latents: {store.read} read from the disk cache, {store.written} encoded "
+                                     "and stored"))
+    too_long = [i.path.name for i in images if len(pipe.tokenizer(i.caption).input_ids) > 77]
+    if too_long:
+        emit(JobEvent("warning", f"{len(too_long)} captions are longer than 75 tokens and will be cut "
+                                      f"(first: {too_long[0]}). Shorten them so the end is learned too."))
+    return cached
+
+
+def encode_fixed_captions(pipe: StableDiffusionPipeline, cached: list[CachedImage], config: TrainConfig
+                          ) -> dict[str, torch.Tensor]:
+    """Captions that never change (a frozen text encoder, no shuffling) encoded once; empty otherwise."""
+    if config.train_text_encoder or config.shuffle_caption:
+        return {}
+    with torch.no_grad():
+        captions = sorted({c.caption for c in cached} | {""})
+        encoded = encode_prompts(pipe.text_encoder, pipe.tokenizer, captions, config.clip_skip)
+        return dict(zip(captions, encoded, strict=True))
+
+
+def attach_network(pipe: StableDiffusionPipeline, config: TrainConfig) -> list[dict]:
+    """The LoRA (LoCon, DoRA) layers on the view, in training mode; their optimizer groups."""
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    groups = add_lora_adapters(unet, text_encoder, config)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.activation_checkpointing_enable()
+    unet.train()
+    text_encoder.train(config.train_text_encoder)
+    return groups

@@ -1,0 +1,193 @@
+"""What every tab and the API share: the studio and dataset picker, event settings, and the edges where a
+:class:`UserError` becomes a toast or a message."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.utils import get_upload_folder
+
+from .. import served
+from ..access import Visitor
+from ..errors import UserError
+from ..jobs import JobState
+from ..studio import Studio, Workspace, format_duration
+
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}  # page wiring; the public API is in api.py
+MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # events that use the model directly queue as one
+
+
+@dataclass
+class AppContext:
+    """What every tab shares: the backend, the dataset picker, and a counter that moves whenever the dataset's files
+    change, so every view of them refreshes."""
+
+    studio: Studio
+    app: gr.Blocks
+    dataset: gr.Dropdown
+    revision: gr.State
+    prepare_job: gr.BrowserState | None = None  # the Dataset tab's Prepare job, which the Train tab can start too
+    tab: gr.Tab | None = None  # the tab being built, for events on opening it
+    outside_tabs: list[gr.components.Component] = field(default_factory=list)
+
+    def remembered(self, key: str, default: Any) -> gr.BrowserState:
+        """A value this browser keeps across reloads. It is placed outside the tabs, so it is read when the page
+        loads, not only once its tab is first opened."""
+        state = gr.BrowserState(default, storage_key=f"lora-gradio-{key}", render=False)
+        self.outside_tabs.append(state)
+        return state
+
+    @property
+    def workspace(self) -> Workspace:
+        """The studio's workspace."""
+        return self.studio.workspace
+
+    def visitor(self, request: gr.Request) -> Visitor:
+        """Who sent a page event."""
+        return visitor_of(self.studio, request)
+
+    def keep_trigger(self, box: gr.Textbox) -> None:
+        """Save what is typed in a trigger-word box as the chosen dataset's word, so every tab shows the same one; in
+        another user's dataset the word stays in this page's form alone."""
+
+        def keep(name: str | None, word: str, request: gr.Request) -> None:
+            if name and word.strip():
+                try:
+                    self.studio.set_trigger_word(name, word, self.visitor(request))
+                except UserError:
+                    return
+
+        box.input(keep, [self.dataset, box], None, trigger_mode="always_last", show_progress="hidden", **PRIVATE)
+
+    def dataset_trigger(self, name: str | None) -> dict:
+        """A handler's update for a trigger-word box: the dataset's own word, when it has one."""
+        word = self.workspace.trigger_word(name)
+        return gr.update(value=word) if word else gr.skip()
+
+
+def _on_user_error(answer: Callable[[UserError], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator that turns a handler's ``UserError`` into ``answer(error)``; the signature stays the handler's,
+    which Gradio reads to pass the request."""
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(handler)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return handler(*args, **kwargs)
+            except UserError as exc:
+                return answer(exc)
+
+        return wrapped
+
+    return decorate
+
+
+def visitor_of(studio: Studio, request: gr.Request) -> Visitor:
+    """Who sent an event or an API call: their login; without logins, the one local user, or on a public address
+    this browser page's id."""
+    return studio.access.visitor(request.username, request.session_hash)
+
+
+def public_text(text: str) -> str:
+    """A message as a visitor reads it: the running app's own folders shown relative to its workspace."""
+    return _public[0](text)
+
+
+_public: list[Callable[[str], str]] = [str]  # build_app puts its Studio's wording here, for the module's decorators
+
+
+def word_messages_for(studio: Studio) -> None:
+    """Show messages in this studio's wording from now on (build_app calls it once)."""
+    _public[0] = studio.public
+
+
+def _toast(error: UserError) -> Any:
+    gr.Warning(public_text(str(error)))
+    return gr.skip()  # one skip leaves every output as it was
+
+
+def _raise(error: UserError) -> Any:
+    raise gr.Error(public_text(str(error)), print_exception=False) from error
+
+
+# a page handler's refusal is a toast, its widgets left as they were (a raised error would cover them with Gradio's
+# error pill until someone finds its ×); an API endpoint's is the error its client receives
+user_errors = _on_user_error(_toast)
+api_errors = _on_user_error(_raise)
+
+
+def shown(path: Path | str) -> str:
+    """A workspace file the page shows (thumbnail, sample, test image), linked into Gradio's upload folder.
+
+    Gradio serves that folder and nothing else of the workspace: settings, job files and originals stay private.
+    """
+    return str(served.show(Path(get_upload_folder()), path))
+
+
+def progress_html(state: JobState) -> str:
+    """A job's progress bar with its counts and ETA, readable by people and by tests; the message is escaped."""
+    if state.status == "idle":
+        return f'<div id="{state.kind or "job"}-progress-text">Nothing running yet.</div>'
+    if state.status == "error":  # no bar: nothing was counted, and the reason is what matters
+        return (f'<div id="{state.kind or "job"}-progress-text">error: {html.escape(state.title)}</div>'
+                f'<div class="job-error">⚠️ {html.escape(public_text(state.message))}</div>')
+    fraction = state.step / state.total_steps if state.total_steps else 0.0
+    eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.active else ""
+    speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
+    counts = (f"step {state.step}/{state.total_steps} · epoch {state.epoch}/{state.total_epochs}"
+              if state.kind == "training" else f"{state.step}/{state.total_steps}")
+    if state.kind == "training" and not state.active and state.run_dir:  # an earlier run: say which
+        counts += f" · run {Path(state.run_dir).name}"
+    if state.active and not state.step:  # loading the model, caching latents: nothing counted yet
+        counts = f"getting ready · {state.total_steps} steps planned" if state.total_steps else "getting ready"
+    return (f'<div id="{state.kind or "job"}-progress-text">{state.status}: {counts}{speed}{eta}</div>'
+            f'<progress value="{fraction:.4f}" max="1" style="width:100%;height:18px"></progress>'
+            f'<div>{html.escape(public_text(state.message))}</div>')
+
+
+def stop_handler(ctx: AppContext) -> Callable[[str, gr.Request], None]:
+    """A Stop button's handler: this page's job id, stopped for whoever started it or the operator."""
+
+    @user_errors
+    def stop_job(job_id: str, request: gr.Request) -> None:
+        ctx.studio.jobs.stop(job_id, ctx.visitor(request))
+
+    return stop_job
+
+
+def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], outputs: list) -> gr.BrowserState:
+    """Progress and Stop for this page's latest ``kind`` job, and ``finish(state)`` for ``outputs`` once it ends.
+
+    The job's id lives in the browser, so a reload finds the job again; the returned state is where a start
+    handler puts the id.
+    """
+    job_id = ctx.remembered(f"{kind}-job", "")
+    finished = gr.State("")
+    with gr.Row(equal_height=True):
+        progress = gr.HTML(elem_id=f"{kind}-progress")
+        stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop", interactive=False)
+    stop.click(stop_handler(ctx), job_id, None, **PRIVATE)
+    skips = [gr.skip()] * len(outputs)
+
+    def tick(current: str, done: str) -> list:
+        if not current:
+            return [gr.skip(), done, gr.update(interactive=False), *skips]
+        try:
+            state = ctx.studio.jobs.view(current)
+        except UserError:  # the server restarted since: that job is gone
+            return ["", "", gr.update(interactive=False), *skips]
+        running = gr.update(interactive=state.active)  # Stop only while there is something to stop
+        if state.active or done == current:
+            return [progress_html(state), done, running, *skips]
+        return [progress_html(state), current, running, *finish(state)]
+
+    shows = [progress, finished, stop, *outputs]
+    gr.Timer(1.0).tick(tick, [job_id, finished], shows, show_progress="hidden", **PRIVATE)
+    ctx.app.load(tick, [job_id, finished], shows, show_progress="hidden", **PRIVATE)
+    return job_id

@@ -1,0 +1,88 @@
+"""Views of the cached base (its modules over the same weight tensors, so a job's adapters never reach it), where
+a model runs, and CLIP's prompt encoding."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+M = TypeVar("M", bound="torch.nn.Module")
+
+
+def free_accelerator_memory() -> None:
+    """Return cached GPU blocks to the driver after a big model goes away."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def place_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """Put a freshly loaded base where it will be used (fp16 on CUDA) and freeze it: from here on it never changes."""
+    import torch
+
+    device = pick_device()
+    pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    return pipe
+
+
+def module_view(module: M, device: torch.device | None = None, dtype: torch.dtype | None = None) -> M:
+    """A copy of the module's structure over the same weight tensors, so adapters, modes and processors added to it
+    never reach the original; tensors whose device or dtype must change are converted copies instead."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        moved = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        if moved is not tensor and isinstance(tensor, torch.nn.Parameter):
+            moved = torch.nn.Parameter(moved, requires_grad=False)
+        memo[id(tensor)] = moved
+    return copy.deepcopy(module, memo)
+
+
+def pipeline_view(pipe: StableDiffusionPipeline, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """A pipeline over views of the base's UNet, text encoder and VAE, with its own scheduler: work on it freely."""
+    from diffusers import StableDiffusionPipeline
+
+    components = dict(pipe.components)
+    for name in ("unet", "text_encoder", "vae"):
+        components[name] = module_view(components[name], device, dtype)
+    components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    view = StableDiffusionPipeline(**{**components, "requires_safety_checker": False})
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
+def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, texts: list[str], clip_skip: int = 1
+                   ) -> torch.Tensor:
+    """CLIP's conditioning for SD1.x, padded to 77 tokens. ``clip_skip`` 2 takes the second-to-last layer through
+    the final layer norm, as A1111's 'Clip skip: 2' and ComfyUI's CLIPSetLastLayer -2 do."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the text_model level
+    return model.final_layer_norm(hidden)
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
