@@ -5,7 +5,9 @@ result. Training returns at once with the job id that ``/train_stop`` needs.
 """
 
 import dataclasses
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,15 @@ from ..jobs import JobState
 from ..request import GenerateRequest, short
 from ..studio import DEFAULT_BLIP, CaptionOptions, Studio
 from .common import MODEL, api_errors, public_text, shown, visitor_of
+
+KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+REQUEST = inspect.Parameter("request", KEYWORD, annotation=gr.Request)
+IMAGE_PARAMETERS = [  # what /generate, /workflow and /comfyui_queue take, in this order (then clip_skip)
+    inspect.Parameter("prompt", KEYWORD, annotation=str),
+    *(inspect.Parameter(name, KEYWORD, default=default, annotation=type(default)) for name, default in (
+        ("negative_prompt", ""), ("seed", 0), ("steps", 20), ("cfg", 7.0), ("width", 0), ("height", 0),
+        ("scheduler", "Euler"), ("lora", ""), ("strength_model", 1.0), ("strength_clip", 1.0), ("base", "demo")))]
+CLIP_SKIP = inspect.Parameter("clip_skip", KEYWORD, default=1, annotation=int)
 
 
 def plain(value: Any) -> Any:
@@ -52,11 +63,31 @@ def register(studio: Studio) -> None:
             raise gr.Error(public_text(state.message), print_exception=False)
         return state
 
-    def request_of(prompt: object, negative_prompt: object, seed: object, steps: object, cfg: object, width: object,
-                   height: object, scheduler: object, lora: str, strength_model: object, strength_clip: object,
-                   clip_skip: object) -> GenerateRequest:
-        return GenerateRequest.checked(prompt, negative_prompt, seed, steps, cfg, width or None, height or None,
-                                       scheduler, studio.lora(lora), strength_model, strength_clip, clip_skip)
+    def image_endpoint(*extra: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """An endpoint over the image settings of IMAGE_PARAMETERS (then ``extra``, then clip_skip), declared once:
+        the decorated body gets the visitor's request, the checked GenerateRequest, the base and the extras."""
+        def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
+            names = [p.name for p in extra]
+            signature = inspect.Signature([REQUEST, *IMAGE_PARAMETERS, *extra, CLIP_SKIP],
+                                          return_annotation=inspect.signature(body).return_annotation)
+
+            def endpoint(*args: Any, **kwargs: Any) -> Any:
+                given = signature.bind(*args, **kwargs)
+                given.apply_defaults()
+                values = given.arguments
+                wanted = GenerateRequest.checked(
+                    values["prompt"], values["negative_prompt"], values["seed"], values["steps"], values["cfg"],
+                    values["width"] or None, values["height"] or None, values["scheduler"],
+                    studio.lora(values["lora"]), values["strength_model"], values["strength_clip"],
+                    values["clip_skip"])
+                return body(values["request"], wanted, values["base"], *(values[name] for name in names))
+
+            endpoint.__name__, endpoint.__doc__, endpoint.__signature__ = body.__name__, body.__doc__, signature
+            endpoint.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+            endpoint.__annotations__["return"] = signature.return_annotation
+            return endpoint
+
+        return decorate
 
     def train_start(request: gr.Request, dataset: str, base: str = "demo", settings: dict | None = None,
                     regularization: str = "", repeats: int = 1) -> dict:
@@ -92,37 +123,24 @@ def register(studio: Studio) -> None:
         pass to /train_start."""
         return studio.preset(name)[0].to_dict()
 
-    def generate(request: gr.Request, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-                 cfg: float = 7.0,
-                 width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
-                 strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
-                 clip_skip: int = 1) -> dict:
+    @image_endpoint()
+    def generate(request: gr.Request, wanted: GenerateRequest, base: str) -> dict:
         """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none. The
         answer's ``lora`` says which of the file's modules were applied."""
-        made = studio.generate(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler,
-                                                lora, strength_model, strength_clip, clip_skip),
-                               visitor=visitor(request))
+        made = studio.generate(base, wanted, visitor=visitor(request))
         return {"image": FileData(path=shown(made.path)), "parameters": made.parameters, "lora": made.lora}
 
-    def workflow(request: gr.Request, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-                 cfg: float = 7.0,
-                 width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
-                 strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
-                 api_format: bool = False, clip_skip: int = 1) -> FileData:
+    @image_endpoint(inspect.Parameter("api_format", KEYWORD, default=False, annotation=bool))
+    def workflow(request: gr.Request, wanted: GenerateRequest, base: str, api_format: bool) -> FileData:
         """The ComfyUI workflow for these settings: the UI format (drop it onto ComfyUI) or, with ``api_format``,
         what ComfyUI's ``/prompt`` takes."""
-        wanted = request_of(prompt, negative_prompt, seed, steps, cfg, width, height, scheduler, lora,
-                            strength_model, strength_clip, clip_skip)
         return FileData(path=shown(studio.workflow(base, wanted, api_format, visitor(request))))
 
-    def comfyui_queue(prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20, cfg: float = 7.0,
-                      width: int = 0, height: int = 0, scheduler: str = "Euler", lora: str = "",
-                      strength_model: float = 1.0, strength_clip: float = 1.0, base: str = "demo",
-                      clip_skip: int = 1) -> str:
+    @image_endpoint()
+    def comfyui_queue(request: gr.Request, wanted: GenerateRequest, base: str) -> str:
         """Queue the workflow for these settings in the ComfyUI the operator set (--comfyui-url); ComfyUI's answer,
         or its error word for word."""
-        return studio.queue_in_comfyui(base, request_of(prompt, negative_prompt, seed, steps, cfg, width, height,
-                                                        scheduler, lora, strength_model, strength_clip, clip_skip))
+        return studio.queue_in_comfyui(base, wanted)
 
     def comfyui_install(request: gr.Request, lora: str, base: str = "demo", replace: bool = False) -> str:
         """Copy a LoRA of this workspace into the shared ComfyUI's models/loras (see Workspace settings); only the
