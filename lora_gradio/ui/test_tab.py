@@ -106,36 +106,36 @@ def build(ctx: AppContext) -> None:
                     items.append((shown(path), entry[1]))
         return items[:KEEP_IMAGES]
 
-    def request_from(prompt_text: str, negative_text: str, seed_value: float, step_count: float, guidance: float,
-                     w: float, h: float, sampler: str, lora_label: str, s_model: float, s_clip: float,
-                     skip: int) -> GenerateRequest:
-        return GenerateRequest.checked(prompt_text, negative_text, seed_value or 0, step_count, guidance,
-                                                 w or None, h or None, sampler, ctx.studio.lora(lora_label), s_model,
-                                                 s_clip, skip)
+    fields = {prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip,
+              clip_skip, base_choice, base_repo}  # every handler below reads them by component, never by position
+
+    def request_from(values: dict) -> GenerateRequest:
+        return GenerateRequest.checked(values[prompt], values[negative], values[seed] or 0, values[steps],
+                                       values[cfg], values[width] or None, values[height] or None, values[scheduler],
+                                       ctx.studio.lora(values[lora]), values[strength_model], values[strength_clip],
+                                       values[clip_skip])
+
+    def base_of(values: dict) -> str:
+        return base_name(values[base_choice], values[base_repo])
 
     @user_errors
-    def on_generate(choice: str, repo: str, prompt_text: str, negative_text: str, seed_value: float,
-                    step_count: float, guidance: float, w: float, h: float, sampler: str, lora_label: str,
-                    s_model: float, s_clip: float, skip: int, past: list, page: gr.Request,
-                    progress: gr.Progress = gr.Progress()) -> tuple:
-        request = request_from(prompt_text, negative_text, seed_value, step_count, guidance, w, h, sampler,
-                               lora_label, s_model, s_clip, skip)
+    def on_generate(values: dict, page: gr.Request, progress: gr.Progress = gr.Progress()) -> dict:
         visitor = ctx.visitor(page)
-        made = ctx.studio.generate(base_name(choice, repo), request, on_wait=lambda text: progress(0, desc=text),
-                                   visitor=visitor)
-        kept = [[made.path.name, made.parameters], *(past if isinstance(past, list) else [])][:KEEP_IMAGES]
-        return gallery_of(kept, visitor), kept, made.lora
+        made = ctx.studio.generate(base_of(values), request_from(values),
+                                   on_wait=lambda text: progress(0, desc=text), visitor=visitor)
+        past = values[history] if isinstance(values[history], list) else []
+        kept = [[made.path.name, made.parameters], *past][:KEEP_IMAGES]
+        return {gallery: gallery_of(kept, visitor), history: kept, applied: made.lora}
 
     @user_errors
-    def on_grid(page: gr.Request, choice: str, repo: str, labels: list[str], strength_text: str, *fields: object,
-                ) -> str:
-        return ctx.studio.start_grid(base_name(choice, repo), request_from(*fields), list(labels or []),
-                                     parse_strengths(strength_text), ctx.visitor(page))
+    def on_grid(values: dict, page: gr.Request) -> str:
+        return ctx.studio.start_grid(base_of(values), request_from(values), list(values[grid_loras] or []),
+                                     parse_strengths(values[strengths]), ctx.visitor(page))
 
-    def on_workflow(page: gr.Request, choice: str, repo: str, *fields: object) -> dict:
+    def on_workflow(values: dict, page: gr.Request) -> dict:
         """Write the workflow; a refusal also takes the last file's link away, so no stale file is downloaded."""
         try:
-            path = ctx.studio.workflow(base_name(choice, repo), request_from(*fields), visitor=ctx.visitor(page))
+            path = ctx.studio.workflow(base_of(values), request_from(values), visitor=ctx.visitor(page))
         except UserError as exc:
             gr.Warning(public_text(str(exc)))
             return gr.update(value=None, visible=False)
@@ -150,20 +150,18 @@ def build(ctx: AppContext) -> None:
         return ctx.studio.link_base_into_comfyui(base_name(choice, repo))
 
     @user_errors
-    def on_queue(choice: str, repo: str, *fields: object) -> str:
-        return ctx.studio.queue_in_comfyui(base_name(choice, repo), request_from(*fields))
+    def on_queue(values: dict) -> str:
+        return ctx.studio.queue_in_comfyui(base_of(values), request_from(values))
 
-    fields = [prompt, negative, seed, steps, cfg, width, height, scheduler, lora, strength_model, strength_clip,
-              clip_skip]
-    generate.click(on_generate, [base_choice, base_repo, *fields, history], [gallery, history, applied], **PRIVATE,
+    generate.click(on_generate, fields | {history}, [gallery, history, applied], **PRIVATE,
                    **MODEL).then(None, js=SHOW_RESULTS, **PRIVATE)  # the new image in view, wherever one scrolled
-    workflow.click(on_workflow, [base_choice, base_repo, *fields], workflow_file, **PRIVATE).then(
+    workflow.click(on_workflow, fields, workflow_file, **PRIVATE).then(
         None, js=DOWNLOAD_WORKFLOW, **PRIVATE)  # one click: the browser saves the file as soon as it is written
     send.click(on_send, [base_choice, base_repo, lora, replace], handed, **PRIVATE)
     link.click(on_link, [base_choice, base_repo], handed, **PRIVATE)
-    queue.click(on_queue, [base_choice, base_repo, *fields], handed, **PRIVATE)
+    queue.click(on_queue, fields, handed, **PRIVATE)
     inspect.click(user_errors(ctx.studio.inspect), lora, inspection, **PRIVATE)
-    grid_button.click(on_grid, [base_choice, base_repo, grid_loras, strengths, *fields], grid_job, **PRIVATE)
+    grid_button.click(on_grid, fields | {grid_loras, strengths}, grid_job, **PRIVATE)
     dice.click(random_seed, None, seed, **PRIVATE)
 
     def ready(current: str | None, text: str, offered: str) -> tuple:
