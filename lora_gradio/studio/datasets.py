@@ -140,9 +140,13 @@ class Datasets(Desk):
         """A dataset's images, in the order every tab lists them."""
         return list_images(self.images_dir(dataset))
 
-    def captioned_images(self, dataset: str | None) -> list[tuple[Path, str]]:
-        """Each image of a dataset with its caption ("" when it has none)."""
-        return [(path, read_caption(path) or "") for path in self.images(dataset)]
+    def captioned_images(self, dataset: str | None, start: int = 0, count: int | None = None,
+                         ) -> tuple[int, list[tuple[Path, str]]]:
+        """How many images a dataset has, and ``count`` of them from ``start`` with their captions ("" for none):
+        only the captions of the page shown are read."""
+        images = self.images(dataset)
+        page = images[start:None if count is None else start + count]
+        return len(images), [(path, read_caption(path) or "") for path in page]
 
     def image_of(self, dataset: str | None, name: str) -> Path:
         """An image of a dataset by its name in the dataset (as the lists show it); never a path elsewhere."""

@@ -87,9 +87,10 @@ class Testing(Desk):
         """The prompt to try a LoRA with: its run's first sample prompt, else its trigger word and a plain subject;
         "" for a file that went away or is damaged."""
         try:
-            path, trigger = self.lora(label), self.lora_trigger(label)
+            path = self.lora(label)
             run = RunFolder(path.parent) if path is not None else None
             prompts = run.read_job().config.prompts() if run is not None and run.job_file.is_file() else []
+            trigger = "" if prompts else self.lora_trigger(label)  # the file's metadata, read only when needed
         except UserError:
             return ""
         return prompts[0] if prompts else f"{trigger}, portrait photo" if trigger else ""

@@ -88,11 +88,10 @@ def build(ctx: AppContext) -> None:
             gr.Markdown("Choose or create a dataset above.")
             return
         folder = ctx.studio.images_dir(name)
-        images = ctx.studio.captioned_images(name)
         first = (max(int(page_number or 1), 1) - 1) * PAGE_SIZE
-        gr.Markdown(f"Images {first + 1}–{min(first + PAGE_SIZE, len(images))} of {len(images)}. "
-                    "Captions save as you type.")
-        for path, text in images[first:first + PAGE_SIZE]:
+        total, page_images = ctx.studio.captioned_images(name, first, PAGE_SIZE)
+        gr.Markdown(f"Images {first + 1}–{min(first + PAGE_SIZE, total)} of {total}. Captions save as you type.")
+        for path, text in page_images:
             relative = str(path.relative_to(folder))
             with gr.Row(elem_classes="caption-row"):
                 gr.Image(shown(ctx.studio.thumbnail(name, relative)), show_label=False, interactive=False, scale=1,

@@ -173,19 +173,19 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
         progress = gr.HTML(elem_id=f"{kind}-progress")
         stop = gr.Button("Stop", variant="stop", scale=0, elem_id=f"{kind}-stop", interactive=False)
     stop.click(stop_handler(ctx), job_id, None, **PRIVATE)
-    skips = [gr.skip()] * len(outputs)
 
-    def tick(current: str, done: str) -> list:
+    def tick(current: str, done: str) -> dict:
+        """The job's bar and Stop; the outputs only once, when the job has just ended (unnamed outputs stay)."""
         if not current:
-            return [gr.skip(), done, gr.update(interactive=False), *skips]
+            return {finished: done, stop: gr.update(interactive=False)}
         try:
             state = ctx.studio.jobs.view(current)
         except UserError:  # the server restarted since: that job is gone
-            return ["", "", gr.update(interactive=False), *skips]
-        running = gr.update(interactive=state.active)  # Stop only while there is something to stop
+            return {progress: "", finished: "", stop: gr.update(interactive=False)}
+        shown_now = {progress: progress_html(state), stop: gr.update(interactive=state.active)}  # Stop while it runs
         if state.active or done == current:
-            return [progress_html(state), done, running, *skips]
-        return [progress_html(state), current, running, *finish(state)]
+            return {**shown_now, finished: done}
+        return {**shown_now, finished: current, **dict(zip(outputs, finish(state), strict=True))}
 
     shows = [progress, finished, stop, *outputs]
     gr.Timer(1.0).tick(tick, [job_id, finished], shows, show_progress="hidden", **PRIVATE)
