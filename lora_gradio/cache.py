@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import UserError
+from .errors import Stopped, UserError
 from .models import DEMO, BaseModelSpec, load_pipeline
 from .threads import fit_threads
 from .views import free_accelerator_memory, place_pipeline
@@ -93,7 +93,7 @@ class ModelCache:
                     self._loaded = [ref for ref in self._loaded if ref() is not None] + [weakref.ref(model)]
                     self.loads += 1
             if stop is not None and stop.is_set():
-                raise UserError(f"Stopped: {what} ended before it began, once the model was loaded.")
+                raise Stopped(f"Stopped: {what} ended before it began, once the model was loaded.")
             yield self._model
         finally:
             self._give_back()
@@ -162,7 +162,7 @@ class ModelCache:
                         on_wait(message)
                         told = message
                     if stop is not None and stop.is_set():
-                        raise UserError(f"Stopped while waiting for the model: {what} did not start.")
+                        raise Stopped(f"Stopped while waiting for the model: {what} did not start.")
                     self._cond.wait(timeout=None if stop is None else STOP_CHECK_S)
             finally:
                 self._queue = [entry for entry in self._queue if entry[0] is not ticket]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .cache import ModelCache
 from .dataset import invisible_characters, list_images, open_rgb, read_caption, with_trigger, write_caption
-from .errors import UserError
+from .errors import Stopped, UserError
+from .events import Emit, JobEvent, ignore, progress, status_events
 from .models import from_hub, quiet_libraries
 from .views import pick_device
 
@@ -118,20 +118,21 @@ def compose(generated: str, options: CaptionOptions) -> str:
 
 @dataclass
 class CaptionResult:
-    """What a captioning run did."""
+    """What a captioning run did; ``stopped`` when a Stop ended it (what was written stays)."""
 
     written: dict[str, str]
     skipped: list[str]
     problems: list[str]
+    stopped: bool = False
 
 
 def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: CaptionOptions,
-                    progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
-                    on_wait: Callable[[str], None] | None = None) -> CaptionResult:
+                    emit: Emit | None = None, stop: threading.Event | None = None) -> CaptionResult:
     """Caption the dataset's images (only uncaptioned ones unless ``overwrite``), saving each ``.txt`` at once.
 
     The captioner is used under the cache's lease; ``stop`` ends the run between batches, keeping what was written.
     """
+    emit = emit or ignore
     images = list_images(images_dir)
     if not images:
         raise UserError("The dataset has no images to caption. Add some in the Dataset tab.")
@@ -139,23 +140,36 @@ def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: C
     result = CaptionResult({}, [str(p.relative_to(images_dir)) for p in images if p not in todo], [])
     if not todo:
         return result
-    with cache.use(("captioner", source), lambda: load_captioner(source), "captioning", on_wait=on_wait,
-                   stop=stop) as captioner:
-        for start in range(0, len(todo), options.batch_size):
-            if stop is not None and stop.is_set():
-                raise UserError(f"Captioning stopped after {start} of {len(todo)} images; their captions are saved.")
-            batch, pictures = [], []
-            for path in todo[start:start + options.batch_size]:
-                try:
-                    pictures.append(open_rgb(path))
-                    batch.append(path)
-                except (OSError, SyntaxError, ValueError) as exc:
-                    result.problems.append(f"{path.name}: {exc}")
-            if pictures:
-                for path, text in zip(batch, captioner.caption(pictures, options.max_length), strict=True):
-                    caption = compose(text, options)
-                    write_caption(path, caption)
-                    result.written[str(path.relative_to(images_dir))] = caption
-            if progress:
-                progress(min(start + options.batch_size, len(todo)), len(todo))
+    try:
+        with cache.use(("captioner", source), lambda: load_captioner(source), "captioning",
+                       on_wait=status_events(emit), stop=stop) as captioner:
+            caption_batches(captioner, todo, images_dir, options, result, emit, stop)
+    except Stopped as exc:
+        result.stopped = True
+        emit(JobEvent("stopped", str(exc)))
     return result
+
+
+def caption_batches(captioner: Captioner, todo: list[Path], images_dir: Path, options: CaptionOptions,
+                    result: CaptionResult, emit: Emit, stop: threading.Event | None) -> None:
+    """Caption ``todo`` batch by batch into ``result``, counting each batch; a Stop ends it between batches."""
+    for start in range(0, len(todo), options.batch_size):
+        if stop is not None and stop.is_set():
+            result.stopped = True
+            emit(JobEvent("stopped", f"Captioning stopped after {start} of {len(todo)} images; their captions are "
+                                     "saved."))
+            return
+        batch, pictures = [], []
+        for path in todo[start:start + options.batch_size]:
+            try:
+                pictures.append(open_rgb(path))
+                batch.append(path)
+            except (OSError, SyntaxError, ValueError) as exc:
+                result.problems.append(f"{path.name}: {exc}")
+        if pictures:
+            for path, text in zip(batch, captioner.caption(pictures, options.max_length), strict=True):
+                caption = compose(text, options)
+                write_caption(path, caption)
+                result.written[str(path.relative_to(images_dir))] = caption
+        done = min(start + options.batch_size, len(todo))
+        progress(emit, "Captioned {} of {} images", done, len(todo))

@@ -10,7 +10,6 @@ import shutil
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +21,7 @@ from pillow_heif import register_heif_opener
 from .atomic import write_text_atomic
 from .buckets import fit_to_bucket, make_buckets, pick_bucket
 from .errors import UserError
+from .events import Emit, JobEvent, ignore, progress
 
 register_heif_opener()  # HEIC photos from phones
 Image.init()
@@ -357,9 +357,17 @@ def oriented_size(path: Path) -> tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
+@dataclass
+class PrepareResult:
+    """How many training copies were written, the images skipped (with why), and whether a Stop ended it."""
+
+    done: int
+    skipped: list[str]
+    stopped: bool = False
+
+
 def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, center_crop: bool = False,
-                    progress: Callable[[int, int], None] | None = None,
-                    stop: threading.Event | None = None) -> tuple[int, list[str]]:
+                    emit: Emit | None = None, stop: threading.Event | None = None) -> PrepareResult:
     """Write training copies (pixels only): each image in the aspect-ratio bucket nearest its shape (about
     ``resolution``² pixels, sides in steps of 64), or a centred square.
 
@@ -375,8 +383,9 @@ def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, cente
     try:
         for index, path in enumerate(images):
             if stop is not None and stop.is_set():
-                raise UserError(f"Prepare stopped after {index} of {len(images)} images; the previous training "
-                                "copies (if any) are unchanged.")
+                (emit or ignore)(JobEvent("stopped", f"Prepare stopped after {index} of {len(images)} images; the "
+                                                     "previous training copies (if any) are unchanged."))
+                return PrepareResult(index - len(skipped), skipped, stopped=True)
             relative = path.relative_to(images_dir)
             stamp = source_stamp(path)
             try:
@@ -389,8 +398,7 @@ def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, cente
             target.parent.mkdir(parents=True, exist_ok=True)
             fitted.save(target)
             files[str(relative)] = {"stamp": stamp, "copy": str(relative.with_suffix(".png"))}
-            if progress:
-                progress(index + 1, len(images))
+            progress(emit or ignore, "Prepared {} of {} images", index + 1, len(images))
         write_text_atomic(staging / MANIFEST, json.dumps(
             {"resolution": resolution, "center_crop": center_crop, "files": files}, indent=1))
         old = prepared_dir.with_name(prepared_dir.name + ".old")
@@ -401,4 +409,4 @@ def prepare_dataset(images_dir: Path, prepared_dir: Path, resolution: int, cente
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return len(images) - len(skipped), skipped
+    return PrepareResult(len(images) - len(skipped), skipped)

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
+
+
+class Stopped(UserError):
+    """A Stop reached work with nothing to hand back yet (waiting for the model, encoding, mid-image); the job
+    that runs it catches it and returns its own stopped result, so no job ends in an error for a Stop."""

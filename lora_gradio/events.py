@@ -32,9 +32,13 @@ class JobEvent:
 Emit = Callable[[JobEvent], None]
 
 
-def progress_events(emit: Emit, text: str) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback that reports as job events."""
-    return lambda done, total: emit(JobEvent("progress", text.format(done, total), step=done, total_steps=total))
+def ignore(event: JobEvent) -> None:
+    """The ``emit`` of work run with no one watching (tests, scripts)."""
+
+
+def progress(emit: Emit, text: str, done: int, total: int) -> None:
+    """Report ``done`` of ``total`` things counted, with ``text`` formatted by those two numbers."""
+    emit(JobEvent("progress", text.format(done, total), step=done, total_steps=total))
 
 
 def status_events(emit: Emit) -> Callable[[str], None]:

@@ -7,14 +7,10 @@ Captions pair with images by their full path inside the upload, zip or folder (U
 from __future__ import annotations
 
 import io
-import os
-import stat
-import time
+import threading
 import unicodedata
-import zipfile
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -32,53 +28,25 @@ from .dataset import (
     to_rgb,
     write_caption,
 )
+from .events import Emit, JobEvent, ignore, progress
+from .sources import Entry, FileResult, SkipFile, file_entry, folder_entries, zip_entries, zip_members
 
-MAX_FILE_BYTES = 100 * 2**20  # one image, packed or unpacked
-MAX_ZIP_BYTES = 4 * 2**30  # everything a zip may unpack to
-MAX_CAPTION_BYTES = 64 * 2**10
-WALK_FILES = 20_000  # files and folders a server-folder import looks at, at most ...
-WALK_SECONDS = 30.0  # ... and for how long
 MIN_SIDE = 64  # below this an image carries nothing to learn
 GOOD_SIDE = 512
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}
 SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}  # made by Finder and Explorer
 PREFERRED = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".avif"}  # named in messages; every Pillow format works
-ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
-ZIP_METHOD_NAMES = {9: "Deflate64", 93: "Zstandard", 95: "XZ", 97: "WavPack", 98: "PPMd", 99: "AES encryption"}
-
-
-class SkipFile(Exception):
-    """A file that cannot be imported; the message says why, in the user's terms."""
-
-
-@dataclass
-class FileResult:
-    """The outcome for one file: ``imported``, ``warning`` (imported, with advice), ``skipped`` or ``ignored``
-    (a system file, counted but not listed). ``unsafe`` marks archive entries refused for their path or kind."""
-
-    name: str
-    status: str
-    message: str
-    source: str = ""
-    unsafe: bool = False
-
-
-@dataclass
-class Entry:
-    """A file to import: its path inside the upload/zip/folder, where it came from, and how to read it (bounded)."""
-
-    path: PurePosixPath
-    read: Callable[[], bytes]
-    source: str = ""
 
 
 @dataclass
 class ImportReport:
-    """Every file's outcome, the notes that concern the whole import, and one summary line."""
+    """Every file's outcome, the notes that concern the whole import, one summary line, and whether a Stop ended
+    it (what was imported before stays)."""
 
     files: list[FileResult]
     sources: list[str]
     notes: list[str] = field(default_factory=list)
+    stopped: bool = False
 
     @property
     def shown(self) -> list[FileResult]:
@@ -93,7 +61,7 @@ class ImportReport:
         images = len(kept) - captions
         parts = [f"{images} {'image' if images == 1 else 'images'} and {captions} "
                  f"{'caption' if captions == 1 else 'captions'} imported from {_names(self.sources) or 'nothing'}"]
-        if not kept and not counts["skipped"]:
+        if not kept and not counts["skipped"] and not self.stopped:
             parts[0] += f": it holds no image files ({', '.join(sorted(PREFERRED))} and more)"
         if counts["skipped"]:
             parts.append(f"{counts['skipped']} skipped (see each file's reason)")
@@ -108,10 +76,6 @@ class ImportReport:
 
 def _names(names: list[str], limit: int = 2) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _size(limit: int) -> str:
-    return f"{limit // 2**20} MB" if limit >= 2**20 else f"{limit // 2**10} kB"
 
 
 def is_system_file(path: PurePosixPath) -> bool:
@@ -205,16 +169,36 @@ def import_caption(data: bytes, name: str, image: Path) -> FileResult:
     return FileResult(caption_path(image).name, "warning" if notes else "imported", message)
 
 
-def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path, max_images: int | None = None,
-                   sources: list[str] | None = None) -> ImportReport:
+@dataclass
+class ImportJob:
+    """Where an import goes and how it is watched: the dataset's images folder, the server's cap on images, who
+    hears its progress, and the Stop that ends it between two files."""
+
+    images_dir: Path
+    max_images: int | None = None
+    emit: Emit = ignore
+    stop: threading.Event | None = None
+
+
+def import_entries(entries: Iterable[Entry | FileResult], job: ImportJob, sources: list[str], total: int,
+                   ) -> ImportReport:
     """Import images first, then attach each ``.txt`` caption to the image at the same path; past ``max_images``
-    in the dataset, images are refused. Captions are read as they come (a zip is open only while it is walked)."""
+    in the dataset, images are refused. Captions are read as they come (a zip is open only while it is walked).
+    ``total`` is how many entries are expected, for the progress."""
+    images_dir, max_images = job.images_dir, job.max_images
     images_dir.mkdir(parents=True, exist_ok=True)
     results: list[FileResult] = []
     captions: list[tuple[Entry, bytes]] = []
     stored: dict[str, Path] = {}
     room = max_images - len(list_images(images_dir)) if max_images is not None else None
-    for entry in entries:
+    notes, stopped = [], False
+    for index, entry in enumerate(entries):
+        if job.stop is not None and job.stop.is_set():
+            stopped = True
+            notes.append(f"stopped after {index} of {max(total, index)} files; what was imported stays")
+            job.emit(JobEvent("stopped", f"Import stopped after {index} of {max(total, index)} files."))
+            break
+        progress(job.emit, "Read {} of {} files", index + 1, max(total, index + 1))
         if isinstance(entry, FileResult):
             results.append(entry)
             continue
@@ -238,9 +222,9 @@ def import_entries(entries: Iterable[Entry | FileResult], images_dir: Path, max_
         results.append(result)
     zero = sorted({p.parent.name for p in list_images(images_dir) if p.parent != images_dir
                    and REPEAT_FOLDER.match(p.parent.name) and REPEAT_FOLDER.match(p.parent.name).group(1) == "0"})
-    notes = [f"folder '{name}' asks for 0 repeats, so its images train once per epoch: rename it to "
-             f"'1_{REPEAT_FOLDER.match(name).group(2)}' or more" for name in zero]
-    return ImportReport(results, sources or [], notes)
+    notes += [f"folder '{name}' asks for 0 repeats, so its images train once per epoch: rename it to "
+              f"'1_{REPEAT_FOLDER.match(name).group(2)}' or more" for name in zero]
+    return ImportReport(results, sources, notes, stopped)
 
 
 def _import_entry(entry: Entry, images_dir: Path, room: int | None, max_images: int | None,
@@ -273,135 +257,16 @@ def _import_entry(entry: Entry, images_dir: Path, room: int | None, max_images: 
     return result
 
 
-def _bounded(read: Callable[[int], bytes], limit: int, message: str) -> bytes:
-    """Read at most ``limit`` bytes; more means the file is refused (declared sizes in zips can lie)."""
-    data = read(limit + 1)
-    if len(data) > limit:
-        raise SkipFile(message)
-    return data
-
-
-def _limit(path: PurePosixPath, packed: bool) -> tuple[int, str]:
-    """The size limit of a file of this kind, and the message when it is passed."""
-    if path.suffix.lower() == ".txt":
-        return MAX_CAPTION_BYTES, (f"caption over {_size(MAX_CAPTION_BYTES)}: a caption is a sentence or a list of "
-                                   "tags; shorten it")
-    return MAX_FILE_BYTES, f"over {_size(MAX_FILE_BYTES)}" + (" when unpacked; refused (possible zip bomb)" if packed
-                                                             else "; refused: use a smaller export of the photo")
-
-
-def _file_entry(path: Path, inside: PurePosixPath, source: str = "") -> Entry:
-    """A file on disk as an entry, read with the limit of its kind."""
-    limit, message = _limit(inside, packed=False)
-
-    def read() -> bytes:
-        with path.open("rb") as handle:
-            return _bounded(handle.read, limit, message)
-
-    return Entry(inside, read, source)
-
-
-def _zip_refusal(info: zipfile.ZipInfo, member: PurePosixPath) -> FileResult | None:
-    """Why a zip entry cannot be imported, before it is read: unsafe path or kind, a password, a method."""
-    if member.is_absolute() or ".." in member.parts or ":" in member.parts[0]:
-        return FileResult(info.filename, "skipped", "unsafe path in the zip (it points outside the dataset)",
-                          unsafe=True)
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return FileResult(info.filename, "skipped", "a link inside the zip; links are not followed", unsafe=True)
-    if info.flag_bits & 0x1:
-        return FileResult(member.name, "skipped", "encrypted (the zip has a password): unzip it yourself, then "
-                                                  "import the folder or the images")
-    if info.compress_type not in ZIP_METHODS:
-        method = ZIP_METHOD_NAMES.get(info.compress_type, f"method {info.compress_type}")
-        return FileResult(member.name, "skipped", f"compressed with {method}, which cannot be unpacked here: zip it "
-                                                  "again with the standard (Deflate) compression")
-    return None
-
-
-def zip_entries(zip_path: Path, source: str | None = None) -> Iterator[Entry | FileResult]:
-    """Members of a zip, refusing unsafe paths (zip-slip, links), encrypted or exotic entries, and anything that
-    unpacks too large (zip bombs). Each entry must be read before the next is asked for."""
-    source = source or Path(zip_path).name
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError):
-        with Path(zip_path).open("rb") as handle:
-            started_as_zip = handle.read(2) == b"PK"
-        yield FileResult(source, "skipped", "the zip is cut off: its end, which lists the files, is missing (an "
-                         "interrupted download or copy?); download or copy it again" if started_as_zip else
-                         "not a zip file, though its name ends in .zip", source)
-        return
-    with archive:
-        budget = MAX_ZIP_BYTES
-        for info in archive.infolist():
-            member = PurePosixPath(info.filename.replace("\\", "/"))
-            if info.is_dir() or not member.parts:
-                continue
-            refusal = _zip_refusal(info, member)
-            if refusal is not None:
-                refusal.source = source
-                yield refusal
-                continue
-            if info.file_size > budget:
-                yield FileResult(member.name, "skipped", "the zip unpacks to more than "
-                                 f"{MAX_ZIP_BYTES // 2**30} GB; refused (possible zip bomb)", source)
-                return
-            budget -= info.file_size
-            limit, message = _limit(member, packed=True)
-
-            def read(info: zipfile.ZipInfo = info, limit: int = limit, message: str = message) -> bytes:
-                try:
-                    with archive.open(info) as handle:
-                        return _bounded(handle.read, limit, message)
-                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # passwords, methods: refused above
-                    raise SkipFile(f"damaged in the zip ({exc})") from exc
-
-            yield Entry(member, read, source)
-
-
-def folder_entries(folder: Path, max_files: int = WALK_FILES, max_seconds: float = WALK_SECONDS,
-                   ) -> Iterator[Entry | FileResult]:
-    """Images and captions of a folder on the server, including kohya ``N_name`` subfolders. Links that lead out
-    of the folder are refused and named; links to folders are not followed. The walk ends, saying so, after
-    ``max_files`` files or ``max_seconds``, so a huge folder cannot hold the server."""
-    folder = Path(folder).resolve()
-    deadline = time.monotonic() + max_seconds
-    for seen, entry in enumerate(_walk(folder)):
-        if seen >= max_files or time.monotonic() > deadline:
-            yield FileResult("(the rest of the folder)", "skipped", f"not read: a folder import reads at most "
-                             f"{max_files} files in {max_seconds:g} s. Import a smaller folder, or a zip.",
-                             folder.name)
-            return
-        yield entry
-
-
-def _walk(folder: Path) -> Iterator[Entry | FileResult]:
-    """Every file and link below ``folder``, in a stable order, as entries or refusals."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        here = Path(root)
-        for name in [d for d in dirs if (here / d).is_symlink()]:
-            dirs.remove(name)
-            inside = PurePosixPath(*(here / name).relative_to(folder).parts)
-            outside = folder not in (here / name).resolve().parents
-            yield FileResult(str(inside), "skipped", "a link to a folder outside the imported folder; refused"
-                             if outside else "a link to a folder; links are not followed", folder.name, unsafe=outside)
-        for name in sorted(files):
-            path = here / name
-            inside = PurePosixPath(*path.relative_to(folder).parts)
-            if folder not in path.resolve().parents:
-                yield FileResult(str(inside), "skipped", "a link to a file outside the imported folder; refused",
-                                 folder.name, unsafe=True)
-                continue
-            yield _file_entry(path, inside, folder.name)
-
-
-def import_folder(folder: Path, images_dir: Path, max_images: int | None = None) -> ImportReport:
+def import_folder(folder: Path, images_dir: Path, max_images: int | None = None, emit: Emit = ignore,
+                  stop: threading.Event | None = None) -> ImportReport:
     """Import a folder on the server into a dataset."""
-    return import_entries(folder_entries(folder), images_dir, max_images, [Path(folder).name or str(folder)])
+    entries = list(folder_entries(folder))  # each entry opens its file only when read
+    return import_entries(entries, ImportJob(images_dir, max_images, emit, stop), [Path(folder).name or str(folder)],
+                          len(entries))
 
 
-def import_sources(paths: Iterable[Path], images_dir: Path, max_images: int | None = None) -> ImportReport:
+def import_sources(paths: Iterable[Path], images_dir: Path, max_images: int | None = None, emit: Emit = ignore,
+                   stop: threading.Event | None = None) -> ImportReport:
     """Import uploads of any mix: images, ``.txt`` captions, and zips."""
     paths = [Path(p) for p in paths]
     loose = [p for p in paths if p.suffix.lower() != ".zip"]
@@ -413,6 +278,7 @@ def import_sources(paths: Iterable[Path], images_dir: Path, max_images: int | No
             if path.suffix.lower() == ".zip":
                 yield from zip_entries(path)
             else:
-                yield _file_entry(path, PurePosixPath(path.name), "the upload")
+                yield file_entry(path, PurePosixPath(path.name), "the upload")
 
-    return import_entries(expand(), images_dir, max_images, sources)
+    total = sum(zip_members(p) if p.suffix.lower() == ".zip" else 1 for p in paths)
+    return import_entries(expand(), ImportJob(images_dir, max_images, emit, stop), sources, total)

@@ -20,8 +20,8 @@ from PIL.PngImagePlugin import PngInfo
 from . import comfyui
 from .atomic import write_bytes_atomic
 from .cache import ModelCache
-from .errors import UserError
-from .events import JobEvent
+from .errors import Stopped, UserError
+from .events import Emit, JobEvent, ignore, progress, status_events
 from .fonts import drawable, label_font
 from .lora_attach import attach, set_strengths
 from .models import BaseModelSpec
@@ -67,7 +67,7 @@ def stopped(stop: threading.Event | None) -> bool:
     return stop is not None and stop.is_set()
 
 
-class RenderStopped(UserError):
+class RenderStopped(Stopped):
     """A Stop arrived while an image was being sampled: the image was left unfinished and is not returned."""
 
 
@@ -118,12 +118,31 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return Path(path)
 
 
+def grid_cells(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest, loras: list[tuple[str, Path]],
+               strengths: list[float], stop: threading.Event | None, emit: Emit) -> list[list[Image.Image]]:
+    """Every cell of the grid, rendered under one lease, counted as it lands."""
+    total = len(loras) * len(strengths)
+    cells: list[list[Image.Image]] = []
+    with cache.pipeline(base, "a comparison grid", on_wait=status_events(emit), stop=stop) as pipe:
+        view = test_pipeline(cache, pipe)
+        for _, path in loras:
+            cells.append([])
+            for strength in strengths:
+                if stopped(stop):
+                    raise Stopped(f"{total - sum(len(row) for row in cells)} of {total} images were not rendered")
+                cells[-1].append(generate_on(view, base, replace(request, lora=path, strength_model=strength,
+                                                                 strength_clip=strength), stop))
+                progress(emit, "Rendered {} of {} images", sum(len(row) for row in cells), total)
+    return cells
+
+
 def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateRequest,
                  loras: list[tuple[str, Path]], strengths: list[float], stop: threading.Event | None = None,
-                 emit: Callable[[JobEvent], None] | None = None) -> Image.Image:
+                 emit: Emit | None = None) -> Image.Image | None:
     """Rows of LoRA files (epochs) by columns of strengths, one seed, labelled axes; one lease for every cell.
 
-    The PNG text describes the grid itself: its rows, its columns and the settings every cell shares.
+    The PNG text describes the grid itself: its rows, its columns and the settings every cell shares. A Stop
+    leaves no grid (None).
     """
     if not loras or not strengths:
         raise UserError("Pick at least one LoRA file and one strength for the grid.")
@@ -132,21 +151,12 @@ def compare_grid(cache: ModelCache, base: BaseModelSpec, request: GenerateReques
                         "keep it to 64 or fewer.")
     for strength in strengths:
         replace(request, strength_model=strength, strength_clip=strength).validate()
-    emit = emit or (lambda event: None)
-    total = len(loras) * len(strengths)
-    cells: list[list[Image.Image]] = []
-    with cache.pipeline(base, "a comparison grid", on_wait=lambda text: emit(JobEvent("status", text)),
-                        stop=stop) as pipe:
-        view = test_pipeline(cache, pipe)
-        for _, path in loras:
-            cells.append([])
-            for strength in strengths:
-                if stopped(stop):
-                    raise UserError("Grid stopped before it was complete.")
-                cells[-1].append(generate_on(view, base, replace(request, lora=path, strength_model=strength,
-                                                                 strength_clip=strength), stop))
-                done = sum(len(row) for row in cells)
-                emit(JobEvent("progress", f"Rendered {done} of {total} images", step=done, total_steps=total))
+    emit = emit or ignore
+    try:
+        cells = grid_cells(cache, base, request, loras, strengths, stop, emit)
+    except Stopped as exc:
+        emit(JobEvent("stopped", f"Grid stopped: {exc}"))
+        return None
     rows = row_labels(loras)
     columns = [f"{s:g}" for s in strengths]
     grid = label_grid(cells, rows, columns)

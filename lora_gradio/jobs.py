@@ -1,4 +1,5 @@
-"""Background jobs: training, captioning, Prepare and grids all run the same way, as ``work(stop, emit) -> result``.
+"""Background jobs: training, captioning, Prepare, imports and grids all run the same way, as
+``work(stop, emit) -> result``: ``emit`` is the one progress report, and a Stop gives a result marked ``stopped``.
 
 The runner keeps each job's state on the server, so a reloaded page shows it live, and gives each job a secret id:
 only whoever holds it (the page or script that started the job) can stop it. The CLI runs the same work in the
@@ -34,8 +35,10 @@ Work = Callable[[threading.Event, Emit], Any]
 
 @dataclass
 class JobState:
-    """Everything a page needs to show a job, whichever browser tab asks. ``losses`` are (step, loss, learning
-    rate) and start at ``loss_offset``."""
+    """Everything a page needs to show a job of any kind, whichever browser tab asks: ``step`` of ``total_steps``
+    counts what the job counts (steps, images, files), and ``result`` is the work's own result, which has
+    ``stopped`` set when a Stop ended it. A job that counts epochs fills those too; a training job also fills the
+    ``losses`` (step, loss, learning rate, from ``loss_offset`` on), ``samples`` and ``saved`` files."""
 
     kind: str = ""
     title: str = ""
@@ -165,7 +168,7 @@ class JobRunner:
             result = work(job.stop, lambda event: self._on_event(job, event))
             self._finish(job, "stopped" if getattr(result, "stopped", False) else "done", None, result)
         except UserError as exc:
-            self._finish(job, "stopped" if job.stop.is_set() else "error", str(exc))
+            self._finish(job, "error", str(exc))
         except Exception as exc:  # a crash must reach the page, not kill the app
             log.exception("%s failed", job.state.title)
             self._finish(job, "error", f"{job.state.title} failed unexpectedly: {type(exc).__name__}: {exc}")
@@ -208,20 +211,27 @@ class JobRunner:
 def run_training(config: TrainConfig, base: BaseModelSpec, data: TrainData, run_dir: Path,
                  on_event: Emit | None = None, stop: threading.Event | None = None,
                  cache: ModelCache | None = None, owner: str | None = None) -> TrainResult:
-    """Start a run in ``run_dir``, recording it (and who started it) so it can be resumed; a run that fails before
-    saving leaves none."""
+    """Start a run in ``run_dir``, recording it (and who started it) so it can be resumed; a run that fails or
+    stops before saving leaves none."""
     run = RunFolder(Path(run_dir))
     created = not run.path.exists()
     run.check_writable()
     run.write_job(RunJob(config, base, data, owner))
-    try:
-        return train(config, base, data, run_dir, on_event=on_event, stop=stop, cache=cache)
-    except BaseException:
+
+    def forget_unsaved() -> None:
         if not run.state_file.is_file():
             run.job_file.unlink(missing_ok=True)
             if created and not any(run.path.iterdir()):
-                run.path.rmdir()  # a run that failed before anything was saved leaves no trace
+                run.path.rmdir()
+
+    try:
+        result = train(config, base, data, run_dir, on_event=on_event, stop=stop, cache=cache)
+    except BaseException:
+        forget_unsaved()
         raise
+    if result.stopped:
+        forget_unsaved()
+    return result
 
 
 def resume_training(run_dir: Path, on_event: Emit | None = None, stop: threading.Event | None = None,

@@ -97,3 +97,68 @@ def test_every_module_is_a_room_of_a_readable_size():
     trainer = next(node for node in loop.body if isinstance(node, ast.ClassDef) and node.name == "Trainer")
     init = next(node for node in trainer.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
     assert init.end_lineno - init.lineno < 50  # the set-up reads as a list of steps; each step is a function
+
+
+def returned_sequences(function: ast.FunctionDef | ast.Lambda) -> list[int]:
+    """Lines where ``function`` itself (not a function inside it) returns a tuple or list written out in place."""
+    if isinstance(function, ast.Lambda):
+        return [function.lineno] if isinstance(function.body, ast.Tuple | ast.List) else []
+    found, todo = [], list(function.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda | ast.ClassDef):
+            continue
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple | ast.List):
+            found.append(node.lineno)
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def handler_source(handler: object) -> ast.FunctionDef | ast.Lambda:
+    """The syntax tree of an event handler, through its decorators."""
+    import inspect
+    import textwrap
+
+    code = inspect.unwrap(handler)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(code)).strip().removesuffix(","), mode="exec")
+    kinds = ast.Lambda if code.__name__ == "<lambda>" else ast.FunctionDef
+    return next(node for node in ast.walk(tree) if isinstance(node, kinds)
+                and (kinds is ast.Lambda or node.name == code.__name__))
+
+
+def test_the_ui_is_wired_by_name(tmp_path):
+    """A handler that updates several widgets says which one gets each value (``{component: value}``); none hands
+    back a list that must line up with its outputs, and no code counts positions in a list of widgets."""
+    from lora_gradio.studio import Studio
+    from lora_gradio.ui import build_app
+    from lora_gradio.workspace import Workspace
+
+    app = build_app(Studio(Workspace.open(tmp_path / "ws")))
+    wired = [fn for fn in app.fns.values() if fn.fn is not None and len(fn.outputs) > 1]
+    assert len(wired) > 20  # the walk sees the tabs' events
+    positional = {}
+    for fn in wired:
+        tree = handler_source(fn.fn)
+        if lines := returned_sequences(tree):
+            positional[f"{fn.fn.__module__}.{fn.fn.__qualname__}"] = lines
+    assert positional == {}
+    for path in (PACKAGE / "ui").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            assert not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult)
+                        and isinstance(node.left, ast.List)), f"{path.name}:{node.lineno}: a list of skips by count"
+            assert not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "index"), f"{path.name}:{node.lineno}: a widget found by position"
+
+
+def test_the_wiring_check_sees_positional_handlers():
+    def positional(a, b):
+        def inner():
+            return [a, b]  # a helper's list is its own business
+        return a, inner()
+
+    def named(a):
+        return {a: 1}
+
+    assert returned_sequences(handler_source(positional)) == [4]  # lines of its own source
+    assert returned_sequences(handler_source(named)) == []
+    assert returned_sequences(handler_source(lambda: (1, 2))) != []

@@ -145,8 +145,8 @@ def test_captioning_holds_the_lease_while_it_works(tmp_path, demo_spec):
     cache = ModelCache()
     seen, waiting, results = [], threading.Event(), []
 
-    def during(done, total):
-        if done == 2:  # a generation arrives mid-way: it must wait, not share the model
+    def during(event):
+        if event.kind == "progress" and event.step == 2:  # a generation arrives mid-way: it waits, never shares
             thread = threading.Thread(target=lambda: results.append(generate(
                 cache, demo_spec, GenerateRequest("x", steps=1), on_wait=lambda text: waiting.set())))
             thread.start()
@@ -154,7 +154,7 @@ def test_captioning_holds_the_lease_while_it_works(tmp_path, demo_spec):
             seen.append((cache.status().user, cache.status().waiting))
             during.thread = thread
 
-    caption_dataset(cache, blip, tmp_path, CaptionOptions(batch_size=2), progress=during)
+    caption_dataset(cache, blip, tmp_path, CaptionOptions(batch_size=2), emit=during)
     during.thread.join(60)
     assert seen == [("captioning", ("generation",))]
     assert results[0].size == (64, 64) and cache.loads == 2 and cache.status().alive == 1

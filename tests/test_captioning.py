@@ -27,7 +27,7 @@ def test_captions_start_with_trigger_and_use_the_model_vocabulary(tiny_blip, ima
     progress = []
     result = caption_dataset(cache, tiny_blip, images, CaptionOptions(trigger_word="ohwx", max_length=6,
                                                                         batch_size=2),
-                             progress=lambda done, total: progress.append((done, total)))
+                             emit=lambda e: e.kind == "progress" and progress.append((e.step, e.total_steps)))
     assert len(result.written) == 5 and progress == [(2, 5), (4, 5), (5, 5)]
     for index in range(5):
         caption = read_caption(images / f"img{index}.png")

@@ -148,7 +148,7 @@ def test_prepare_writes_bucketed_copies_and_leaves_originals(tmp_path):
     (dataset / "tall.png").write_bytes(photo_bytes(2, (700, 1000)))
     write_caption(dataset / "wide.png", "ohwx, wide")
     before = {p.name: p.read_bytes() for p in dataset.iterdir()}
-    done, skipped = prepare_dataset(dataset, tmp_path / "prepared", 512)
+    done, skipped = (result := prepare_dataset(dataset, tmp_path / "prepared", 512)).done, result.skipped
     assert (done, skipped) == (2, [])
     with Image.open(tmp_path / "prepared" / "wide.png") as wide, Image.open(tmp_path / "prepared" / "tall.png") as tall:
         assert wide.width > wide.height and tall.height > tall.width

@@ -143,3 +143,47 @@ def test_generated_png_carries_its_parameters(demo_spec, tmp_path):
 @pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM"])
 def test_each_scheduler_generates(demo_spec, name):
     assert generate(ModelCache(), demo_spec, GenerateRequest("x", steps=2, scheduler=name)).size == (64, 64)
+
+
+def test_every_kind_of_job_ends_stopped_with_its_result_and_never_in_error(demo_spec, tmp_path):
+    """One way to stop: a Stop while a job waits for the model, or in the middle of its work, gives the job's own
+    result marked stopped, and the job's status is "stopped", never "error"."""
+    import threading
+
+    from tiny_blip import save_tiny_blip
+
+    from lora_gradio.captioning import CaptionOptions, CaptionResult
+    from lora_gradio.dataset import prepare_dataset
+    from lora_gradio.demo.shapes import make_demo_dataset
+    from lora_gradio.imports import import_folder
+    from lora_gradio.studio import Studio
+    from lora_gradio.workspace import Workspace
+
+    studio = Studio(Workspace.open(tmp_path / "ws"))
+    studio.create_dataset("rings")
+    make_demo_dataset(studio.images_dir("rings"), count=4)
+    blip = str(save_tiny_blip(tmp_path / "ws" / "blip"))  # inside the workspace, where the app may read
+    plan = studio.plan_training("rings", "demo", {"epochs": 1, "resolution": 64, "sample_prompts": []})
+    with studio.cache.use(("held by the test", 0), threading.Event, "a test holding the model"):
+        waiting = {"captioning": studio.start_caption("rings", blip, CaptionOptions("ohwx", overwrite=True)),
+                   "training": studio.start_training(plan)}
+        wait_until(lambda: len(studio.cache.status().waiting) == 2)
+        for job in waiting.values():
+            studio.jobs.stop(job)
+        states = {kind: studio.jobs.wait(job, 60) for kind, job in waiting.items()}
+    for kind, state in states.items():
+        assert state.status == "stopped" and state.result.stopped, (kind, state.message)
+        assert "waiting for the model" in state.message and not any(line.startswith("error") for line in state.log)
+    assert isinstance(states["captioning"].result, CaptionResult) and states["captioning"].result.written == {}
+    assert studio.runs() == []  # the run stopped before its first step leaves no folder to resume
+    stop, events = threading.Event(), []
+    stop.set()
+    request = GenerateRequest("a ring", steps=1)
+    assert compare_grid(studio.cache, demo_spec, request, [("e1", tmp_path / "unread.safetensors")], [1.0], stop,
+                        events.append) is None
+    assert events[-1].kind == "stopped"
+    prepared = prepare_dataset(studio.images_dir("rings"), tmp_path / "prepared", 64, emit=events.append, stop=stop)
+    assert prepared.stopped and prepared.done == 0 and not (tmp_path / "prepared").exists()
+    report = import_folder(studio.images_dir("rings"), tmp_path / "copy", emit=events.append, stop=stop)
+    assert report.stopped and not report.files  # four images and their captions, none read
+    assert "stopped after 0 of 8 files" in report.summary() and "holds no image" not in report.summary()

@@ -96,10 +96,15 @@ def test_a_stopped_prepare_keeps_the_previous_copies(tmp_path):
     prepared = tmp_path / "ds" / "prepared"
     prepare_dataset(images, prepared, 64)
     before = sorted(p.name for p in prepared.iterdir())
-    stop = threading.Event()
-    with pytest.raises(UserError, match="stopped after 2 of 8"):
-        prepare_dataset(images, prepared, 128, progress=lambda done, total: stop.set() if done == 2 else None,
-                        stop=stop)
+    stop, said = threading.Event(), []
+
+    def listen(event):
+        said.append(event)
+        if event.step == 2:
+            stop.set()
+
+    result = prepare_dataset(images, prepared, 128, emit=listen, stop=stop)
+    assert result.stopped and result.done == 2 and said[-1].kind == "stopped" and "after 2 of 8" in said[-1].message
     assert sorted(p.name for p in prepared.iterdir()) == before
     with Image.open(next(prepared.glob("*.png"))) as copy:
         assert copy.size == (64, 64)
@@ -376,7 +381,7 @@ def test_shown_files_go_with_their_source_and_old_uploads_with_the_budget(tmp_pa
 
 def test_a_folder_walk_stops_at_its_limit_and_says_so(tmp_path):
 
-    from lora_gradio.imports import folder_entries
+    from lora_gradio.sources import folder_entries
 
     make_demo_dataset(tmp_path / "photos", count=8)
     (tmp_path / "photos" / "deeper").mkdir()

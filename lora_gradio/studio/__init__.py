@@ -8,7 +8,7 @@ the studio is a module of this package: datasets, training and testing, over the
 
 from __future__ import annotations
 
-from ..captioning import BLIP_MODELS, DEFAULT_BLIP, CaptionOptions
+from ..captioning import BLIP_MODELS, DEFAULT_BLIP, CaptionOptions, CaptionResult
 from ..dataset import IMAGE_SUFFIXES
 from ..demo.shapes import DEMO_IMAGES, DEMO_TRIGGER
 from ..estimate import format_duration
@@ -26,8 +26,8 @@ from .training import YOURS, Training, TrainingPlan, lora_name
 __all__ = [  # what the UI reads of the backend besides Studio's methods: records it takes or returns, and facts
     "BLIP_MODELS", "CAPTION_TOKENS", "DEFAULT_BLIP", "DEMO", "DEMO_IMAGES", "DEMO_NOTE", "DEMO_TRIGGER",
     "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "NO_LORA", "SAMPLE_GRID", "TEST_IMAGES", "YOURS",
-    "CaptionOptions", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio", "TrainingPlan", "Workspace",
-    "format_duration", "lora_name"]
+    "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio", "TrainingPlan",
+    "Workspace", "format_duration", "lora_name"]
 
 
 class Studio(Datasets, Training, Testing):

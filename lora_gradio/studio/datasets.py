@@ -20,7 +20,6 @@ from ..dataset import (
     write_caption,
 )
 from ..errors import UserError
-from ..events import progress_events, status_events
 from ..request import short
 from .desk import Desk, exists
 
@@ -86,22 +85,28 @@ class Datasets(Desk):
         self.forget_deleted()
         return gone
 
-    def import_folder(self, dataset: str | None, folder: str, visitor: Visitor = OPERATOR) -> imports.ImportReport:
-        """Import a folder on the server (inside the workspace or an allowed folder) into a dataset; the walk stops
-        at the stated number of files and seconds."""
+    def start_import_folder(self, dataset: str | None, folder: str, visitor: Visitor = OPERATOR) -> str:
+        """Import a folder on the server (inside the workspace or an allowed folder) into a dataset in the
+        background; the walk stops at the stated number of files and seconds. The job's result is an
+        :class:`ImportReport`."""
         source = self.workspace.check_allowed(folder.strip(), "Folder")
         images = self.dataset_to_change(dataset, visitor)
         if not source.is_dir():
             raise UserError(f"{short(folder)} is not a folder on this server.")
-        return imports.import_folder(source, images, self.limits.max_images)
+        return self.jobs.start("import", f"Importing {source.name} into {dataset}", lambda stop, emit: (
+            imports.import_folder(source, images, self.limits.max_images, emit, stop)),
+            exclusive=f"importing {dataset}", owner=visitor.name)
 
-    def import_uploads(self, dataset: str | None, files: list[Path], visitor: Visitor = OPERATOR,
-                       ) -> imports.ImportReport:
-        """Import uploaded images, captions and zips into a dataset."""
+    def start_import_uploads(self, dataset: str | None, files: list[Path], visitor: Visitor = OPERATOR) -> str:
+        """Import uploaded images, captions and zips into a dataset in the background; the job's result is an
+        :class:`ImportReport`."""
         if len(files) > 2 * self.limits.max_images:  # an image and its caption each
             raise UserError(f"{len(files)} files at once: this server takes up to {self.limits.max_images} images a "
                             "dataset. Upload fewer, or a zip.")
-        return imports.import_sources(files, self.dataset_to_change(dataset, visitor), self.limits.max_images)
+        images = self.dataset_to_change(dataset, visitor)
+        return self.jobs.start("import", f"Importing {len(files)} files into {dataset}", lambda stop, emit: (
+            imports.import_sources(files, images, self.limits.max_images, emit, stop)),
+            exclusive=f"importing {dataset}", owner=visitor.name)
 
     def start_caption(self, dataset: str | None, source: str, options: captioning.CaptionOptions,
                       visitor: Visitor = OPERATOR) -> str:
@@ -114,8 +119,7 @@ class Datasets(Desk):
         images = self.dataset_to_change(dataset, visitor)
         self.workspace.set_dataset_settings(str(dataset), options.trigger_word)
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
-            self.cache, source, images, options, progress=progress_events(emit, "Captioned {} of {} images"),
-            stop=stop, on_wait=status_events(emit)), exclusive=f"captioning {dataset}", owner=visitor.name)
+            self.cache, source, images, options, emit, stop), exclusive=f"captioning {dataset}", owner=visitor.name)
 
     def start_prepare(self, dataset: str | None, resolution: float, center_crop: bool, visitor: Visitor = OPERATOR,
                       ) -> str:
@@ -124,9 +128,8 @@ class Datasets(Desk):
         if not math.isfinite(resolution) or not 64 <= resolution <= 2048 or resolution % 64:
             raise UserError(f"Training resolution {resolution}: use a multiple of 64 from 64 to 2048.")
         return self.jobs.start("prepare", f"Preparing {dataset}", lambda stop, emit: prepare_dataset(
-            images, images.parent / "prepared", int(resolution), center_crop,
-            progress=progress_events(emit, "Prepared {} of {} images"), stop=stop), exclusive=f"preparing {dataset}",
-            owner=visitor.name)
+            images, images.parent / "prepared", int(resolution), center_crop, emit, stop),
+            exclusive=f"preparing {dataset}", owner=visitor.name)
 
     def prepare_again(self, dataset: str | None, visitor: Visitor = OPERATOR) -> str:
         """Refresh a dataset's training copies with the settings of its last Prepare."""

@@ -25,6 +25,14 @@ TEST_IMAGES = "test-images"  # the Test tab's images, a folder per visitor
 
 
 @dataclass(frozen=True)
+class GridResult:
+    """A grid job's saved PNG, or none when a Stop ended it."""
+
+    path: Path | None
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
 class GeneratedImage:
     """A Test-tab image on disk, its A1111-style parameters, and which modules of its LoRA were applied."""
 
@@ -103,7 +111,7 @@ class Testing(Desk):
 
     def start_grid(self, base: str | None, request: GenerateRequest, labels: list[str],
                    strengths: list[float], visitor: Visitor = OPERATOR) -> str:
-        """Render an epochs × strengths grid in the background; its result is the saved PNG's path. The sizes are
+        """Render an epochs × strengths grid in the background; its result is a :class:`GridResult`. The sizes are
         checked before any LoRA is looked up."""
         request.validate()
         self.limits.check(request, len(labels) * len(strengths))
@@ -111,9 +119,11 @@ class Testing(Desk):
         loras = [(label, self.lora(label)) for label in labels]
         folder = self.test_images_dir(visitor)
 
-        def work(stop: threading.Event, emit: Emit) -> str:
+        def work(stop: threading.Event, emit: Emit) -> GridResult:
             image = inference.compare_grid(self.cache, spec, request, loras, strengths, stop, emit)
-            return str(inference.save_png(image, folder / f"grid-{stamp()}.png"))
+            if image is None:
+                return GridResult(None, stopped=True)
+            return GridResult(inference.save_png(image, folder / f"grid-{stamp()}.png"))
 
         return self.jobs.start("grid", "Comparison grid", work, owner=visitor.name)
 

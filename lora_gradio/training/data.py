@@ -7,7 +7,7 @@ import math
 import random
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -18,7 +18,7 @@ from PIL import Image
 from ..atomic import write_bytes_atomic
 from ..buckets import fit_to_bucket, make_buckets, pick_bucket
 from ..dataset import DatasetScan, TrainImage, open_rgb, oriented_size, scan_training_folder, split_tags
-from ..errors import UserError
+from ..errors import Stopped, UserError
 
 MAX_REPEATS = 1000
 LATENT_CACHE = ".latent-cache"  # in the images folder; hidden, so no scan takes it for images
@@ -169,7 +169,7 @@ class LatentStore:
 @torch.no_grad()
 def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int, buckets_enabled: bool, flip: bool,
                   device: torch.device, dtype: torch.dtype, store: LatentStore | None = None,
-                  progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+                  stop: threading.Event | None = None,
                   ) -> list[CachedImage]:
     """Encode every image once (or read it from ``store``); each training step then samples from the stored
     distribution, which stays on ``device``. ``stop`` ends the encoding between two images."""
@@ -177,7 +177,7 @@ def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int,
     cached = []
     for index, item in enumerate(images):
         if stop is not None and stop.is_set():
-            raise UserError(f"Stopped while encoding the images ({index} of {len(images)} done); nothing was "
+            raise Stopped(f"Stopped while encoding the images ({index} of {len(images)} done); nothing was "
                             "trained yet.")
         bucket = pick_bucket(oriented_size(item.path), buckets)
         key = store.key(item.path, resolution, bucket, flip) if store else ""
@@ -189,8 +189,6 @@ def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int,
             if store:
                 store.save(key, params)
         cached.append(CachedImage([p.to(device) for p in params], item.caption, bucket, item.repeats, item.prior))
-        if progress:
-            progress(index + 1, len(images))
     return cached
 
 

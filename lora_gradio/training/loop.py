@@ -19,9 +19,9 @@ import torch
 
 from ..cache import ModelCache
 from ..dataset import DatasetScan, TrainImage
-from ..errors import UserError
+from ..errors import Stopped, UserError
 from ..estimate import RunCosts
-from ..events import Emit, JobEvent
+from ..events import Emit, JobEvent, status_events
 from ..inference import RenderStopped
 from ..models import BaseModelSpec, quiet_libraries
 from ..threads import fit_threads
@@ -88,12 +88,15 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
     stop, accelerator = stop or threading.Event(), None
     try:
         with cache.pipeline(base, f"training ({run.path.name})", long=True,
-                            on_wait=lambda text: emit(JobEvent("status", text)), stop=stop) as pipe:
+                            on_wait=status_events(emit), stop=stop) as pipe:
             load_s = time.perf_counter() - started if cache.loads > loads else None
             accelerator = make_accelerator(config, emit)  # seeds the global RNGs: under the lease, no job between
             result = Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop, latent_cache).run(resume)
         result.costs.load_s, result.seconds = load_s, time.perf_counter() - started
         return result
+    except Stopped as exc:  # before the first step: nothing was trained or saved
+        emit(JobEvent("stopped", str(exc)))
+        return TrainResult(None, [], 0, 0, stopped=True)
     finally:
         if accelerator is not None:
             accelerator.free_memory()  # drops its references to the run's views (it collects before it drops) ...

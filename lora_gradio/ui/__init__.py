@@ -43,9 +43,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         chosen = ctx.remembered("dataset", "")  # the dataset this browser worked on
 
         @user_errors
-        def create_dataset(name: str, request: gr.Request) -> tuple[dict, str]:
+        def create_dataset(name: str, request: gr.Request) -> dict:
             created = studio.create_dataset(name, ctx.visitor(request))
-            return gr.update(choices=workspace.list_datasets(), value=created), ""
+            return {dataset: gr.update(choices=workspace.list_datasets(), value=created), new_name: ""}
 
         @user_errors
         def load_demo(request: gr.Request) -> dict:

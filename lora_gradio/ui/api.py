@@ -63,6 +63,11 @@ def register(studio: Studio) -> None:
             raise gr.Error(public_text(state.message), print_exception=False)
         return state
 
+    def imported(job_id: str) -> dict:
+        """An import job's summary line and each file's outcome, once it has ended."""
+        report = finished(job_id).result
+        return {"summary": report.summary(), "files": plain(report.shown)}
+
     def image_endpoint(*extra: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """An endpoint over the image settings of IMAGE_PARAMETERS (then ``extra``, then clip_skip), declared once:
         the decorated body gets the visitor's request, the checked GenerateRequest, the base and the extras."""
@@ -159,7 +164,7 @@ def register(studio: Studio) -> None:
                                          clip_skip=clip_skip)
         state = finished(studio.start_grid(base, wanted, list(loras or []), list(strengths or []),
                                            visitor(request)))
-        return {"image": FileData(path=shown(state.result))}
+        return {"image": FileData(path=shown(state.result.path))}
 
     def caption(request: gr.Request, dataset: str, model: str = DEFAULT_BLIP, trigger_word: str = "",
                 prefix: str = "", suffix: str = "", style: str = "sentence", overwrite: bool = False,
@@ -170,21 +175,19 @@ def register(studio: Studio) -> None:
 
     def prepare(request: gr.Request, dataset: str, resolution: int = 512, center_crop: bool = False) -> dict:
         """Write the dataset's training copies at ``resolution``."""
-        done, skipped = finished(studio.start_prepare(dataset, resolution, center_crop, visitor(request))).result
-        return {"prepared": done, "skipped": skipped}
+        result = finished(studio.start_prepare(dataset, resolution, center_crop, visitor(request))).result
+        return {"prepared": result.done, "skipped": result.skipped}
 
     def import_folder(request: gr.Request, dataset: str, folder: str) -> dict:
         """Import a server folder (inside the workspace or one the operator allowed) into a dataset: a summary line
         and each file's outcome."""
-        report = studio.import_folder(dataset, folder, visitor(request))
-        return {"summary": report.summary(), "files": plain(report.shown)}
+        return imported(studio.start_import_folder(dataset, folder, visitor(request)))
 
     def import_files(request: gr.Request, dataset: str, files: list[FileData]) -> dict:
         """Import uploaded images, ``.txt`` captions and zips into a dataset: a summary line and each file's
         outcome (upload with gradio_client's ``handle_file``)."""
-        report = studio.import_uploads(dataset, [Path(f["path"] if isinstance(f, dict) else f.path)
-                                                 for f in files or []], visitor(request))
-        return {"summary": report.summary(), "files": plain(report.shown)}
+        return imported(studio.start_import_uploads(dataset, [Path(f["path"] if isinstance(f, dict) else f.path)
+                                                              for f in files or []], visitor(request)))
 
     def create_dataset(request: gr.Request, name: str) -> str:
         """Create an empty dataset (a folder under datasets/), yours to change and delete; returns its name."""

@@ -7,7 +7,7 @@ import time
 import gradio as gr
 
 from ..jobs import JobState
-from ..studio import BLIP_MODELS, CAPTION_TOKENS, CaptionOptions, Studio
+from ..studio import BLIP_MODELS, CAPTION_TOKENS, CaptionOptions, CaptionResult, Studio
 from .common import PRIVATE, AppContext, job_panel, shown, user_errors
 
 TITLE = "Caption"
@@ -51,13 +51,15 @@ def build(ctx: AppContext) -> None:
     page = gr.Number(label="Page", value=1, precision=0, minimum=1)
     revision = ctx.revision
 
-    def caption_done(state: JobState) -> list:
-        if state.status != "done":
-            return [f"⚠️ {state.message}", time.monotonic_ns()]
+    def caption_done(state: JobState) -> dict:
+        """What was captioned (before a Stop, too), and a new revision: every view of the captions refreshes."""
         result = state.result
-        lines = [f"Captioned {len(result.written)} images; kept {len(result.skipped)} existing captions."]
+        if not isinstance(result, CaptionResult):
+            return {status: f"⚠️ {state.message}", revision: time.monotonic_ns()}
+        lines = [f"{'Stopped. ' if result.stopped else ''}Captioned {len(result.written)} images; kept "
+                 f"{len(result.skipped)} existing captions."]
         lines += [f"- ⚠️ {p}" for p in result.problems]
-        return ["\n".join(lines), time.monotonic_ns()]  # a new revision: every view of the captions refreshes
+        return {status: "\n".join(lines), revision: time.monotonic_ns()}
 
     caption_job = job_panel(ctx, "caption", caption_done, [status, revision])
 
@@ -69,14 +71,15 @@ def build(ctx: AppContext) -> None:
         return ctx.studio.start_caption(name, source, options, ctx.visitor(request))
 
     @user_errors
-    def on_replace(name: str | None, needle: str, text: str, version: int, request: gr.Request,
-                   ) -> tuple[str, int, list]:
-        changed = ctx.studio.find_replace_captions(name, needle, text, ctx.visitor(request))
-        return f"Replaced in {changed} captions.", version + 1, ctx.studio.tag_frequencies(name)
+    def on_replace(values: dict, request: gr.Request) -> dict:
+        name = values[ctx.dataset]
+        changed = ctx.studio.find_replace_captions(name, values[find], values[replace], ctx.visitor(request))
+        return {status: f"Replaced in {changed} captions.", revision: time.monotonic_ns(),
+                tags: ctx.studio.tag_frequencies(name)}
 
     run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size],
               caption_job, **PRIVATE)
-    apply.click(on_replace, [ctx.dataset, find, replace, revision], [status, revision, tags], **PRIVATE)
+    apply.click(on_replace, {ctx.dataset, find, replace}, [status, revision, tags], **PRIVATE)
     revision.change(ctx.studio.tag_frequencies, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(ctx.studio.tag_frequencies, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(user_errors(ctx.dataset_trigger), ctx.dataset, trigger, show_progress="hidden", **PRIVATE)

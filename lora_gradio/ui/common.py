@@ -141,8 +141,8 @@ def progress_html(state: JobState) -> str:
     eta = f" · ETA {format_duration(state.eta_s)}" if state.eta_s is not None and state.active else ""
     speed = f" · {state.it_per_s:.2f} it/s" if state.it_per_s else ""
     counts = (f"step {state.step}/{state.total_steps} · epoch {state.epoch}/{state.total_epochs}"
-              if state.kind == "training" else f"{state.step}/{state.total_steps}")
-    if state.kind == "training" and not state.active and state.run_dir:  # an earlier run: say which
+              if state.total_epochs else f"{state.step}/{state.total_steps}")
+    if state.run_dir and not state.active:  # an earlier run: say which
         counts += f" · run {Path(state.run_dir).name}"
     if state.active and not state.step:  # loading the model, caching latents: nothing counted yet
         counts = f"getting ready · {state.total_steps} steps planned" if state.total_steps else "getting ready"
@@ -161,8 +161,9 @@ def stop_handler(ctx: AppContext) -> Callable[[str, gr.Request], None]:
     return stop_job
 
 
-def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], outputs: list) -> gr.BrowserState:
-    """Progress and Stop for this page's latest ``kind`` job, and ``finish(state)`` for ``outputs`` once it ends.
+def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], dict], outputs: list) -> gr.BrowserState:
+    """Progress and Stop for this page's latest ``kind`` job, and ``finish(state)``, updates keyed by some of
+    ``outputs``, once it ends.
 
     The job's id lives in the browser, so a reload finds the job again; the returned state is where a start
     handler puts the id.
@@ -185,7 +186,7 @@ def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], list], ou
         shown_now = {progress: progress_html(state), stop: gr.update(interactive=state.active)}  # Stop while it runs
         if state.active or done == current:
             return {**shown_now, finished: done}
-        return {**shown_now, finished: current, **dict(zip(outputs, finish(state), strict=True))}
+        return {**shown_now, finished: current, **finish(state)}
 
     shows = [progress, finished, stop, *outputs]
     gr.Timer(1.0).tick(tick, [job_id, finished], shows, show_progress="hidden", **PRIVATE)

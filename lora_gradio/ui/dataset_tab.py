@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -15,10 +16,8 @@ TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}  # "ignored" files are only counted
 
 
-def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
-    """Gallery items, report and removable names for the dataset."""
-    if not name:
-        return [], "Choose or create a dataset above.", gr.update(choices=[], value=[])
+def gallery_items(ctx: AppContext, name: str) -> tuple[list[tuple[str, str]], str, list[str]]:
+    """The dataset's thumbnails captioned with their problems, its quality report, and its images' names."""
     folder = ctx.studio.images_dir(name)
     names = [str(path.relative_to(folder)) for path in ctx.studio.images(name)]
     report = ctx.studio.check_dataset(name)
@@ -27,13 +26,12 @@ def view(ctx: AppContext, name: str | None) -> tuple[list, str, dict]:
         problems = report.per_image.get(relative, [])
         gallery.append((shown(ctx.studio.thumbnail(name, relative)),
                         f"{'⚠️ ' if problems else ''}{relative}" + (f": {'; '.join(problems)}" if problems else "")))
-    return gallery, report.markdown(), gr.update(choices=names, value=[])
+    return gallery, report.markdown(), names
 
 
-def results_table(report: ImportReport) -> tuple[str, list[list[str]]]:
-    """The import's summary line and its per-file outcomes as table rows."""
-    return (f"**{report.summary()}**", [[f"{STATUS_SYMBOL[r.status]} {r.status}", r.name, r.message]
-                                        for r in report.shown])
+def result_rows(report: ImportReport) -> list[list[str]]:
+    """An import's per-file outcomes as table rows."""
+    return [[f"{STATUS_SYMBOL[r.status]} {r.status}", r.name, r.message] for r in report.shown]
 
 
 def build(ctx: AppContext) -> None:
@@ -51,6 +49,15 @@ def build(ctx: AppContext) -> None:
     summary = gr.Markdown(elem_id="import-summary")
     results = gr.Dataframe(headers=["status", "file", "message"], label="Import results", interactive=False,
                            wrap=True, elem_id="import-results")
+
+    def import_done(state: JobState) -> dict:
+        """The import's summary and rows (what came in before a Stop, too), and a new revision of the files."""
+        if not isinstance(state.result, ImportReport):
+            return {summary: f"⚠️ {state.message}"}
+        return {summary: f"**{state.result.summary()}**", results: result_rows(state.result),
+                ctx.revision: time.monotonic_ns()}
+
+    import_job = job_panel(ctx, "import", import_done, [summary, results, ctx.revision])
     with gr.Row():
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", show_label=False, columns=5, height="auto", object_fit="contain",
@@ -71,44 +78,56 @@ def build(ctx: AppContext) -> None:
         center_crop = gr.Checkbox(label="Centre-crop to a square (otherwise aspect-ratio buckets)", value=False)
         prepare = gr.Button("Prepare training copies", variant="primary", elem_id="prepare-run")
     prepared = gr.Markdown(elem_id="prepare-result")
+
     outputs = [gallery, report, remove_names]  # refreshed whenever the dataset or its files change
 
-    def on_upload(name: str | None, files: list[str] | None, version: int, request: gr.Request) -> tuple:
-        """Import the dropped files; the drop zone empties either way, ready for the next try."""
+    def on_upload(name: str | None, files: list[str] | None, request: gr.Request) -> dict:
+        """Import the dropped files in the background; the drop zone empties either way, ready for the next try."""
         try:
-            found = ctx.studio.import_uploads(name, [Path(f) for f in files or []], ctx.visitor(request))
+            return {import_job: ctx.studio.start_import_uploads(name, [Path(f) for f in files or []],
+                                                                ctx.visitor(request)), upload: None}
         except UserError as exc:
             gr.Warning(public_text(str(exc)))
-            return gr.skip(), gr.skip(), gr.skip(), None
-        return *results_table(found), version + 1, None
+            return {upload: None}
 
     @user_errors
-    def on_folder(name: str | None, path: str, version: int, request: gr.Request) -> tuple:
-        return *results_table(ctx.studio.import_folder(name, path, ctx.visitor(request))), version + 1
+    def on_folder(name: str | None, path: str, request: gr.Request) -> str:
+        return ctx.studio.start_import_folder(name, path, ctx.visitor(request))
 
     @user_errors
-    def on_remove(name: str | None, names: list[str], version: int, request: gr.Request) -> tuple:
-        gone = ctx.studio.remove_images(name, list(names or []), ctx.visitor(request))
-        return f"**{len(gone)} removed.**", [["🗑 removed", n, ""] for n in gone], version + 1
+    def on_remove(values: dict, request: gr.Request) -> dict:
+        gone = ctx.studio.remove_images(values[ctx.dataset], list(values[remove_names] or []), ctx.visitor(request))
+        return {summary: f"**{len(gone)} removed.**", results: [["🗑 removed", n, ""] for n in gone],
+                ctx.revision: values[ctx.revision] + 1}
 
     @user_errors
-    def on_ask_drop(name: str | None, request: gr.Request) -> tuple[dict, str]:
+    def on_ask_drop(name: str | None, request: gr.Request) -> dict:
         folder = ctx.studio.dataset_to_change(name, ctx.visitor(request)).parent
         count = len(ctx.studio.images(name))
-        return gr.update(visible=True), (f"Delete dataset **{folder.name}** with its {count} images, their captions "
-                                         "and training copies? Your original files elsewhere are not touched.")
+        return {confirm_row: gr.update(visible=True),
+                confirm_text: f"Delete dataset **{folder.name}** with its {count} images, their captions and training "
+                              "copies? Your original files elsewhere are not touched."}
 
     @user_errors
-    def on_drop(name: str | None, request: gr.Request) -> tuple:
+    def on_drop(name: str | None, request: gr.Request) -> dict:
         note = ctx.studio.delete_dataset(name, ctx.visitor(request))
-        return f"**{note}**", gr.update(visible=False), gr.update(choices=ctx.workspace.list_datasets(), value=None)
+        return {summary: f"**{note}**", confirm_row: gr.update(visible=False),
+                ctx.dataset: gr.update(choices=ctx.workspace.list_datasets(), value=None)}
 
-    def prepare_done(state: JobState) -> list:
+    @user_errors
+    def on_view(name: str | None) -> dict:
+        """Gallery, report and removable names for the dataset."""
+        if not name:
+            return {gallery: [], report: "Choose or create a dataset above.",
+                    remove_names: gr.update(choices=[], value=[])}
+        items, text, names = gallery_items(ctx, name)
+        return {gallery: items, report: text, remove_names: gr.update(choices=names, value=[])}
+
+    def prepare_done(state: JobState) -> dict:
         if state.status != "done":
-            return [f"⚠️ {state.message}"]
-        done, skipped = state.result
-        return ["\n".join([f"Prepared {done} training copies (pixels only: captions stay with the originals)."]
-                           + [f"- skipped {s}" for s in skipped])]
+            return {prepared: f"⚠️ {state.message}"}
+        lines = [f"Prepared {state.result.done} training copies (pixels only: captions stay with the originals)."]
+        return {prepared: "\n".join(lines + [f"- skipped {s}" for s in state.result.skipped])}
 
     prepare_job = ctx.prepare_job = job_panel(ctx, "prepare", prepare_done, [prepared])
 
@@ -116,14 +135,14 @@ def build(ctx: AppContext) -> None:
     def on_prepare(name: str | None, size: float, crop: bool, request: gr.Request) -> str:
         return ctx.studio.start_prepare(name, float(size or 512), bool(crop), ctx.visitor(request))
 
-    upload.upload(on_upload, [ctx.dataset, upload, ctx.revision], [summary, results, ctx.revision, upload], **PRIVATE)
+    upload.upload(on_upload, [ctx.dataset, upload], [import_job, upload], **PRIVATE)
     remove_names.change(lambda names: gr.update(interactive=bool(names)), remove_names, remove, show_progress="hidden",
                         **PRIVATE)
-    import_folder.click(on_folder, [ctx.dataset, folder, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
-    remove.click(on_remove, [ctx.dataset, remove_names, ctx.revision], [summary, results, ctx.revision], **PRIVATE)
+    import_folder.click(on_folder, [ctx.dataset, folder], import_job, **PRIVATE)
+    remove.click(on_remove, {ctx.dataset, remove_names, ctx.revision}, [summary, results, ctx.revision], **PRIVATE)
     prepare.click(on_prepare, [ctx.dataset, resolution, center_crop], prepare_job, **PRIVATE)
     drop.click(on_ask_drop, ctx.dataset, [confirm_row, confirm_text], **PRIVATE)
     cancel.click(lambda: gr.update(visible=False), None, confirm_row, **PRIVATE)
     confirm.click(on_drop, ctx.dataset, [summary, confirm_row, ctx.dataset], **PRIVATE)
-    ctx.revision.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
-    ctx.dataset.change(user_errors(lambda name: view(ctx, name)), ctx.dataset, outputs, **PRIVATE)
+    ctx.revision.change(on_view, ctx.dataset, outputs, **PRIVATE)
+    ctx.dataset.change(on_view, ctx.dataset, outputs, **PRIVATE)

@@ -88,8 +88,8 @@ def build(ctx: AppContext) -> None:
             grid_button = gr.Button("Make grid", scale=1, elem_id="grid-run")
         grid = gr.Image(label="Grid", type="filepath", elem_id="grid-image", interactive=False)
 
-        def grid_done(state: JobState) -> list:
-            return [shown(state.result) if state.status == "done" else gr.skip()]
+        def grid_done(state: JobState) -> dict:
+            return {grid: shown(state.result.path)} if state.status == "done" else {}
 
         grid_job = job_panel(ctx, "grid", grid_done, [grid])
     history = ctx.remembered("test-images", [])  # [file name, parameters] of this browser's images, newest first
@@ -164,21 +164,22 @@ def build(ctx: AppContext) -> None:
     grid_button.click(on_grid, fields | {grid_loras, strengths}, grid_job, **PRIVATE)
     dice.click(random_seed, None, seed, **PRIVATE)
 
-    def ready(current: str | None, text: str, offered: str) -> tuple:
+    def ready(values: dict) -> dict:
         """Open on the newest trained LoRA with a prompt holding its trigger word, once per new LoRA; a choice
         the visitor made stays until something newer is trained."""
-        label = ctx.studio.newest_lora()
+        label, offered = ctx.studio.newest_lora(), values[newest]
         choices = lora_choices()
+        lists = {grid_loras: gr.update(choices=choices[1:]), newest: label}
         if label == offered:
-            value = current if current in choices else NO_LORA
-            return gr.update(choices=choices, value=value), gr.skip(), gr.update(choices=choices[1:]), offered
+            return {**lists, lora: gr.update(choices=choices, value=values[lora] if values[lora] in choices
+                                             else NO_LORA)}
         suggested = ctx.studio.lora_prompt(label)
-        keep = text and text != ctx.studio.lora_prompt(offered)  # a prompt the visitor wrote stays
-        return (gr.update(choices=choices, value=label), gr.skip() if keep or not suggested else suggested,
-                gr.update(choices=choices[1:]), label)
+        keep = values[prompt] and values[prompt] != ctx.studio.lora_prompt(offered)  # a prompt written stays
+        offer = {} if keep or not suggested else {prompt: suggested}
+        return {**lists, lora: gr.update(choices=choices, value=label), **offer}
 
-    def on_clear(page: gr.Request) -> tuple[str, list, list]:
-        return ctx.studio.clear_test_images(ctx.visitor(page)), [], []
+    def on_clear(page: gr.Request) -> dict:
+        return {cleared: ctx.studio.clear_test_images(ctx.visitor(page)), gallery: [], history: []}
 
     def on_lora(label: str | None) -> int | dict:
         """The CLIP skip the chosen LoRA was trained with."""
@@ -190,16 +191,16 @@ def build(ctx: AppContext) -> None:
     lora.focus(lambda: gr.update(choices=lora_choices()), None, lora, **PRIVATE)
     grid_loras.focus(lambda: gr.update(choices=lora_choices()[1:]), None, grid_loras, **PRIVATE)
     for event in (ctx.app.load, ctx.tab.select):
-        event(ready, [lora, prompt, newest], [lora, prompt, grid_loras, newest], **PRIVATE)
+        event(ready, {lora, prompt, newest}, [lora, prompt, grid_loras, newest], **PRIVATE)
     clear.click(on_clear, None, [cleared, gallery, history], **PRIVATE)
 
-    def restore(kept: list, rows: list, page: gr.Request) -> tuple:
+    def restore(values: dict, page: gr.Request) -> dict:
         """A reload shows this browser's images and grid rows again, as far as they still exist."""
-        labels = set(lora_choices()[1:])
+        labels, rows = set(lora_choices()[1:]), values[picked]
         rows = [row for row in rows if isinstance(row, str) and row in labels] if isinstance(rows, list) else []
-        return gallery_of(kept, ctx.visitor(page)), gr.update(value=rows) if rows else gr.skip()
+        return {gallery: gallery_of(values[history], ctx.visitor(page)), **({grid_loras: rows} if rows else {})}
 
-    ctx.app.load(restore, [history, picked], [gallery, grid_loras], **PRIVATE)
+    ctx.app.load(restore, {history, picked}, [gallery, grid_loras], **PRIVATE)
     grid_loras.change(lambda rows: rows or [], grid_loras, picked, show_progress="hidden", **PRIVATE)
     lora.change(on_lora, lora, clip_skip, **PRIVATE)
 

@@ -1,42 +1,28 @@
 """Train tab: Start, Stop and live progress on top, then base model, preset and settings, then the loss chart,
-samples, saved files and the log, and the list of runs with Resume and Delete."""
+samples, saved files and the log, and the list of runs with Resume and Delete.
+
+Each section has its own builder, and every handler reads and returns its values keyed by component."""
 
 from __future__ import annotations
 
-import html
-import re
-import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from ..errors import UserError
-from ..jobs import JobRunner, JobState
-from ..studio import DEMO, DEMO_NOTE, MAX_REPEATS, SAMPLE_GRID, TrainingPlan, lora_name
-from ..training.config import FIELD_HELP, SettingsError, TrainConfig, field_is_list, field_type, make_config
-from .charts import loss_chart
-from .common import PRIVATE, AppContext, progress_html, public_text, shown, stop_handler, user_errors
+from ..studio import DEMO, DEMO_NOTE, TrainingPlan, lora_name
+from ..training.config import SettingsError, TrainConfig
+from .base_picker import base_name, base_picker
+from .common import PRIVATE, AppContext, stop_handler, user_errors
+from .train_form import ADVANCED, MAIN, SEPARATE, SettingsForm, preview_samples, settings_form
+from .train_live import LiveView, follow_losses, live_view
 
+__all__ = ["ADVANCED", "MAIN", "SEPARATE", "TITLE", "build", "default_preset", "follow_losses"]
 TITLE = "Train"
-MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
-        "resolution", "train_text_encoder"]
-SEPARATE = {"sample_prompts"}
-ADVANCED = {  # the advanced settings under headings, four to a row
-    "Network": ["network_type", "conv_rank", "conv_alpha", "network_dropout", "unet_modules", "text_encoder_lr",
-                "clip_skip", "scale_weight_norms"],
-    "Steps and schedule": ["max_train_steps", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
-                           "lr_cycles", "weight_decay", "max_grad_norm", "seed"],
-    "Noise and loss": ["min_snr_gamma", "noise_offset", "prior_loss_weight"],
-    "Images and captions": ["enable_buckets", "flip_augment", "caption_dropout", "shuffle_caption", "keep_tokens"],
-    "Speed and memory": ["mixed_precision", "gradient_checkpointing", "sdpa", "cache_latents_to_disk",
-                         "compile_unet"],
-    "Saving and samples": ["save_every_n_epochs", "save_dtype", "sample_every_n_steps", "sample_steps",
-                           "sample_negative_prompt", "sample_cfg", "sample_scheduler", "sample_width", "sample_height"],
-}
-DEFAULT_PROMPTS = ["{trigger}, portrait photo", "{trigger} in a park"]
 RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss"]
+QUIET = {"show_progress": "hidden", **PRIVATE}
 
 
 def default_preset(base: str | None) -> str:
@@ -49,184 +35,87 @@ def regularization_choices(ctx: AppContext) -> list[tuple[str, str]]:
     return [("none", ""), *((name, name) for name in ctx.workspace.list_datasets())]
 
 
-def field_widget(name: str, value: Any) -> gr.components.Component:
-    """A widget matching the field's type, with its plain label and an info line saying what it does."""
-    hint = field_type(name)
-    label, info = FIELD_HELP[name]
-    common = {"value": value, "label": label, "info": info, "elem_id": f"field-{name}"}
-    if hint is bool:
-        return gr.Checkbox(**common)
-    if typing.get_origin(hint) is typing.Literal:
-        return gr.Dropdown(list(typing.get_args(hint)), **common)
-    if field_is_list(name):
-        return gr.Textbox(**{**common, "label": f"{label} (comma-separated)"})
-    if hint in (int, float):
-        return gr.Number(precision=0 if hint is int else None, **common)
-    return gr.Textbox(**common)
+@dataclass
+class RunControls:
+    """Start, Stop, Estimate and Prepare again, the progress bar, the estimate and the running job's line."""
+
+    start: gr.Button
+    stop: gr.Button
+    check: gr.Button
+    prepare_again: gr.Button
+    progress: gr.HTML
+    plan: gr.Markdown
+    job_line: gr.Markdown
 
 
-def to_widget(name: str, value: Any) -> Any:
-    """A config value as its widget shows it."""
-    if name in SEPARATE:
-        return "\n".join(value or DEFAULT_PROMPTS)
-    return ", ".join(value) if field_is_list(name) else value
-
-
-def from_widget(name: str, value: Any) -> Any:
-    """A widget value back as the config field expects it."""
-    if name in SEPARATE:
-        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
-    if field_is_list(name):
-        return [part.strip() for part in str(value or "").split(",") if part.strip()]
-    if field_type(name) is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def marks(names: list[str], problems: dict[str, str]) -> list[dict]:
-    """Every field's widget update: a problem shown beside its field in place of the usual info line."""
-    return [gr.update(info=f"⚠️ {problems[name]}", elem_classes=["invalid-field"]) if name in problems
-            else gr.update(info=FIELD_HELP[name][1], elem_classes=[]) for name in names]
-
-
-def preview_samples(prompts: str, trigger: str) -> str:
-    """The prompts as the samples will use them; the box keeps {trigger}, so any retyping stays right."""
-    lines = [line.replace("{trigger}", (trigger or "").strip()) for line in (prompts or "").splitlines()
-             if line.strip()]
-    return "Samples will use: " + " · ".join(f"`{line}`" for line in lines) if lines else "No sample images."
-
-
-def log_html(lines: list[str]) -> str:
-    """The job's log, newest line at the bottom and in view: a reversed flex column starts scrolled to its end."""
-    body = html.escape(public_text("\n".join(lines))) or "The log of the current run appears here."
-    return (f'<div id="train-log-box" class="log-box"><pre id="train-log-lines">{body}</pre></div>')
-
-
-def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
-    """The training job's state with only the losses this page has not seen, the page's new record, and whether
-    the curve changed (new points, or another run)."""
-    have = seen.get("losses", [])
-    state = jobs.latest("training", since=len(have))
-    if state.started != seen.get("started"):
-        have, state = [], jobs.latest("training")
-    losses = have + [list(point) for point in state.losses]
-    return state, {"started": state.started, "losses": losses}, bool(state.losses) or not seen
-
-
-def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
-    """The run's samples (paths) labelled by epoch or step and prompt, newest first, and the epochs × prompts grid
-    first once the run made it."""
-
-    def when(epoch: int, path: str) -> tuple[int, int, int]:
-        """Order within a run: an epoch's step samples (``step00000150-0.png``), then its end's."""
-        number, _, _ = Path(path).name.removeprefix("step").partition("-")
-        return (epoch, 0, int(number)) if Path(path).name.startswith("step") else (epoch, 1, 0)
-
-    items = [(path, "all epochs × prompts") for path in state.saved if Path(path).name == SAMPLE_GRID]
-    for epoch, path in sorted(state.samples, key=lambda item: when(*item), reverse=True):
-        index = int(Path(path).stem.rpartition("-")[2] or 0)
-        prompt = prompts[index] if index < len(prompts) else ""
-        _, kind, step = when(epoch, path)
-        label = f"epoch {epoch}" if kind else f"step {step}"
-        items.append((path, f"{label} · prompt {index + 1}" if prompt and len(prompts) > 1 else label))
-    return [item for item in items if Path(item[0]).exists()]
-
-
-def sample_legend(prompts: list[str]) -> str:
-    """The heading over the samples, with the prompts their labels number."""
-    lines = "".join(f"\n{i}. {html.escape(p)}" for i, p in enumerate(prompts, 1)) if len(prompts) > 1 else \
-        (f" · {html.escape(prompts[0])}" if prompts else "")
-    return f"**Samples** by epoch or step, newest first (epoch 0 is the base model){lines}"
-
-
-def file_rank(path: str) -> int:
-    """0 for a run's LoRA (and other files), 1 for its sample grid, 2 for an epoch's or a stop's file."""
-    name = Path(path).name
-    if name == SAMPLE_GRID:
-        return 1
-    return 2 if re.search(r"-(\d{6}|step\d+)\.safetensors$", name) else 0
-
-
-def saved_order(paths: list[str]) -> list[str]:
-    """The files a person wants first: the LoRA, the sample grid, then the epoch files, newest first."""
-    return [p for _, _, p in sorted((file_rank(p), -index, p) for index, p in enumerate(paths))]
-
-
-def build(ctx: AppContext) -> None:
-    """Widgets and events of the Train tab."""
-    from .base_picker import base_name, base_picker
-
+def run_controls(limits: str) -> RunControls:
+    """The buttons in one row, then the progress bar, the estimate (the server's limits until one is made) and the
+    line that names a run already training."""
     with gr.Row(equal_height=True):
         start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=2)
-        stop = gr.Button("Stop & save", variant="stop", elem_id="train-stop", scale=1,
-                         interactive=False)
+        stop = gr.Button("Stop & save", variant="stop", elem_id="train-stop", scale=1, interactive=False)
         check = gr.Button("Estimate", scale=1, elem_id="train-check")
         prepare_again = gr.Button("Prepare again", visible=False, elem_id="train-prepare-again", scale=1)
-    progress = gr.HTML(elem_id="train-progress")
-    limits = ctx.studio.limits.describe_training()
-    plan = gr.Markdown(limits, elem_id="train-estimate")
-    job_line = gr.Markdown(elem_id="train-job")
+    return RunControls(start, stop, check, prepare_again, gr.HTML(elem_id="train-progress"),
+                       gr.Markdown(limits, elem_id="train-estimate"), gr.Markdown(elem_id="train-job"))
+
+
+@dataclass
+class BaseAndPreset:
+    """The base model (a local choice or a hub id), the preset list and the preset's description."""
+
+    choice: gr.Dropdown
+    repo: gr.Textbox
+    presets: gr.Dropdown
+    description: gr.Markdown
+
+    def base(self, values: dict) -> str:
+        """The base model the handler's values name."""
+        return base_name(values[self.choice], values[self.repo])
+
+
+def base_and_preset(ctx: AppContext, description: str) -> BaseAndPreset:
+    """The base picker and the preset list in one row, the preset's description under them."""
     with gr.Row():
-        base_choice, base_repo = base_picker(ctx)
+        choice, repo = base_picker(ctx)
         presets = gr.Dropdown(list(ctx.studio.presets()), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
-    # the page opens on the preset for the demo base, usable before its load event restores anything
-    first, first_text = ctx.studio.preset(default_preset(DEMO))
-    first_values = {name: to_widget(name, value) for name, value in first.to_dict().items()}
-    description = gr.Markdown(first_text, elem_id="preset-description")
-    with gr.Row():
-        repeats = gr.Number(1, precision=0, minimum=1, maximum=MAX_REPEATS, label="Repeats per epoch", scale=1,
-                            info="How often an epoch shows each image (kohya's N_ folder prefix); kept with the "
-                                 "dataset.", elem_id="train-repeats")
-        regularization = gr.Dropdown(regularization_choices(ctx), value="", scale=2, elem_id="train-regularization",
-                                     label="Regularisation images (optional)", allow_custom_value=True,
-                                     info="Another dataset of plain pictures of the class ('a photo of a woman'), "
-                                          "against overfitting; weighted by 'Regularisation weight'.")
-    widgets: dict[str, gr.components.Component] = {}
-    for start_at in (0, 5):
-        with gr.Row():
-            for name in MAIN[start_at:start_at + 5]:
-                widgets[name] = field_widget(name, first_values[name])
-    with gr.Row():
-        widgets["sample_prompts"] = gr.Textbox(first_values["sample_prompts"], label="Sample prompts, one per line",
-                                               info=FIELD_HELP["sample_prompts"][1], lines=2, scale=3,
-                                               elem_id="field-sample_prompts")
-        sample_preview = gr.Markdown(preview_samples(first_values["sample_prompts"], first_values["trigger_word"]),
-                                     elem_id="sample-preview")
-    with gr.Accordion("Advanced settings", open=False):
-        for heading, group in ADVANCED.items():
-            gr.Markdown(f"**{heading}**", elem_classes=["settings-heading"])
-            for start_at in range(0, len(group), 4):
-                with gr.Row():
-                    for name in group[start_at:start_at + 4]:
-                        widgets[name] = field_widget(name, first_values[name])
-        with gr.Row(equal_height=True):
-            preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character", scale=3)
-            save = gr.Button("Save preset", scale=1)
-    names = list(widgets)
-    inputs = [widgets[n] for n in names]
-    train_job = ctx.remembered("training-job", "")  # this page's run: the key to Stop
-    form = ctx.remembered("train-form", {})  # the form as this browser left it
-    seen_losses = gr.State({})
-    with gr.Row():
-        curve = gr.HTML(loss_chart([]), elem_id="loss-curve", label="Loss")
-        with gr.Column():
-            legend = gr.Markdown(sample_legend([]), elem_id="sample-legend")
-            samples = gr.Gallery(show_label=False, columns=4, height=300, elem_id="train-samples")
-    with gr.Row():
-        with gr.Column():
-            final = gr.DownloadButton("Download the LoRA", visible=False, variant="primary", elem_id="final-lora")
-            saved = gr.File(label="Every saved file: the LoRA, the sample grid, then each epoch's file, newest "
-                                  "first (click a name to download it)", file_count="multiple", height=300,
-                            interactive=False, elem_id="saved-files")
-        log = gr.HTML(log_html([]), elem_id="train-log")
+    return BaseAndPreset(choice, repo, presets, gr.Markdown(description, elem_id="preset-description"))
+
+
+@dataclass
+class RunsPanel:
+    """The runs table, Resume for an interrupted run, and Delete with its confirmation."""
+
+    panel: gr.Accordion
+    table: gr.Dataframe
+    interrupted: gr.Dropdown
+    resume: gr.Button
+    doomed: gr.Dropdown
+    delete: gr.Button
+    confirm_row: gr.Row
+    confirm_text: gr.Markdown
+    confirm: gr.Button
+    cancel: gr.Button
+    note: gr.Markdown
+
+    def refreshed(self, ctx: AppContext) -> dict:
+        """The lists as they are now, and the panel opened while some run waits to be resumed."""
+        interrupted, listed = ctx.studio.interrupted_runs(), ctx.studio.runs()
+        shows = {self.interrupted: gr.update(choices=interrupted, value=None),
+                 self.doomed: gr.update(choices=[row[0] for row in listed], value=None), self.table: listed}
+        return {**shows, self.panel: gr.update(open=True)} if interrupted else shows
+
+
+def runs_panel(ctx: AppContext) -> RunsPanel:
+    """The runs, newest first, in a closed accordion."""
     rows = ctx.studio.runs()
-    with gr.Accordion("Runs: resume, delete", open=False, elem_id="runs-panel") as runs_panel:
-        run_table = gr.Dataframe(rows, headers=RUN_COLUMNS, interactive=False, elem_id="runs-table",
-                                 label="Runs, newest first")
+    with gr.Accordion("Runs: resume, delete", open=False, elem_id="runs-panel") as panel:
+        table = gr.Dataframe(rows, headers=RUN_COLUMNS, interactive=False, elem_id="runs-table",
+                             label="Runs, newest first")
         with gr.Row(equal_height=True):
-            runs = gr.Dropdown(ctx.studio.interrupted_runs(), label="Interrupted runs", scale=3,
-                               allow_custom_value=True, elem_id="train-runs")
+            interrupted = gr.Dropdown(ctx.studio.interrupted_runs(), label="Interrupted runs", scale=3,
+                                      allow_custom_value=True, elem_id="train-runs")
             resume = gr.Button("Resume", scale=1, elem_id="train-resume")
             doomed = gr.Dropdown([row[0] for row in rows], label="Run to delete", scale=3,
                                  elem_id="runs-delete-choice")
@@ -235,201 +124,218 @@ def build(ctx: AppContext) -> None:
             confirm_text = gr.Markdown()
             confirm = gr.Button("Yes, delete it", variant="stop", scale=0, elem_id="runs-delete-yes")
             cancel = gr.Button("Cancel", scale=0, elem_id="runs-delete-no")
-        runs_note = gr.Markdown(elem_id="runs-note")
+        note = gr.Markdown(elem_id="runs-note")
+    return RunsPanel(panel, table, interrupted, resume, doomed, delete, confirm_row, confirm_text, confirm, cancel,
+                     note)
 
-    def config_from(values: list[Any]) -> TrainConfig:
-        return make_config({name: from_widget(name, value) for name, value in zip(names, values, strict=True)})
 
-    def plan_run(dataset: str | None, choice: str, repo: str, regular: str | None, times: int | None,
-                 values: list[Any]) -> TrainingPlan:
-        return ctx.studio.plan_training(dataset, base_name(choice, repo), config_from(values), regular or None, times)
+def build(ctx: AppContext) -> None:
+    """Widgets and events of the Train tab."""
+    limits = ctx.studio.limits.describe_training()
+    controls = run_controls(limits)
+    first, first_text = ctx.studio.preset(default_preset(DEMO))  # usable before the page's load event restores
+    choice = base_and_preset(ctx, first_text)
+    form = settings_form(first, regularization_choices(ctx))
+    live = live_view(controls.progress)
+    runs = runs_panel(ctx)
+    wire_settings(ctx, choice, form)
+    train_job = wire_start(ctx, controls, choice, form, limits)
+    wire_runs(ctx, runs, train_job)
+    wire_live(ctx, controls, live, runs)
+    remember_form(ctx, controls, choice, form)
 
-    def plan_text(plan: TrainingPlan) -> str:
+
+def wire_settings(ctx: AppContext, choice: BaseAndPreset, form: SettingsForm) -> None:
+    """Presets fill the form, the demo base picks the demo preset, the samples' preview follows the prompts, the
+    dataset brings its repeats, trigger word and LoRA name, and Save keeps the form as a preset."""
+    fields = form.fields
+
+    def preset_form(label: str, trigger: str) -> dict:
+        config, text = ctx.studio.preset(label if label in ctx.studio.presets() else default_preset(DEMO))
+        return {choice.description: text or "", **form.show(config, trigger)}
+
+    @user_errors
+    def on_preset(values: dict) -> dict:
+        """The chosen preset's values, keeping the trigger word typed."""
+        return preset_form(values[choice.presets], values[fields["trigger_word"]])
+
+    @user_errors
+    def on_base(values: dict) -> dict:
+        """The demo base picks the demo preset; a real base leaves the demo preset for the recommended one."""
+        wanted, current = default_preset(values[choice.choice]), values[choice.presets]
+        if wanted == current or (values[choice.choice] != DEMO and current != "demo"):
+            return gr.skip()
+        return {choice.presets: wanted, **preset_form(wanted, values[fields["trigger_word"]])}
+
+    @user_errors
+    def on_save(values: dict, request: gr.Request) -> dict:
+        label = ctx.studio.save_preset(values[form.preset_name], form.config(values), ctx.visitor(request))
+        return {choice.presets: gr.update(choices=list(ctx.studio.presets()), value=label), form.preset_name: ""}
+
+    def name_after(values: dict) -> dict:
+        """Name the LoRA after the dataset, unless someone typed a name of their own."""
+        dataset, datasets = values[ctx.dataset], ctx.workspace.list_datasets()
+        automatic = {TrainConfig().output_name, "", *map(lora_name, datasets)}
+        if dataset not in datasets:
+            return gr.skip()
+        named = {fields["output_name"]: lora_name(dataset)} \
+            if (values[fields["output_name"]] or "").strip() in automatic else {}
+        return {form.repeats: ctx.workspace.repeats(dataset), **named}
+
+    preset_inputs = {choice.presets, choice.choice, fields["trigger_word"]}
+    preset_outputs = [choice.presets, choice.description, *form.widgets, form.sample_preview]
+    choice.presets.input(on_preset, preset_inputs, preset_outputs, **PRIVATE)
+    choice.choice.input(on_base, preset_inputs, preset_outputs, **PRIVATE)
+    for box in (fields["trigger_word"], fields["sample_prompts"]):
+        box.change(lambda values: preview_samples(values[fields["sample_prompts"]], values[fields["trigger_word"]]),
+                   {fields["sample_prompts"], fields["trigger_word"]}, form.sample_preview, **QUIET)
+    form.save.click(on_save, form.widgets | {form.preset_name}, [choice.presets, form.preset_name], **PRIVATE)
+    form.regularization.focus(lambda: gr.update(choices=regularization_choices(ctx)), None, form.regularization,
+                              **PRIVATE)
+    ctx.dataset.change(name_after, {ctx.dataset, fields["output_name"]}, [form.repeats, fields["output_name"]],
+                       **PRIVATE)
+    for event in (ctx.dataset.input, ctx.tab.select):  # the word typed in the Caption tab, here on arrival
+        event(user_errors(ctx.dataset_trigger), ctx.dataset, fields["trigger_word"], **PRIVATE)
+    ctx.keep_trigger(fields["trigger_word"])
+
+
+def with_marks(form: SettingsForm, handler: Callable[..., dict]) -> Callable[..., dict]:
+    """Run a Start/Estimate handler; invalid settings are marked beside their fields, and a toast sums up. Any other
+    refusal is a toast alone (``user_errors``)."""
+
+    @user_errors
+    @wraps(handler)  # gradio reads the handler's signature to pass the request
+    def wrapped(*args: Any) -> dict:
+        try:
+            return {**handler(*args), **form.marks({})}
+        except SettingsError as exc:
+            gr.Warning(str(exc))
+            return form.marks(exc.problems)
+
+    return wrapped
+
+
+def wire_start(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, form: SettingsForm,
+               limits: str) -> gr.BrowserState:
+    """Estimate and Start check the whole form; Start keeps the job's id in this browser (the key to Stop), which
+    it returns."""
+    train_job = ctx.remembered("training-job", "")  # this page's run: the key to Stop
+
+    def plan_of(values: dict) -> TrainingPlan:
+        return ctx.studio.plan_training(values[ctx.dataset], choice.base(values), form.config(values),
+                                        values[form.regularization] or None, values[form.repeats])
+
+    def plan_shown(plan: TrainingPlan) -> dict:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
         if not plan.config.trigger_word:
             note += ("\n\n⚠️ No trigger word: the LoRA will have no word to call it up, and `{trigger}` in the sample "
                      "prompts stays empty. Type the word your captions start with (the Caption tab keeps it too).")
-        return f"{plan.estimate.markdown()} Training on dataset `{plan.data.images.parent.name}`.{note}\n\n{limits}"
+        text = f"{plan.estimate.markdown()} Training on dataset `{plan.data.images.parent.name}`.{note}\n\n{limits}"
+        return {controls.plan: text, controls.prepare_again: gr.update(visible=plan.estimate.stale is not None)}
 
-    def form_values(config: TrainConfig) -> list:
-        values = config.to_dict()
-        return [to_widget(name, values[name]) for name in names]
+    def on_estimate(values: dict) -> dict:
+        return plan_shown(plan_of(values))
 
-    def preset_values(label: str) -> list:
-        config, text = ctx.studio.preset(label if label in ctx.studio.presets() else default_preset(DEMO))
-        return [text or "", *form_values(config)]
-
-    def preset_form(label: str, trigger: str) -> list:
-        """A preset's description, its values in the form (keeping the trigger word typed) and the sample line."""
-        text, *values = preset_values(label)
-        values[names.index("trigger_word")] = trigger or values[names.index("trigger_word")]
-        prompts = values[names.index("sample_prompts")]
-        return [text, *values, preview_samples(prompts, values[names.index("trigger_word")])]
-
-    on_preset = user_errors(preset_form)
+    def on_start(values: dict, request: gr.Request) -> dict:
+        plan = plan_of(values)
+        return {**plan_shown(plan), train_job: ctx.studio.start_training(plan, ctx.visitor(request))}
 
     @user_errors
-    def on_base(choice: str, current: str, trigger: str) -> list:
-        """The demo base picks the demo preset; a real base leaves the demo preset for the recommended one."""
-        wanted = default_preset(choice)
-        if wanted == current or (choice != DEMO and current != "demo"):
-            return [gr.skip()] * (len(names) + 3)
-        return [wanted, *preset_form(wanted, trigger)]
+    def on_prepare_again(dataset: str | None, request: gr.Request) -> dict:
+        return {ctx.prepare_job: ctx.studio.prepare_again(dataset, ctx.visitor(request)),
+                controls.plan: "Preparing the training copies again; the Dataset tab shows the progress.",
+                controls.prepare_again: gr.update(visible=False)}
 
-    def with_marks(handler: typing.Callable[..., list], fixed: int) -> typing.Callable[..., list]:
-        """Run a Start/Estimate handler; invalid settings are marked beside their fields, and a toast sums up.
-        Any other refusal is a toast alone (``user_errors``)."""
-        @user_errors
-        @wraps(handler)  # gradio reads the handler's signature to pass the request
-        def wrapped(*args: Any) -> list:
-            try:
-                return [*handler(*args), *marks(names, {})]
-            except SettingsError as exc:
-                gr.Warning(str(exc))
-                return [gr.skip()] * fixed + marks(names, exc.problems)
-        return wrapped
+    planned = {ctx.dataset, choice.choice, choice.repo, form.regularization, form.repeats, *form.widgets}
+    shown = [controls.plan, controls.prepare_again, *form.widgets]
+    gr.on([controls.check.click, form.repeats.input, form.regularization.input], with_marks(form, on_estimate),
+          planned, shown, **PRIVATE)
+    controls.start.click(with_marks(form, on_start), planned, [*shown, train_job], **PRIVATE)
+    controls.prepare_again.click(on_prepare_again, ctx.dataset,
+                                 [ctx.prepare_job, controls.plan, controls.prepare_again], **PRIVATE)
+    controls.stop.click(stop_handler(ctx), train_job, None, **PRIVATE)
+    return train_job
 
-    def on_estimate(dataset: str | None, choice: str, repo: str, regular: str | None, times: int | None,
-                    *values: Any) -> list:
-        plan = plan_run(dataset, choice, repo, regular, times, list(values))
-        return [plan_text(plan), gr.update(visible=plan.estimate.stale is not None)]
 
-    def on_start(request: gr.Request, dataset: str | None, choice: str, repo: str, regular: str | None,
-                 times: int | None, *values: Any) -> list:
-        plan = plan_run(dataset, choice, repo, regular, times, list(values))
-        job_id = ctx.studio.start_training(plan, ctx.visitor(request))
-        return [plan_text(plan), job_id, gr.update(visible=plan.estimate.stale is not None)]
-
-    @user_errors
-    def on_prepare_again(dataset: str | None, request: gr.Request) -> tuple[str, str, dict]:
-        job_id = ctx.studio.prepare_again(dataset, ctx.visitor(request))
-        return job_id, "Preparing the training copies again; the Dataset tab shows the progress.", \
-            gr.update(visible=False)
+def wire_runs(ctx: AppContext, runs: RunsPanel, train_job: gr.BrowserState) -> None:
+    """Resume an interrupted run; Delete asks first."""
 
     @user_errors
     def on_resume(run: str | None, request: gr.Request) -> str:
         return ctx.studio.resume_training(run, ctx.visitor(request))
 
     @user_errors
-    def on_save(request: gr.Request, name: str, *values: Any) -> tuple[dict, str]:
-        label = ctx.studio.save_preset(name, config_from(list(values)), ctx.visitor(request))
-        return gr.update(choices=list(ctx.studio.presets()), value=label), ""
-
-    @user_errors
-    def on_ask_delete(run: str | None) -> tuple[dict, str]:
+    def on_ask_delete(run: str | None) -> dict:
         folder = ctx.studio.run_folder(run, "delete")
-        return gr.update(visible=True), f"Delete run **{folder.path.name}** with all its LoRA files and samples?"
-
-    def runs_view() -> tuple[dict, dict, list, dict]:
-        """The runs, and their panel opened while some run waits to be resumed."""
-        interrupted, listed = ctx.studio.interrupted_runs(), ctx.studio.runs()
-        return (gr.update(choices=interrupted, value=None), gr.update(choices=[row[0] for row in listed], value=None),
-                listed,
-                gr.update(open=True) if interrupted else gr.skip())
+        return {runs.confirm_row: gr.update(visible=True),
+                runs.confirm_text: f"Delete run **{folder.path.name}** with all its LoRA files and samples?"}
 
     @user_errors
-    def on_delete(run: str | None, request: gr.Request) -> tuple:
+    def on_delete(run: str | None, request: gr.Request) -> dict:
         note = ctx.studio.delete_run(run, ctx.visitor(request))
-        return note, gr.update(visible=False), *runs_view()[:3]
+        return {runs.note: note, runs.confirm_row: gr.update(visible=False), **runs.refreshed(ctx)}
 
-    def store(preset: str, choice: str, repo: str, *values: Any) -> dict:
-        return {"preset": preset, "base": choice, "repo": repo, "values": dict(zip(names, values, strict=True))}
+    runs.resume.click(on_resume, runs.interrupted, train_job, **PRIVATE)
+    runs.delete.click(on_ask_delete, runs.doomed, [runs.confirm_row, runs.confirm_text], **PRIVATE)
+    runs.cancel.click(lambda: gr.update(visible=False), None, runs.confirm_row, **PRIVATE)
+    runs.confirm.click(on_delete, runs.doomed, [runs.note, runs.confirm_row, runs.interrupted, runs.doomed,
+                                                runs.table, runs.panel], **PRIVATE)
 
-    def running_form() -> tuple[list, str] | None:
+
+def wire_live(ctx: AppContext, controls: RunControls, live: LiveView, runs: RunsPanel) -> None:
+    """Once a second, and on load: the job's progress and results; when a run starts or ends, the runs and the
+    buttons too."""
+
+    def on_tick(before: dict) -> dict:
+        shows, state, moved = live.update(ctx.studio, before)
+        if not moved:
+            return shows
+        ended = {} if state.active else {controls.job_line: ""}  # no "Training now" line once the run ended
+        return {**shows, **runs.refreshed(ctx), controls.stop: gr.update(interactive=state.active),
+                controls.start: gr.update(interactive=not state.active), **ended}
+
+    shows = [controls.progress, live.curve, live.samples, live.legend, live.saved, live.final, live.log, live.seen,
+             runs.interrupted, runs.doomed, runs.table, runs.panel, controls.stop, controls.start, controls.job_line]
+    gr.Timer(1.0).tick(on_tick, live.seen, shows, **QUIET)
+    ctx.app.load(on_tick, live.seen, shows, **QUIET)  # a refresh, with no spinner over the widgets
+
+
+def remember_form(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, form: SettingsForm) -> None:
+    """This browser keeps the form as it was left; a reload restores it, or shows the running job's settings."""
+    kept = ctx.remembered("train-form", {})
+    picked = {choice.presets, choice.choice, choice.repo}
+
+    def store(values: dict) -> dict:
+        return {"preset": values[choice.presets], "base": values[choice.choice], "repo": values[choice.repo],
+                "values": form.saved(values)}
+
+    def running_form() -> dict | None:
         """The form filled with the running job's own settings, and a line naming its dataset and base."""
         run = ctx.studio.training_run()
         if run is None:
             return None
         job = ctx.studio.run_job(run)
         base = job.base.display_name
-        choice, repo = (DEMO, base) if job.base.kind == "hub" else (base, "")
         line = (f"Training now: run `{run}` on dataset `{job.data.images.parent.name}` with base `{base}`. The form "
                 "shows that run's settings.")
-        return [gr.skip(), choice, repo, "", *form_values(job.config)], line
+        hub = job.base.kind == "hub"
+        return {choice.choice: DEMO if hub else base, choice.repo: base if hub else "", choice.description: "",
+                controls.job_line: line, **form.show(job.config)}
 
-    def on_load(saved: dict) -> list:
-        """Restore what this browser's page showed: the running job's settings, else the form as it was left; all at
-        once, so nothing races. A fresh page keeps what it opened with, and whatever was typed since."""
+    def on_load(saved: dict) -> dict:
+        """Restore what this browser's page showed, all at once, so nothing races. A fresh page keeps what it
+        opened with, and whatever was typed since."""
         running = running_form()
         if running is not None:
-            values, line = running
-        elif isinstance(saved, dict) and isinstance(saved.get("values"), dict) and \
-                set(saved["values"]) == set(names) and saved.get("preset") in ctx.studio.presets():
-            values, line = [saved["preset"], saved.get("base") or DEMO, saved.get("repo") or "",
-                            preset_values(saved["preset"])[0], *[saved["values"][name] for name in names]], ""
-        else:
-            return [gr.skip()] * (len(names) + 6)
-        prompts, trigger = values[4 + names.index("sample_prompts")], values[4 + names.index("trigger_word")]
-        return [*values, preview_samples(prompts, trigger), line]
+            return running
+        if not (isinstance(saved, dict) and isinstance(saved.get("values"), dict)
+                and set(saved["values"]) == set(form.fields) and saved.get("preset") in ctx.studio.presets()):
+            return gr.skip()
+        return {choice.presets: saved["preset"], choice.choice: saved.get("base") or DEMO,
+                choice.repo: saved.get("repo") or "", choice.description: ctx.studio.preset(saved["preset"])[1] or "",
+                controls.job_line: "", **form.filled(saved["values"])}
 
-    def on_tick(before: dict) -> tuple:
-        state, seen, changed = follow_losses(ctx.studio.jobs, before)
-        if state.started != before.get("started") and state.run_dir:
-            try:
-                seen["prompts"] = ctx.studio.run_job(Path(state.run_dir).name).config.prompts()
-            except UserError:
-                seen["prompts"] = []
-        else:
-            seen["prompts"] = before.get("prompts", [])
-        seen["active"] = state.active  # a run that starts or ends changes the runs and the buttons
-        moved = before.get("active") != state.active or "active" not in before
-        seen["saved"] = saved_order([p for p in state.saved if Path(p).exists()])
-        files = final_lora = gr.skip()
-        if seen["saved"] != before.get("saved"):
-            files = [shown(p) for p in seen["saved"]] or None
-            lora = next((p for p in seen["saved"] if p.endswith(".safetensors")), None)  # final, else newest
-            final_lora = gr.update(value=shown(lora), label=f"⬇ Download {Path(lora).name}", visible=True) \
-                if lora else gr.update(value=None, visible=False)
-        seen["samples"] = [list(item) for item in sample_items(state, seen["prompts"])]
-        gallery = [(shown(path), caption) for path, caption in seen["samples"]] \
-            if seen["samples"] != before.get("samples") else gr.skip()  # sent again only when it changed
-        prompts = sample_legend(seen["prompts"]) if seen["prompts"] != before.get("prompts") else gr.skip()
-        per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
-        chart = loss_chart([tuple(p) for p in seen["losses"]], per_epoch) if changed else gr.skip()
-        skip = gr.skip()
-        return (progress_html(state), chart, gallery, prompts, files, final_lora, log_html(state.log), seen,
-                *(runs_view() if moved else (skip, skip, skip, skip)),
-                gr.update(interactive=state.active) if moved else skip,
-                gr.update(interactive=not state.active) if moved else skip,
-                "" if moved and not state.active else skip)  # no "Training now" line once the run ended
-
-    marked = {"show_progress": "hidden", **PRIVATE}
-    presets.input(on_preset, [presets, widgets["trigger_word"]], [description, *inputs, sample_preview], **PRIVATE)
-    base_choice.input(on_base, [base_choice, presets, widgets["trigger_word"]],
-                      [presets, description, *inputs, sample_preview], **PRIVATE)
-    for box in (widgets["trigger_word"], widgets["sample_prompts"]):
-        box.change(preview_samples, [widgets["sample_prompts"], widgets["trigger_word"]], sample_preview,
-                   **marked)
-    planned = [ctx.dataset, base_choice, base_repo, regularization, repeats, *inputs]
-    gr.on([check.click, repeats.input, regularization.input], with_marks(on_estimate, 2), planned,
-          [plan, prepare_again, *inputs], **PRIVATE)
-    start.click(with_marks(on_start, 3), planned, [plan, train_job, prepare_again, *inputs], **PRIVATE)
-    regularization.focus(lambda: gr.update(choices=regularization_choices(ctx)), None, regularization, **PRIVATE)
-    ctx.dataset.change(lambda name: ctx.workspace.repeats(name) if name in ctx.workspace.list_datasets() else gr.skip(),
-                       ctx.dataset, repeats, **PRIVATE)
-
-    def name_after(dataset: str | None, current: str) -> Any:
-        """Name the LoRA after the dataset, unless someone typed a name of their own."""
-        datasets = ctx.workspace.list_datasets()
-        automatic = {TrainConfig().output_name, "", *map(lora_name, datasets)}
-        return lora_name(dataset) if dataset in datasets and (current or "").strip() in automatic else gr.skip()
-
-    ctx.dataset.change(name_after, [ctx.dataset, widgets["output_name"]], widgets["output_name"], **PRIVATE)
-    prepare_again.click(on_prepare_again, ctx.dataset, [ctx.prepare_job, plan, prepare_again], **PRIVATE)
-    stop.click(stop_handler(ctx), train_job, None, **PRIVATE)
-    resume.click(on_resume, runs, train_job, **PRIVATE)
-    save.click(on_save, [preset_name, *inputs], [presets, preset_name], **PRIVATE)
-    delete.click(on_ask_delete, doomed, [confirm_row, confirm_text], **PRIVATE)
-    cancel.click(lambda: gr.update(visible=False), None, confirm_row, **PRIVATE)
-    confirm.click(on_delete, doomed, [runs_note, confirm_row, runs, doomed, run_table], **PRIVATE)
-    gr.on([w.change for w in (presets, base_choice, base_repo, *inputs)], store,
-          [presets, base_choice, base_repo, *inputs], form, trigger_mode="always_last", **marked)
-    for event in (ctx.dataset.input, ctx.tab.select):  # the word typed in the Caption tab, here on arrival
-        event(user_errors(ctx.dataset_trigger), ctx.dataset, widgets["trigger_word"], **PRIVATE)
-    ctx.keep_trigger(widgets["trigger_word"])
-    live = [progress, curve, samples, legend, saved, final, log, seen_losses, runs, doomed, run_table, runs_panel,
-            stop, start, job_line]
-    gr.Timer(1.0).tick(on_tick, seen_losses, live, **marked)
-    ctx.app.load(on_load, form, [presets, base_choice, base_repo, description, *inputs, sample_preview, job_line],
-                 **marked)
-    ctx.app.load(on_tick, seen_losses, live, **marked)  # a refresh, with no spinner over the widgets
+    gr.on([w.change for w in (*picked, *form.widgets)], store, picked | form.widgets, kept,
+          trigger_mode="always_last", **QUIET)
+    ctx.app.load(on_load, kept, [*picked, choice.description, *form.widgets, form.sample_preview, controls.job_line],
+                 **QUIET)

@@ -1,0 +1,147 @@
+"""The Train tab's settings form: one widget per config field, read and filled by component, never by position."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from ..studio import MAX_REPEATS
+from ..training.config import FIELD_HELP, TrainConfig, field_is_list, field_type, make_config
+
+MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
+        "resolution", "train_text_encoder"]
+SEPARATE = {"sample_prompts"}
+ADVANCED = {  # the advanced settings under headings, four to a row
+    "Network": ["network_type", "conv_rank", "conv_alpha", "network_dropout", "unet_modules", "text_encoder_lr",
+                "clip_skip", "scale_weight_norms"],
+    "Steps and schedule": ["max_train_steps", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
+                           "lr_cycles", "weight_decay", "max_grad_norm", "seed"],
+    "Noise and loss": ["min_snr_gamma", "noise_offset", "prior_loss_weight"],
+    "Images and captions": ["enable_buckets", "flip_augment", "caption_dropout", "shuffle_caption", "keep_tokens"],
+    "Speed and memory": ["mixed_precision", "gradient_checkpointing", "sdpa", "cache_latents_to_disk",
+                         "compile_unet"],
+    "Saving and samples": ["save_every_n_epochs", "save_dtype", "sample_every_n_steps", "sample_steps",
+                           "sample_negative_prompt", "sample_cfg", "sample_scheduler", "sample_width", "sample_height"],
+}
+DEFAULT_PROMPTS = ["{trigger}, portrait photo", "{trigger} in a park"]
+
+
+def field_widget(name: str, value: Any) -> gr.components.Component:
+    """A widget matching the field's type, with its plain label and an info line saying what it does."""
+    hint = field_type(name)
+    label, info = FIELD_HELP[name]
+    common = {"value": value, "label": label, "info": info, "elem_id": f"field-{name}"}
+    if hint is bool:
+        return gr.Checkbox(**common)
+    if typing.get_origin(hint) is typing.Literal:
+        return gr.Dropdown(list(typing.get_args(hint)), **common)
+    if field_is_list(name):
+        return gr.Textbox(**{**common, "label": f"{label} (comma-separated)"})
+    if hint in (int, float):
+        return gr.Number(precision=0 if hint is int else None, **common)
+    return gr.Textbox(**common)
+
+
+def to_widget(name: str, value: Any) -> Any:
+    """A config value as its widget shows it."""
+    if name in SEPARATE:
+        return "\n".join(value or DEFAULT_PROMPTS)
+    return ", ".join(value) if field_is_list(name) else value
+
+
+def from_widget(name: str, value: Any) -> Any:
+    """A widget value back as the config field expects it."""
+    if name in SEPARATE:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if field_is_list(name):
+        return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    if field_type(name) is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def preview_samples(prompts: str, trigger: str) -> str:
+    """The prompts as the samples will use them; the box keeps {trigger}, so any retyping stays right."""
+    lines = [line.replace("{trigger}", (trigger or "").strip()) for line in (prompts or "").splitlines()
+             if line.strip()]
+    return "Samples will use: " + " · ".join(f"`{line}`" for line in lines) if lines else "No sample images."
+
+
+@dataclass
+class SettingsForm:
+    """The form's widgets: the run's dataset options, one widget per config field, and the samples' preview line."""
+
+    repeats: gr.Number
+    regularization: gr.Dropdown
+    fields: dict[str, gr.components.Component]
+    sample_preview: gr.Markdown
+    preset_name: gr.Textbox
+    save: gr.Button
+
+    @property
+    def widgets(self) -> set[gr.components.Component]:
+        """Every field's widget: the inputs of a handler that reads the whole form."""
+        return set(self.fields.values())
+
+    def config(self, values: dict) -> TrainConfig:
+        """The config the form's widgets hold, from a handler's values keyed by component."""
+        return make_config({name: from_widget(name, values[widget]) for name, widget in self.fields.items()})
+
+    def saved(self, values: dict) -> dict[str, Any]:
+        """The fields' widget values by field name, as the browser remembers them."""
+        return {name: values[widget] for name, widget in self.fields.items()}
+
+    def filled(self, shown: dict[str, Any]) -> dict:
+        """Updates that fill the form from widget values by field name, with the samples' preview to match."""
+        return {**{self.fields[name]: value for name, value in shown.items()},
+                self.sample_preview: preview_samples(shown["sample_prompts"], shown["trigger_word"])}
+
+    def show(self, config: TrainConfig, trigger: str = "") -> dict:
+        """Updates that fill the form with a config; a trigger word typed already stays."""
+        shown = {name: to_widget(name, value) for name, value in config.to_dict().items()}
+        shown["trigger_word"] = trigger or shown["trigger_word"]
+        return self.filled(shown)
+
+    def marks(self, problems: dict[str, str]) -> dict:
+        """Every field's update: a problem shown beside its field in place of the usual info line."""
+        return {widget: gr.update(info=f"⚠️ {problems[name]}", elem_classes=["invalid-field"]) if name in problems
+                else gr.update(info=FIELD_HELP[name][1], elem_classes=[]) for name, widget in self.fields.items()}
+
+
+def settings_form(config: TrainConfig, regularization: list[tuple[str, str]]) -> SettingsForm:
+    """The main settings in two rows, the sample prompts with their preview, and the advanced ones under headings
+    with Save preset."""
+    first = {name: to_widget(name, value) for name, value in config.to_dict().items()}
+    with gr.Row():
+        repeats = gr.Number(1, precision=0, minimum=1, maximum=MAX_REPEATS, label="Repeats per epoch", scale=1,
+                            info="How often an epoch shows each image (kohya's N_ folder prefix); kept with the "
+                                 "dataset.", elem_id="train-repeats")
+        regular = gr.Dropdown(regularization, value="", scale=2, elem_id="train-regularization",
+                              label="Regularisation images (optional)", allow_custom_value=True,
+                              info="Another dataset of plain pictures of the class ('a photo of a woman'), "
+                                   "against overfitting; weighted by 'Regularisation weight'.")
+    fields: dict[str, gr.components.Component] = {}
+    for start_at in (0, 5):
+        with gr.Row():
+            for name in MAIN[start_at:start_at + 5]:
+                fields[name] = field_widget(name, first[name])
+    with gr.Row():
+        fields["sample_prompts"] = gr.Textbox(first["sample_prompts"], label="Sample prompts, one per line",
+                                              info=FIELD_HELP["sample_prompts"][1], lines=2, scale=3,
+                                              elem_id="field-sample_prompts")
+        preview = gr.Markdown(preview_samples(first["sample_prompts"], first["trigger_word"]),
+                              elem_id="sample-preview")
+    with gr.Accordion("Advanced settings", open=False):
+        for heading, group in ADVANCED.items():
+            gr.Markdown(f"**{heading}**", elem_classes=["settings-heading"])
+            for start_at in range(0, len(group), 4):
+                with gr.Row():
+                    for name in group[start_at:start_at + 4]:
+                        fields[name] = field_widget(name, first[name])
+        with gr.Row(equal_height=True):
+            preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character", scale=3)
+            save = gr.Button("Save preset", scale=1)
+    return SettingsForm(repeats, regular, fields, preview, preset_name, save)

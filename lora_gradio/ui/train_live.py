@@ -1,0 +1,131 @@
+"""What the Train tab shows of the running job, once a second: progress, loss chart, samples, saved files and log."""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import UserError
+from ..jobs import JobRunner, JobState
+from ..studio import SAMPLE_GRID, Studio
+from .charts import loss_chart
+from .common import progress_html, public_text, shown
+
+
+def log_html(lines: list[str]) -> str:
+    """The job's log, newest line at the bottom and in view: a reversed flex column starts scrolled to its end."""
+    body = html.escape(public_text("\n".join(lines))) or "The log of the current run appears here."
+    return (f'<div id="train-log-box" class="log-box"><pre id="train-log-lines">{body}</pre></div>')
+
+
+def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
+    """The training job's state with only the losses this page has not seen, the page's new record, and whether
+    the curve changed (new points, or another run)."""
+    have = seen.get("losses", [])
+    state = jobs.latest("training", since=len(have))
+    if state.started != seen.get("started"):
+        have, state = [], jobs.latest("training")
+    losses = have + [list(point) for point in state.losses]
+    return state, {"started": state.started, "losses": losses}, bool(state.losses) or not seen
+
+
+def sample_items(state: JobState, prompts: list[str]) -> list[tuple[str, str]]:
+    """The run's samples (paths) labelled by epoch or step and prompt, newest first, and the epochs × prompts grid
+    first once the run made it."""
+
+    def when(epoch: int, path: str) -> tuple[int, int, int]:
+        """Order within a run: an epoch's step samples (``step00000150-0.png``), then its end's."""
+        number, _, _ = Path(path).name.removeprefix("step").partition("-")
+        return (epoch, 0, int(number)) if Path(path).name.startswith("step") else (epoch, 1, 0)
+
+    items = [(path, "all epochs × prompts") for path in state.saved if Path(path).name == SAMPLE_GRID]
+    for epoch, path in sorted(state.samples, key=lambda item: when(*item), reverse=True):
+        index = int(Path(path).stem.rpartition("-")[2] or 0)
+        prompt = prompts[index] if index < len(prompts) else ""
+        _, kind, step = when(epoch, path)
+        label = f"epoch {epoch}" if kind else f"step {step}"
+        items.append((path, f"{label} · prompt {index + 1}" if prompt and len(prompts) > 1 else label))
+    return [item for item in items if Path(item[0]).exists()]
+
+
+def sample_legend(prompts: list[str]) -> str:
+    """The heading over the samples, with the prompts their labels number."""
+    lines = "".join(f"\n{i}. {html.escape(p)}" for i, p in enumerate(prompts, 1)) if len(prompts) > 1 else \
+        (f" · {html.escape(prompts[0])}" if prompts else "")
+    return f"**Samples** by epoch or step, newest first (epoch 0 is the base model){lines}"
+
+
+def file_rank(path: str) -> int:
+    """0 for a run's LoRA (and other files), 1 for its sample grid, 2 for an epoch's or a stop's file."""
+    name = Path(path).name
+    if name == SAMPLE_GRID:
+        return 1
+    return 2 if re.search(r"-(\d{6}|step\d+)\.safetensors$", name) else 0
+
+
+def saved_order(paths: list[str]) -> list[str]:
+    """The files a person wants first: the LoRA, the sample grid, then the epoch files, newest first."""
+    return [p for _, _, p in sorted((file_rank(p), -index, p) for index, p in enumerate(paths))]
+
+
+@dataclass
+class LiveView:
+    """The widgets that follow the training job, and what this page has already been sent of it."""
+
+    progress: gr.HTML
+    curve: gr.HTML
+    legend: gr.Markdown
+    samples: gr.Gallery
+    final: gr.DownloadButton
+    saved: gr.File
+    log: gr.HTML
+    seen: gr.State
+
+    def update(self, studio: Studio, before: dict) -> tuple[dict, JobState, bool]:
+        """Updates for what changed since ``before``, the job's state, and whether it started or ended since."""
+        state, seen, changed = follow_losses(studio.jobs, before)
+        seen["prompts"] = before.get("prompts", [])
+        if state.started != before.get("started") and state.run_dir:
+            try:
+                seen["prompts"] = studio.run_job(Path(state.run_dir).name).config.prompts()
+            except UserError:
+                seen["prompts"] = []
+        seen["active"] = state.active
+        seen["saved"] = saved_order([p for p in state.saved if Path(p).exists()])
+        seen["samples"] = [list(item) for item in sample_items(state, seen["prompts"])]
+        shows = {self.progress: progress_html(state), self.log: log_html(state.log), self.seen: seen}
+        if seen["saved"] != before.get("saved"):
+            shows[self.saved] = [shown(p) for p in seen["saved"]] or None
+            lora = next((p for p in seen["saved"] if p.endswith(".safetensors")), None)  # final, else newest
+            shows[self.final] = gr.update(value=shown(lora), label=f"⬇ Download {Path(lora).name}", visible=True) \
+                if lora else gr.update(value=None, visible=False)
+        if seen["samples"] != before.get("samples"):  # sent again only when it changed
+            shows[self.samples] = [(shown(path), caption) for path, caption in seen["samples"]]
+        if seen["prompts"] != before.get("prompts"):
+            shows[self.legend] = sample_legend(seen["prompts"])
+        if changed:
+            per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
+            shows[self.curve] = loss_chart([tuple(p) for p in seen["losses"]], per_epoch)
+        return shows, state, before.get("active") != state.active or "active" not in before
+
+
+def live_view(progress: gr.HTML) -> LiveView:
+    """The loss chart beside the samples, then the download, the saved files and the log; ``progress`` is the bar
+    on top of the tab."""
+    with gr.Row():
+        curve = gr.HTML(loss_chart([]), elem_id="loss-curve", label="Loss")
+        with gr.Column():
+            legend = gr.Markdown(sample_legend([]), elem_id="sample-legend")
+            samples = gr.Gallery(show_label=False, columns=4, height=300, elem_id="train-samples")
+    with gr.Row():
+        with gr.Column():
+            final = gr.DownloadButton("Download the LoRA", visible=False, variant="primary", elem_id="final-lora")
+            saved = gr.File(label="Every saved file: the LoRA, the sample grid, then each epoch's file, newest "
+                                  "first (click a name to download it)", file_count="multiple", height=300,
+                            interactive=False, elem_id="saved-files")
+        log = gr.HTML(log_html([]), elem_id="train-log")
+    return LiveView(progress, curve, legend, samples, final, saved, log, gr.State({}))
