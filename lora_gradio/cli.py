@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .workspace import VALIDATION
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .events import JobEvent
     from .request import GenerateRequest
-    from .training.loop import TrainResult
+    from .training.result import TrainResult
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "prefix; N_name subfolders keep their own)")
     train.add_argument("--reg-data", type=Path, help="a folder (or dataset) of regularisation images of the class, "
                                                      "for prior preservation; weight them with prior_loss_weight")
+    train.add_argument("--val-data", type=Path, help="a folder (or dataset) of other images of the same subject to "
+                                                     "measure overfitting on, instead of holding some of --data out")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a preset field, e.g. --set rank=32 --set trigger_word=ohwx")
     train.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt base models (they can run code)")
@@ -179,7 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Start a run from a preset, the overrides and a dataset."""
     from dataclasses import replace
 
-    from .demo.shapes import DEMO_TRIGGER, make_demo_dataset
+    from .demo.shapes import DEMO_TRIGGER, make_demo_dataset, make_demo_validation
     from .jobs import run_training
     from .models import DEMO, DEMO_NOTE, resolve_base
     from .training.config import apply_overrides, load_preset
@@ -188,36 +191,47 @@ def run_train(args: argparse.Namespace) -> int:
     config, _ = load_preset(args.preset)
     config = apply_overrides(config, parse_overrides(args.overrides))
     base = resolve_base(args.base, allow_pickle=args.allow_pickle)
-    data, prepared = args.data, None
-    if data is not None and (data / "images").is_dir():  # a dataset folder of the app: images/ and prepared/
+    data, prepared, validation = args.data, None, images_of(args.val_data)
+    if data is not None and (data / "images").is_dir():  # a dataset folder of the app: images/, prepared/ ...
         prepared = data / "prepared" if (data / "prepared").is_dir() else None
+        own = data / VALIDATION if validation is None and (data / VALIDATION).is_dir() else None  # ... validation/
         print(f"{data} is a lora-gradio dataset: training on its images/ (with their captions)"
-              + (" and its prepared/ training copies." if prepared else "."), file=sys.stderr)
-        data = data / "images"
+              + (", with its prepared/ training copies" if prepared else "")
+              + (", validating on its validation/ images" if own else "") + ".", file=sys.stderr)
+        data, validation = data / "images", validation or own
     if data is None:
         if base.kind != DEMO:
             raise UserError("--data is required unless --base demo (which can make its own demo images).")
         config = replace(config, trigger_word=config.trigger_word or DEMO_TRIGGER)  # the samples' {trigger}
-        data = make_demo_dataset(Path(args.output) / "demo-dataset", config.trigger_word)
+        data = make_demo_dataset(Path(args.output) / "demo-dataset" / "images", config.trigger_word)
+        validation = validation or make_demo_validation(data.parent / VALIDATION, config.trigger_word)
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
-    regular = args.reg_data / "images" if args.reg_data and (args.reg_data / "images").is_dir() else args.reg_data
-    plan = TrainData(data, prepared, regular, args.repeats)
+    plan = TrainData(data, prepared, images_of(args.reg_data), args.repeats, validation)
     return with_progress(lambda on_event, stop: run_training(config, base, plan, args.output, on_event, stop))
+
+
+def images_of(folder: Path | None) -> Path | None:
+    """A folder of images as given, or a dataset folder of the app's by its images/."""
+    return folder / "images" if folder is not None and (folder / "images").is_dir() else folder
 
 
 def run_import(args: argparse.Namespace) -> int:
     """Import as the Dataset tab does: a line for each file that was skipped or needs a look, then the summary."""
-    from .demo.shapes import DEMO_IMAGES, DEMO_TRIGGER, make_demo_dataset
+    from .demo.shapes import DEMO_CHECK_IMAGES, DEMO_IMAGES, DEMO_TRIGGER, make_demo_dataset, make_demo_validation
     from .imports import import_folder, import_sources
 
     if not args.sources and not args.demo:
         raise UserError("Name the images, captions, zips or folders to import, or --demo for the demo dataset.")
     if args.demo:
         make_demo_dataset(args.into)
+        checks = ""
+        if args.into.name == "images":  # a dataset of the app: its validation rings go beside
+            make_demo_validation(args.into.parent / VALIDATION)
+            checks = f", and {DEMO_CHECK_IMAGES} more to validate on into {args.into.parent / VALIDATION}"
         print(f"Wrote the demo dataset into {args.into}: {DEMO_IMAGES} rings captioned '{DEMO_TRIGGER}, a … "
-              f"{DEMO_TRIGGER} on a … background'. Train it on the demo base: python -m lora_gradio train --preset "
-              f"demo --data {args.into} --output OUT")
+              f"{DEMO_TRIGGER} on a … background'{checks}. Train it on the demo base: python -m lora_gradio train "
+              f"--preset demo --data {args.into.parent if checks else args.into} --output OUT")
     reports = [import_folder(source, args.into) if source.is_dir() else import_sources([source], args.into)
                for source in args.sources]
     for report in reports:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .atomic import write_text_atomic
 from .training.config import TrainConfig
 from .training.data import TrainData, plan_images, run_length, steps_per_epoch
+from .training.validation import scoring_work
 
 TFLOP_PER_SAMPLE = {False: 1.73, True: 2.54}  # SD1.5 at 512 px, LoRA step, without / with gradient checkpointing
 MFU = 0.35  # a realistic share of the GPU's peak for this workload
@@ -159,6 +160,7 @@ class Estimate:
     device: str
     stale: str | None = None  # what changed since Prepare, if anything
     samples: int = 0  # sample images the run renders
+    held_out_note: str = ""  # which images are held out for validation, or why none are
 
     def markdown(self) -> str:
         """One short paragraph, with a warning when it will not fit."""
@@ -168,7 +170,7 @@ class Estimate:
             parts.append(f"on {self.device}")
         else:
             parts.append(f"about {format_duration(self.seconds)} (±{format_duration(self.margin or 0)}) on "
-                         f"{self.device}, counting the model load, encoding, samples and saves")
+                         f"{self.device}, counting the model load, encoding, samples, saves and validation")
         if self.peak_gb is not None:
             memory = f"about {self.peak_gb:.1f} GB peak GPU memory"
             if self.free_gb is not None:
@@ -180,6 +182,8 @@ class Estimate:
         if self.free_gb is not None and self.peak_gb is not None and self.peak_gb > self.free_gb:
             text += ("\n\n⚠️ This will probably not fit. Turn on gradient checkpointing, use batch size 1, the "
                      "adamw8bit optimizer, or the low-vram-8gb preset.")
+        if self.held_out_note:
+            text += f"\n\n{self.held_out_note}"
         if self.stale:
             text += f"\n\n⚠️ {self.stale}"
         return text
@@ -221,9 +225,10 @@ def saves_to_come(config: TrainConfig, epochs: int, steps: int, epochs_done: int
 
 
 def run_seconds(config: TrainConfig, images: int, steps: int, epochs: int, loaded: bool, known: RunCosts,
-                guess: RunCosts) -> tuple[float, float, bool]:
+                guess: RunCosts, scoring: float = 0.0) -> tuple[float, float, bool]:
     """The run's seconds, their ±, and whether every part was measured at this size: each part's amount times its
-    cost, measured where ``known`` has it (scaled from other sizes when it has not this one), else guessed."""
+    cost, measured where ``known`` has it (scaled from other sizes when it has not this one), else guessed.
+    ``scoring`` is the held-out images' scoring, in training steps."""
     kind = step_kind(config)
     saves, renders = saves_to_come(config, epochs, steps)
     image, sample = config.resolution ** 2 / 1e6, sample_megapixels(config)
@@ -233,7 +238,7 @@ def run_seconds(config: TrainConfig, images: int, steps: int, epochs: int, loade
     parts = [  # (amount, its cost per unit from what was measured here, the guessed cost per unit)
         (0 if loaded else 1, fixed(known.load_s), fixed(guess.load_s)),
         (images * (2 if config.flip_augment else 1), on_curve(known.encode, image), on_curve(guess.encode, image)),
-        (steps, on_curve(known.steps.get(kind, {}), step_megapixels(config)),
+        (steps + scoring, on_curve(known.steps.get(kind, {}), step_megapixels(config)),
          on_curve(guess.steps[kind], step_megapixels(config))),
         (renders * len(config.sample_prompts) * config.sample_steps, on_curve(known.render, sample),
          on_curve(guess.render, sample)),
@@ -256,17 +261,19 @@ def estimate(config: TrainConfig, data: TrainData, demo: bool = False, known: Ru
     nothing was; memory for the GPU in this machine, if any. ``loaded``: the base model is loaded already."""
     import torch
 
-    scan, prior = data.scan(config.trigger_word)
+    images = data.scan(config)
+    scan, prior, held = images.scan, images.prior, len(images.held)
     planned = plan_images(scan.images + prior, config.resolution, config.enable_buckets)
     per_epoch = steps_per_epoch(planned, config.batch_size, config.gradient_accumulation_steps)
     epochs, steps = run_length(per_epoch, config.epochs, config.max_train_steps)
     device = device_name()
-    seconds, margin, measured = run_seconds(config, len(planned), steps, epochs, loaded, known or RunCosts(),
-                                            guessed_costs(demo, device, config))
+    seconds, margin, measured = run_seconds(config, len(planned) + held, steps, epochs, loaded, known or RunCosts(),
+                                            guessed_costs(demo, device, config),
+                                            scoring_work(config, held, epochs, steps))
     counts = (steps, per_epoch, scan.total_repeats, sum(image.repeats for image in prior), seconds, margin, measured)
     samples = saves_to_come(config, epochs, steps)[1] * len(config.sample_prompts)
     where = "the demo model" if demo else "this GPU" if torch.cuda.is_available() else "the CPU"
     if demo or not torch.cuda.is_available():
-        return Estimate(*counts, None, None, f"{where} ({device})", scan.stale, samples)
+        return Estimate(*counts, None, None, f"{where} ({device})", scan.stale, samples, images.held_out_note)
     free, _ = torch.cuda.mem_get_info()
-    return Estimate(*counts, peak_memory_gb(config), free / GB, device, scan.stale, samples)
+    return Estimate(*counts, peak_memory_gb(config), free / GB, device, scan.stale, samples, images.held_out_note)

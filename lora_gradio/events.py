@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class JobEvent:
-    """``kind`` is status, progress, warning, step, epoch, saved, samples, history, done, stopped or error.
+    """``kind`` is status, progress, warning, step, epoch, saved, samples, history, validation (a held-out score in
+    ``loss``), done, stopped or error.
 
     ``step``/``total_steps`` count whatever the job counts (training steps, images); training also fills the rest.
     A resumed run first sends ``history``: the ``points`` (step, loss, learning rate) it had already made.

@@ -24,7 +24,8 @@ from .events import Emit, JobEvent
 from .models import BaseModelSpec
 from .training.config import TrainConfig
 from .training.data import TrainData
-from .training.loop import TrainResult, train
+from .training.loop import train
+from .training.result import TrainResult
 from .training.run_folder import RunFolder, RunJob
 
 LOG_LINES = 200
@@ -38,7 +39,8 @@ class JobState:
     """Everything a page needs to show a job of any kind, whichever browser tab asks: ``step`` of ``total_steps``
     counts what the job counts (steps, images, files), and ``result`` is the work's own result, which has
     ``stopped`` set when a Stop ended it. A job that counts epochs fills those too; a training job also fills the
-    ``losses`` (step, loss, learning rate, from ``loss_offset`` on), ``samples`` and ``saved`` files."""
+    ``losses`` (step, loss, learning rate, from ``loss_offset`` on), its held-out ``validation`` scores (step,
+    epoch, loss), ``samples`` and ``saved`` files."""
 
     kind: str = ""
     title: str = ""
@@ -53,6 +55,7 @@ class JobState:
     it_per_s: float | None = None
     loss_offset: int = 0
     losses: list[tuple[int, float, float | None]] = field(default_factory=list)
+    validation: list[tuple[int, int, float]] = field(default_factory=list)
     samples: list[tuple[int, str]] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -160,7 +163,8 @@ class JobRunner:
     @staticmethod
     def _copy(state: JobState, since: int) -> JobState:
         since = max(0, min(int(since), len(state.losses)))
-        return replace(state, loss_offset=since, losses=state.losses[since:], samples=list(state.samples),
+        return replace(state, loss_offset=since, losses=state.losses[since:], validation=list(state.validation),
+                       samples=list(state.samples),
                        saved=list(state.saved), log=list(state.log), warnings=list(state.warnings))
 
     def _run(self, job: _Job, work: Work) -> None:
@@ -193,7 +197,9 @@ class JobRunner:
                 return
             if event.kind == "history":
                 state.losses = list(event.points)
-            if event.kind == "progress" and event.step:
+            elif event.kind == "validation":
+                state.validation.append((event.step, event.epoch, float(event.loss)))
+            elif event.kind == "progress" and event.step:
                 elapsed = time.time() - state.started
                 state.eta_s = elapsed / event.step * (event.total_steps - event.step)
             elif event.kind == "samples":

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
+from .dataset import list_images
 from .errors import UserError
+
+VALIDATION = "validation"  # a dataset's own validation images: a folder beside its images/
 
 DATASET_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 SETTINGS_FILE = "settings.json"
@@ -161,6 +164,11 @@ class Workspace:
         folder = self.dataset_dir(name)
         prepared = folder / "prepared"
         return folder / "images", prepared if prepared.is_dir() else None
+
+    def own_validation(self, name: str) -> Path | None:
+        """A dataset's own validation images (its ``validation/`` folder, as the demo dataset has), if it has any."""
+        folder = self.dataset_dir(name) / VALIDATION
+        return folder if folder.is_dir() and list_images(folder) else None
 
     def lora_files(self) -> dict[str, Path]:
         """Every LoRA to test, labelled: trained runs' epochs first (newest run first), then models/loras."""

@@ -91,3 +91,9 @@ def wait_for(predicate, timeout: float = 30, what: str = "condition"):
             return value
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def shown_text(page, selector: str) -> str:
+    """The text a person sees in a Markdown or HTML block: its content, without the status tracker that Gradio keeps
+    (hidden) beside a block that a timer updates."""
+    return page.locator(f"{selector} [data-testid=markdown], {selector} .prose").first.inner_text()

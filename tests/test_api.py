@@ -42,7 +42,11 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     started = client.predict(dataset="apidata", base="demo",
                              settings=demo_settings(client, epochs=400, trigger_word="lgdemo"), api_name="/train_start")
     assert "1600 steps" in started["estimate"] and started["job_id"]
+    assert "No held-out images (Held-out images is 0)" in started["estimate"]  # the demo preset holds none out
     wait_for(lambda: job(client)["step"] >= 3, 60, "training to start")
+    with pytest.raises(AppError, match="validation dataset must be another dataset"):
+        client.predict(dataset="apidata", settings=demo_settings(client), validation="apidata",
+                       api_name="/train_start")
     with pytest.raises(AppError, match="already running"):
         client.predict(dataset="apidata", settings=demo_settings(client), api_name="/train_start")
     with pytest.raises(AppError, match="busy with training"):

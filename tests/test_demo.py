@@ -11,9 +11,18 @@ from PIL import Image
 
 from lora_gradio.cache import ModelCache
 from lora_gradio.demo.judge import Case, base_cases, concept_cases, render_cases, score
-from lora_gradio.demo.shapes import CONCEPT, DEMO_TRIGGER, PALETTE, draw, make_demo_dataset, random_drawing
+from lora_gradio.demo.shapes import (
+    CONCEPT,
+    DEMO_TRIGGER,
+    PALETTE,
+    draw,
+    make_demo_dataset,
+    make_demo_validation,
+    random_drawing,
+)
 from lora_gradio.demo.vision import read_picture
 from lora_gradio.training.config import load_preset
+from lora_gradio.training.data import TrainData
 from lora_gradio.training.loop import train
 
 RING = {"trigger_word": DEMO_TRIGGER, "save_every_n_epochs": 0, "sample_prompts": []}  # the demo preset, no extras
@@ -62,7 +71,8 @@ def ring_lora(tmp_path_factory, demo_spec, cache):
 
     root = tmp_path_factory.mktemp("rings")
     config = apply_overrides(load_preset("demo")[0], RING)
-    return train(config, demo_spec, make_demo_dataset(root / "data"), root / "run", cache=cache)
+    data = TrainData(make_demo_dataset(root / "data"), validation=make_demo_validation(root / "validation"))
+    return train(config, demo_spec, data, root / "run", cache=cache)
 
 
 def test_a_lora_trained_on_the_demo_dataset_draws_rings_and_strength_zero_does_not(ring_lora, cache):
@@ -72,6 +82,7 @@ def test_a_lora_trained_on_the_demo_dataset_draws_rings_and_strength_zero_does_n
     half = render_cases(cache, cases, seeds, ring_lora.lora_path, 0.5, DEMO_TRIGGER)
     learnt, untouched = score(cases, seeds, full), score(cases, seeds, none)
     assert learnt.concept >= 6, learnt  # 11 of 16 measured; the base alone draws none
+    assert [score.file for score in ring_lora.scores] == ["lora.safetensors"]  # its own four rings, scored once
     assert learnt.share("colour") >= 0.75 and learnt.share("background") >= 0.75, learnt  # rings, not one colour
     assert untouched.concept <= 1 and untouched.share("colour") >= 0.75, untouched
 

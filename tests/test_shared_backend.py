@@ -399,7 +399,7 @@ def test_a_resumed_run_is_compared_with_the_estimate_of_what_was_left(tmp_path):
 
     studio = Studio(Workspace.open(tmp_path / "ws"))
     make_demo_dataset(studio.images_dir(studio.create_dataset("anna")))
-    plan = studio.plan_training("anna", "demo", {"epochs": 20, "resolution": 64})
+    plan = studio.plan_training("anna", "demo", {"epochs": 5, "resolution": 64})
     job = studio.start_training(plan)
     deadline = time.monotonic() + 60
     while studio.jobs.view(job).step < 3 and time.monotonic() < deadline:

@@ -4,7 +4,7 @@ import json
 import re
 
 from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
-from browser import browser_page, screenshot, wait_for
+from browser import browser_page, screenshot, shown_text, wait_for
 from PIL import Image
 from tiny_blip import save_tiny_blip
 
@@ -72,7 +72,7 @@ def test_upload_report_caption_and_edit(app, tmp_path):
         page.locator("#blip-folder").get_by_role("textbox").fill(str(blip))
         page.locator("#trigger-word").get_by_role("textbox").fill("ohwx")
         page.locator("#caption-run").click()
-        wait_for(lambda: "Captioned 11 images" in page.locator("#caption-status").inner_text(), timeout=60,
+        wait_for(lambda: "Captioned 11 images" in shown_text(page, "#caption-status"), timeout=60,
                  what="captioning to finish")
         edited = page.get_by_label("photo03.png")
         wait_for(lambda: edited.input_value().startswith("ohwx, "), what="captions in the editor")
@@ -157,9 +157,8 @@ def test_zips_from_a_mac_and_from_windows_show_their_captions_in_the_caption_tab
     windows_zip(zips / "trip.zip")
     with browser_page() as page:
         import_into_new_dataset(page, app_url, "zipped", zips, "IMG_0001 (2).txt")
-        summary = page.locator("#import-summary")
-        assert summary.inner_text().startswith("4 images and 4 captions imported from photos.zip, trip.zip; "
-                                               "4 system files ignored")
+        assert shown_text(page, "#import-summary").startswith(
+            "4 images and 4 captions imported from photos.zip, trip.zip; 4 system files ignored")
         assert re.search(r"warning\s+IMG_0001 \(2\)\.txt\s+caption for IMG_0001 \(2\)\.jpg; not UTF-8",
                          results_text(page))
         page.get_by_role("tab", name="Caption").click()
@@ -175,7 +174,7 @@ def test_zips_from_a_mac_and_from_windows_show_their_captions_in_the_caption_tab
         confirm = page.locator("#dataset-delete-confirm")
         wait_for(lambda: "Delete dataset zipped with its 4 images" in confirm.inner_text(), what="the question")
         page.locator("#dataset-delete-yes").click()
-        wait_for(lambda: "Deleted dataset zipped." in summary.inner_text(), 60, "the deletion")
+        wait_for(lambda: "Deleted dataset zipped." in shown_text(page, "#import-summary"), 60, "the deletion")
         assert not confirm.is_visible() and not (workspace / "datasets" / "zipped").exists()
         assert page.locator("#dataset-picker").get_by_role("combobox").input_value() == ""
         assert sorted(p.name for p in zips.iterdir()) == ["photos.zip", "trip.zip"]  # what was brought stays
@@ -193,9 +192,8 @@ def test_a_mixed_upload_is_counted_right(app, tmp_path):
             packed.writestr(f"packed{index}.png", photo_bytes(40 + index))
     with browser_page() as page:
         import_into_new_dataset(page, app_url, "mixed", mixed, "packed2.png")
-        summary = page.locator("#import-summary")
-        wait_for(lambda: summary.inner_text().strip(), 30, "the summary")
-        assert summary.inner_text().strip() == "8 images and 2 captions imported from 7 files, more.zip."
+        wait_for(lambda: shown_text(page, "#import-summary").strip(), 30, "the summary")
+        assert shown_text(page, "#import-summary").strip() == "8 images and 2 captions imported from 7 files, more.zip."
     images = workspace / "datasets" / "mixed" / "images"
     assert len(list(images.glob("*.png"))) == 8 and len(list(images.glob("*.txt"))) == 2
 
@@ -213,7 +211,7 @@ def test_remove_waits_for_a_choice_help_lines_are_readable_and_an_offline_blip_s
         page.keyboard.press("Escape")  # the list closes, the choice stays
         wait_for(lambda: remove.is_enabled(), 30, "Remove, once something is chosen")
         remove.click()
-        wait_for(lambda: "1 removed" in page.locator("#import-summary").inner_text(), 30, "the removal")
+        wait_for(lambda: "1 removed" in shown_text(page, "#import-summary"), 30, "the removal")
         assert [p.name for p in (workspace / "datasets" / "edges" / "images").glob("*.png")] == ["pick1.png"]
 
         page.get_by_role("tab", name="Caption").click()

@@ -3,7 +3,7 @@
 import re
 
 from bad_files import photo_bytes
-from browser import browser_pages, screenshot, wait_for
+from browser import browser_pages, screenshot, shown_text, wait_for
 from test_ui_dataset_caption import type_into
 from test_ui_journey import choose, set_number
 
@@ -25,7 +25,7 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         starter.get_by_role("tab", name="Dataset").click()
         set_number(starter, "#prepare-resolution", 256)
         starter.locator("#prepare-run").click()
-        wait_for(lambda: "Prepared 8 training copies" in starter.locator("#prepare-result").inner_text(), 60,
+        wait_for(lambda: "Prepared 8 training copies" in shown_text(starter, "#prepare-result"), 60,
                  "Prepare, run as a job")
         assert re.match(r"done: 8/8", progress(starter, "prepare"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from bad_files import photo_bytes
-from browser import browser_page, screenshot, wait_for
+from browser import browser_page, screenshot, shown_text, wait_for
 from PIL import Image
 from test_ui_dataset_caption import import_into_new_dataset
 from tiny_blip import save_tiny_blip
@@ -52,7 +52,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         page.locator("#blip-folder").get_by_role("textbox").fill(str(blip))
         page.locator("#trigger-word").get_by_role("textbox").fill("lgdemo")
         page.locator("#caption-run").click()
-        wait_for(lambda: "Captioned 8 images" in page.locator("#caption-status").inner_text(), 60, "captions")
+        wait_for(lambda: "Captioned 8 images" in shown_text(page, "#caption-status"), 60, "captions")
         assert str(workspace) not in page.locator("#cache-status").inner_text()  # "BLIP captioner models/blip"
 
         page.get_by_role("tab", name="Train").click()

@@ -76,7 +76,7 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         assert "invalid-field" in page.locator("#field-rank").get_attribute("class")
         assert "Invalid settings: rank = 0" in page.locator(".toast-body").first.inner_text()
         page.wait_for_timeout(1500)  # a second toast for the same click would have come by now
-        assert page.locator(".toast-body", has_text="Invalid settings").count() == 1
+        assert page.locator(".toast-body", has_text="Invalid settings").count() <= 1  # one, or gone by now
         assert no_error_pill(page) and progress(page) == "Nothing running yet."
         type_into(rank, "4")
         type_into(page.locator("#field-trigger_word").get_by_role("textbox"), "flowword")

@@ -27,6 +27,7 @@ BASE_SHAPES = ("circle", "square", "triangle")
 CONCEPT = "ring"  # the shape the base model never sees: the demo dataset teaches it to a LoRA
 DEMO_TRIGGER = "lgring"
 DEMO_IMAGES = 20
+DEMO_CHECK_IMAGES = 4  # rings of its own that the demo dataset validates on, so all 20 train
 CONCEPT_RADII = (15.0, 22.0)  # large enough that the ring's hole spans several of the demo's 8×8 latent cells
 HOLE = 0.5  # a ring's hole, as a share of its radius
 SUPERSAMPLE = 4  # drawn large and scaled down, so edges are soft like a photo's, not jagged
@@ -113,3 +114,8 @@ def make_demo_dataset(folder: Path, trigger_word: str = DEMO_TRIGGER, count: int
         write_bytes_atomic(folder / f"{name}.png", encoded.getvalue())  # parallel ranks may write it too
         write_caption(folder / f"{name}.png", drawing.caption(trigger_word))
     return folder
+
+
+def make_demo_validation(folder: Path, trigger_word: str = DEMO_TRIGGER) -> Path:
+    """Rings the demo dataset's runs score but never train on: drawn like the dataset's, from another seed."""
+    return make_demo_dataset(folder, trigger_word, DEMO_CHECK_IMAGES, seed=101)

@@ -21,6 +21,7 @@ from ..dataset import (
 )
 from ..errors import UserError
 from ..request import short
+from ..workspace import VALIDATION
 from .desk import Desk, exists
 
 CAPTION_TOKENS = 75  # what CLIP reads of a caption; training cuts the rest
@@ -42,7 +43,7 @@ class Datasets(Desk):
     def load_demo_dataset(self, visitor: Visitor = OPERATOR) -> str:
         """Create the demo dataset (rings, a shape the demo base has never seen) as an ordinary dataset of this
         visitor's, under the first free name; returns that name."""
-        from ..demo.shapes import DEMO_TRIGGER, make_demo_dataset
+        from ..demo.shapes import DEMO_TRIGGER, make_demo_dataset, make_demo_validation
 
         taken = set(self.workspace.list_datasets())
         free = [n for n in ("demo-rings", *(f"demo-rings-{i}" for i in range(2, MAX_DEMO_DATASETS + 1)))
@@ -53,6 +54,7 @@ class Datasets(Desk):
         name = free[0]
         self.create_dataset(name, visitor)
         make_demo_dataset(self.images_dir(name))
+        make_demo_validation(self.workspace.dataset_dir(name) / VALIDATION)
         self.workspace.set_dataset_settings(name, DEMO_TRIGGER)
         return name
 

@@ -16,7 +16,7 @@ from ..events import Emit, JobEvent
 from ..lora_map import inspect_lora, read_metadata
 from ..models import PICKLE_SUFFIXES, default_side
 from ..request import GenerateRequest, short
-from ..training.loop import TrainResult
+from ..training.result import TrainResult
 from ..training.run_folder import RunFolder
 from .desk import Desk, exists, stamp
 

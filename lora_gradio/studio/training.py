@@ -20,7 +20,7 @@ from ..models import DEMO, BaseModelSpec, resolve_base
 from ..request import short
 from ..training.config import PRESETS_DIR, TrainConfig, list_presets, load_preset, make_config, save_preset
 from ..training.data import TrainData
-from ..training.loop import TrainResult
+from ..training.result import TrainResult
 from ..training.run_folder import RunFolder, RunJob, list_runs, resumable_runs
 from ..workspace import DATASET_NAME
 from .desk import Desk, exists
@@ -42,11 +42,13 @@ class Training(Desk):
     """Presets, plans and runs."""
 
     def plan_training(self, dataset: str | None, base: str | None, settings: dict[str, Any] | TrainConfig,
-                      regularization: str | None = None, repeats: int = 1) -> TrainingPlan:
+                      regularization: str | None = None, repeats: int = 1, validation: str | None = None,
+                      ) -> TrainingPlan:
         """Validate settings (unknown keys are named) and estimate; the sample prompts keep ``{trigger}``, filled in
         as they are rendered.
         ``regularization`` names a second dataset of class images; ``repeats`` is how often an epoch shows each
-        image of ``dataset``."""
+        image of ``dataset``; ``validation`` names a dataset of the same subject to score instead of holding some
+        of ``dataset``'s images out."""
         if not dataset:
             raise UserError("Choose a dataset above (and add images in the Dataset tab) before training.")
         config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
@@ -58,7 +60,8 @@ class Training(Desk):
             raise UserError(f"Dataset '{dataset}' has no images yet: add photos in the Dataset tab (drop them, a zip, "
                             "or a folder of this server), then train.")
         regular = self.workspace.training_data(regularization)[0] if regularization else None
-        data = TrainData(images, prepared, regular, repeats)
+        held = self.workspace.training_data(validation)[0] if validation else self.workspace.own_validation(dataset)
+        data = TrainData(images, prepared, regular, repeats, held)
         known = self.timings.costs(spec.display_name, device_name())
         loaded = self.cache.holds == ("pipeline", spec)
         return TrainingPlan(config, spec, data, estimate(config, data, spec.kind == DEMO, known, loaded))
@@ -151,7 +154,7 @@ class Training(Desk):
         return Path(state.run_dir).name if state.active and state.run_dir else None
 
     def runs(self) -> list[list[str]]:
-        """Every run, newest first: name, status, date, steps and recent loss."""
+        """Every run, newest first: name, status, date, steps, recent loss and lowest validation loss."""
         running = self.training_run()
         return [run.row(run.name == running) for run in list_runs(self.workspace.outputs_dir)]
 

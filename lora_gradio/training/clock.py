@@ -21,6 +21,7 @@ class RunClock:
         self.steps: list[float] = []
         self.renders: list[float] = []  # seconds of each round of samples
         self.saves: list[float] = []  # seconds of each LoRA file with its card and workflow
+        self.validations: list[float] = []  # seconds of each scoring of the held-out images
         self.encode: dict[str, float] = {}
         self.tick = time.perf_counter()
 
@@ -56,11 +57,15 @@ class RunClock:
         return len(recent) / sum(recent) if recent else 0.0
 
     def time_besides_steps(self, epochs: int, total_steps: int, epochs_done: int, steps_done: int) -> float:
-        """Seconds the rest of the run will spend rendering samples and saving files, at what they cost so far."""
+        """Seconds the rest of the run will spend rendering samples, saving files and scoring the held-out images
+        (at every save, and every ``validation_every_n_steps``), at what they cost so far."""
         saves, renders = saves_to_come(self.config, epochs, total_steps, epochs_done, steps_done)
         render = self.renders[-1] if self.renders else 0.0
         save = sum(self.saves) / len(self.saves) if self.saves else 0.0
-        return renders * render + saves * save
+        every = self.config.validation_every_n_steps
+        scorings = saves + ((total_steps - steps_done) // every if every else 0)
+        validation = sum(self.validations) / len(self.validations) if self.validations else 0.0
+        return renders * render + saves * save + scorings * validation
 
     def costs(self) -> RunCosts:
         """What this run's parts cost at its sizes (see :class:`RunCosts`), for the estimates of later runs."""

@@ -87,6 +87,9 @@ class TrainConfig:
     sample_width: Annotated[int, Field(ge=0, le=2048, multiple_of=8)] = 0  # 0: the training resolution
     sample_height: Annotated[int, Field(ge=0, le=2048, multiple_of=8)] = 0
     sample_scheduler: SamplerName = "Euler"
+    validation_images: Annotated[int, Field(ge=-1, le=50)] = -1  # -1: 10% of 15 or more images, from 2 to 5
+    validation_every_n_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # besides every save
+    early_stopping_patience: Annotated[int, Field(ge=0, le=100)] = 0  # 0: off
 
     @field_validator("unet_modules")
     @classmethod
@@ -172,6 +175,12 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "sample_width": ("Sample width", "Sample image width in pixels; 0 = the training resolution."),
     "sample_height": ("Sample height", "Sample image height in pixels; 0 = the training resolution."),
     "sample_scheduler": ("Sample sampler", "The sampler for the samples; Euler is a safe default."),
+    "validation_images": ("Held-out images", "Images kept out of training to measure overfitting at every save; "
+                                             "-1 = 10% of 15 or more (2 to 5), 0 = none."),
+    "validation_every_n_steps": ("Validate every N steps", "Also measure the held-out loss every N steps; 0 = only "
+                                                           "when saving."),
+    "early_stopping_patience": ("Early stopping", "Stop once the held-out loss has not improved for this many saves, "
+                                                  "keeping the best epoch; 0 = off."),
 }
 PATTERN_HINTS = {"output_name": "use a file name of letters, digits, '-', '_' and '.', starting with a letter or digit"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -21,21 +21,64 @@ from ..dataset import DatasetScan, TrainImage, open_rgb, oriented_size, scan_tra
 from ..errors import Stopped, UserError
 
 MAX_REPEATS = 1000
+AUTO_HELD_OUT = -1  # validation_images: hold out 10% of a dataset of 15 or more, from 2 to 5
+MIN_HELD_OUT_DATASET = 15  # below this, holding images out costs the training more than the numbers are worth
+AUTO_SHARE, AUTO_LEAST, AUTO_MOST = 0.10, 2, 5
+KEEP_TRAINING = 5  # a chosen hold-out must leave this many images to train on
 LATENT_CACHE = ".latent-cache"  # in the images folder; hidden, so no scan takes it for images
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
+    from .config import TrainConfig
+
+
+def held_out_count(images: int, setting: int) -> int:
+    """How many of a dataset's images a run holds out: ``setting`` itself, or (``AUTO_HELD_OUT``) 10% of 15 or
+    more, from 2 to 5, and none below 15."""
+    if setting != AUTO_HELD_OUT:
+        return setting
+    if images < MIN_HELD_OUT_DATASET:
+        return 0
+    return min(AUTO_MOST, max(AUTO_LEAST, round(images * AUTO_SHARE)))
+
+
+def split_held_out(images: list[TrainImage], setting: int, seed: int) -> tuple[list[TrainImage], list[TrainImage]]:
+    """The images to train on and the ones held out, picked by the run's seed (the same run holds out the same
+    ones); both keep the dataset's order."""
+    count = held_out_count(len(images), setting)
+    if count and len(images) - count < KEEP_TRAINING:
+        raise UserError(f"Holding out {count} of {len(images)} images leaves fewer than {KEEP_TRAINING} to train on. "
+                        "Hold out fewer ('Held-out images'), pick a validation dataset instead, or set it to -1 (10% "
+                        f"of datasets of {MIN_HELD_OUT_DATASET} images or more).")
+    picked = set(random.Random(seed).sample(range(len(images)), count))
+    return ([image for index, image in enumerate(images) if index not in picked],
+            [image for index, image in enumerate(images) if index in picked])
+
+
+@dataclass
+class RunImages:
+    """What a run does with its data: the images it trains on, the regularisation images, the held-out images it
+    scores but never trains on, and a sentence saying which those are, or why there are none."""
+
+    scan: DatasetScan
+    prior: list[TrainImage]
+    held: list[TrainImage]
+    held_out_note: str
+    validation_dataset: str = ""  # the dataset the held-out images come from, when it is not the trained one
+
 
 @dataclass(frozen=True)
 class TrainData:
     """What a run trains on: a folder of images with their captions, Prepare's copies of them, an optional second
-    dataset of regularisation images (prior preservation), and how often an epoch shows the top-level images."""
+    dataset of regularisation images (prior preservation), how often an epoch shows the top-level images, and an
+    optional dataset of the same subject to validate on instead of held-out images."""
 
     images: Path
     prepared: Path | None = None
     regularization: Path | None = None
     repeats: int = 1
+    validation: Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or \
@@ -45,21 +88,43 @@ class TrainData:
         if self.regularization is not None and Path(self.regularization).resolve() == Path(self.images).resolve():
             raise UserError("The regularisation images must be another dataset than the one trained on: a set of "
                             "plain pictures of the class (e.g. 'a photo of a woman'), without your subject.")
+        if self.validation is not None and Path(self.validation).resolve() in \
+                {Path(folder).resolve() for folder in (self.images, self.regularization) if folder is not None}:
+            raise UserError("The validation dataset must be another dataset than the ones trained on: other photos "
+                            "of the same subject, which the run scores but never trains on.")
 
     @property
     def latent_cache(self) -> Path:
         """Where ``cache_latents_to_disk`` keeps this data's latents between runs."""
         return Path(self.images) / LATENT_CACHE
 
-    def scan(self, trigger_word: str) -> tuple[DatasetScan, list[TrainImage]]:
-        """The training images (with every problem found) and the regularisation images balanced against them; the
-        regularisation captions stay as they are, without the trigger word."""
-        scan = scan_training_folder(self.images, trigger_word, self.prepared, self.repeats)
+    def scan(self, config: TrainConfig) -> RunImages:
+        """The training images (with every problem found), the regularisation images balanced against them (their
+        captions stay as they are, without the trigger word), and the held-out images: the validation dataset's,
+        or some of this one's, picked by the run's seed."""
+        scan = scan_training_folder(self.images, config.trigger_word, self.prepared, self.repeats)
+        if self.validation is not None:
+            held = scan_training_folder(self.validation, config.trigger_word).images
+            where = self.validation.parent.name if self.validation.name == "images" else \
+                f"{self.validation.parent.name}/{self.validation.name}"
+            note = f"Validating on dataset {where} ({len(held)} images)"
+        else:
+            scan.images, held = split_held_out(scan.images, config.validation_images, config.seed)
+            names = ", ".join(str(image.path.name) for image in held[:6]) + (" …" if len(held) > 6 else "")
+            note = f"Held out for validation, {len(held)} of {len(scan.images) + len(held)} images: {names}"
+        if held:
+            note += ". They never train; their loss is measured at every save."
+        elif config.validation_images == 0:
+            note = "No held-out images (Held-out images is 0): every image trains, and nothing measures overfitting."
+        else:
+            note = (f"No held-out images: {len(scan.images)} images is under {MIN_HELD_OUT_DATASET}, so every one "
+                    "trains. Pick a validation dataset of the same subject to measure overfitting.")
+        other = self.validation.parent.name if self.validation is not None else ""
         if self.regularization is None:
-            return scan, []
+            return RunImages(scan, [], held, note, other)
         regular = scan_training_folder(self.regularization)
         scan.warnings += [f"Regularisation images: {warning}" for warning in regular.warnings]
-        return scan, prior_images(regular.images, scan.total_repeats)
+        return RunImages(scan, prior_images(regular.images, scan.total_repeats), held, note, other)
 
 
 def prior_images(regular: list[TrainImage], count: int) -> list[TrainImage]:

@@ -14,7 +14,7 @@ import random
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +25,11 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from ..dataset import DatasetScan, TrainImage
+    from ..dataset import TrainImage
     from ..models import BaseModelSpec
     from .config import TrainConfig
-    from .data import CachedImage
+    from .data import CachedImage, RunImages
+    from .validation import Score
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -163,11 +164,15 @@ class RunFacts:
     session_id: int
     reg_dataset_dirs: dict[str, dict[str, int]]
     num_reg_images: int  # regularisation images per epoch, repeats counted
+    held_out: list[str]  # the images scored but never trained on, relative to their dataset
+    validation_dataset: str  # the dataset they come from when it is not the trained one
+    scores: list[Score] = field(default_factory=list)  # each save fills in the held-out scores so far
 
 
-def run_facts(scan: DatasetScan, prior: list[TrainImage], cached: list[CachedImage], num_epochs: int,
-              max_steps: int) -> RunFacts:
-    """The facts a run's files record, gathered once when it starts; each save fills in its step and epoch."""
+def run_facts(images: RunImages, cached: list[CachedImage], num_epochs: int, max_steps: int) -> RunFacts:
+    """The facts a run's files record, gathered once when it starts; each save fills in its step, epoch and
+    scores."""
+    scan, prior = images.scan, images.prior
     captions_by_folder: dict[str, list[str]] = {}
     for item in scan.images:
         captions_by_folder.setdefault(item.folder, []).append(item.caption)
@@ -176,7 +181,8 @@ def run_facts(scan: DatasetScan, prior: list[TrainImage], cached: list[CachedIma
         buckets[latent.bucket] = buckets.get(latent.bucket, 0) + latent.repeats
     return RunFacts(time.time(), 0, 0, num_epochs, max_steps, scan.total_repeats, tag_frequency(captions_by_folder),
                     dataset_dirs(scan.images), buckets, random.SystemRandom().randrange(2**31),  # kohya: one a session
-                    dataset_dirs(prior), sum(item.repeats for item in prior))
+                    dataset_dirs(prior), sum(item.repeats for item in prior),
+                    [image.path.name for image in images.held], images.validation_dataset)
 
 
 def network_args(config: TrainConfig) -> dict[str, str]:
@@ -248,4 +254,16 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_clip_skip": str(config.clip_skip),
         "ss_tag_frequency": facts.tag_frequency,
         "ss_training_comment": f"trigger word: {config.trigger_word}" if config.trigger_word else "",
+        **validation_metadata(config, facts),
     }
+
+
+def validation_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
+    """``ss_validation_*``: which images were held out (or the dataset validated on), the seed of their fixed noise,
+    and their loss at this file's step; nothing when the run held none out."""
+    if not facts.held_out:
+        return {}
+    score = next((s for s in reversed(facts.scores) if s.step == facts.steps), None)
+    return {"ss_validation_images": json.dumps(facts.held_out, ensure_ascii=False),
+            "ss_validation_dataset": facts.validation_dataset, "ss_validation_seed": str(config.seed),
+            **({"ss_validation_loss": f"{score.loss:.6f}"} if score else {})}

@@ -1,8 +1,5 @@
-"""The LoRA training loop: set up on a view of the base model, one ``train_step`` per optimizer step, an epoch end.
-
-Read it like nanoGPT's ``train.py``: :class:`Trainer` sets the run up in ``__init__`` (with setup.py), ``run`` is the
-loop, and ``train_step`` is the whole of what one step does.
-"""
+"""The LoRA training loop, read like nanoGPT's ``train.py``: :class:`Trainer` sets the run up in ``__init__`` (with
+setup.py) on a view of the base model, ``run`` is the loop, and ``train_step`` is the whole of what one step does."""
 
 from __future__ import annotations
 
@@ -11,58 +8,36 @@ import random
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..cache import ModelCache
-from ..dataset import DatasetScan, TrainImage
 from ..errors import Stopped, UserError
-from ..estimate import RunCosts
 from ..events import Emit, JobEvent, status_events
 from ..inference import RenderStopped
 from ..models import BaseModelSpec, quiet_libraries
 from ..threads import fit_threads
 from ..views import encode_prompts, free_accelerator_memory
-from . import cards, kohya
+from . import cards, kohya, setup
 from .clock import RunClock
 from .config import TrainConfig
-from .data import TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
+from .data import RunImages, TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
 from .network import apply_max_norm, make_optimizer, trainable_parameters
 from .objective import denoising_loss
+from .result import TrainResult
 from .run_folder import RunFolder
 from .samples import overtraining_warning, render_samples, sample_grid
 from .setup import DTYPES, attach_network, encode_fixed_captions, encode_images, make_accelerator, working_view
+from .validation import Score
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import StableDiffusionPipeline
 
 CHECKPOINT_SECONDS = 600  # besides every epoch end, keep resume state at most this old
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: the final LoRA, every saved file, and the loss history."""
-
-    lora_path: Path | None
-    saved: list[Path]
-    steps: int
-    epochs: int
-    stopped: bool
-    losses: list[float] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    it_per_s: float = 0.0
-    peak_memory_gb: float | None = None  # CUDA only
-    seconds: float = 0.0  # the whole run, the model load included
-    costs: RunCosts = field(default_factory=RunCosts)  # what each part cost, for later estimates
-
-    def summary(self) -> str:
-        """One line for logs: steps, speed and peak GPU memory."""
-        memory = f", peak GPU memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb is not None else ""
-        return f"{self.steps} steps in {self.epochs} epochs at {self.it_per_s:.2f} it/s{memory}"
 
 
 def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, output_dir: Path,
@@ -74,14 +49,10 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
     run = RunFolder(Path(output_dir))
     run.check_writable()
     data = data if isinstance(data, TrainData) else TrainData(Path(data))
-    scan, prior = data.scan(config.trigger_word)
+    images = data.scan(config)
     latent_cache = data.latent_cache if config.cache_latents_to_disk else None
-    for warning in scan.warnings:
-        emit(JobEvent("warning", warning))
+    setup.announce(config, images, emit)
     quiet_libraries()
-    if config.optimizer == "prodigy" and config.unet_lr < 0.1:
-        emit(JobEvent("warning", "Prodigy sets its own step size and expects learning rates near 1.0; "
-                                 f"{config.unet_lr} will train very slowly."))
     emit(JobEvent("status", f"Loading base model {base.display_name}"))
     cache = cache or ModelCache()
     started, loads = time.perf_counter(), cache.loads
@@ -91,7 +62,7 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
                             on_wait=status_events(emit), stop=stop) as pipe:
             load_s = time.perf_counter() - started if cache.loads > loads else None
             accelerator = make_accelerator(config, emit)  # seeds the global RNGs: under the lease, no job between
-            result = Trainer(pipe, config, base, scan, prior, run, accelerator, emit, stop, latent_cache).run(resume)
+            result = Trainer(pipe, config, base, images, run, accelerator, emit, stop, latent_cache).run(resume)
         result.costs.load_s, result.seconds = load_s, time.perf_counter() - started
         return result
     except Stopped as exc:  # before the first step: nothing was trained or saved
@@ -106,11 +77,12 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
 class Trainer:
     """One run on a view of the leased base model, which itself is never changed."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseModelSpec, scan: DatasetScan,
-                 prior: list[TrainImage], run: RunFolder, accelerator: Accelerator, emit: Emit,
-                 stop: threading.Event, latent_cache: Path | None = None) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseModelSpec, images: RunImages,
+                 run: RunFolder, accelerator: Accelerator, emit: Emit, stop: threading.Event,
+                 latent_cache: Path | None = None) -> None:
         from diffusers import DDPMScheduler
 
+        scan, prior = images.scan, images.prior
         self.config, self.base, self.scan, self.folder = config, base, scan, run
         self.accelerator, self.emit, self.stop = accelerator, emit, stop
         self.clock = RunClock(config)
@@ -132,7 +104,10 @@ class Trainer:
         self.generator = torch.Generator(accelerator.device).manual_seed(config.seed)  # noise made where it is used
         self.caption_rng = random.Random(config.seed)
         self.result = TrainResult(None, [], 0, 0, False, warnings=list(scan.warnings))
-        self.facts = kohya.run_facts(scan, prior, self.cached, self.epochs, self.total_steps)
+        self.validator = setup.make_validator(self.pipe, images, config, self.noise_scheduler, (
+            self.epochs, self.total_steps), self.result.scores, lambda held: encode_images(
+            self.pipe, held, config, latent_cache, None, emit, stop))
+        self.facts = kohya.run_facts(images, self.cached, self.epochs, self.total_steps)
         self.first_samples: list[Path] = []
         self.lrs: list[float | None] = []  # the learning rate of each step, for the loss chart
         self.pending: list[tuple] = []  # (loss, ready event, step, epoch, lr) of steps whose loss is not read yet
@@ -203,8 +178,8 @@ class Trainer:
         config, accelerator, result = self.config, self.accelerator, self.result
         start_epoch, skip = self.restore() if resume else (0, 0)
         self.first_samples = self.folder.samples_of(0) if resume else []
-        self.emit(self.event("status", f"Training {self.total_steps} steps ({self.epochs} epochs of "
-                                       f"{self.steps_per_epoch})"))
+        length = f"{self.total_steps} steps ({self.epochs} epochs of {self.steps_per_epoch})"
+        self.emit(self.event("status", f"Training {length}"))
         if not self.first_samples:
             self.first_samples = self.samples(0)
         accumulation = config.gradient_accumulation_steps
@@ -225,12 +200,18 @@ class Trainer:
                     break
                 if config.sample_every_n_steps and result.steps % config.sample_every_n_steps == 0:
                     self.samples(epoch + 1, step=result.steps)
+                if config.validation_every_n_steps and result.steps % config.validation_every_n_steps == 0:
+                    self.validate(epoch + 1)
             result.epochs = epoch + 1
             if self.stop.is_set():
                 result.stopped = True
                 self.checkpoint(epoch, done)
                 break
             self.end_epoch(epoch + 1)
+            if self.validator is not None and self.validator.stalled(config.early_stopping_patience):
+                result.stopped_early = True
+                self.emit(self.event("status", self.validator.early_stop_note(config.early_stopping_patience)))
+                break
         return self.finish()
 
     def report(self, loss: torch.Tensor, epoch: int, steps_in_epoch: int) -> None:
@@ -282,6 +263,7 @@ class Trainer:
         self.emit(self.event("epoch", f"Epoch {epoch}/{self.epochs} done", epoch=epoch))
         self.checkpoint(epoch, 0)
         if epoch < self.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
+            self.validate(epoch, self.folder.lora_file(config.output_name, epoch))  # first, for the file's metadata
             self.samples(epoch, self.save(epoch))
 
     def finish(self) -> TrainResult:
@@ -291,6 +273,8 @@ class Trainer:
             result.peak_memory_gb = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         result.costs = self.clock.costs()
         if accelerator.is_main_process:
+            if not result.stopped:
+                self.validate(result.epochs, self.folder.lora_file(self.config.output_name))
             result.lora_path = self.save(None)
             if not result.stopped:
                 self.samples(result.epochs, result.lora_path)
@@ -299,13 +283,25 @@ class Trainer:
                     result.saved.append(grid)
                     self.emit(self.event("saved", "Saved the sample grid (epochs × prompts)", path=str(grid)))
                 self.folder.finish()
-            self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped)
+            self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped,
+                                       result.scores)
         accelerator.wait_for_everyone()
         verb = "Stopped" if result.stopped else "Finished"
         self.emit(self.event("stopped" if result.stopped else "done",
                              f"{verb} after {result.steps} steps: {result.lora_path}", epoch=result.epochs,
                              path=str(result.lora_path) if result.lora_path else None))
         return result
+
+    def validate(self, epoch: int, file: Path | None = None) -> None:
+        """Score the held-out images with the LoRA as it is now, at a save (``file``) or between saves; once per
+        step, so the final file of a run stopped early shares its last epoch's score."""
+        if self.validator is None or not self.accelerator.is_main_process or self.validator.scored(self.result.steps):
+            return
+        self.read_losses()
+        with self.clock.apart(self.clock.validations), self.accelerator.autocast(), setup.evaluating(self.pipe):
+            score, line = self.validator.score(self.result.steps, epoch, file, self.pipe.unet,  # not DDP's wrapper:
+                                               self.pipe.text_encoder, self.pipe.tokenizer)  # rank 0 alone scores
+        self.emit(self.event("validation", line, epoch=epoch, loss=score.loss))
 
     def event(self, kind: str, message: str, **fields: object) -> JobEvent:
         """An event carrying the run's step and totals."""
@@ -321,8 +317,8 @@ class Trainer:
         with self.clock.apart(self.clock.saves):
             tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
                                             DTYPES[config.save_dtype])
-            metadata = kohya.build_metadata(config, self.base, replace(self.facts, steps=result.steps,
-                                                                       epoch=epoch or result.epochs))
+            metadata = kohya.build_metadata(config, self.base, replace(self.facts, steps=result.steps, epoch=epoch or
+                                                                       result.epochs, scores=result.scores))
             target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
             path = kohya.save_lora(target, tensors, metadata)
             cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
@@ -352,8 +348,7 @@ class Trainer:
         if lora is not None:
             cards.write_preview(lora, paths[0])
         self.emit(self.event("samples", f"Samples for {when}", epoch=epoch, paths=[str(p) for p in paths]))
-        warning = overtraining_warning(self.first_samples, paths, when)
-        if warning:
+        if warning := overtraining_warning(self.first_samples, paths, when):
             self.emit(JobEvent("warning", warning, epoch=epoch))
         return paths
 
@@ -365,11 +360,12 @@ class Trainer:
         with self.clock.apart():
             self.folder.save_state({
                 "step": self.result.steps, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
-                "losses": self.result.losses, "lrs": self.lrs,
+                "losses": self.result.losses, "lrs": self.lrs, "scores": [s.row() for s in self.result.scores],
                 "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                 "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
-            self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False)
+            self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False,
+                                       self.result.scores)
         self.last_checkpoint = time.monotonic()
 
     def restore(self) -> tuple[int, int]:
@@ -377,6 +373,7 @@ class Trainer:
         state = self.folder.load_state()
         self.result.steps, self.result.losses = state["step"], list(state["losses"])
         self.lrs = list(state.get("lrs") or [None] * len(self.result.losses))
+        self.result.scores[:] = [Score(*score) for score in state.get("scores", [])]  # the validator's list too
         for name, value in state["lora"].items():
             self.lora_params[name].data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -392,7 +389,8 @@ class Trainer:
         epoch, done = state["epoch"], state["steps_in_epoch"]
         points = [(step + 1, loss, lr) for step, (loss, lr) in enumerate(zip(self.result.losses, self.lrs,
                                                                                 strict=True))]
-        for event in [self.event("history", "", points=points), *self.folder.history(self.steps_per_epoch)]:
+        scores = [score.event() for score in self.result.scores]
+        for event in [self.event("history", "", points=points), *scores, *self.folder.history(self.steps_per_epoch)]:
             self.emit(event)  # the page of a resumed run shows the whole run, not only its new part
         self.emit(self.event("status", f"Resuming at step {self.result.steps} (epoch {epoch + 1}, step "
                                        f"{done + 1} of it)", epoch=epoch))

@@ -19,6 +19,7 @@ from ..events import JobEvent
 from ..models import BaseModelSpec
 from .config import TrainConfig, make_config
 from .data import TrainData
+from .validation import Score, best_score
 
 JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.json"  # steps done and the latest loss, for the list of runs
@@ -126,6 +127,7 @@ class RunFolder:
             "config": job.config.to_dict(), "base": asdict(job.base), "data_dir": str(data.images),
             "prepared_dir": str(data.prepared) if data.prepared else None,
             "regularization_dir": str(data.regularization) if data.regularization else None,
+            "validation_dir": str(data.validation) if data.validation else None,
             "repeats": data.repeats, "started_by": job.owner, "created": time.time()}, indent=2) + "\n")
 
     def read_job(self) -> RunJob:
@@ -134,9 +136,9 @@ class RunFolder:
             raise UserError(f"'{self.path.name}' is not a lora-gradio run folder (no {JOB_FILE}).")
         try:
             job = json.loads(self.job_file.read_text(encoding="utf-8"))
-            prepared, regular = job.get("prepared_dir"), job.get("regularization_dir")
-            data = TrainData(Path(job["data_dir"]), Path(prepared) if prepared else None,
-                             Path(regular) if regular else None, job.get("repeats", 1))
+            folders = [job.get(key) for key in ("prepared_dir", "regularization_dir", "validation_dir")]
+            prepared, regular, validation = (Path(folder) if folder else None for folder in folders)
+            data = TrainData(Path(job["data_dir"]), prepared, regular, job.get("repeats", 1), validation)
             owner = job.get("started_by")
             return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]), data,
                           owner if isinstance(owner, str) else None)
@@ -179,12 +181,22 @@ class RunFolder:
         """A finished run has nothing left to resume."""
         self.state_file.unlink(missing_ok=True)
 
-    def write_progress(self, steps: int, total_steps: int, losses: list[float], finished: bool) -> None:
-        """Record how far the run got and its recent loss (the mean of the last 10 steps)."""
+    def write_progress(self, steps: int, total_steps: int, losses: list[float], finished: bool,
+                       scores: list[Score]) -> None:
+        """Record how far the run got, its recent loss (the mean of the last 10 steps) and every held-out score."""
         recent = losses[-10:]
         write_text_atomic(self.path / PROGRESS_FILE, json.dumps({
             "steps": steps, "total_steps": total_steps, "finished": finished,
-            "loss": sum(recent) / len(recent) if recent else None}) + "\n")
+            "loss": sum(recent) / len(recent) if recent else None,
+            "validation": [score.row() for score in scores]}) + "\n")
+
+    def scores(self) -> list[Score]:
+        """The held-out scores ``progress.json`` keeps (none where it has none, or is damaged)."""
+        try:
+            rows = json.loads((self.path / PROGRESS_FILE).read_text(encoding="utf-8")).get("validation") or []
+            return [Score(int(step), int(epoch), float(loss), str(file)) for step, epoch, loss, file in rows]
+        except (OSError, ValueError, TypeError, AttributeError):
+            return []
 
     def summary(self) -> RunSummary:
         """The run as the list of runs shows it."""
@@ -199,7 +211,8 @@ class RunFolder:
         loss = progress.get("loss")
         return RunSummary(self.path.name, status, time.strftime("%Y-%m-%d %H:%M", time.localtime(created)),
                           int(progress.get("steps") or 0), int(progress.get("total_steps") or 0),
-                          float(loss) if isinstance(loss, int | float) else None, created)
+                          float(loss) if isinstance(loss, int | float) else None, created,
+                          best_score([score for score in self.scores() if score.file]))
 
 
 @dataclass(frozen=True)
@@ -213,12 +226,14 @@ class RunSummary:
     total_steps: int
     loss: float | None
     created: float
+    best: Score | None = None  # the lowest held-out loss of a saved file
 
     def row(self, running: bool = False) -> list[str]:
-        """Run, status, date, steps and recent loss, as table cells."""
+        """Run, status, date, steps, recent loss and the best held-out loss, as table cells."""
         steps = f"{self.steps}/{self.total_steps}" if self.total_steps else "–"
         loss = f"{self.loss:.4f}" if self.loss is not None else "–"
-        return [self.name, "running" if running else self.status, self.date, steps, loss]
+        best = f"{self.best.loss:.4f} (epoch {self.best.epoch})" if self.best else "–"
+        return [self.name, "running" if running else self.status, self.date, steps, loss, best]
 
 
 def list_runs(outputs_dir: Path) -> list[RunSummary]:

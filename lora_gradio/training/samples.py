@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageStat
 
+from .setup import evaluating
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
@@ -38,16 +40,10 @@ def render_samples(pipe: StableDiffusionPipeline, config: TrainConfig, run: RunF
     from ..inference import render, save_png
 
     run.samples_dir.mkdir(parents=True, exist_ok=True)
-    unet_training, te_training = pipe.unet.training, pipe.text_encoder.training
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    try:
+    with evaluating(pipe):
         images = [render(pipe, sample_request(config, index, lora), base_name, stop)
                   for index in range(len(config.sample_prompts))]
-        return [save_png(image, run.sample_file(epoch, index, step)) for index, image in enumerate(images)]
-    finally:
-        pipe.unet.train(unet_training)
-        pipe.text_encoder.train(te_training)
+    return [save_png(image, run.sample_file(epoch, index, step)) for index, image in enumerate(images)]
 
 
 def sample_grid(run: RunFolder, prompts: list[str]) -> Path | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,14 +17,52 @@ from ..events import Emit, JobEvent
 from ..views import encode_prompts, pipeline_view
 from .clock import RunClock
 from .config import TrainConfig
-from .data import CachedImage, LatentStore, cache_latents
+from .data import CachedImage, LatentStore, RunImages, cache_latents
 from .network import add_lora_adapters
+from .validation import Validator, evaluation_count, timesteps_per_image
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def announce(config: TrainConfig, images: RunImages, emit: Emit) -> None:
+    """What the run says before it loads anything: the data's problems, what is held out, doubtful settings."""
+    for warning in images.scan.warnings:
+        emit(JobEvent("warning", warning))
+    emit(JobEvent("status", images.held_out_note))
+    if config.optimizer == "prodigy" and config.unet_lr < 0.1:
+        emit(JobEvent("warning", "Prodigy sets its own step size and expects learning rates near 1.0; "
+                                 f"{config.unet_lr} will train very slowly."))
+
+
+@contextmanager
+def evaluating(pipe: StableDiffusionPipeline) -> Iterator[None]:
+    """The view's UNet and text encoder in eval mode (no dropout) for a while, then back as they were."""
+    unet_training, te_training = pipe.unet.training, pipe.text_encoder.training
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    try:
+        yield
+    finally:
+        pipe.unet.train(unet_training)
+        pipe.text_encoder.train(te_training)
+
+
+def make_validator(pipe: StableDiffusionPipeline, images: RunImages, config: TrainConfig, scheduler: DDPMScheduler,
+                   length: tuple[int, int], history: list, encode: Callable[[list[TrainImage]], list[CachedImage]],
+                   ) -> Validator | None:
+    """The held-out images' scorer (None without any): their latents, apart from the training ones, and as many
+    timesteps each as keep the evaluations within a tenth of the run's work."""
+    if not images.held:
+        return None
+    epochs, steps = length
+    timesteps = timesteps_per_image(len(images.held), evaluation_count(config, epochs, steps), steps,
+                                    config.batch_size)
+    return Validator.build(encode(images.held), config, scheduler, pipe.vae.config.scaling_factor, timesteps,
+                           history)
 
 
 def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
@@ -55,8 +95,9 @@ def working_view(pipe: StableDiffusionPipeline, config: TrainConfig, device: tor
 
 
 def encode_images(pipe: StableDiffusionPipeline, images: list[TrainImage], config: TrainConfig,
-                  latent_cache: Path | None, clock: RunClock, emit: Emit, stop: threading.Event) -> list[CachedImage]:
-    """Every image's latents (from the disk cache where it has them), timed for later estimates."""
+                  latent_cache: Path | None, clock: RunClock | None, emit: Emit, stop: threading.Event,
+                  ) -> list[CachedImage]:
+    """Every image's latents (from the disk cache where it has them), timed for later estimates by ``clock``."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     prior = sum(image.prior for image in images)
     regular = f" and {prior} regularisation images" if prior else ""
@@ -66,7 +107,8 @@ def encode_images(pipe: StableDiffusionPipeline, images: list[TrainImage], confi
     cached = cache_latents(pipe.vae, images, config.resolution, config.enable_buckets, config.flip_augment,
                            device, dtype, store, stop=stop)
     encoded = (store.written if store else len(cached)) * (2 if config.flip_augment else 1)
-    clock.encoded(time.perf_counter() - started, encoded)
+    if clock is not None:
+        clock.encoded(time.perf_counter() - started, encoded)
     if store:
         emit(JobEvent("status", f"Latents: {store.read} read from the disk cache, {store.written} encoded "
                                      "and stored"))

@@ -39,7 +39,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             new_name = gr.Textbox(label="New dataset", placeholder="name, e.g. anna", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
             demo = gr.Button("Load demo dataset", scale=1, elem_id="load-demo")
-        ctx = AppContext(studio, app, dataset, gr.State(0))
+        ctx = AppContext(studio, app, dataset, gr.State(0), gr.State(""))
+        # a busy page can report the same choice again; the views that cost something follow real changes only
+        dataset.change(lambda name: name or "", dataset, ctx.picked, show_progress="hidden", **PRIVATE)
         chosen = ctx.remembered("dataset", "")  # the dataset this browser worked on
 
         @user_errors

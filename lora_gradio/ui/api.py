@@ -95,12 +95,14 @@ def register(studio: Studio) -> None:
         return decorate
 
     def train_start(request: gr.Request, dataset: str, base: str = "demo", settings: dict | None = None,
-                    regularization: str = "", repeats: int = 1) -> dict:
+                    regularization: str = "", repeats: int = 1, validation: str = "") -> dict:
         """Start training on a dataset. ``settings`` holds TrainConfig fields (a preset's, from /preset, changed as
         you like); an unknown key is refused by name. ``regularization`` names another dataset of class images
-        (prior preservation); ``repeats`` is how often an epoch shows each image. Keep the returned job_id:
-        /train_stop needs it."""
-        plan = studio.plan_training(dataset, base, settings or {}, regularization or None, repeats)
+        (prior preservation); ``repeats`` is how often an epoch shows each image; ``validation`` names a dataset of
+        the same subject to measure overfitting on (without it, ``validation_images`` of this one are held out).
+        The returned estimate says which. Keep the returned job_id: /train_stop needs it."""
+        plan = studio.plan_training(dataset, base, settings or {}, regularization or None, repeats,
+                                    validation or None)
         job_id = studio.start_training(plan, visitor(request))
         return {"job_id": job_id, "run": Path(studio.jobs.view(job_id).run_dir).name,
                 "estimate": plan.estimate.markdown()}
@@ -214,8 +216,10 @@ def register(studio: Studio) -> None:
         return FileData(path=shown(path))
 
     def runs() -> list[dict]:
-        """Every training run, newest first: its name, status, date, steps and recent loss."""
-        return [dict(zip(("run", "status", "date", "steps", "loss"), row, strict=True)) for row in studio.runs()]
+        """Every training run, newest first: its name, status, date, steps, recent loss and lowest validation loss
+        (with its epoch)."""
+        return [dict(zip(("run", "status", "date", "steps", "loss", "validation"), row, strict=True))
+                for row in studio.runs()]
 
     def delete_run(request: gr.Request, run: str) -> str:
         """Delete a run of yours (the operator: any), its folder under outputs/ with its LoRA files; never the one

@@ -8,7 +8,7 @@ import gradio as gr
 
 from ..jobs import JobState
 from ..studio import BLIP_MODELS, CAPTION_TOKENS, CaptionOptions, CaptionResult, Studio
-from .common import PRIVATE, AppContext, job_panel, shown, user_errors
+from .common import PRIVATE, AppContext, job_panel, job_revision, shown, user_errors
 
 TITLE = "Caption"
 LOCAL = "Local folder…"
@@ -55,11 +55,11 @@ def build(ctx: AppContext) -> None:
         """What was captioned (before a Stop, too), and a new revision: every view of the captions refreshes."""
         result = state.result
         if not isinstance(result, CaptionResult):
-            return {status: f"⚠️ {state.message}", revision: time.monotonic_ns()}
+            return {status: f"⚠️ {state.message}", revision: job_revision(state)}
         lines = [f"{'Stopped. ' if result.stopped else ''}Captioned {len(result.written)} images; kept "
                  f"{len(result.skipped)} existing captions."]
         lines += [f"- ⚠️ {p}" for p in result.problems]
-        return {status: "\n".join(lines), revision: time.monotonic_ns()}
+        return {status: "\n".join(lines), revision: job_revision(state)}
 
     caption_job = job_panel(ctx, "caption", caption_done, [status, revision])
 
@@ -85,7 +85,8 @@ def build(ctx: AppContext) -> None:
     ctx.dataset.change(user_errors(ctx.dataset_trigger), ctx.dataset, trigger, show_progress="hidden", **PRIVATE)
     ctx.keep_trigger(trigger)
 
-    @gr.render(inputs=[ctx.dataset, page, revision])
+    @gr.render(inputs=[ctx.dataset, page, revision], triggers=[ctx.app.load, ctx.picked.change, page.change,
+                                                                  revision.change])
     def editor(name: str | None, page_number: float, _version: int) -> None:
         if not name:
             gr.Markdown("Choose or create a dataset above.")

@@ -1,10 +1,12 @@
-"""The loss chart as inline SVG: raw and smoothed loss, the learning rate and epoch boundaries, each point with its
-values in the page (a hover title, ``data-`` attributes), so people and tests read the same numbers."""
+"""The loss chart as inline SVG: raw and smoothed loss, the held-out (validation) loss, the learning rate and epoch
+boundaries, each point with its values in the page (a hover title, ``data-`` attributes), so people and tests read
+the same numbers."""
 
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable, Sequence
 
 SMOOTHING = 0.9
 MAX_POINTS = 500  # the curve keeps its shape; the page gets at most this many points
@@ -12,6 +14,8 @@ WIDTH, HEIGHT = 480, 240  # about the chart's width on a 1024 px screen, so its 
 LEFT, RIGHT, TOP, BOTTOM = 50, 52, 24, 36  # room for the axes' numbers and titles
 FONT_PX = 12
 Point = tuple[int, float, float | None]  # step, loss, learning rate
+Score = tuple[int, int, float]  # step, epoch, held-out loss
+VALIDATION_COLOUR = "#15803d"
 
 
 def smoothed(losses: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -46,8 +50,9 @@ def thinned(points: list[Point], limit: int = MAX_POINTS) -> list[Point]:
     return [p for i, p in enumerate(points) if i % every == 0 or i == len(points) - 1]
 
 
-def loss_chart(points: list[Point], steps_per_epoch: int = 0) -> str:
-    """The chart for the Train tab; an explanation instead while there is no step yet."""
+def loss_chart(points: list[Point], steps_per_epoch: int = 0, scores: Sequence[Score] = ()) -> str:
+    """The chart for the Train tab, with the held-out ``scores`` on the same axes; an explanation instead while
+    there is no step yet."""
     if not points:
         return ('<div id="loss-chart-empty" class="loss-chart-empty">The loss curve appears here with the first '
                 'training step.</div>')
@@ -55,7 +60,7 @@ def loss_chart(points: list[Point], steps_per_epoch: int = 0) -> str:
     smooth = dict(zip(steps, smoothed([p[1] for p in points]), strict=True))
     shown_points = thinned(points)
     x_low, x_high = min(steps[0], 1) - 0.5, steps[-1] + 0.5
-    y_low, y_high = padded([p[1] for p in shown_points])
+    y_low, y_high = padded([p[1] for p in shown_points] + [score[2] for score in scores])
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x(step: float) -> float:
@@ -103,6 +108,25 @@ def loss_chart(points: list[Point], steps_per_epoch: int = 0) -> str:
         parts.append(f'<circle class="loss-point" data-step="{step}" data-loss="{loss!r}" cx="{x(step):.1f}" '
                      f'cy="{y(loss):.1f}" r="2" fill="#3b82f6"><title>step {step} · loss {loss:.4f} · smoothed '
                      f'{smooth[step]:.4f}{rate_text}</title></circle>')
-    legend = ("● loss per step  ━ smoothed" + ("  ╌ learning rate (right axis)" if rates else ""))
+    parts += validation_line(scores, x, y)
+    legend = ("● loss per step  ━ smoothed" + ("  ◆ validation" if scores else "") +
+              ("  ╌ learning rate (right axis)" if rates else ""))
     parts.append(f'<text x="{LEFT}" y="{TOP - 8}" fill="currentColor">{html.escape(legend)}</text></svg>')
     return "".join(parts)
+
+
+def validation_line(scores: Sequence[Score], x: Callable[[float], float], y: Callable[[float], float]) -> list[str]:
+    """The held-out loss at each evaluation: a line with a marked point for each, the lowest ringed."""
+    if not scores:
+        return []
+    lowest = min(score[2] for score in scores)
+    parts = [f'<polyline id="validation-line" points="{" ".join(f"{x(s):.1f},{y(v):.1f}" for s, _, v in scores)}" '
+             f'fill="none" stroke="{VALIDATION_COLOUR}" stroke-width="2"><title>validation loss</title></polyline>']
+    for step, epoch, loss in scores:
+        best = " · the lowest" if loss == lowest else ""
+        parts.append(f'<rect class="validation-point" data-step="{step}" data-epoch="{epoch}" data-loss="{loss!r}" '
+                     f'x="{x(step) - 4:.1f}" y="{y(loss) - 4:.1f}" width="8" height="8" '
+                     f'transform="rotate(45 {x(step):.1f} {y(loss):.1f})" fill="{VALIDATION_COLOUR}" '
+                     f'stroke="{"#facc15" if best else "none"}" stroke-width="2"><title>epoch {epoch} (step {step}) · '
+                     f'validation loss {loss:.4f}{best}</title></rect>')
+    return parts

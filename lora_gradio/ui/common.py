@@ -25,13 +25,15 @@ MODEL = {"concurrency_id": "model", "concurrency_limit": 1}  # events that use t
 
 @dataclass
 class AppContext:
-    """What every tab shares: the backend, the dataset picker, and a counter that moves whenever the dataset's files
-    change, so every view of them refreshes."""
+    """What every tab shares: the backend, the dataset picker, the dataset it shows (``picked``: it changes only when
+    the choice does, while the picker may report the same choice again), and a counter that moves whenever the
+    dataset's files change, so every view of them refreshes."""
 
     studio: Studio
     app: gr.Blocks
     dataset: gr.Dropdown
     revision: gr.State
+    picked: gr.State
     prepare_job: gr.BrowserState | None = None  # the Dataset tab's Prepare job, which the Train tab can start too
     tab: gr.Tab | None = None  # the tab being built, for events on opening it
     outside_tabs: list[gr.components.Component] = field(default_factory=list)
@@ -159,6 +161,12 @@ def stop_handler(ctx: AppContext) -> Callable[[str, gr.Request], None]:
         ctx.studio.jobs.stop(job_id, ctx.visitor(request))
 
     return stop_job
+
+
+def job_revision(state: JobState) -> int:
+    """The dataset revision a finished job's changes bring: the same number from every tick that reports the end
+    (two can be queued at once), so each view of the files refreshes once, not under someone typing."""
+    return round(state.started * 1e6)
 
 
 def job_panel(ctx: AppContext, kind: str, finish: Callable[[JobState], dict], outputs: list) -> gr.BrowserState:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -10,7 +9,7 @@ import gradio as gr
 from ..errors import UserError
 from ..jobs import JobState
 from ..studio import IMAGE_SUFFIXES, ImportReport
-from .common import PRIVATE, AppContext, job_panel, public_text, shown, user_errors
+from .common import PRIVATE, AppContext, job_panel, job_revision, public_text, shown, user_errors
 
 TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}  # "ignored" files are only counted
@@ -55,7 +54,7 @@ def build(ctx: AppContext) -> None:
         if not isinstance(state.result, ImportReport):
             return {summary: f"⚠️ {state.message}"}
         return {summary: f"**{state.result.summary()}**", results: result_rows(state.result),
-                ctx.revision: time.monotonic_ns()}
+                ctx.revision: job_revision(state)}
 
     import_job = job_panel(ctx, "import", import_done, [summary, results, ctx.revision])
     with gr.Row():
@@ -145,4 +144,4 @@ def build(ctx: AppContext) -> None:
     cancel.click(lambda: gr.update(visible=False), None, confirm_row, **PRIVATE)
     confirm.click(on_drop, ctx.dataset, [summary, confirm_row, ctx.dataset], **PRIVATE)
     ctx.revision.change(on_view, ctx.dataset, outputs, **PRIVATE)
-    ctx.dataset.change(on_view, ctx.dataset, outputs, **PRIVATE)
+    ctx.picked.change(on_view, ctx.dataset, outputs, **PRIVATE)

@@ -25,6 +25,7 @@ ADVANCED = {  # the advanced settings under headings, four to a row
                          "compile_unet"],
     "Saving and samples": ["save_every_n_epochs", "save_dtype", "sample_every_n_steps", "sample_steps",
                            "sample_negative_prompt", "sample_cfg", "sample_scheduler", "sample_width", "sample_height"],
+    "Validation (held-out images)": ["validation_images", "validation_every_n_steps", "early_stopping_patience"],
 }
 DEFAULT_PROMPTS = ["{trigger}, portrait photo", "{trigger} in a park"]
 
@@ -76,6 +77,7 @@ class SettingsForm:
 
     repeats: gr.Number
     regularization: gr.Dropdown
+    validation: gr.Dropdown
     fields: dict[str, gr.components.Component]
     sample_preview: gr.Markdown
     preset_name: gr.Textbox
@@ -111,18 +113,23 @@ class SettingsForm:
                 else gr.update(info=FIELD_HELP[name][1], elem_classes=[]) for name, widget in self.fields.items()}
 
 
-def settings_form(config: TrainConfig, regularization: list[tuple[str, str]]) -> SettingsForm:
-    """The main settings in two rows, the sample prompts with their preview, and the advanced ones under headings
-    with Save preset."""
+def settings_form(config: TrainConfig, datasets: list[tuple[str, str]]) -> SettingsForm:
+    """The run's other datasets (regularisation, validation) and repeats, the main settings in two rows, the sample
+    prompts with their preview, and the advanced ones under headings with Save preset; ``datasets`` are the
+    choices of a second dataset."""
     first = {name: to_widget(name, value) for name, value in config.to_dict().items()}
     with gr.Row():
         repeats = gr.Number(1, precision=0, minimum=1, maximum=MAX_REPEATS, label="Repeats per epoch", scale=1,
                             info="How often an epoch shows each image (kohya's N_ folder prefix); kept with the "
                                  "dataset.", elem_id="train-repeats")
-        regular = gr.Dropdown(regularization, value="", scale=2, elem_id="train-regularization",
+        regular = gr.Dropdown(datasets, value="", scale=2, elem_id="train-regularization",
                               label="Regularisation images (optional)", allow_custom_value=True,
                               info="Another dataset of plain pictures of the class ('a photo of a woman'), "
                                    "against overfitting; weighted by 'Regularisation weight'.")
+        validation = gr.Dropdown(datasets, value="", scale=2, elem_id="train-validation",
+                                 label="Validation dataset (optional)", allow_custom_value=True,
+                                 info="Other photos of the same subject to measure overfitting on; none: a few of "
+                                      "this dataset's images are held out (Advanced → Validation).")
     fields: dict[str, gr.components.Component] = {}
     for start_at in (0, 5):
         with gr.Row():
@@ -144,4 +151,4 @@ def settings_form(config: TrainConfig, regularization: list[tuple[str, str]]) ->
         with gr.Row(equal_height=True):
             preset_name = gr.Textbox(label="Save these settings as a preset", placeholder="my-character", scale=3)
             save = gr.Button("Save preset", scale=1)
-    return SettingsForm(repeats, regular, fields, preview, preset_name, save)
+    return SettingsForm(repeats, regular, validation, fields, preview, preset_name, save)

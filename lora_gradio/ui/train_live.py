@@ -107,9 +107,10 @@ class LiveView:
             shows[self.samples] = [(shown(path), caption) for path, caption in seen["samples"]]
         if seen["prompts"] != before.get("prompts"):
             shows[self.legend] = sample_legend(seen["prompts"])
-        if changed:
+        seen["validation"] = [list(score) for score in state.validation]
+        if changed or seen["validation"] != before.get("validation"):
             per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
-            shows[self.curve] = loss_chart([tuple(p) for p in seen["losses"]], per_epoch)
+            shows[self.curve] = loss_chart([tuple(p) for p in seen["losses"]], per_epoch, state.validation)
         return shows, state, before.get("active") != state.active or "active" not in before
 
 

@@ -21,7 +21,7 @@ from .train_live import LiveView, follow_losses, live_view
 
 __all__ = ["ADVANCED", "MAIN", "SEPARATE", "TITLE", "build", "default_preset", "follow_losses"]
 TITLE = "Train"
-RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss"]
+RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss", "best validation loss"]
 QUIET = {"show_progress": "hidden", **PRIVATE}
 
 
@@ -30,8 +30,8 @@ def default_preset(base: str | None) -> str:
     return "demo" if base == DEMO else "seed-recommended"
 
 
-def regularization_choices(ctx: AppContext) -> list[tuple[str, str]]:
-    """'none', then every dataset: the second dataset a run may take its class images from."""
+def dataset_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """'none', then every dataset: a second dataset a run may take class images or validation images from."""
     return [("none", ""), *((name, name) for name in ctx.workspace.list_datasets())]
 
 
@@ -135,7 +135,7 @@ def build(ctx: AppContext) -> None:
     controls = run_controls(limits)
     first, first_text = ctx.studio.preset(default_preset(DEMO))  # usable before the page's load event restores
     choice = base_and_preset(ctx, first_text)
-    form = settings_form(first, regularization_choices(ctx))
+    form = settings_form(first, dataset_choices(ctx))
     live = live_view(controls.progress)
     runs = runs_panel(ctx)
     wire_settings(ctx, choice, form)
@@ -190,8 +190,8 @@ def wire_settings(ctx: AppContext, choice: BaseAndPreset, form: SettingsForm) ->
         box.change(lambda values: preview_samples(values[fields["sample_prompts"]], values[fields["trigger_word"]]),
                    {fields["sample_prompts"], fields["trigger_word"]}, form.sample_preview, **QUIET)
     form.save.click(on_save, form.widgets | {form.preset_name}, [choice.presets, form.preset_name], **PRIVATE)
-    form.regularization.focus(lambda: gr.update(choices=regularization_choices(ctx)), None, form.regularization,
-                              **PRIVATE)
+    for other in (form.regularization, form.validation):
+        other.focus(lambda: gr.update(choices=dataset_choices(ctx)), None, other, **PRIVATE)
     ctx.dataset.change(name_after, {ctx.dataset, fields["output_name"]}, [form.repeats, fields["output_name"]],
                        **PRIVATE)
     for event in (ctx.dataset.input, ctx.tab.select):  # the word typed in the Caption tab, here on arrival
@@ -223,7 +223,8 @@ def wire_start(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, fo
 
     def plan_of(values: dict) -> TrainingPlan:
         return ctx.studio.plan_training(values[ctx.dataset], choice.base(values), form.config(values),
-                                        values[form.regularization] or None, values[form.repeats])
+                                        values[form.regularization] or None, values[form.repeats],
+                                        values[form.validation] or None)
 
     def plan_shown(plan: TrainingPlan) -> dict:
         note = f"\n\n{DEMO_NOTE}" if plan.base.kind == DEMO else ""
@@ -246,9 +247,11 @@ def wire_start(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, fo
                 controls.plan: "Preparing the training copies again; the Dataset tab shows the progress.",
                 controls.prepare_again: gr.update(visible=False)}
 
-    planned = {ctx.dataset, choice.choice, choice.repo, form.regularization, form.repeats, *form.widgets}
+    planned = {ctx.dataset, choice.choice, choice.repo, form.regularization, form.repeats, form.validation,
+               *form.widgets}
     shown = [controls.plan, controls.prepare_again, *form.widgets]
-    gr.on([controls.check.click, form.repeats.input, form.regularization.input], with_marks(form, on_estimate),
+    gr.on([controls.check.click, form.repeats.input, form.regularization.input, form.validation.input],
+          with_marks(form, on_estimate),
           planned, shown, **PRIVATE)
     controls.start.click(with_marks(form, on_start), planned, [*shown, train_job], **PRIVATE)
     controls.prepare_again.click(on_prepare_again, ctx.dataset,

@@ -1,0 +1,37 @@
+"""What a run hands back: its files, its losses and scores, and what its parts cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..estimate import RunCosts
+from .validation import Score, best_score
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the final LoRA, every saved file, the loss history and the held-out scores; stopped by
+    a Stop, or early (the held-out loss stopped improving)."""
+
+    lora_path: Path | None
+    saved: list[Path]
+    steps: int
+    epochs: int
+    stopped: bool
+    losses: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    it_per_s: float = 0.0
+    peak_memory_gb: float | None = None  # CUDA only
+    seconds: float = 0.0  # the whole run, the model load included
+    costs: RunCosts = field(default_factory=RunCosts)  # what each part cost, for later estimates
+    scores: list[Score] = field(default_factory=list)  # the held-out loss at each evaluation
+    stopped_early: bool = False
+
+    def summary(self) -> str:
+        """One line for logs: steps, speed, peak GPU memory, and the saved file with the lowest held-out loss."""
+        memory = f", peak GPU memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb is not None else ""
+        best = best_score([score for score in self.scores if score.file])
+        lowest = f"; lowest validation loss {best.loss:.4f} at epoch {best.epoch} ({best.file})" if best else ""
+        early = " (stopped early: the validation loss stopped improving)" if self.stopped_early else ""
+        return f"{self.steps} steps in {self.epochs} epochs{early} at {self.it_per_s:.2f} it/s{memory}{lowest}"
