@@ -190,14 +190,6 @@ class RunFolder:
             "loss": sum(recent) / len(recent) if recent else None,
             "validation": [score.row() for score in scores]}) + "\n")
 
-    def scores(self) -> list[Score]:
-        """The held-out scores ``progress.json`` keeps (none where it has none, or is damaged)."""
-        try:
-            rows = json.loads((self.path / PROGRESS_FILE).read_text(encoding="utf-8")).get("validation") or []
-            return [Score(int(step), int(epoch), float(loss), str(file)) for step, epoch, loss, file in rows]
-        except (OSError, ValueError, TypeError, AttributeError):
-            return []
-
     def summary(self) -> RunSummary:
         """The run as the list of runs shows it."""
         try:
@@ -212,7 +204,16 @@ class RunFolder:
         return RunSummary(self.path.name, status, time.strftime("%Y-%m-%d %H:%M", time.localtime(created)),
                           int(progress.get("steps") or 0), int(progress.get("total_steps") or 0),
                           float(loss) if isinstance(loss, int | float) else None, created,
-                          best_score([score for score in self.scores() if score.file]))
+                          best_score([score for score in scores_of(progress) if score.file]))
+
+
+def scores_of(progress: dict) -> list[Score]:
+    """The held-out scores a read ``progress.json`` keeps (none where it has none, or they are damaged)."""
+    try:
+        return [Score(int(step), int(epoch), float(loss), str(file))
+                for step, epoch, loss, file in progress.get("validation") or []]
+    except (ValueError, TypeError):
+        return []
 
 
 @dataclass(frozen=True)
