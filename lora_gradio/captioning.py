@@ -12,7 +12,7 @@ from .cache import ModelCache
 from .dataset import invisible_characters, list_images, open_rgb, read_caption, with_trigger, write_caption
 from .errors import Stopped, UserError
 from .events import Emit, JobEvent, ignore, progress, status_events
-from .models import from_hub, quiet_libraries
+from .models import from_folder_or_hub, quiet_libraries
 from .views import pick_device
 
 if TYPE_CHECKING:
@@ -85,18 +85,11 @@ def load_captioner(source: str) -> Captioner:
         model = BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only, dtype=dtype)
         return Captioner(model.to(device).eval(), processor, source)
 
-    if Path(source).expanduser().is_dir():
-        try:
-            return load(True)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"'{source}' does not hold a BLIP captioning model ({exc}). Choose the folder that "
-                            "contains its config.json, weights and processor files.") from exc
-    if Path(source).is_absolute() or source.startswith((".", "~")):
-        raise UserError(f"BLIP folder '{source}' does not exist.")
-    return from_hub(load, source, "config.json",
-                    "Connect to the internet for the first use (the weights are cached afterwards), or download it "
-                    f"on a machine that can: huggingface-cli download {source} --local-dir blip-base, copy that "
-                    "folder into the workspace and pick it as a local folder ('Local folder…').")
+    return from_folder_or_hub(
+        load, source, "a BLIP captioning model", "BLIP folder",
+        "Connect to the internet for the first use (the weights are cached afterwards), or download it on a machine "
+        f"that can: huggingface-cli download {source} --local-dir blip-base, copy that folder into the workspace and "
+        "pick it as a local folder ('Local folder…').")
 
 
 def to_tags(sentence: str) -> str:

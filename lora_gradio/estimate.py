@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import write_text_atomic
-from .training.config import TrainConfig
+from .training.config import TRIAL_STRENGTHS, TrainConfig
 from .training.data import TrainData, plan_images, run_length, steps_per_epoch
 from .training.validation import scoring_work
 
@@ -215,12 +215,14 @@ def saves_to_come(config: TrainConfig, epochs: int, steps: int, epochs_done: int
                   ) -> tuple[int, int]:
     """The LoRA saves and the rounds of samples a run still makes after ``epochs_done`` epochs and ``steps_done``
     steps: a save every ``save_every_n_epochs`` and at the end, a round of samples with each, one every
-    ``sample_every_n_steps`` before the last step, and the base model's round before the first."""
+    ``sample_every_n_steps`` before the last step, the base model's round before the first, and with a scorer the
+    recommended file's rounds at the strengths tried after the last."""
     every = config.save_every_n_epochs
     ends = [epoch for epoch in range(1, epochs) if every and epoch % every == 0] + [epochs]
     saves = sum(1 for end in ends if end > epochs_done)
     often = config.sample_every_n_steps
     rounds = saves + ((steps - 1) // often - steps_done // often if often else 0) + (steps_done == 0)
+    rounds += len(TRIAL_STRENGTHS) - 1 if config.scorer != "off" else 0
     return saves, rounds if config.sample_prompts else 0
 
 

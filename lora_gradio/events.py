@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 @dataclass
 class JobEvent:
     """``kind`` is status, progress, warning, step, epoch, saved, samples, history, validation (a held-out score in
-    ``loss``), done, stopped or error.
+    ``loss``), recommendation (its JSON in ``record``), done, stopped or error.
 
     ``step``/``total_steps`` count whatever the job counts (training steps, images); training also fills the rest.
     A resumed run first sends ``history``: the ``points`` (step, loss, learning rate) it had already made.
@@ -28,6 +28,7 @@ class JobEvent:
     path: str | None = None
     paths: list[str] = field(default_factory=list)
     points: list[tuple[int, float, float | None]] = field(default_factory=list)
+    record: dict | None = None
 
 
 Emit = Callable[[JobEvent], None]

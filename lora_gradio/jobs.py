@@ -40,7 +40,7 @@ class JobState:
     counts what the job counts (steps, images, files), and ``result`` is the work's own result, which has
     ``stopped`` set when a Stop ended it. A job that counts epochs fills those too; a training job also fills the
     ``losses`` (step, loss, learning rate, from ``loss_offset`` on), its held-out ``validation`` scores (step,
-    epoch, loss), ``samples`` and ``saved`` files."""
+    epoch, loss), its latest ``recommendation``, ``samples`` and ``saved`` files."""
 
     kind: str = ""
     title: str = ""
@@ -56,6 +56,7 @@ class JobState:
     loss_offset: int = 0
     losses: list[tuple[int, float, float | None]] = field(default_factory=list)
     validation: list[tuple[int, int, float]] = field(default_factory=list)
+    recommendation: dict | None = None  # the run's latest recommendation, as recommendation.json keeps it
     samples: list[tuple[int, str]] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -199,6 +200,8 @@ class JobRunner:
                 state.losses = list(event.points)
             elif event.kind == "validation":
                 state.validation.append((event.step, event.epoch, float(event.loss)))
+            elif event.kind == "recommendation":
+                state.recommendation = event.record
             elif event.kind == "progress" and event.step:
                 elapsed = time.time() - state.started
                 state.eta_s = elapsed / event.step * (event.total_steps - event.step)

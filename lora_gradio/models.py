@@ -201,6 +201,20 @@ def from_hub(load: Callable[[bool], T], repo_id: str, marker: str, remedy: str) 
     return load(False)
 
 
+def from_folder_or_hub(load: Callable[[bool], T], source: str, model: str, folder: str, remedy: str) -> T:
+    """A model (``model``: "a BLIP captioning model") from a local folder, never downloaded, or from a hub id as
+    :func:`from_hub` does; a wrong or missing folder (``folder``: "BLIP folder") is named as such."""
+    if Path(source).expanduser().is_dir():
+        try:
+            return load(True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"'{source}' does not hold {model} ({exc}). Choose the folder that contains its "
+                            "config.json, weights and processor files.") from exc
+    if Path(source).is_absolute() or source.startswith((".", "~")):
+        raise UserError(f"{folder} '{source}' does not exist.")
+    return from_hub(load, source, "config.json", remedy)
+
+
 def build_pipeline(unet: dict[str, Any], vae: dict[str, Any], text_encoder: dict[str, Any],
                    seed: int = 0) -> StableDiffusionPipeline:
     """A random-weight SD pipeline from component configs, with the bundled CLIP tokenizer and SD1.5 scheduler."""

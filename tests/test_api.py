@@ -85,9 +85,23 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     wait_for(lambda: job(client)["status"] == "stopped", 60, "the second stop")
     listed = client.predict(api_name="/runs")[0]
     assert listed["run"] == started["run"] and listed["status"] == "interrupted"
-    assert listed["steps"] == f"{job(client)['step']}/1600"
+    assert listed["steps"] == f"{job(client)['step']}/1600" and listed["recommended"] == "–"
+    with pytest.raises(AppError, match="no recommendation yet"):  # nothing was saved at an epoch's end
+        client.predict(started["run"], api_name="/recommendation")
+    with pytest.raises(AppError, match="is not a run name"):
+        client.predict("../settings.json", api_name="/recommendation")
     assert client.predict(started["run"], api_name="/delete_run") == f"Deleted run {started['run']}."
     assert not (workspace / "outputs" / started["run"]).exists() and client.predict(api_name="/runs") == []
+
+    finished = client.predict(dataset="apidata", base="demo", api_name="/train_start", settings=demo_settings(
+        client, epochs=2, save_every_n_epochs=1, trigger_word="lgdemo", sample_steps=4))
+    wait_for(lambda: job(client, finished["job_id"])["status"] == "done", 120, "a short run")
+    advice = client.predict(api_name="/recommendation")  # the latest run's: which file, at what strength, and why
+    assert advice["final"] and advice["file"] in {"apidata-000001.safetensors", "apidata.safetensors"}
+    assert advice["headline"].startswith(f"Recommended: epoch {advice['epoch']} ({advice['file']}) at strength")
+    assert [row["epoch"] for row in advice["scores"]] == [1, 2] and len(advice["trials"]) == 4
+    assert client.predict(api_name="/runs")[0]["recommended"] == f"epoch {advice['epoch']} at {advice['strength']:g}"
+    assert job(client, finished["job_id"])["recommendation"] == advice
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -24,10 +24,16 @@ from lora_gradio.demo.vision import read_picture
 from lora_gradio.training.config import load_preset
 from lora_gradio.training.data import TrainData
 from lora_gradio.training.loop import train
+from lora_gradio.training.recommend import read_recommendation
 
-RING = {"trigger_word": DEMO_TRIGGER, "save_every_n_epochs": 0, "sample_prompts": []}  # the demo preset, no extras
-OVERCOOKED = {"unet_lr": 0.02, "text_encoder_lr": 0.02, "epochs": 10, "save_every_n_epochs": 5,  # ~7× the preset
+RING = {"trigger_word": DEMO_TRIGGER}  # the demo preset as the README runs it
+OVERCOOKED = {"unet_lr": 0.02, "text_encoder_lr": 0.02, "epochs": 10, "save_every_n_epochs": 2,  # ~7× the preset
               "trigger_word": DEMO_TRIGGER, "sample_prompts": ["{trigger}, a blue {trigger} on a yellow background"]}
+
+
+def drawn_as_asked(result) -> int:
+    """Pictures with the concept in the prompt's colour on the prompt's background: what a person asked for."""
+    return min(result.concept, result.colour, result.background)
 
 
 def test_the_analysis_reads_drawn_pictures_right():
@@ -82,7 +88,7 @@ def test_a_lora_trained_on_the_demo_dataset_draws_rings_and_strength_zero_does_n
     half = render_cases(cache, cases, seeds, ring_lora.lora_path, 0.5, DEMO_TRIGGER)
     learnt, untouched = score(cases, seeds, full), score(cases, seeds, none)
     assert learnt.concept >= 6, learnt  # 11 of 16 measured; the base alone draws none
-    assert [score.file for score in ring_lora.scores] == ["lora.safetensors"]  # its own four rings, scored once
+    assert [score.epoch for score in ring_lora.scores] == [5, 10, 15, 20, 25, 30]  # its own four rings, each save
     assert learnt.share("colour") >= 0.75 and learnt.share("background") >= 0.75, learnt  # rings, not one colour
     assert untouched.concept <= 1 and untouched.share("colour") >= 0.75, untouched
 
@@ -99,6 +105,19 @@ def test_blue_on_yellow_is_blue_on_yellow_with_a_ring_among_the_seeds(ring_lora,
     readings = [read_picture(p) for p in pictures]
     assert all((r.colour, r.background) == ("blue", "yellow") for r in readings), readings
     assert any(r.shape == CONCEPT for r in readings), readings
+
+
+def test_a_reasonable_run_is_recommended_a_late_epoch_at_a_strength_that_draws_rings_in_the_prompts_colours(
+        ring_lora, cache):
+    advice = read_recommendation(ring_lora.lora_path.parent)
+    assert advice.final and advice.epoch >= 20 and advice.overfitting_after is None, advice.headline()
+    assert advice.scorer == "the demo's image analysis" and len(advice.trials) == 4
+    cases, seeds = concept_cases(), [0, 1]
+    at = score(cases, seeds, render_cases(cache, cases, seeds, ring_lora.lora_path.parent / advice.file,
+                                          advice.strength, DEMO_TRIGGER))
+    assert at.concept >= 4 and at.share("colour") >= 0.75 and at.share("background") >= 0.75, (advice.strength, at)
+    card = (ring_lora.lora_path.parent / advice.file).with_suffix(".json").read_text()
+    assert f'"preferred weight": {advice.strength}' in card
 
 
 def test_build_base_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
@@ -122,21 +141,32 @@ def test_build_base_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
         assert all(first.get_tensor(key).equal(second.get_tensor(key)) for key in first.keys())  # noqa: SIM118
 
 
-def test_a_far_too_high_learning_rate_overcooks_and_the_warning_says_so(tmp_path, demo_spec, cache):
-    """The seed guide's sign of overtraining, made real on the demo: samples drift darker or more saturated, and
-    the run's own check warns."""
+def test_a_far_too_high_learning_rate_overcooks_is_warned_of_and_recommended_the_epoch_before(
+        tmp_path, demo_spec, cache):
+    """The seed guide's sign of overtraining, made real on the demo: samples drift darker or more saturated, the
+    run's own check warns, and the recommendation names the epoch before the held-out loss climbs."""
     from lora_gradio.training.config import apply_overrides
-    from lora_gradio.training.samples import DARKER, MORE_SATURATED, tone
+    from lora_gradio.training.scoring import DARKER, MORE_SATURATED, tone
 
     config = apply_overrides(load_preset("demo")[0], OVERCOOKED)
     events = []
-    train(config, demo_spec, make_demo_dataset(tmp_path / "data", count=8), tmp_path / "run", cache=cache,
-          on_event=events.append)
+    data = TrainData(make_demo_dataset(tmp_path / "data", count=8), validation=make_demo_validation(tmp_path / "v"))
+    result = train(config, demo_spec, data, tmp_path / "run", cache=cache, on_event=events.append)
     samples = {e.epoch: [Path(p) for p in e.paths] for e in events if e.kind == "samples"}
     (brightness0, saturation0), (brightness, saturation) = tone(samples[0]), tone(samples[max(samples)])
     assert brightness < DARKER * brightness0 or saturation > MORE_SATURATED * saturation0
     warnings = [e.message for e in events if e.kind == "warning"]
     assert any("the LoRA is probably overcooking" in w and "lower learning rate" in w for w in warnings), warnings
+    losses = {score.epoch: score.loss for score in result.scores}
+    lowest = min(losses, key=losses.get)
+    assert lowest < max(losses.keys()), losses  # the held-out loss bottoms out before the last epoch ...
+    advice = read_recommendation(tmp_path / "run")  # ... and the recommendation names that epoch, and why
+    assert advice.epoch == lowest and advice.overfitting_after == lowest, advice.headline()
+    assert f"overfitting after epoch {lowest}: the validation loss rose to" in advice.headline()
+    cases, seeds = concept_cases(), [0]
+    chosen, last = (score(cases, seeds, render_cases(cache, cases, seeds, tmp_path / "run" / name, 1.0,
+                                                     DEMO_TRIGGER)) for name in (advice.file, "lora.safetensors"))
+    assert drawn_as_asked(chosen) >= drawn_as_asked(last), (chosen, last)
 
 
 def test_load_demo_dataset_makes_an_ordinary_dataset_and_stops_at_a_cap(tmp_path):

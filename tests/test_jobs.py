@@ -77,7 +77,8 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo
                                             "sample_steps": 2})
     cache, jobs = ModelCache(), JobRunner()
     data = TrainData(demo_data)
-    whole = jobs.wait(start_training(jobs, cache, config, demo_spec, data, tmp_path / "whole"), 120).losses
+    uncut = jobs.wait(start_training(jobs, cache, config, demo_spec, data, tmp_path / "whole"), 120)
+    whole = uncut.losses
     cut = start_training(jobs, cache, config, demo_spec, data, tmp_path / "cut")
     wait_until(lambda: jobs.view(cut).step >= 5)
     jobs.stop(cut)
@@ -91,6 +92,8 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo
         "lora-000001.safetensors", "lora-000002.safetensors", f"lora-step{stopped.step:08d}.safetensors",
         "lora.safetensors", "sample-grid.png"]
     assert [epoch for epoch, _ in resumed.samples] == [0, 1, 2, 3]
+    assert resumed.recommendation == uncut.recommendation  # every saved epoch's scores came through the stop
+    assert [row["epoch"] for row in resumed.recommendation["scores"]] == [1, 2, 3]
 
 
 def test_strength_epoch_and_lora_changes_never_reload_the_base(demo_spec, demo_data, quick_config, tmp_path,

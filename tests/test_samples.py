@@ -4,7 +4,7 @@ import math
 
 from PIL import Image
 
-from lora_gradio.training.samples import overtraining_warning
+from lora_gradio.training.scoring import overtraining_warning
 
 
 def save(path, colour):

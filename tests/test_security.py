@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -280,6 +281,24 @@ def test_a_captioning_model_folder_outside_is_refused_like_any_path(guest, locke
     assert len(set(answers)) == 1  # nothing said about whether the folder exists
 
 
+def test_a_clip_scorer_folder_outside_is_refused_before_training_and_on_resume(guest, client, locked):
+    import json
+
+    _, workspace, _ = locked
+    settings = {**guest.predict("demo", api_name="/preset"), "scorer": str(outside_folder(workspace))}
+    with pytest.raises(AppError, match=r"The CLIP scorer folder .* is outside the folders this app may use"):
+        guest.predict(dataset="mine", settings=settings, api_name="/train_start")
+    run = workspace / "outputs" / "forged-scorer"  # a job file that names one is refused the same way
+    run.mkdir(parents=True)
+    (run / "resume-state.pt").write_bytes(b"")
+    job = {"config": {"scorer": "/etc"}, "base": {"kind": "demo", "location": "demo", "allow_pickle": False},
+           "data_dir": str(workspace / "datasets" / "mine" / "images"), "prepared_dir": None}
+    (run / "job.json").write_text(json.dumps(job))
+    with pytest.raises(AppError, match=r"The CLIP scorer folder .* is outside"):
+        client.predict(run="forged-scorer", api_name="/train_resume")
+    shutil.rmtree(run)  # the forged run leaves the module's list of runs as it found it
+
+
 def test_odd_paths_get_the_ordinary_message(guest):
     for path in ("photos\0/../etc", "/tmp/" + "x" * 5000):
         with pytest.raises(AppError, match="outside the folders this app may use"):
@@ -423,7 +442,7 @@ def test_a_guest_in_the_browser_sees_the_limits_and_cannot_delete_the_operators_
 
     url, workspace, _ = locked
     theirs = next(p.name for p in (workspace / "outputs").iterdir()
-                  if (p / "job.json").is_file() and json.loads((p / "job.json").read_text())["started_by"] == USER)
+                  if (p / "job.json").is_file() and json.loads((p / "job.json").read_text()).get("started_by") == USER)
     with browser_page() as page:
         page.goto(url)
         page.get_by_label("username").press_sequentially("ben", delay=30)

@@ -91,9 +91,18 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         with page.expect_download() as download:  # the LoRA leaves the server through the page, in one click
             final.click()
         assert Path(download.value.path()).read_bytes() == (run / "journey.safetensors").read_bytes()
-        page.get_by_role("tab", name="Test").click()
+        wait_for(lambda: shown_text(page, "#recommendation").startswith("Recommended: epoch"), 30, "the final card")
+        advice = json.loads((run / "recommendation.json").read_text(encoding="utf-8"))
+        card = shown_text(page, "#recommendation")
+        assert f"epoch {advice['epoch']} ({advice['file']}) at strength {advice['strength']:g}, because" in card
+        assert "journey-000005.safetensors" in card and "Samples judged by the demo's image analysis" in card
+        page.locator("#recommendation-open").click()  # the Test tab, on the recommended file at its strength
         wait_for(lambda: page.locator("#test-lora").get_by_role("combobox").input_value()
-                 == f"{run.name}/journey.safetensors", 30, "the Test tab on the LoRA just trained")
+                 == f"{run.name}/{advice['file']}", 30, "the Test tab on the recommended file")
+        assert page.locator("#tab-test").is_visible() and not page.locator("#tab-train").is_visible()
+        for slider in ("#strength-model", "#strength-clip"):
+            assert float(page.locator(f"{slider} input[type=number]").input_value()) == advice["strength"]
+        assert page.locator("#test-prompt").get_by_role("textbox").input_value().startswith("lgdemo, ")
         choose(page, "#test-lora", "(no LoRA: the base model)")
         page.locator("#test-prompt").get_by_role("textbox").fill("lgdemo, portrait")
         set_number(page, "#test-steps", 4)
@@ -139,10 +148,19 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         rows = page.locator("#grid-loras").inner_text()
         assert all(f"{run.name}/{name}" in rows for name in ("journey-000005.safetensors", "journey.safetensors"))
 
+        page.get_by_role("tab", name="Train").click()  # the neighbouring epochs × strengths, in one click
+        page.locator("#recommendation-grid").click()
+        wait_for(lambda: len(list((workspace / "outputs" / "test-images").rglob("grid-*.png"))) == 2, 120,
+                 "the grid around the recommendation")
+        assert page.locator("#grid-strengths").get_by_role("textbox").input_value() == "0, 0.6, 0.8, 1, 1.2"
+        assert all(f"{run.name}/{name}" in page.locator("#grid-loras").inner_text()
+                   for name in ("journey-000005.safetensors", "journey.safetensors"))
+
     base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
     assert np.array_equal(zero, base)
     assert np.abs(full - base).mean() > 1.0
-    with Image.open(next((workspace / "outputs" / "test-images").rglob("grid-*.png"))) as grid:
+    first_grid = min((workspace / "outputs" / "test-images").rglob("grid-*.png"), key=lambda p: p.stat().st_mtime)
+    with Image.open(first_grid) as grid:
         assert grid.width > 2 * 64 and grid.height > 2 * 64
         assert grid.text["grid"].splitlines()[1:] == [  # the grid itself, row by row, not one image's settings
             f"Rows (LoRA file): epoch 5 · step 20, {run.name} = {run.name}/journey-000005.safetensors; epoch 6 · step "

@@ -11,6 +11,7 @@ from lora_gradio.threads import KEEP_DEFAULTS
 from lora_gradio.training.config import apply_overrides, load_preset
 from lora_gradio.training.data import TrainData, held_out_count, split_held_out
 from lora_gradio.training.loop import Trainer, train
+from lora_gradio.training.recommend import read_recommendation
 from lora_gradio.ui.charts import loss_chart
 
 OVERCOOKED_LR = 0.02  # the demo preset's network at this rate overfits within a few epochs
@@ -114,3 +115,5 @@ def test_early_stopping_stops_keeps_and_names_the_best_epoch(demo_spec, quick_co
     assert kept.is_file() and result.lora_path.is_file()
     note = next(event.message for event in said if event.message.startswith("Stopping early"))
     assert f"The best is epoch {best + 1} ({kept.name}" in note and "stopped early" in result.summary()
+    advice = read_recommendation(tmp_path / "run")  # kept, and recommended
+    assert (advice.epoch, advice.file, advice.final) == (best + 1, kept.name, True)

@@ -69,7 +69,7 @@ class Score:
 def render_cases(cache: ModelCache, cases: list[Case], seeds: list[int], lora: Path | None = None,
                  strength: float = 1.0, trigger: str | None = None) -> list[Image.Image]:
     """Pictures of every case at every seed, from the demo base with ``lora`` at ``strength`` (model and clip)."""
-    from ..inference import generate_on, test_pipeline
+    from ..inference import attach_strengths, render_batches, test_pipeline
     from ..models import DEMO, resolve_base
     from ..request import GenerateRequest
 
@@ -77,8 +77,9 @@ def render_cases(cache: ModelCache, cases: list[Case], seeds: list[int], lora: P
     request = GenerateRequest("", lora=lora, strength_model=strength, strength_clip=strength)  # the Test tab's defaults
     with cache.pipeline(base, "the demo read-out") as pipe:
         view = test_pipeline(cache, pipe)
-        return [generate_on(view, base, replace(request, prompt=case.prompt(trigger), seed=seed))
-                for case in cases for seed in seeds]
+        attach_strengths(view, request)
+        return render_batches(view, [replace(request, prompt=case.prompt(trigger), seed=seed)
+                                     for case in cases for seed in seeds], base.display_name)
 
 
 def score(cases: list[Case], seeds: list[int], pictures: list[Image.Image]) -> Score:

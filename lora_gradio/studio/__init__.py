@@ -21,12 +21,13 @@ from .datasets import CAPTION_TOKENS, MAX_DEMO_DATASETS, Datasets
 from .desk import Desk
 from .limits import Limits
 from .testing import NO_LORA, TEST_IMAGES, GeneratedImage, Testing
-from .training import YOURS, Training, TrainingPlan, lora_name
+from .training import YOURS, TestPlan, Training, TrainingPlan, lora_name
 
 __all__ = [  # what the UI reads of the backend besides Studio's methods: records it takes or returns, and facts
     "BLIP_MODELS", "CAPTION_TOKENS", "DEFAULT_BLIP", "DEMO", "DEMO_IMAGES", "DEMO_NOTE", "DEMO_TRIGGER",
     "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "NO_LORA", "SAMPLE_GRID", "TEST_IMAGES", "YOURS",
-    "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio", "TrainingPlan",
+    "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio", "TestPlan",
+    "TrainingPlan",
     "Workspace", "format_duration", "lora_name"]
 
 

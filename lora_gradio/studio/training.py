@@ -18,14 +18,37 @@ from ..events import Emit, JobEvent
 from ..jobs import start_resume, start_training
 from ..models import DEMO, BaseModelSpec, resolve_base
 from ..request import short
-from ..training.config import PRESETS_DIR, TrainConfig, list_presets, load_preset, make_config, save_preset
+from ..training.config import (
+    PRESETS_DIR,
+    TRIAL_STRENGTHS,
+    TrainConfig,
+    list_presets,
+    load_preset,
+    make_config,
+    save_preset,
+)
 from ..training.data import TrainData
+from ..training.recommend import Recommendation, read_recommendation
 from ..training.result import TrainResult
 from ..training.run_folder import RunFolder, RunJob, list_runs, resumable_runs
+from ..training.scoring import SCORERS
 from ..workspace import DATASET_NAME
 from .desk import Desk, exists
 
 YOURS = " (yours)"  # a preset saved in this workspace, as the preset list names it
+
+
+@dataclass(frozen=True)
+class TestPlan:
+    """A recommendation made ready for the Test tab: the LoRA's label, the strength, a prompt, the grid's rows
+    (neighbouring epochs' labels) and columns (strengths), and the base it was trained on."""
+
+    lora: str
+    strength: float
+    prompt: str
+    rows: list[str]
+    strengths: list[float]
+    base: str = ""  # the run's base as the Test tab's picker names it ("" where the picker does not list it)
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,7 @@ class Training(Desk):
         config = settings if isinstance(settings, TrainConfig) else make_config(dict(settings))
         if config.output_name == TrainConfig().output_name:  # not named: after the dataset, so runs do not collide
             config = replace(config, output_name=lora_name(dataset))
+        config = self.checked_scorer(config)
         spec = self.base(base)
         images, prepared = self.workspace.training_data(dataset)
         if not images.is_dir() or not list_images(images):
@@ -153,8 +177,40 @@ class Training(Desk):
         state = self.jobs.latest("training")
         return Path(state.run_dir).name if state.active and state.run_dir else None
 
+    def recommendation(self, run: str | None = None) -> Recommendation | None:
+        """A run's recommended epoch and strength (the latest training run's when none is named): the final one
+        kept in its folder, else what its saves so far recommend while it trains; None before its first save."""
+        state = self.jobs.latest("training")
+        live = Path(state.run_dir).name if state.run_dir else None
+        folder = self.run_folder(run or live, "show")
+        kept = read_recommendation(folder.path)
+        if kept is None and folder.path.name == live and state.recommendation:
+            return Recommendation.from_record(state.recommendation)
+        return kept
+
+    def recommended_test(self, run: str | None = None) -> TestPlan:
+        """What the Test tab opens for a run's recommendation: its file at its strength with a prompt holding the
+        trigger word, and for a grid the neighbouring epochs' files × the strengths tried."""
+        advice = self.recommendation(run)
+        if advice is None:
+            raise UserError("This run has no recommendation yet: it comes with the first saved epoch.")
+        state = self.jobs.latest("training")
+        name = run or Path(state.run_dir).name
+        files = [score.file for score in advice.scores]
+        at = files.index(advice.file) if advice.file in files else 0
+        labels = self.workspace.lora_files()
+        rows = [f"{name}/{file}" for file in files[max(0, at - 1):at + 2] if f"{name}/{file}" in labels]
+        label = f"{name}/{advice.file}"
+        if label not in labels:
+            raise UserError(f"The recommended file {advice.file} is no longer in run {name}.")
+        base = self.run_job(name).base
+        checkpoints = [c for c in self.workspace.list_checkpoints() if Path(c).name == Path(base.location).name]
+        return TestPlan(label, advice.strength, self.lora_prompt(label), rows, [0.0, *TRIAL_STRENGTHS],
+                        DEMO if base.kind == DEMO else next(iter(checkpoints), ""))
+
     def runs(self) -> list[list[str]]:
-        """Every run, newest first: name, status, date, steps, recent loss and lowest validation loss."""
+        """Every run, newest first: name, status, date, steps, recent loss, lowest validation loss and the
+        recommended epoch and strength."""
         running = self.training_run()
         return [run.row(run.name == running) for run in list_runs(self.workspace.outputs_dir)]
 
@@ -176,9 +232,18 @@ class Training(Desk):
                             "from the command line if you trust the file.")
         if job.base.kind in ("single_file", "diffusers"):
             resolve_base(str(self.workspace.check_allowed(job.base.location, "The run's base model")))
-        for folder in (job.data.images, job.data.prepared, job.data.regularization):
+        for folder in (job.data.images, job.data.prepared, job.data.regularization, job.data.validation):
             if folder is not None:
                 self.workspace.check_allowed(folder, "The run's dataset folder")
+        self.checked_scorer(job.config)
+
+    def checked_scorer(self, config: TrainConfig) -> TrainConfig:
+        """A CLIP scorer named by folder must lie inside the workspace or an allowed folder; names and hub ids
+        pass as they are."""
+        scorer = config.scorer.strip()
+        if scorer in SCORERS or self.is_hub_id(scorer):
+            return replace(config, scorer=scorer)
+        return replace(config, scorer=str(self.workspace.check_allowed(scorer, "The CLIP scorer folder")))
 
     def presets(self) -> dict[str, Path]:
         """Every preset a visitor may load, by the name the preset list shows: the built-in ones, then this

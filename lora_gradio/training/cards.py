@@ -48,12 +48,29 @@ def write_preview(lora: Path, sample: Path) -> Path:
     return path
 
 
-def write_workflow(lora: Path, config: TrainConfig, base_name: str) -> Path:
-    """The ComfyUI graph for this LoRA with the run's first sample (prompt or trigger word, seed, size, sampler)."""
+def write_workflow(lora: Path, config: TrainConfig, base_name: str, strength: float = 1.0) -> Path:
+    """The ComfyUI graph for this LoRA with the run's first sample (prompt or trigger word, seed, size, sampler), the
+    LoRA loaded at ``strength`` (model and clip)."""
+    from dataclasses import replace
+
     from ..comfyui import build_graph, write_graph
     from .samples import sample_request
 
-    request = sample_request(config, 0, lora)
+    request = replace(sample_request(config, 0, lora), strength_model=strength, strength_clip=strength)
     stem = Path(lora).with_suffix("")
     return write_graph(stem.with_name(stem.name + ".workflow.json"),
                        build_graph(request, base_name, request.width, request.height))
+
+
+def recommend_strength(lora: Path, config: TrainConfig, base_name: str, strength: float) -> None:
+    """The recommended file's card and workflow at the recommended strength, so A1111 and ComfyUI start there."""
+    path = card_paths(lora)[0]
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        card = None
+    if isinstance(card, dict):
+        card["preferred weight"] = strength
+        card["notes"] = f"{card.get('notes', '')} Recommended by lora-gradio at strength {strength:g}.".strip()
+        write_text_atomic(path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    write_workflow(lora, config, base_name, strength)

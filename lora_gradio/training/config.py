@@ -22,6 +22,7 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UnetModule = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 Rate = Annotated[float, Field(gt=0, le=10)]
+TRIAL_STRENGTHS = (0.6, 0.8, 1.0, 1.2)  # the recommended file is tried at these at the end of a run (1: its samples)
 SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
 
 
@@ -90,6 +91,7 @@ class TrainConfig:
     validation_images: Annotated[int, Field(ge=-1, le=50)] = -1  # -1: 10% of 15 or more images, from 2 to 5
     validation_every_n_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # besides every save
     early_stopping_patience: Annotated[int, Field(ge=0, le=100)] = 0  # 0: off
+    scorer: Annotated[str, Field(min_length=1, max_length=500)] = "auto"  # auto, off, clip, a CLIP hub id or folder
 
     @field_validator("unet_modules")
     @classmethod
@@ -181,6 +183,9 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                                            "when saving."),
     "early_stopping_patience": ("Early stopping", "Stop once the held-out loss has not improved for this many saves, "
                                                   "keeping the best epoch; 0 = off."),
+    "scorer": ("Sample scorer", "What judges each saved epoch's samples for the recommended epoch and strength: "
+                                "auto = the demo's own analysis on the demo base, CLIP elsewhere; off; or a CLIP "
+                                "hub id or folder."),
 }
 PATTERN_HINTS = {"output_name": "use a file name of letters, digits, '-', '_' and '.', starting with a letter or digit"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

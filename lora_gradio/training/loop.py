@@ -18,18 +18,18 @@ from ..cache import ModelCache
 from ..errors import Stopped, UserError
 from ..events import Emit, JobEvent, status_events
 from ..inference import RenderStopped
-from ..models import BaseModelSpec, quiet_libraries
+from ..models import DEMO, BaseModelSpec, quiet_libraries
 from ..threads import fit_threads
 from ..views import encode_prompts, free_accelerator_memory
-from . import cards, kohya, setup
+from . import cards, kohya, recommend, scoring, setup
 from .clock import RunClock
 from .config import TrainConfig
 from .data import RunImages, TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
-from .network import apply_max_norm, make_optimizer, trainable_parameters
+from .network import apply_max_norm, trainable_parameters
 from .objective import denoising_loss
 from .result import TrainResult
 from .run_folder import RunFolder
-from .samples import overtraining_warning, render_samples, sample_grid
+from .samples import render_samples, sample_grid
 from .setup import DTYPES, attach_network, encode_fixed_captions, encode_images, make_accelerator, working_view
 from .validation import Score
 
@@ -98,7 +98,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(self.cached, config.batch_size, config.gradient_accumulation_steps,
                                                accelerator.num_processes)
         self.epochs, self.total_steps = run_length(self.steps_per_epoch, config.epochs, config.max_train_steps)
-        self.prepare(groups)
+        self.trained, self.optimizer, self.lr_scheduler, self.unet, self.compiling = setup.prepare(
+            self.pipe, config, accelerator, groups, self.total_steps, emit)
+        self.text_encoder = self.trained[1] if config.train_text_encoder else self.pipe.text_encoder
         self.params = [p for g in groups for p in g["params"]]
         self.lora_params = trainable_parameters(self.pipe.unet, self.pipe.text_encoder)
         self.generator = torch.Generator(accelerator.device).manual_seed(config.seed)  # noise made where it is used
@@ -108,31 +110,14 @@ class Trainer:
             self.epochs, self.total_steps), self.result.scores, lambda held: encode_images(
             self.pipe, held, config, latent_cache, None, emit, stop))
         self.facts = kohya.run_facts(images, self.cached, self.epochs, self.total_steps)
+        self.base_pipe = pipe  # the strength trials render on a fresh view of it, as the Test tab does
+        self.advisor = recommend.Advisor(setup.make_evaluator(
+            config, base.kind == DEMO, [i.path for i in scan.images + images.held], emit), config.prompts(),
+            self.result.epoch_scores)
         self.first_samples: list[Path] = []
         self.lrs: list[float | None] = []  # the learning rate of each step, for the loss chart
         self.pending: list[tuple] = []  # (loss, ready event, step, epoch, lr) of steps whose loss is not read yet
         self.last_checkpoint = time.monotonic()
-
-    def prepare(self, groups: list[dict]) -> None:
-        """The optimizer and its schedule, handed to accelerate with the trained models; the UNet compiled if asked."""
-        from diffusers.optimization import get_scheduler
-
-        config, accelerator = self.config, self.accelerator
-        processes = accelerator.num_processes
-        optimizer = make_optimizer(config, groups)
-        # accelerate steps a prepared schedule once per process at every step, so its lengths scale the same way
-        schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
-                                 num_training_steps=self.total_steps * processes, num_cycles=config.lr_cycles)
-        models = [self.pipe.unet, self.pipe.text_encoder] if config.train_text_encoder else [self.pipe.unet]
-        *self.trained, self.optimizer, self.lr_scheduler = accelerator.prepare(*models, optimizer, schedule)
-        self.unet = self.trained[0]
-        self.compiling = config.compile_unet and accelerator.device.type == "cuda"
-        if self.compiling:
-            self.emit(JobEvent("status", "Compiling the UNet: the first step takes a minute or two"))
-            self.unet = torch.compile(self.unet)
-        elif config.compile_unet:
-            self.emit(JobEvent("warning", "Compiling the UNet needs a CUDA GPU; training without it."))
-        self.text_encoder = self.trained[1] if config.train_text_encoder else self.pipe.text_encoder
 
     def train_step(self, batches: list[list[int]]) -> torch.Tensor:
         """One optimizer step over ``batches`` (more than one: gradient accumulation); the loss over all processes."""
@@ -182,6 +167,7 @@ class Trainer:
         self.emit(self.event("status", f"Training {length}"))
         if not self.first_samples:
             self.first_samples = self.samples(0)
+        self.advise(self.advisor.start(self.first_samples))  # a resumed run: what its saves so far recommend
         accumulation = config.gradient_accumulation_steps
         for epoch in range(start_epoch, self.epochs):
             if self.stop.is_set():  # pressed while samples rendered: nothing of this epoch ran yet
@@ -264,7 +250,9 @@ class Trainer:
         self.checkpoint(epoch, 0)
         if epoch < self.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
             self.validate(epoch, self.folder.lora_file(config.output_name, epoch))  # first, for the file's metadata
-            self.samples(epoch, self.save(epoch))
+            saved = self.save(epoch)
+            self.advise(self.advisor.add(epoch, saved, self.result.scores, self.result.steps,
+                                         self.samples(epoch, saved)))
 
     def finish(self) -> TrainResult:
         """The final save (also after a Stop) and the last samples."""
@@ -277,11 +265,15 @@ class Trainer:
                 self.validate(result.epochs, self.folder.lora_file(self.config.output_name))
             result.lora_path = self.save(None)
             if not result.stopped:
-                self.samples(result.epochs, result.lora_path)
+                self.advise(self.advisor.add(result.epochs, result.lora_path, result.scores, result.steps,
+                                             self.samples(result.epochs, result.lora_path)))
                 grid = sample_grid(self.folder, self.config.prompts())
                 if grid is not None:
                     result.saved.append(grid)
                     self.emit(self.event("saved", "Saved the sample grid (epochs × prompts)", path=str(grid)))
+                with self.clock.apart():  # kept out of the per-round render cost: rounds of another size
+                    self.advise(self.advisor.finish(self.base_pipe, self.base, self.config, self.folder.path,
+                                                    self.folder.samples_of, self.stop, self.emit))
                 self.folder.finish()
             self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped,
                                        result.scores)
@@ -348,9 +340,16 @@ class Trainer:
         if lora is not None:
             cards.write_preview(lora, paths[0])
         self.emit(self.event("samples", f"Samples for {when}", epoch=epoch, paths=[str(p) for p in paths]))
-        if warning := overtraining_warning(self.first_samples, paths, when):
+        if warning := scoring.overtraining_warning(self.first_samples, paths, when):
             self.emit(JobEvent("warning", warning, epoch=epoch))
         return paths
+
+    def advise(self, recommendation: recommend.Recommendation | None) -> None:
+        """Keep a new recommendation and show it on the card and in the log."""
+        if recommendation is not None:
+            self.result.recommendation = recommendation
+            self.emit(self.event("recommendation", recommendation.headline(), epoch=recommendation.epoch,
+                                 path=str(self.folder.path / recommendation.file), record=recommendation.record()))
 
     def checkpoint(self, epoch: int, steps_in_epoch: int) -> None:
         """Save everything a resume needs to continue bit for bit: weights, optimizer, schedule and random state."""
@@ -361,6 +360,7 @@ class Trainer:
             self.folder.save_state({
                 "step": self.result.steps, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
                 "losses": self.result.losses, "lrs": self.lrs, "scores": [s.row() for s in self.result.scores],
+                "epoch_scores": [s.record() for s in self.result.epoch_scores],
                 "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                 "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
@@ -374,6 +374,7 @@ class Trainer:
         self.result.steps, self.result.losses = state["step"], list(state["losses"])
         self.lrs = list(state.get("lrs") or [None] * len(self.result.losses))
         self.result.scores[:] = [Score(*score) for score in state.get("scores", [])]  # the validator's list too
+        self.result.epoch_scores[:] = [scoring.EpochScores.from_record(row) for row in state.get("epoch_scores", [])]
         for name, value in state["lora"].items():
             self.lora_params[name].data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])

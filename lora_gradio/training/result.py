@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..estimate import RunCosts
+from .recommend import Recommendation
+from .scoring import EpochScores
 from .validation import Score, best_score
 
 
@@ -27,11 +29,15 @@ class TrainResult:
     costs: RunCosts = field(default_factory=RunCosts)  # what each part cost, for later estimates
     scores: list[Score] = field(default_factory=list)  # the held-out loss at each evaluation
     stopped_early: bool = False
+    epoch_scores: list[EpochScores] = field(default_factory=list)  # every saved file's scores
+    recommendation: Recommendation | None = None  # which file at which strength, once a file is saved
 
     def summary(self) -> str:
-        """One line for logs: steps, speed, peak GPU memory, and the saved file with the lowest held-out loss."""
+        """For logs: steps, speed, peak GPU memory and the saved file with the lowest held-out loss on one line, and
+        the recommendation on the next."""
         memory = f", peak GPU memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb is not None else ""
         best = best_score([score for score in self.scores if score.file])
         lowest = f"; lowest validation loss {best.loss:.4f} at epoch {best.epoch} ({best.file})" if best else ""
         early = " (stopped early: the validation loss stopped improving)" if self.stopped_early else ""
-        return f"{self.steps} steps in {self.epochs} epochs{early} at {self.it_per_s:.2f} it/s{memory}{lowest}"
+        line = f"{self.steps} steps in {self.epochs} epochs{early} at {self.it_per_s:.2f} it/s{memory}{lowest}"
+        return line + (f"\n{self.recommendation.headline()}" if self.recommendation else "")

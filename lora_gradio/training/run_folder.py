@@ -26,6 +26,7 @@ PROGRESS_FILE = "progress.json"  # steps done and the latest loss, for the list 
 RESUME_FILE = "resume-state.pt"
 SAMPLES = "samples"
 SAMPLE_GRID = "sample-grid.png"
+RECOMMENDATION_FILE = "recommendation.json"  # which file at what strength, and why (training/recommend.py)
 STOP_MARK = "-step"  # NAME-step00000123.safetensors: a run stopped at step 123 (kohya's step-save name)
 
 
@@ -70,6 +71,11 @@ class RunFolder:
     def lora_files(self) -> list[Path]:
         """The LoRA files saved so far, oldest first."""
         return sorted(self.path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+
+    @property
+    def recommendation_file(self) -> Path:
+        """The finished run's recommended epoch and strength."""
+        return self.path / RECOMMENDATION_FILE
 
     @property
     def sample_grid_file(self) -> Path:
@@ -204,7 +210,16 @@ class RunFolder:
         return RunSummary(self.path.name, status, time.strftime("%Y-%m-%d %H:%M", time.localtime(created)),
                           int(progress.get("steps") or 0), int(progress.get("total_steps") or 0),
                           float(loss) if isinstance(loss, int | float) else None, created,
-                          best_score([score for score in scores_of(progress) if score.file]))
+                          best_score([score for score in scores_of(progress) if score.file]),
+                          self.recommended())
+
+    def recommended(self) -> str:
+        """The recommendation in a few words ("epoch 6 at 0.8"), "" where the run has none (or a damaged one)."""
+        try:
+            advice = json.loads(self.recommendation_file.read_text(encoding="utf-8"))
+            return f"epoch {int(advice['epoch'])} at {float(advice['strength']):g}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
 
 
 def scores_of(progress: dict) -> list[Score]:
@@ -228,13 +243,15 @@ class RunSummary:
     loss: float | None
     created: float
     best: Score | None = None  # the lowest held-out loss of a saved file
+    recommended: str = ""  # the finished run's recommended epoch and strength
 
     def row(self, running: bool = False) -> list[str]:
-        """Run, status, date, steps, recent loss and the best held-out loss, as table cells."""
+        """Run, status, date, steps, recent loss, the best held-out loss and the recommendation, as table cells."""
         steps = f"{self.steps}/{self.total_steps}" if self.total_steps else "–"
         loss = f"{self.loss:.4f}" if self.loss is not None else "–"
         best = f"{self.best.loss:.4f} (epoch {self.best.epoch})" if self.best else "–"
-        return [self.name, "running" if running else self.status, self.date, steps, loss, best]
+        return [self.name, "running" if running else self.status, self.date, steps, loss, best,
+                self.recommended or "–"]
 
 
 def list_runs(outputs_dir: Path) -> list[RunSummary]:

@@ -8,22 +8,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..dataset import TrainImage
+from ..errors import UserError
 from ..events import Emit, JobEvent
 from ..views import encode_prompts, pipeline_view
 from .clock import RunClock
 from .config import TrainConfig
 from .data import CachedImage, LatentStore, RunImages, cache_latents
-from .network import add_lora_adapters
+from .network import add_lora_adapters, make_optimizer
 from .validation import Validator, evaluation_count, timesteps_per_image
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from .scoring import Evaluator
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,6 +68,21 @@ def make_validator(pipe: StableDiffusionPipeline, images: RunImages, config: Tra
                            history)
 
 
+def make_evaluator(config: TrainConfig, demo_base: bool, references: list[Path], emit: Emit) -> Evaluator | None:
+    """The samples' judge for the recommendation. Where CLIP was left to ``auto`` and cannot be had (offline, say),
+    the run goes on without it and says what the recommendation then rests on."""
+    from .scoring import make_evaluator as evaluator_for
+
+    try:
+        return evaluator_for(config, demo_base, references)
+    except UserError as exc:
+        if config.scorer != "auto":
+            raise
+        emit(JobEvent("warning", f"No sample scorer: {exc} The recommended epoch rests on the validation loss "
+                                 "alone, and the strength stays 1."))
+        return None
+
+
 def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
     """The run's accelerator; gradient accumulation is done by :meth:`Trainer.train_step`, not by accelerate."""
     from accelerate import Accelerator
@@ -79,6 +97,28 @@ def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
     accelerator = Accelerator(mixed_precision=mixed)
     set_seed(config.seed)
     return accelerator
+
+
+def prepare(pipe: StableDiffusionPipeline, config: TrainConfig, accelerator: Accelerator, groups: list[dict],
+            total_steps: int, emit: Emit) -> tuple[list[torch.nn.Module], Any, Any, torch.nn.Module, bool]:
+    """The optimizer and its schedule, handed to accelerate with the trained models; the UNet compiled if asked.
+    Returns the prepared models, optimizer and schedule, the UNet to call, and whether it compiles on first use."""
+    from diffusers.optimization import get_scheduler
+
+    processes = accelerator.num_processes
+    optimizer = make_optimizer(config, groups)
+    # accelerate steps a prepared schedule once per process at every step, so its lengths scale the same way
+    schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
+                             num_training_steps=total_steps * processes, num_cycles=config.lr_cycles)
+    models = [pipe.unet, pipe.text_encoder] if config.train_text_encoder else [pipe.unet]
+    *trained, optimizer, schedule = accelerator.prepare(*models, optimizer, schedule)
+    unet, compiling = trained[0], config.compile_unet and accelerator.device.type == "cuda"
+    if compiling:
+        emit(JobEvent("status", "Compiling the UNet: the first step takes a minute or two"))
+        unet = torch.compile(unet)
+    elif config.compile_unet:
+        emit(JobEvent("warning", "Compiling the UNet needs a CUDA GPU; training without it."))
+    return trained, optimizer, schedule, unet, compiling
 
 
 def working_view(pipe: StableDiffusionPipeline, config: TrainConfig, device: torch.device, dtype: torch.dtype

@@ -99,7 +99,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Timer(1.0).tick(describe_cache, None, cache_status, show_progress="hidden", **PRIVATE)
         app.load(describe_cache, None, cache_status, **PRIVATE)
 
+        ctx.handoff = gr.State({})
         with gr.Tabs() as tabs:
+            ctx.tabs = tabs
             for tab in (dataset_tab, caption_tab, train_tab, test_tab):
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}") as ctx.tab:
                     tab.build(ctx)

@@ -216,10 +216,19 @@ def register(studio: Studio) -> None:
         return FileData(path=shown(path))
 
     def runs() -> list[dict]:
-        """Every training run, newest first: its name, status, date, steps, recent loss and lowest validation loss
-        (with its epoch)."""
-        return [dict(zip(("run", "status", "date", "steps", "loss", "validation"), row, strict=True))
+        """Every training run, newest first: its name, status, date, steps, recent loss, lowest validation loss
+        (with its epoch) and the recommended epoch and strength."""
+        return [dict(zip(("run", "status", "date", "steps", "loss", "validation", "recommended"), row, strict=True))
                 for row in studio.runs()]
+
+    def recommendation(run: str = "") -> dict:
+        """Which epoch file of a run to use and at what strength (the latest run's when none is named), with the
+        reasons and every saved epoch's scores: the run's recommendation.json, or what its saves so far say."""
+        advice = studio.recommendation(run or None)
+        if advice is None:
+            raise gr.Error("This run has no recommendation yet: it comes with the first saved epoch.",
+                           print_exception=False)
+        return advice.record()
 
     def delete_run(request: gr.Request, run: str) -> str:
         """Delete a run of yours (the operator: any), its folder under outputs/ with its LoRA files; never the one
@@ -233,6 +242,6 @@ def register(studio: Studio) -> None:
     for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
                      create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora, runs,
-                     delete_run, cache_status):
+                     recommendation, delete_run, cache_status):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
     gr.api(api_errors(generate), api_name="generate", **MODEL)

@@ -36,6 +36,8 @@ class AppContext:
     picked: gr.State
     prepare_job: gr.BrowserState | None = None  # the Dataset tab's Prepare job, which the Train tab can start too
     tab: gr.Tab | None = None  # the tab being built, for events on opening it
+    tabs: gr.Tabs | None = None  # to open another tab
+    handoff: gr.State | None = None  # what the Train tab asks the Test tab to open (a TestPlan's fields)
     outside_tabs: list[gr.components.Component] = field(default_factory=list)
 
     def remembered(self, key: str, default: Any) -> gr.BrowserState:

@@ -201,6 +201,29 @@ def build(ctx: AppContext) -> None:
         return {gallery: gallery_of(values[history], ctx.visitor(page)), **({grid_loras: rows} if rows else {})}
 
     ctx.app.load(restore, {history, picked}, [gallery, grid_loras], **PRIVATE)
+
+    @user_errors
+    def on_handoff(values: dict, page: gr.Request) -> dict:
+        """Open what the Train tab's recommendation card sent: its file at its strength with its prompt, on the
+        run's base; for a grid, the neighbouring epochs × strengths, started at once."""
+        plan = values[ctx.handoff]
+        if not isinstance(plan, dict) or not plan.get("lora"):
+            return {}
+        choices = lora_choices()
+        shows = {lora: gr.update(choices=choices, value=plan["lora"]), strength_model: plan["strength"],
+                 strength_clip: plan["strength"], prompt: plan["prompt"] or values[prompt],
+                 **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
+        if not plan.get("grid"):
+            return shows
+        chosen = {**values, lora: plan["lora"], strength_model: plan["strength"], strength_clip: plan["strength"],
+                  prompt: shows[prompt], **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
+        job = ctx.studio.start_grid(base_of(chosen), request_from(chosen), plan["rows"], plan["strengths"],
+                                    ctx.visitor(page))
+        return {**shows, grid_loras: gr.update(choices=choices[1:], value=plan["rows"]), grid_job: job,
+                strengths: ", ".join(f"{value:g}" for value in plan["strengths"])}
+
+    ctx.handoff.change(on_handoff, fields | {ctx.handoff}, [lora, strength_model, strength_clip, prompt, base_choice,
+                                                            base_repo, grid_loras, grid_job, strengths], **PRIVATE)
     grid_loras.change(lambda rows: rows or [], grid_loras, picked, show_progress="hidden", **PRIVATE)
     lora.change(on_lora, lora, clip_skip, **PRIVATE)
 

@@ -25,7 +25,8 @@ ADVANCED = {  # the advanced settings under headings, four to a row
                          "compile_unet"],
     "Saving and samples": ["save_every_n_epochs", "save_dtype", "sample_every_n_steps", "sample_steps",
                            "sample_negative_prompt", "sample_cfg", "sample_scheduler", "sample_width", "sample_height"],
-    "Validation (held-out images)": ["validation_images", "validation_every_n_steps", "early_stopping_patience"],
+    "Validation (held-out images)": ["validation_images", "validation_every_n_steps", "early_stopping_patience",
+                                     "scorer"],
 }
 DEFAULT_PROMPTS = ["{trigger}, portrait photo", "{trigger} in a park"]
 

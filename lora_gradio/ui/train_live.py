@@ -72,6 +72,30 @@ def saved_order(paths: list[str]) -> list[str]:
     return [p for _, _, p in sorted((file_rank(p), -index, p) for index, p in enumerate(paths))]
 
 
+def advice_markdown(record: dict | None) -> str:
+    """The recommendation card: its sentence, then every saved epoch's scores, the recommended one in bold."""
+    if not record:
+        return ("**Recommended epoch and strength** appear here from the first saved epoch: from the held-out "
+                "loss and the samples' likeness, prompt following and health.")
+
+    def cell(value: object, share: bool = False) -> str:
+        if value is None:
+            return "–"
+        return f"{value:.0%}" if share else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    shares = bool(record.get("shares"))
+    rows = ["| epoch | file | validation loss | likeness | prompt following | health |", "|---|---|---|---|---|---|"]
+    for row in record.get("scores", []):
+        mark = "**" if row.get("file") == record.get("file") else ""
+        values = [cell(row.get("epoch")), html.escape(str(row.get("file", ""))), cell(row.get("validation_loss")),
+                  cell(row.get("likeness"), shares), cell(row.get("following"), shares),
+                  "ok" if (row.get("health") or 0) >= 1 else html.escape(str(row.get("health_note") or "off"))]
+        rows.append("| " + " | ".join(f"{mark}{value}{mark}" for value in values) + " |")
+    judge = f" Samples judged by {record['scorer']}." if record.get("scorer") else " No scorer judged the samples."
+    return (f"**{html.escape(public_text(str(record.get('headline', ''))))}**\n\n" + "\n".join(rows) + "\n\n" +
+            judge)
+
+
 @dataclass
 class LiveView:
     """The widgets that follow the training job, and what this page has already been sent of it."""
@@ -83,6 +107,9 @@ class LiveView:
     final: gr.DownloadButton
     saved: gr.File
     log: gr.HTML
+    advice: gr.Markdown
+    open_test: gr.Button
+    grid_around: gr.Button
     seen: gr.State
 
     def update(self, studio: Studio, before: dict) -> tuple[dict, JobState, bool]:
@@ -107,6 +134,11 @@ class LiveView:
             shows[self.samples] = [(shown(path), caption) for path, caption in seen["samples"]]
         if seen["prompts"] != before.get("prompts"):
             shows[self.legend] = sample_legend(seen["prompts"])
+        seen["advice"] = state.recommendation
+        if seen["advice"] != before.get("advice") or "advice" not in before:
+            shows[self.advice] = advice_markdown(state.recommendation)
+            for button in (self.open_test, self.grid_around):
+                shows[button] = gr.update(visible=bool(state.recommendation))
         seen["validation"] = [list(score) for score in state.validation]
         if changed or seen["validation"] != before.get("validation"):
             per_epoch = state.total_steps // state.total_epochs if state.total_epochs else 0
@@ -115,13 +147,19 @@ class LiveView:
 
 
 def live_view(progress: gr.HTML) -> LiveView:
-    """The loss chart beside the samples, then the download, the saved files and the log; ``progress`` is the bar
-    on top of the tab."""
+    """The loss chart beside the samples, the recommendation card, then the download, the saved files and the log;
+    ``progress`` is the bar on top of the tab."""
     with gr.Row():
         curve = gr.HTML(loss_chart([]), elem_id="loss-curve", label="Loss")
         with gr.Column():
             legend = gr.Markdown(sample_legend([]), elem_id="sample-legend")
             samples = gr.Gallery(show_label=False, columns=4, height=300, elem_id="train-samples")
+    with gr.Group(elem_id="recommendation-card"):
+        advice = gr.Markdown(advice_markdown(None), elem_id="recommendation", padding=True)
+        with gr.Row():
+            open_test = gr.Button("Open in Test", visible=False, variant="primary", scale=0,
+                                  elem_id="recommendation-open")
+            grid_around = gr.Button("Grid around it", visible=False, scale=0, elem_id="recommendation-grid")
     with gr.Row():
         with gr.Column():
             final = gr.DownloadButton("Download the LoRA", visible=False, variant="primary", elem_id="final-lora")
@@ -129,4 +167,5 @@ def live_view(progress: gr.HTML) -> LiveView:
                                   "first (click a name to download it)", file_count="multiple", height=300,
                             interactive=False, elem_id="saved-files")
         log = gr.HTML(log_html([]), elem_id="train-log")
-    return LiveView(progress, curve, legend, samples, final, saved, log, gr.State({}))
+    return LiveView(progress, curve, legend, samples, final, saved, log, advice, open_test, grid_around,
+                    gr.State({}))

@@ -5,8 +5,9 @@ Each section has its own builder, and every handler reads and returns its values
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import wraps
 from typing import Any
 
@@ -21,8 +22,9 @@ from .train_live import LiveView, follow_losses, live_view
 
 __all__ = ["ADVANCED", "MAIN", "SEPARATE", "TITLE", "build", "default_preset", "follow_losses"]
 TITLE = "Train"
-RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss", "best validation loss"]
+RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss", "best validation loss", "recommended"]
 QUIET = {"show_progress": "hidden", **PRIVATE}
+TEST_TAB = "test"  # the Test tab's id
 
 
 def default_preset(base: str | None) -> str:
@@ -142,6 +144,7 @@ def build(ctx: AppContext) -> None:
     train_job = wire_start(ctx, controls, choice, form, limits)
     wire_runs(ctx, runs, train_job)
     wire_live(ctx, controls, live, runs)
+    wire_advice(ctx, live)
     remember_form(ctx, controls, choice, form)
 
 
@@ -298,9 +301,26 @@ def wire_live(ctx: AppContext, controls: RunControls, live: LiveView, runs: Runs
                 controls.start: gr.update(interactive=not state.active), **ended}
 
     shows = [controls.progress, live.curve, live.samples, live.legend, live.saved, live.final, live.log, live.seen,
-             runs.interrupted, runs.doomed, runs.table, runs.panel, controls.stop, controls.start, controls.job_line]
+             live.advice, live.open_test, live.grid_around, runs.interrupted, runs.doomed, runs.table, runs.panel,
+             controls.stop, controls.start, controls.job_line]
     gr.Timer(1.0).tick(on_tick, live.seen, shows, **QUIET)
     ctx.app.load(on_tick, live.seen, shows, **QUIET)  # a refresh, with no spinner over the widgets
+
+
+def wire_advice(ctx: AppContext, live: LiveView) -> None:
+    """The recommendation card's buttons hand the recommended file, strength and prompt to the Test tab and open
+    it; Grid around it also asks for the neighbouring epochs × strengths."""
+
+    def hand_over(grid: bool) -> Callable[[], dict]:
+        @user_errors
+        def handler() -> dict:
+            plan = ctx.studio.recommended_test()
+            return {ctx.handoff: {**asdict(plan), "grid": grid, "sent": time.time()},
+                    ctx.tabs: gr.Tabs(selected=TEST_TAB)}
+        return handler
+
+    live.open_test.click(hand_over(False), None, [ctx.handoff, ctx.tabs], **PRIVATE)
+    live.grid_around.click(hand_over(True), None, [ctx.handoff, ctx.tabs], **PRIVATE)
 
 
 def remember_form(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, form: SettingsForm) -> None:
