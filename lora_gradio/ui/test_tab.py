@@ -217,10 +217,11 @@ def build(ctx: AppContext) -> None:
             return shows
         chosen = {**values, lora: plan["lora"], strength_model: plan["strength"], strength_clip: plan["strength"],
                   prompt: shows[prompt], **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
-        job = ctx.studio.start_grid(base_of(chosen), request_from(chosen), plan["rows"], plan["strengths"],
+        columns = parse_strengths(", ".join(str(value) for value in plan.get("strengths") or []))
+        job = ctx.studio.start_grid(base_of(chosen), request_from(chosen), list(plan.get("rows") or []), columns,
                                     ctx.visitor(page))
         return {**shows, grid_loras: gr.update(choices=choices[1:], value=plan["rows"]), grid_job: job,
-                strengths: ", ".join(f"{value:g}" for value in plan["strengths"])}
+                strengths: ", ".join(f"{value:g}" for value in columns)}
 
     ctx.handoff.change(on_handoff, fields | {ctx.handoff}, [lora, strength_model, strength_clip, prompt, base_choice,
                                                             base_repo, grid_loras, grid_job, strengths], **PRIVATE)
