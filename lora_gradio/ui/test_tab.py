@@ -210,13 +210,13 @@ def build(ctx: AppContext) -> None:
         if not isinstance(plan, dict) or not plan.get("lora"):
             return {}
         choices = lora_choices()
-        shows = {lora: gr.update(choices=choices, value=plan["lora"]), strength_model: plan["strength"],
-                 strength_clip: plan["strength"], prompt: plan["prompt"] or values[prompt],
-                 **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
+        picked = {lora: plan["lora"], strength_model: plan["strength"], strength_clip: plan["strength"],
+                  prompt: plan["prompt"] or values[prompt],
+                  **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
+        shows = {**picked, lora: gr.update(choices=choices, value=plan["lora"])}
         if not plan.get("grid"):
             return shows
-        chosen = {**values, lora: plan["lora"], strength_model: plan["strength"], strength_clip: plan["strength"],
-                  prompt: shows[prompt], **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
+        chosen = {**values, **picked}  # the grid is rendered with what the tab now shows
         columns = parse_strengths(", ".join(str(value) for value in plan.get("strengths") or []))
         job = ctx.studio.start_grid(base_of(chosen), request_from(chosen), list(plan.get("rows") or []), columns,
                                     ctx.visitor(page))
