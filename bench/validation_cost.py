@@ -1,6 +1,8 @@
 """What validation and scoring add to a demo run: the demo preset on the demo dataset, its four validation rings
 scored at every save, the samples judged and the recommended file tried at four strengths, against the same run
-with neither, and with validation alone, in turns on one loaded model (target: at most 10% more).
+with neither, and with validation alone, in turns on one loaded model (target: at most 10% more). Each run also
+times its own validation and scoring on its clock: that share of the run is measured under the same load as the rest
+of it, so a busy host moves it less than the comparison between runs.
 
     python bench/validation_cost.py [--rounds 3] [--held N]
 
@@ -35,6 +37,7 @@ def main() -> None:
     config, _ = load_preset("demo")
     cache, base = ModelCache(), resolve_base("demo")
     timings: dict[str, list[float]] = {"neither": [], "validation": [], "both": []}
+    shares: list[float] = []  # of the runs with both: their own validation and scoring against their length
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images = make_demo_dataset(root / "data" / "images")
@@ -49,15 +52,19 @@ def main() -> None:
             for name, (settings, data) in runs.items():
                 result = train(settings, base, data, root / f"{name}-{round_}", cache=cache)
                 timings[name].append(result.seconds)
+                if name == "both":
+                    shares.append(result.checking_s / result.seconds)
                 scored = ", ".join(f"{s.loss:.4f}" for s in result.scores) or "none"
                 advice = result.recommendation.headline() if result.recommendation else "no recommendation"
-                print(f"round {round_ + 1} {name:10}: {result.seconds:6.1f} s, {result.steps} steps, validation "
-                      f"losses {scored}; {advice}", flush=True)
+                print(f"round {round_ + 1} {name:10}: {result.seconds:6.1f} s ({result.checking_s:.1f} s of it "
+                      f"validation and scoring), {result.steps} steps, validation losses {scored}; {advice}",
+                      flush=True)
     medians = {name: statistics.median(seconds) for name, seconds in timings.items()}
     base = medians["neither"]
     print(f"median with neither {base:.1f} s, validation alone {medians['validation']:.1f} s "
           f"({(medians['validation'] - base) / base:+.1%}), validation and scoring {medians['both']:.1f} s "
-          f"({(medians['both'] - base) / base:+.1%})")
+          f"({(medians['both'] - base) / base:+.1%}); within the runs with both, validation and scoring took "
+          f"{', '.join(f'{share:.1%}' for share in shares)} (median {statistics.median(shares):.1%})")
 
 
 if __name__ == "__main__":

@@ -305,6 +305,9 @@ def test_the_estimate_is_compared_with_the_run_and_later_ones_use_what_it_measur
     off = (state.result.seconds - first.estimate.seconds) / first.estimate.seconds
     assert f"{abs(off):.0%} {'longer' if off > 0 else 'shorter'}" in line
     assert re.search(r"the estimate was about \d+ s \(±\d+ s\)", line)
+    scoring = next(entry for entry in state.log if entry.startswith("Scoring the saved files"))
+    share = state.result.checking_s / state.result.seconds  # the samples judged and the strengths tried
+    assert 0 < share < 1 and scoring.endswith(f"({share:.0%}).")
     costs = studio.timings.costs("demo", "cpu")
     assert (studio.workspace.root / TIMINGS_FILE).is_file()
     assert list(costs.encode) == ["0.004096"] and list(costs.render) == ["0.004096"] and costs.save_s > 0

@@ -115,5 +115,7 @@ def test_early_stopping_stops_keeps_and_names_the_best_epoch(demo_spec, quick_co
     assert kept.is_file() and result.lora_path.is_file()
     note = next(event.message for event in said if event.message.startswith("Stopping early"))
     assert f"The best is epoch {best + 1} ({kept.name}" in note and "stopped early" in result.summary()
+    assert 0 < result.checking_s < result.seconds  # every save's validation, in the run's own time
+    assert f"took {result.checking_s:.1f} s of the run's {result.seconds:.0f} s" in result.summary()
     advice = read_recommendation(tmp_path / "run")  # kept, and recommended
     assert (advice.epoch, advice.file, advice.final) == (best + 1, kept.name, True)

@@ -19,8 +19,8 @@ from ..jobs import start_resume, start_training
 from ..models import DEMO, BaseModelSpec, resolve_base
 from ..request import short
 from ..training.config import (
+    GRID_STRENGTHS,
     PRESETS_DIR,
-    TRIAL_STRENGTHS,
     TrainConfig,
     list_presets,
     load_preset,
@@ -103,10 +103,13 @@ class Training(Desk):
                               self.after_run(plan), plan.estimate.steps)
 
     def after_run(self, plan: TrainingPlan) -> Callable[[TrainResult, Emit], None]:
-        """What follows a finished run: its time against the estimate shown before it, then the ComfyUI copy."""
+        """What follows a finished run: its time against the estimate shown before it and what validation and
+        scoring took of it, then the ComfyUI copy."""
 
         def finish(result: TrainResult, emit: Emit) -> None:
             self.compare_with_estimate(plan, result, emit)
+            if line := result.checking_line():
+                emit(JobEvent("status", line))
             self.install_trained(result, emit)
 
         return finish
@@ -205,7 +208,7 @@ class Training(Desk):
             raise UserError(f"The recommended file {advice.file} is no longer in run {name}.")
         base = self.run_job(name).base
         checkpoints = [c for c in self.workspace.list_checkpoints() if Path(c).name == Path(base.location).name]
-        return TestPlan(label, advice.strength, self.lora_prompt(label), rows, [0.0, *TRIAL_STRENGTHS],
+        return TestPlan(label, advice.strength, self.lora_prompt(label), rows, list(GRID_STRENGTHS),
                         DEMO if base.kind == DEMO else next(iter(checkpoints), ""))
 
     def runs(self) -> list[list[str]]:

@@ -22,6 +22,7 @@ class RunClock:
         self.renders: list[float] = []  # seconds of each round of samples
         self.saves: list[float] = []  # seconds of each LoRA file with its card and workflow
         self.validations: list[float] = []  # seconds of each scoring of the held-out images
+        self.judging: list[float] = []  # seconds of each judging of a saved file's samples, and of the strength trials
         self.encode: dict[str, float] = {}
         self.tick = time.perf_counter()
 
@@ -50,6 +51,10 @@ class RunClock:
         self.tick = time.perf_counter()
         if record is not None:
             record.append(self.tick - started)
+
+    def checking_s(self) -> float:
+        """Seconds the run spent on validation and on the recommendation, to show what they cost in the run itself."""
+        return sum(self.validations) + sum(self.judging)
 
     def it_per_s(self) -> float:
         """Steps per second over the recent steps; 0 before the first."""

@@ -22,7 +22,8 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UnetModule = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 Rate = Annotated[float, Field(gt=0, le=10)]
-TRIAL_STRENGTHS = (0.6, 0.8, 1.0, 1.2)  # the recommended file is tried at these at the end of a run (1: its samples)
+TRIAL_STRENGTHS = (0.6, 0.8, 1.0)  # the recommended file is tried at these at the end of a run (1: its samples)
+GRID_STRENGTHS = (0.0, *TRIAL_STRENGTHS, 1.2)  # Grid around it: none at all, the trials, and past the full effect
 SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
 
 

@@ -7,6 +7,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from .clock import RunClock
 from .config import TrainConfig
 from .data import RunImages, TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
 from .network import apply_max_norm, trainable_parameters
-from .objective import denoising_loss
+from .objective import denoising_loss, training_noise
 from .result import TrainResult
 from .run_folder import RunFolder
 from .samples import render_samples, sample_grid
@@ -127,10 +128,7 @@ class Trainer:
         for index, batch in enumerate(batches):
             items = [self.cached[i] for i in batch]
             latents = sample_latents(items, self.generator, self.caption_rng, self.scaling).to(self.weight_dtype)
-            noise = torch.randn(latents.shape, generator=self.generator, device=device).to(latents)
-            if config.noise_offset:
-                offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator, device=device)
-                noise += config.noise_offset * offset.to(latents)
+            noise = training_noise(latents, self.generator, config.noise_offset)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),),
                                       generator=self.generator, device=device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -167,7 +165,7 @@ class Trainer:
         self.emit(self.event("status", f"Training {length}"))
         if not self.first_samples:
             self.first_samples = self.samples(0)
-        self.advise(self.advisor.start(self.first_samples))  # a resumed run: what its saves so far recommend
+        self.advise(lambda: self.advisor.start(self.first_samples))  # resumed: what its saves so far recommend
         accumulation = config.gradient_accumulation_steps
         for epoch in range(start_epoch, self.epochs):
             if self.stop.is_set():  # pressed while samples rendered: nothing of this epoch ran yet
@@ -251,8 +249,8 @@ class Trainer:
         if epoch < self.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
             self.validate(epoch, self.folder.lora_file(config.output_name, epoch))  # first, for the file's metadata
             saved = self.save(epoch)
-            self.advise(self.advisor.add(epoch, saved, self.result.scores, self.result.steps,
-                                         self.samples(epoch, saved)))
+            paths = self.samples(epoch, saved)
+            self.advise(lambda: self.advisor.add(epoch, saved, self.result.scores, self.result.steps, paths))
 
     def finish(self) -> TrainResult:
         """The final save (also after a Stop) and the last samples."""
@@ -265,18 +263,19 @@ class Trainer:
                 self.validate(result.epochs, self.folder.lora_file(self.config.output_name))
             result.lora_path = self.save(None)
             if not result.stopped:
-                self.advise(self.advisor.add(result.epochs, result.lora_path, result.scores, result.steps,
-                                             self.samples(result.epochs, result.lora_path)))
+                paths = self.samples(result.epochs, result.lora_path)
+                self.advise(lambda: self.advisor.add(result.epochs, result.lora_path, result.scores, result.steps,
+                                                     paths))
                 grid = sample_grid(self.folder, self.config.prompts())
                 if grid is not None:
                     result.saved.append(grid)
                     self.emit(self.event("saved", "Saved the sample grid (epochs × prompts)", path=str(grid)))
-                with self.clock.apart():  # kept out of the per-round render cost: rounds of another size
-                    self.advise(self.advisor.finish(self.base_pipe, self.base, self.config, self.folder.path,
-                                                    self.folder.samples_of, self.stop, self.emit))
+                self.advise(lambda: self.advisor.finish(self.base_pipe, self.base, self.config, self.folder.path,
+                                                        self.folder.samples_of, self.stop, self.emit))
                 self.folder.finish()
             self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped,
                                        result.scores)
+        result.checking_s = self.clock.checking_s()
         accelerator.wait_for_everyone()
         verb = "Stopped" if result.stopped else "Finished"
         self.emit(self.event("stopped" if result.stopped else "done",
@@ -344,8 +343,11 @@ class Trainer:
             self.emit(JobEvent("warning", warning, epoch=epoch))
         return paths
 
-    def advise(self, recommendation: recommend.Recommendation | None) -> None:
-        """Keep a new recommendation and show it on the card and in the log."""
+    def advise(self, judge: Callable[[], recommend.Recommendation | None]) -> None:
+        """Judge (timed apart from the steps, as what the recommendation costs), and keep a new recommendation and
+        show it on the card and in the log."""
+        with self.clock.apart(self.clock.judging):
+            recommendation = judge()
         if recommendation is not None:
             self.result.recommendation = recommendation
             self.emit(self.event("recommendation", recommendation.headline(), epoch=recommendation.epoch,
@@ -388,8 +390,7 @@ class Trainer:
                                           "run's."))
         self.caption_rng.setstate(state["caption_rng"])
         epoch, done = state["epoch"], state["steps_in_epoch"]
-        points = [(step + 1, loss, lr) for step, (loss, lr) in enumerate(zip(self.result.losses, self.lrs,
-                                                                                strict=True))]
+        points = list(zip(range(1, len(self.lrs) + 1), self.result.losses, self.lrs, strict=True))
         scores = [score.event() for score in self.result.scores]
         for event in [self.event("history", "", points=points), *scores, *self.folder.history(self.steps_per_epoch)]:
             self.emit(event)  # the page of a resumed run shows the whole run, not only its new part

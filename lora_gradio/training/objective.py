@@ -10,6 +10,16 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler
 
 
+def training_noise(latents: torch.Tensor, generator: torch.Generator, offset: float) -> torch.Tensor:
+    """The noise a step adds, from the run's own generator (a resume continues its stream): Gaussian, plus a
+    per-channel constant scaled by ``offset`` when set, which lets the LoRA learn darker and brighter pictures."""
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+    if offset:
+        shift = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=generator.device)
+        noise += offset * shift.to(latents)
+    return noise
+
+
 def snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights: min(SNR, gamma) / SNR for noise prediction, / (SNR + 1) for v-prediction."""
     from diffusers.training_utils import compute_snr

@@ -31,6 +31,14 @@ class TrainResult:
     stopped_early: bool = False
     epoch_scores: list[EpochScores] = field(default_factory=list)  # every saved file's scores
     recommendation: Recommendation | None = None  # which file at which strength, once a file is saved
+    checking_s: float = 0.0  # of ``seconds``: validation, judging the samples and trying strengths
+
+    def checking_line(self) -> str:
+        """What validation and the recommendation cost this run, or "" where it had neither."""
+        if not self.checking_s or not self.seconds:
+            return ""
+        return (f"Scoring the saved files (held-out loss, samples, strengths) took {self.checking_s:.1f} s of the "
+                f"run's {self.seconds:.0f} s ({self.checking_s / self.seconds:.0%}).")
 
     def summary(self) -> str:
         """For logs: steps, speed, peak GPU memory and the saved file with the lowest held-out loss on one line, and
@@ -40,4 +48,6 @@ class TrainResult:
         lowest = f"; lowest validation loss {best.loss:.4f} at epoch {best.epoch} ({best.file})" if best else ""
         early = " (stopped early: the validation loss stopped improving)" if self.stopped_early else ""
         line = f"{self.steps} steps in {self.epochs} epochs{early} at {self.it_per_s:.2f} it/s{memory}{lowest}"
-        return line + (f"\n{self.recommendation.headline()}" if self.recommendation else "")
+        extra = [text for text in (self.checking_line(), self.recommendation and self.recommendation.headline())
+                 if text]
+        return "\n".join([line, *extra])

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 MAX_TIMESTEPS = 8  # per held-out image, spread over the schedule
 SHARE_OF_RUN = 0.10  # the evaluations' work, at most, against the training's
 FORWARD_SHARE = 1 / 3  # a forward pass without gradients, against a training step's forward and backward
+EVAL_BATCHES = 4  # training batches scored in one forward pass
 
 
 def timesteps_per_image(held: int, evaluations: int, steps: int, batch_size: int) -> int:
@@ -50,13 +51,14 @@ def scoring_work(config: TrainConfig, held: int, epochs: int, steps: int) -> flo
 
 @dataclass
 class Fixed:
-    """One held-out image's fixed inputs: its latent (the distribution's mean) repeated per timestep, the noise, the
-    timesteps and its caption."""
+    """The fixed inputs of held-out images of one latent size: each image's latent (the distribution's mean) once
+    per timestep, the noise, the timesteps, and which of ``captions`` each row has."""
 
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
-    caption: str
+    captions: list[str]
+    rows: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -96,26 +98,30 @@ class Validator:
 
         total = scheduler.config.num_train_timesteps
         spread = torch.tensor([int((k + 0.5) * total / timesteps) for k in range(timesteps)])
-        fixed = []
+        sizes: dict[tuple[int, ...], list[tuple]] = {}  # images of one latent size are scored in shared batches
         for index, image in enumerate(held):
             mean = DiagonalGaussianDistribution(image.latent_params[0].unsqueeze(0)).mean * scaling
             generator = torch.Generator("cpu").manual_seed(config.seed * 1000 + index + 1)
             noise = torch.randn((timesteps, *mean.shape[1:]), generator=generator)
-            fixed.append(Fixed(mean.expand(timesteps, -1, -1, -1), noise.to(mean), spread.to(mean.device),
-                               image.caption))
+            sizes.setdefault(tuple(mean.shape), []).append((mean.expand(timesteps, -1, -1, -1), noise.to(mean),
+                                                             image.caption))
+        fixed = [Fixed(torch.cat([latents for latents, _, _ in group]), torch.cat([noise for _, noise, _ in group]),
+                       spread.repeat(len(group)).to(group[0][0].device), [caption for _, _, caption in group],
+                       torch.arange(len(group)).repeat_interleave(timesteps)) for group in sizes.values()]
         return cls(fixed, config, scheduler, history)
 
     def loss(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: object) -> float:
-        """The mean loss over every held-out image and timestep, in chunks of the batch size, without gradients."""
-        losses = []
+        """The mean loss over every held-out image and timestep, without gradients, in chunks of EVAL_BATCHES
+        batches: a pass that keeps no activations for a backward fits several of the training's batches."""
+        losses, chunk = [], EVAL_BATCHES * self.config.batch_size
         with torch.no_grad():
-            for item in self.fixed:
-                hidden = encode_prompts(text_encoder, tokenizer, [item.caption], self.config.clip_skip)
-                for start in range(0, len(item.timesteps), self.config.batch_size):
-                    part = slice(start, start + self.config.batch_size)
-                    latents, noise, steps = item.latents[part], item.noise[part], item.timesteps[part]
+            for group in self.fixed:
+                hidden = encode_prompts(text_encoder, tokenizer, group.captions, self.config.clip_skip)
+                for start in range(0, len(group.timesteps), chunk):
+                    part = slice(start, start + chunk)
+                    latents, noise, steps = group.latents[part], group.noise[part], group.timesteps[part]
                     noisy = self.scheduler.add_noise(latents, noise, steps)
-                    pred = unet(noisy, steps, hidden.expand(len(steps), -1, -1).to(latents.dtype)).sample
+                    pred = unet(noisy, steps, hidden[group.rows[part].to(hidden.device)].to(latents.dtype)).sample
                     losses.append(denoising_loss(pred, latents, noise, steps, self.scheduler,
                                                  self.config.min_snr_gamma, [1.0] * len(steps)))
         return float(torch.cat(losses).mean())
