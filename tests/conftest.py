@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny demo model, a tiny LDM single-file checkpoint, small datasets, one trained LoRA."""
+"""Shared fixtures: the tiny demo model, a tiny LDM single-file checkpoint, small datasets, one trained LoRA, the
+README's demo run."""
 
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ def quick_config():
 
     return apply_overrides(load_preset("demo")[0], {"epochs": 1, "batch_size": 4, "network_type": "lora", "rank": 4,
                                                     "alpha": 4, "sample_prompts": [], "save_every_n_epochs": 1})
+
+
+@pytest.fixture(scope="session")
+def readme_demo(tmp_path_factory):
+    """The README's command-line demo, run once: the README test reads its output, the demo tests its LoRA."""
+    from readme_run import run_readme_demo
+
+    return run_readme_demo(tmp_path_factory.mktemp("readme") / "lora-gradio")
 
 
 @pytest.fixture(scope="module")

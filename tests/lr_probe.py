@@ -11,7 +11,7 @@ from lora_gradio.training.loop import train
 
 out = Path(sys.argv[1])
 config = apply_overrides(load_preset("demo")[0], {"epochs": 4, "lr_scheduler": "linear", "unet_lr": 1e-3,
-                                                  "save_every_n_epochs": 0})
+                                                  "save_every_n_epochs": 0, "batch_size": 2})
 events = []
 result = train(config, resolve_base("demo"), make_demo_dataset(out / "data", count=8), out / "run",
                on_event=lambda event: events.append(event))

@@ -146,7 +146,8 @@ def test_two_process_launch_shards_batches_and_saves_once(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                           "lora_gradio", "train", "--preset", "demo", "--set", "epochs=3", "--output", str(out)],
+                           "lora_gradio", "train", "--preset", "demo", "--set", "epochs=3", "--set", "batch_size=2",
+                           "--output", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [str(out / "lora.safetensors")]  # printed once, by rank 0

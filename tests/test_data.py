@@ -40,6 +40,9 @@ def test_epoch_plan_groups_buckets_counts_repeats_and_is_seeded():
     assert plan == plan_epoch(cached, 2, seed=1, epoch=0)
     halves = [plan_epoch(cached, 1, 1, 0, rank, 2) for rank in (0, 1)]
     assert len(halves[0]) == len(halves[1]) == 3
+    one = [CachedImage([], name, (512, 512), 1) for name in "abc"]  # one batch of 8 for two processes
+    shares = [plan_epoch(one, 8, 1, 0, rank, 2) for rank in (0, 1)]
+    assert [[sorted(batch) for batch in share] for share in shares] == [[[0, 1, 2]], [[0, 1, 2]]]  # each gets it
 
 
 def test_caption_shuffle_keeps_first_tokens_and_dropout_empties():

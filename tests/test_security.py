@@ -350,9 +350,9 @@ def test_runs_belong_to_who_started_them_and_delete_means_deleted(guest, client,
 def test_a_guest_run_over_the_caps_is_refused_before_it_starts(guest, locked):
     _, workspace, _ = locked
     make_demo_dataset(workspace / "datasets" / "ben-set" / "images", count=8)
-    settings = guest.predict("demo", api_name="/preset")
+    settings = {**guest.predict("demo", api_name="/preset"), "batch_size": 2}  # 4 steps an epoch of 8 images
     with pytest.raises(AppError, match=r"estimated at about .*up to 120 min a run .*--max-train-minutes"):
-        guest.predict(dataset="ben-set", settings={**settings, "epochs": 10_000}, api_name="/train_start")
+        guest.predict(dataset="ben-set", settings={**settings, "max_train_steps": 1_000_000}, api_name="/train_start")
     with pytest.raises(AppError, match=r"would render \d+ sample images, .* allows visitors 200 a run .*--max-samples"):
         guest.predict(dataset="ben-set", settings={**settings, "epochs": 200, "sample_every_n_steps": 1,
                                                    "sample_prompts": ["lgdemo"]}, api_name="/train_start")

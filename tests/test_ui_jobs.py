@@ -46,7 +46,7 @@ def test_only_the_starting_page_can_stop_training_even_after_a_reload(app):
         wait_for(lambda: "Samples will use: lgdemo, " in starter.locator("#sample-preview").inner_text(), 30,
                  "the sample prompts with the trigger word")
         starter.locator("#train-start").click()
-        wait_for(lambda: re.search(r"running: step [1-9]\d*/2500", progress(starter)), 60, "training to run")
+        wait_for(lambda: re.search(r"running: step [1-9]\d*/1000", progress(starter)), 60, "training to run")
         run = next((workspace / "outputs").glob("owners-*"))
         config = RunFolder(run).read_job().config
         assert config.sample_prompts and all(p.startswith("{trigger}") for p in config.sample_prompts)  # kept

@@ -60,6 +60,9 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
         wait_for(lambda: page.locator("#field-rank input").input_value() == "8", what="the demo preset")
         wait_for(lambda: not page.locator("#field-epochs .wrap:not(.hide)").count(), what="the preset to load")
         set_number(page, "#field-epochs", 6)
+        set_number(page, "#field-batch_size", 2)
+        page.get_by_text("Advanced settings").click()
+        set_number(page, "#field-save_every_n_epochs", 5)  # the preset saves every 20 of its 100 epochs
         page.locator("#field-trigger_word").get_by_role("textbox").fill("lgdemo")
         repeats = page.locator("#train-repeats input[type=number]")
         for typed, expected in (("2", "48 steps (8 an epoch of 16 images)"),

@@ -81,6 +81,9 @@ def test_stop_reload_resume_and_test_what_was_trained(app, tmp_path):
         type_into(rank, "4")
         type_into(page.locator("#field-trigger_word").get_by_role("textbox"), "flowword")
         set_number(page, "#field-epochs", 15)
+        set_number(page, "#field-batch_size", 2)
+        page.get_by_text("Advanced settings").click()
+        set_number(page, "#field-save_every_n_epochs", 5)  # the preset saves every 20 of its 100 epochs
         page.locator("#train-start").click()
         wait_for(lambda: "rank = 0" not in page.locator("#field-rank").inner_text(), 30, "the mark to go")
         wait_for(lambda: re.search(r"running: step [1-9]\d*/60", progress(page)), 90, "training to run")
@@ -200,7 +203,7 @@ def test_start_on_an_empty_dataset_says_what_to_do_and_names_the_last_run(app):
     client = Client(url, verbose=False)
     client.predict("done-before", api_name="/create_dataset")
     make_demo_dataset(workspace / "datasets" / "done-before" / "images", count=8)
-    settings = {**client.predict("demo", api_name="/preset"), "epochs": 1, "sample_prompts": []}
+    settings = {**client.predict("demo", api_name="/preset"), "epochs": 1, "batch_size": 2, "sample_prompts": []}
     run = client.predict(dataset="done-before", settings=settings, api_name="/train_start")["run"]
     wait_for(lambda: client.predict("", 0, api_name="/job_status")["status"] == "done", 120, "the earlier run")
     with browser_page() as page:

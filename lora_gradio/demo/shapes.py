@@ -28,7 +28,7 @@ CONCEPT = "ring"  # the shape the base model never sees: the demo dataset teache
 DEMO_TRIGGER = "lgring"
 DEMO_IMAGES = 20
 DEMO_CHECK_IMAGES = 4  # rings of its own that the demo dataset validates on, so all 20 train
-CONCEPT_RADII = (15.0, 22.0)  # large enough that the ring's hole spans several of the demo's 8×8 latent cells
+CONCEPT_RADII = (18.0, 24.0)  # large: the ring's hole spans about three of the demo's 8×8 latent cells
 HOLE = 0.5  # a ring's hole, as a share of its radius
 SUPERSAMPLE = 4  # drawn large and scaled down, so edges are soft like a photo's, not jagged
 

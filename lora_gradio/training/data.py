@@ -273,7 +273,9 @@ def plan_epoch(cached: Sequence[Bucketed], batch_size: int, seed: int, epoch: in
         rng.shuffle(indices)
         batches.extend(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
     rng.shuffle(batches)
-    usable = len(batches) // num_processes * num_processes or len(batches)
+    if batches and len(batches) < num_processes:  # each process needs a batch, or the others wait for it forever
+        batches = [batches[index % len(batches)] for index in range(num_processes)]
+    usable = len(batches) // num_processes * num_processes
     return batches[:usable][process_index::num_processes]
 
 
