@@ -103,6 +103,7 @@ def test_under_fifteen_images_nothing_is_held_out_and_the_plan_says_so(demo_spec
 def test_early_stopping_stops_keeps_and_names_the_best_epoch(demo_spec, quick_config, tmp_path):
     config = apply_overrides(load_preset("demo")[0], {
         "epochs": 8, "batch_size": 4, "sample_prompts": [], "save_every_n_epochs": 1, "unet_lr": OVERCOOKED_LR,
+        "lr_scheduler": "constant",
         "early_stopping_patience": 2, **HELD})
     said = []
     result = train(config, demo_spec, make_demo_dataset(tmp_path / "data", count=16), tmp_path / "run",

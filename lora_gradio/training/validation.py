@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 MAX_TIMESTEPS = 8  # per held-out image, spread over the schedule
 SHARE_OF_RUN = 0.10  # the evaluations' work, at most, against the training's
 FORWARD_SHARE = 1 / 3  # a forward pass without gradients, against a training step's forward and backward
-EVAL_BATCHES = 4  # training batches scored in one forward pass
+EVAL_BATCHES = 4  # training batches scored in one forward pass ...
+EVAL_ROWS = 8  # ... up to this many rows, unless one training batch is larger: a GPU that trains it holds them
 
 
 def timesteps_per_image(held: int, evaluations: int, steps: int, batch_size: int) -> int:
@@ -112,8 +113,9 @@ class Validator:
 
     def loss(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: object) -> float:
         """The mean loss over every held-out image and timestep, without gradients, in chunks of EVAL_BATCHES
-        batches: a pass that keeps no activations for a backward fits several of the training's batches."""
-        losses, chunk = [], EVAL_BATCHES * self.config.batch_size
+        batches (at most EVAL_ROWS rows): a pass that keeps no activations for a backward fits more than a batch."""
+        batch = self.config.batch_size
+        losses, chunk = [], max(batch, min(EVAL_BATCHES * batch, EVAL_ROWS))
         with torch.no_grad():
             for group in self.fixed:
                 hidden = encode_prompts(text_encoder, tokenizer, group.captions, self.config.clip_skip)
