@@ -106,9 +106,11 @@ class Validator:
             noise = torch.randn((timesteps, *mean.shape[1:]), generator=generator)
             sizes.setdefault(tuple(mean.shape), []).append((mean.expand(timesteps, -1, -1, -1), noise.to(mean),
                                                              image.caption))
-        fixed = [Fixed(torch.cat([latents for latents, _, _ in group]), torch.cat([noise for _, noise, _ in group]),
-                       spread.repeat(len(group)).to(group[0][0].device), [caption for _, _, caption in group],
-                       torch.arange(len(group)).repeat_interleave(timesteps)) for group in sizes.values()]
+        fixed = []
+        for group in sizes.values():
+            latents, noises, captions = zip(*group, strict=True)
+            fixed.append(Fixed(torch.cat(latents), torch.cat(noises), spread.repeat(len(group)).to(latents[0].device),
+                               list(captions), torch.arange(len(group)).repeat_interleave(timesteps)))
         return cls(fixed, config, scheduler, history)
 
     def loss(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: object) -> float:
