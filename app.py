@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                f"separated by '{os.pathsep}')")
     parser.add_argument("--comfyui-url", default=env("LORA_GRADIO_COMFYUI_URL", "http://127.0.0.1:8188"),
                         help="a running ComfyUI that 'Queue in ComfyUI' sends to (visitors cannot change it)")
+    parser.add_argument("--devices", default=env("LORA_GRADIO_DEVICES", ""), metavar="LIST",
+                        help="the devices runs train on side by side, one run each, comma-separated: cuda:0,cuda:1 "
+                             "(cpu#1,cpu#2: two runs at once on the CPU); default: every GPU (env "
+                             "LORA_GRADIO_DEVICES)")
     limits = parser.add_argument_group("limits for each visitor (shown on the page)")
     limits.add_argument("--max-upload-mb", type=int, default=int(env("LORA_GRADIO_MAX_UPLOAD_MB", "200")),
                         help="largest uploaded file (env LORA_GRADIO_MAX_UPLOAD_MB)")
@@ -166,10 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     from lora_gradio.ui import CSS, build_app
     from lora_gradio.ui.guard import Guard
 
+    try:
+        devices = device_list(args.devices)
+    except UserError as exc:
+        print(f"error: --devices: {exc}", file=sys.stderr)
+        return 2
     limits = Limits(args.max_images, args.max_grid, args.max_image_side, args.max_steps, args.max_upload_mb,
                     args.max_train_minutes, args.max_samples, args.keep_uploads_hours, args.uploads_budget_mb)
     access = Access(bool(auth), args.admin or (users[0] if users else None), public)
-    studio = Studio(workspace, limits=limits, comfyui_url=args.comfyui_url, access=access, upload_dir=uploads)
+    studio = Studio(workspace, limits=limits, comfyui_url=args.comfyui_url, access=access, upload_dir=uploads,
+                    devices=devices)
     app = build_app(studio)
     app.queue(default_concurrency_limit=4)
     public_names = {fn.api_name for fn in app.fns.values() if fn.api_visibility == "public" and fn.api_name}
@@ -179,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(stop_signal, lambda number, _frame: stop_and_save(studio, number))
     log.info("lora-gradio: workspace %s%s", workspace.root,
              f", sign-in for {len(auth)} user(s), operator {access.operator}" if auth else "")
+    for line in studio.restore_queue():  # the runs that trained or waited when the server last stopped
+        log.info("lora-gradio: training queue: %s", line)
     log.info("lora-gradio: open http://%s:%d in your browser", args.host, args.port)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, quiet=True,
                auth=auth or None, max_file_size=f"{limits.max_upload_mb}mb", footer_links=["api"],
@@ -186,6 +198,20 @@ def main(argv: list[str] | None = None) -> int:
                                                      shown_dir=uploads / SHOWN)]})
     sweep.set()
     return 0
+
+
+def device_list(names: str) -> list[str] | None:
+    """The devices named (each checked against this machine), or every GPU where there are several; None: the one
+    best device, as on a one-GPU or CPU machine."""
+    from lora_gradio.errors import UserError
+    from lora_gradio.views import available_devices, torch_device
+
+    wanted = [name.strip() for name in names.split(",") if name.strip()] or available_devices()
+    for name in wanted:
+        torch_device(name)
+    if len(set(wanted)) < len(wanted):
+        raise UserError(f"{names} names a device twice; give each once (cpu#1,cpu#2 for two runs on the CPU).")
+    return wanted if len(wanted) > 1 or names.strip() else None
 
 
 def run_as_app_user(workspace: Path) -> str | None:

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .errors import Stopped, UserError
 from .models import DEMO, BaseModelSpec, load_pipeline
 from .threads import fit_threads
-from .views import free_accelerator_memory, place_pipeline
+from .views import free_accelerator_memory, pick_device, place_pipeline, torch_device
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionPipeline
 
 T = TypeVar("T")
@@ -64,7 +65,8 @@ class ModelCache:
     change the model; they work on views (:func:`pipeline_view`) and keep derived state with :meth:`derived`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
+        self.device_name = device  # the slot it serves (cuda:1, cpu#2); None: the best device there is
         self._cond = threading.Condition()
         self._key: Hashable | None = None
         self._model: Any = None
@@ -111,7 +113,19 @@ class ModelCache:
                  on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None,
                  ) -> AbstractContextManager[StableDiffusionPipeline]:
         """Lease the base pipeline for ``spec``, loaded once onto the best device in its inference precision."""
-        return self.use(("pipeline", spec), lambda: place_pipeline(load_pipeline(spec)), what, long, on_wait, stop)
+        return self.use(("pipeline", spec), lambda: place_pipeline(load_pipeline(spec), self.device), what, long,
+                        on_wait, stop)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this cache's models run."""
+        return torch_device(self.device_name) if self.device_name else pick_device()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a long job (training) holds the model, so anyone else would be refused."""
+        with self._cond:
+            return self._holder is not None and self._holder.long
 
     def release(self) -> None:
         """Drop the cached model and give its memory back, once whoever holds it has finished."""

@@ -16,6 +16,7 @@ from .models import from_folder_or_hub, quiet_libraries
 from .views import pick_device
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
 BLIP_MODELS = {
@@ -71,13 +72,14 @@ class Captioner:
         return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
 
 
-def load_captioner(source: str) -> Captioner:
-    """BLIP from a local folder or a hub id; a clear message when neither is available."""
+def load_captioner(source: str, device: torch.device | None = None) -> Captioner:
+    """BLIP from a local folder or a hub id, onto ``device`` (else the best one); a clear message when neither is
+    available."""
     quiet_libraries()
     import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    device = pick_device()
+    device = device or pick_device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def load(local_only: bool) -> Captioner:
@@ -134,7 +136,7 @@ def caption_dataset(cache: ModelCache, source: str, images_dir: Path, options: C
     if not todo:
         return result
     try:
-        with cache.use(("captioner", source), lambda: load_captioner(source), "captioning",
+        with cache.use(("captioner", source), lambda: load_captioner(source, cache.device), "captioning",
                        on_wait=status_events(emit), stop=stop) as captioner:
             caption_batches(captioner, todo, images_dir, options, result, emit, stop)
     except Stopped as exc:

@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     brought.add_argument("--demo", action="store_true",
                          help="also write the demo dataset: 20 captioned rings for the demo base to learn")
 
+    queue = sub.add_parser("queue", help="see a running app's training queue, add a run to it, or change it",
+                           formatter_class=ShownDefaults)
+    queue.add_argument("--url", default="http://127.0.0.1:7860", help="the running app")
+    queue.add_argument("--auth", default=os.environ.get("LORA_GRADIO_AUTH", "").split(",")[0] or None,
+                       metavar="USER:PASSWORD", help="your login to the app (env LORA_GRADIO_AUTH: its first entry)")
+    queue.add_argument("--add", metavar="DATASET", help="queue a run on this dataset of the app")
+    queue.add_argument("--preset", default="seed-recommended", help="with --add: a preset the app has")
+    queue.add_argument("--base", default="demo", help="with --add: a base model the app offers")
+    queue.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="with --add: override a preset field")
+    queue.add_argument("--cancel", metavar="RUN", help="take your waiting run out of the queue")
+    queue.add_argument("--move", nargs=2, metavar=("RUN", "PLACE"), help="the operator: put a waiting run at PLACE")
+
     sub.add_parser("presets", help="list the presets")
     return parser
 
@@ -299,6 +312,37 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_queue(args: argparse.Namespace) -> int:
+    """Change a running app's queue as asked, through its API as the page does, then print the queue."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    user, _, password = (args.auth or "").partition(":")
+    try:
+        client = Client(args.url, auth=(user, password) if args.auth else None, verbose=False)
+        if args.add:
+            settings = client.predict(args.preset, api_name="/preset")
+            settings.update(parse_overrides(args.overrides))
+            answer = client.predict(args.add, args.base, settings, "", 1, "", api_name="/train_start")
+            print(f"{answer['message']} Its job id, the key to stopping it: {answer['job_id']}", file=sys.stderr)
+        if args.cancel:
+            print(client.predict(args.cancel, api_name="/queue_cancel"), file=sys.stderr)
+        if args.move:
+            run, place = args.move
+            if not place.isdigit():
+                raise UserError(f"--move {run} {place}: the place is a whole number from 1.")
+            print(client.predict(run, int(place), api_name="/queue_move"), file=sys.stderr)
+        rows = client.predict(api_name="/queue")
+    except AppError as exc:
+        raise UserError(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # nothing answers there, or not this app, or the login was refused
+        raise UserError(f"No lora-gradio app answered at {args.url} ({exc}). Start it with python app.py, or give "
+                        "--url and --auth.") from exc
+    for row in rows or [{"place": "", "run": "The queue is empty: nothing trains or waits."}]:
+        print("  ".join(str(value) for value in row.values()))
+    return 0
+
+
 def run_presets(_args: argparse.Namespace) -> int:
     """List the presets with their descriptions."""
     from .training.config import list_presets, load_preset
@@ -309,7 +353,8 @@ def run_presets(_args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": run_train, "generate": run_generate, "resume": run_resume, "import": run_import,
-            "workflow": run_workflow, "install": run_install, "inspect": run_inspect, "presets": run_presets}
+            "workflow": run_workflow, "install": run_install, "inspect": run_inspect, "presets": run_presets,
+            "queue": run_queue}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
@@ -24,11 +26,12 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def place_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """Put a freshly loaded base where it will be used (fp16 on CUDA) and freeze it: from here on it never changes."""
+def place_pipeline(pipe: StableDiffusionPipeline, device: torch.device | None = None) -> StableDiffusionPipeline:
+    """Put a freshly loaded base where it will be used (``device``, else the best one; fp16 on CUDA) and freeze it:
+    from here on it never changes."""
     import torch
 
-    device = pick_device()
+    device = device or pick_device()
     pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
@@ -75,6 +78,33 @@ def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, texts: list[st
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
     model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the text_model level
     return model.final_layer_norm(hidden)
+
+
+def available_devices() -> list[str]:
+    """The devices a server trains on side by side, one run each: every CUDA GPU, else Apple MPS, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return ["mps"] if torch.backends.mps.is_available() else ["cpu"]
+
+
+def torch_device(name: str) -> torch.device:
+    """The device a slot's name means: ``cuda:1``, ``cpu``; ``cpu#2`` is a second slot on the CPU (two runs side by
+    side there). A name this machine lacks is refused with what it has."""
+    import torch
+
+    device_text = name.strip().partition("#")[0]
+    try:
+        device = torch.device(device_text)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"'{name}' is not a device name: use cuda:0, cuda:1 …, mps or cpu (cpu#2 for a second run "
+                        "on the CPU).") from exc
+    cuda = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if (device.type == "cuda" and not cuda) or (device.type == "mps" and not torch.backends.mps.is_available()):
+        has = sorted({*available_devices(), "cpu"})
+        raise UserError(f"Device '{name}' is not on this machine; it has {', '.join(has)}.")
+    return device
 
 
 def pick_device() -> torch.device:

@@ -1,7 +1,10 @@
 """The public API through gradio_client, as scripts and other tools use the app; bad input gets clear errors."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,22 @@ from safetensors import safe_open
 
 from lora_gradio.demo.shapes import make_demo_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def api(app):
     """A client of the module's app, and the app's workspace."""
     url, workspace = app
     return Client(url, verbose=False), workspace
+
+
+def queue_command(client, *flags):
+    """``python -m lora_gradio queue`` against the module's app, as a person types it in a shell."""
+    done = subprocess.run([sys.executable, "-m", "lora_gradio", "queue", "--url", client.src, *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def demo_settings(client, **changes):
@@ -48,8 +61,18 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     with pytest.raises(AppError, match="validation dataset must be another dataset"):
         client.predict(dataset="apidata", settings=demo_settings(client), validation="apidata",
                        api_name="/train_start")
-    with pytest.raises(AppError, match="already running"):
-        client.predict(dataset="apidata", settings=demo_settings(client), api_name="/train_start")
+    assert started["queued"] == 0 and started["message"] == f"Run {started['run']} is training."
+    added = queue_command(client, "--add", "apidata", "--preset", "demo", "--set", "epochs=3")  # from a shell
+    second = re.search(r"Run (\S+) is queued, position 1; it should start in about .+ job id, the key to stopping "
+                       r"it: (\S+)", added.stderr)
+    assert second, added.stderr
+    assert [(row["place"], row["run"]) for row in client.predict(api_name="/queue")] == [
+        ("training", started["run"]), ("1", second[1])]
+    assert job(client, second[2])["status"] == "queued" and job(client, second[2])["position"] == 1
+    cancelled = queue_command(client, "--cancel", second[1])
+    assert f"Run {second[1]} left the queue." in cancelled.stderr
+    assert cancelled.stdout.split()[:2] == ["training", started["run"]] and len(cancelled.stdout.splitlines()) == 1
+    assert job(client, second[2])["status"] == "cancelled"
     with pytest.raises(AppError, match="busy with training"):
         generate(client)
     with pytest.raises(AppError, match=r"is training now\. Stop it first"):

@@ -26,14 +26,16 @@ def wait_until(predicate, timeout=120):
         time.sleep(0.05)
 
 
-def test_second_start_is_refused_and_generation_is_busy_during_training(demo_spec, demo_data, quick_config,
-                                                                         tmp_path):
+def test_a_second_start_waits_its_turn_and_generation_is_busy_during_training(demo_spec, demo_data, quick_config,
+                                                                                tmp_path):
     cache, jobs = ModelCache(), JobRunner()
     long_run = apply_overrides(quick_config, {"epochs": 200, "batch_size": 1})
     job = start_training(jobs, cache, long_run, demo_spec, TrainData(demo_data), tmp_path / "run")
     wait_until(lambda: jobs.view(job).step >= 2)
-    with pytest.raises(UserError, match="already running"):
-        start_training(jobs, cache, long_run, demo_spec, TrainData(demo_data), tmp_path / "other")
+    second = start_training(jobs, cache, long_run, demo_spec, TrainData(demo_data), tmp_path / "other")
+    assert jobs.view(second).status == "queued" and jobs.view(second).position == 1
+    jobs.stop(second)  # leaves the queue: it never ran
+    assert jobs.wait(second, 1).status == "cancelled" and not (tmp_path / "other").exists()
     with pytest.raises(UserError, match=r"busy with training \(run\)"):
         generate(cache, demo_spec, GenerateRequest("a cat", steps=2))
     assert cache.status().user == "training (run)"

@@ -20,14 +20,15 @@ from ..workspace import Workspace
 from .datasets import CAPTION_TOKENS, MAX_DEMO_DATASETS, Datasets
 from .desk import Desk
 from .limits import Limits
+from .queueing import QUEUE_COLUMNS, YOU
 from .testing import NO_LORA, TEST_IMAGES, GeneratedImage, Testing
 from .training import YOURS, TestPlan, Training, TrainingPlan, lora_name
 
 __all__ = [  # what the UI reads of the backend besides Studio's methods: records it takes or returns, and facts
     "BLIP_MODELS", "CAPTION_TOKENS", "DEFAULT_BLIP", "DEMO", "DEMO_IMAGES", "DEMO_NOTE", "DEMO_TRIGGER",
-    "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "NO_LORA", "SAMPLE_GRID", "TEST_IMAGES", "YOURS",
-    "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio", "TestPlan",
-    "TrainingPlan",
+    "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "NO_LORA", "QUEUE_COLUMNS", "SAMPLE_GRID", "TEST_IMAGES",
+    "YOU", "YOURS", "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio",
+    "TestPlan", "TrainingPlan",
     "Workspace", "format_duration", "lora_name"]
 
 

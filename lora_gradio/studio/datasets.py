@@ -121,7 +121,8 @@ class Datasets(Desk):
         images = self.dataset_to_change(dataset, visitor)
         self.workspace.set_dataset_settings(str(dataset), options.trigger_word)
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(
-            self.cache, source, images, options, emit, stop), exclusive=f"captioning {dataset}", owner=visitor.name)
+            self.free_cache(("captioner", source)), source, images, options, emit, stop),
+            exclusive=f"captioning {dataset}", owner=visitor.name)
 
     def start_prepare(self, dataset: str | None, resolution: float, center_crop: bool, visitor: Visitor = OPERATOR,
                       ) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Hashable
 from pathlib import Path
 
 from .. import comfyui, served
@@ -24,14 +25,30 @@ class Desk:
 
     def __init__(self, workspace: Workspace, cache: ModelCache | None = None, jobs: JobRunner | None = None,
                  limits: Limits | None = None, comfyui_url: str = comfyui.DEFAULT_URL, access: Access | None = None,
-                 upload_dir: Path | None = None) -> None:
+                 upload_dir: Path | None = None, devices: list[str] | None = None) -> None:
         self.workspace = workspace
         self.comfyui_url = comfyui_url
         self.limits = limits or Limits()
-        self.cache = cache or ModelCache()
-        self.jobs = jobs or JobRunner()
+        self.jobs = jobs or JobRunner(devices)
+        # one model cache per device, each under its own lease; with one device, the one cache of every job
+        self.caches = {device: ModelCache(device if devices else None) for device in self.jobs.devices}
+        if cache is not None:
+            self.caches[self.jobs.devices[0]] = cache
+        self.cache = self.caches[self.jobs.devices[0]]
         self.access = access or Access()
         self.upload_dir = upload_dir or workspace.root / ".cache" / "gradio"  # the one folder the server serves
+
+    def free_cache(self, key: Hashable | None = None) -> ModelCache:
+        """The cache a short job (a test image, captioning) uses: one that holds ``key`` already and is not busy
+        training, else any that is not busy, else the first (whose lease then says it is busy)."""
+        free = [cache for cache in self.caches.values() if not cache.busy]
+        return next((cache for cache in free if cache.holds == key), free[0] if free else self.cache)
+
+    def describe_caches(self) -> str:
+        """The model caches in one line for the top of the page: each device's, where there are several."""
+        if len(self.caches) == 1:
+            return self.cache.describe()
+        return " | ".join(f"{device}: {cache.describe()}" for device, cache in self.caches.items())
 
     def base(self, choice: str | None) -> BaseModelSpec:
         """The base model a visitor picked: ``demo``, a file or folder in models/checkpoints, a hub repo id, or a

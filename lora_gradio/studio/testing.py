@@ -120,7 +120,8 @@ class Testing(Desk):
         folder = self.test_images_dir(visitor)
 
         def work(stop: threading.Event, emit: Emit) -> GridResult:
-            image = inference.compare_grid(self.cache, spec, request, loras, strengths, stop, emit)
+            image = inference.compare_grid(self.free_cache(("pipeline", spec)), spec, request, loras, strengths, stop,
+                                           emit)
             if image is None:
                 return GridResult(None, stopped=True)
             return GridResult(inference.save_png(image, folder / f"grid-{stamp()}.png"))
@@ -132,7 +133,8 @@ class Testing(Desk):
         """One image, saved with its parameters in the visitor's folder of outputs/test-images."""
         request.validate()
         self.limits.check(request)
-        image = inference.generate(self.cache, self.base(base), request, on_wait)
+        spec = self.base(base)
+        image = inference.generate(self.free_cache(("pipeline", spec)), spec, request, on_wait)
         path = inference.save_png(image, self.test_images_dir(visitor) / f"{stamp()}-{request.seed}.png")
         return GeneratedImage(path, image.info["parameters"], image.info.get("lora", ""))
 

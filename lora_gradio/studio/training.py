@@ -15,7 +15,6 @@ from ..dataset import list_images
 from ..errors import UserError
 from ..estimate import TIMINGS_FILE, Estimate, Timings, device_name, estimate, format_duration
 from ..events import Emit, JobEvent
-from ..jobs import start_resume, start_training
 from ..models import DEMO, BaseModelSpec, resolve_base
 from ..request import short
 from ..training.config import (
@@ -33,7 +32,8 @@ from ..training.result import TrainResult
 from ..training.run_folder import RunFolder, RunJob, list_runs, resumable_runs
 from ..training.scoring import SCORERS
 from ..workspace import DATASET_NAME
-from .desk import Desk, exists
+from .desk import exists
+from .queueing import Entry, Queueing, added_by, read_queue
 
 YOURS = " (yours)"  # a preset saved in this workspace, as the preset list names it
 
@@ -61,8 +61,8 @@ class TrainingPlan:
     estimate: Estimate
 
 
-class Training(Desk):
-    """Presets, plans and runs."""
+class Training(Queueing):
+    """Presets, plans and runs, queued for a device."""
 
     def plan_training(self, dataset: str | None, base: str | None, settings: dict[str, Any] | TrainConfig,
                       regularization: str | None = None, repeats: int = 1, validation: str | None = None,
@@ -86,21 +86,49 @@ class Training(Desk):
         regular = self.workspace.training_data(regularization)[0] if regularization else None
         held = self.workspace.training_data(validation)[0] if validation else self.workspace.own_validation(dataset)
         data = TrainData(images, prepared, regular, repeats, held)
-        known = self.timings.costs(spec.display_name, device_name())
-        loaded = self.cache.holds == ("pipeline", spec)
-        return TrainingPlan(config, spec, data, estimate(config, data, spec.kind == DEMO, known, loaded))
+        return TrainingPlan(config, spec, data, self.estimate_of(RunJob(config, spec, data)))
 
     def start_training(self, plan: TrainingPlan, visitor: Visitor = OPERATOR) -> str:
-        """Start the planned run in a new folder under outputs/, recorded as the visitor's; returns the job id that
-        Stop needs. A visitor other than the operator trains within the server's time and sample caps."""
+        """Queue the planned run for a new folder under outputs/, recorded as the visitor's: it starts at once on a
+        free device, else when its turn comes. Returns the job id that Stop (or leaving the queue) needs. A visitor
+        other than the operator trains within the server's time and sample caps."""
         self.limits.check_training(plan.estimate, visitor)
-        run_dir = self.workspace.outputs_dir / f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{plan.config.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        taken = self.queued_runs()
+        run = next(f"{name}{suffix}" for suffix in ("", *(f"-{i}" for i in range(2, 10_000)))
+                   if f"{name}{suffix}" not in taken and not exists(self.workspace.outputs_dir / f"{name}{suffix}"))
         dataset = plan.data.images.parent.name
         if visitor.owns(self.workspace.dataset_settings(dataset).get("owner")):  # another's dataset stays theirs
             self.workspace.set_dataset_settings(dataset, plan.config.trigger_word, plan.data.repeats)
+        job = RunJob(plan.config, plan.base, plan.data, visitor.name)
+        return self.enqueue(Entry("", run, visitor.name, added_by(visitor), plan.estimate.steps,
+                                  plan.estimate.seconds, job.record()), self.after_run(plan))
 
-        return start_training(self.jobs, self.cache, plan.config, plan.base, plan.data, run_dir, visitor.name,
-                              self.after_run(plan), plan.estimate.steps)
+    def restore_queue(self) -> list[str]:
+        """Queue again what the queue file kept when the server last stopped: a run that was training resumes from
+        its last save first (or starts again, if it saved nothing), then the waiting runs in their order, each
+        checked as a resumed run is. Returns a line for each, for the server's log."""
+        try:
+            kept = read_queue(self.queue_file)
+        except ValueError as exc:
+            return [f"The training queue in {self.queue_file.name} is damaged ({exc}); it starts empty."]
+        lines = []
+        for entry in kept:
+            try:
+                folder = self.workspace.outputs_dir / Path(entry.run).name
+                if entry.device and RunFolder(folder).resumable:
+                    entry = replace(entry, run=folder.name, job=None, planned_steps=0)
+                job = RunFolder(folder).read_job() if entry.job is None else RunJob.from_record(entry.job, entry.run)
+                self.check_job(job)
+                plan = self.plan_rest(RunFolder(folder)) if entry.job is None else TrainingPlan(
+                    job.config, job.base, job.data, self.estimate_of(job))
+                self.enqueue(entry, self.after_run(plan))
+                lines.append(f"Run {entry.run}: " + ("resumed from its last save" if entry.device and entry.job is None
+                                                     else "trains again from the start" if entry.device
+                                                     else "back in the queue") + ".")
+            except (UserError, ValueError) as exc:
+                lines.append(f"Run {entry.run} left the queue: {exc}")
+        return lines
 
     def after_run(self, plan: TrainingPlan) -> Callable[[TrainResult, Emit], None]:
         """What follows a finished run: its time against the estimate shown before it and what validation and
@@ -147,8 +175,9 @@ class Training(Desk):
         return folder
 
     def interrupted_runs(self) -> list[str]:
-        """The runs of outputs/ that stopped before their end and can continue, by folder name."""
-        return resumable_runs(self.workspace.outputs_dir)
+        """The runs of outputs/ that stopped before their end and can continue (and are not queued to), by folder
+        name."""
+        return [run for run in resumable_runs(self.workspace.outputs_dir) if run not in self.queued_runs()]
 
     def run_job(self, run: str | None) -> RunJob:
         """What a run of outputs/ trains (settings, base model, data), by its folder name."""
@@ -161,15 +190,23 @@ class Training(Desk):
         job = folder.read_job()
         visitor.require(job.owner, f"Run '{folder.path.name}'")
         self.check_job(job)
-        return start_resume(self.jobs, self.cache, folder.path, visitor.name, self.after_run(self.plan_rest(folder)))
+        if folder.path.name in self.queued_runs():
+            raise UserError(f"Run {folder.path.name} is already training or waiting in the queue.")
+        plan = self.plan_rest(folder)
+        return self.enqueue(Entry("", folder.path.name, visitor.name, added_by(visitor), 0, plan.estimate.seconds),
+                            self.after_run(plan))
+
+    def estimate_of(self, job: RunJob) -> Estimate:
+        """A recorded run's whole estimate, from what runs measured on this machine."""
+        known = self.timings.costs(job.base.display_name, device_name())
+        loaded = self.cache.holds == ("pipeline", job.base)
+        return estimate(job.config, job.data, job.base.kind == DEMO, known, loaded)
 
     def plan_rest(self, folder: RunFolder) -> TrainingPlan:
         """An interrupted run's estimate for the part still to train: the whole run's, in proportion to the steps
         left, so a resumed run is compared with an estimate too."""
         job = folder.read_job()
-        known = self.timings.costs(job.base.display_name, device_name())
-        loaded = self.cache.holds == ("pipeline", job.base)
-        whole = estimate(job.config, job.data, job.base.kind == DEMO, known, loaded)
+        whole = self.estimate_of(job)
         left = max(0, whole.steps - folder.summary().steps) / whole.steps if whole.steps else 1.0
         rest = replace(whole, seconds=whole.seconds * left if whole.seconds is not None else None,
                        margin=whole.margin * left if whole.margin is not None else None)
@@ -214,16 +251,18 @@ class Training(Desk):
     def runs(self) -> list[list[str]]:
         """Every run, newest first: name, status, date, steps, recent loss, lowest validation loss and the
         recommended epoch and strength."""
-        running = self.training_run()
-        return [run.row(run.name == running) for run in list_runs(self.workspace.outputs_dir)]
+        states = self.queued_runs()
+        return [run.row(states.get(run.name, "")) for run in list_runs(self.workspace.outputs_dir)]
 
     def delete_run(self, run: str | None, visitor: Visitor = OPERATOR) -> str:
         """Delete a run's folder (its LoRA files, samples and resume state) and every served link to them; the
         visitor's own runs only, any for the operator, and never the one training now."""
         folder = self.run_folder(run, "delete")
         visitor.require(folder.read_job().owner, f"Run '{folder.path.name}'")
-        if folder.path.name == self.training_run():
-            raise UserError(f"Run '{run}' is training now. Stop it first, then delete it.")
+        now = self.queued_runs().get(folder.path.name)
+        if now:
+            raise UserError(f"Run '{run}' is training now. Stop it first, then delete it." if now == "running" else
+                            f"Run '{run}' waits in the training queue. Take it out of the queue first, then delete it.")
         shutil.rmtree(folder.path)
         self.forget_deleted()
         return f"Deleted run {folder.path.name}."

@@ -31,7 +31,7 @@ from .objective import denoising_loss, training_noise
 from .result import TrainResult
 from .run_folder import RunFolder
 from .samples import render_samples, sample_grid
-from .setup import DTYPES, attach_network, encode_fixed_captions, encode_images, make_accelerator, working_view
+from .setup import DTYPES, attach_network, encode_fixed_captions, encode_images, working_view
 from .validation import Score
 
 if TYPE_CHECKING:
@@ -57,21 +57,22 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
     emit(JobEvent("status", f"Loading base model {base.display_name}"))
     cache = cache or ModelCache()
     started, loads = time.perf_counter(), cache.loads
-    stop, accelerator = stop or threading.Event(), None
+    stop, trainer = stop or threading.Event(), None
     try:
         with cache.pipeline(base, f"training ({run.path.name})", long=True,
                             on_wait=status_events(emit), stop=stop) as pipe:
             load_s = time.perf_counter() - started if cache.loads > loads else None
-            accelerator = make_accelerator(config, emit)  # seeds the global RNGs: under the lease, no job between
-            result = Trainer(pipe, config, base, images, run, accelerator, emit, stop, latent_cache).run(resume)
+            with setup.RUNS.run(config, emit, cache.device, lambda accelerator: Trainer(
+                    pipe, config, base, images, run, accelerator, emit, stop, latent_cache)) as trainer:
+                result = trainer.run(resume)
         result.costs.load_s, result.seconds = load_s, time.perf_counter() - started
         return result
     except Stopped as exc:  # before the first step: nothing was trained or saved
         emit(JobEvent("stopped", str(exc)))
         return TrainResult(None, [], 0, 0, stopped=True)
     finally:
-        if accelerator is not None:
-            accelerator.free_memory()  # drops its references to the run's views (it collects before it drops) ...
+        if trainer is not None:
+            trainer.accelerator.free_memory()  # drops its references to the run's views (it collects first) ...
         free_accelerator_memory()  # ... so their GPU memory goes back only after this second collection
 
 
@@ -273,8 +274,7 @@ class Trainer:
                 self.advise(lambda: self.advisor.finish(self.base_pipe, self.base, self.config, self.folder.path,
                                                         self.folder.samples_of, self.stop, self.emit))
                 self.folder.finish()
-            self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped,
-                                       result.scores)
+            self.folder.write_progress(result.steps, self.total_steps, result.losses, not result.stopped, result.scores)
         result.checking_s = self.clock.checking_s()
         accelerator.wait_for_everyone()
         verb = "Stopped" if result.stopped else "Finished"

@@ -39,6 +39,28 @@ class RunJob:
     data: TrainData
     owner: str | None = None
 
+    def record(self) -> dict[str, Any]:
+        """The job as JSON values, as ``job.json`` and the training queue keep it."""
+        data = self.data
+        return {"config": self.config.to_dict(), "base": asdict(self.base), "data_dir": str(data.images),
+                "prepared_dir": str(data.prepared) if data.prepared else None,
+                "regularization_dir": str(data.regularization) if data.regularization else None,
+                "validation_dir": str(data.validation) if data.validation else None,
+                "repeats": data.repeats, "started_by": self.owner}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], where: str) -> RunJob:
+        """The job a record holds; ValueError naming what is damaged."""
+        try:
+            folders = [record.get(key) for key in ("prepared_dir", "regularization_dir", "validation_dir")]
+            prepared, regular, validation = (Path(folder) if folder else None for folder in folders)
+            data = TrainData(Path(record["data_dir"]), prepared, regular, record.get("repeats", 1), validation)
+            owner = record.get("started_by")
+            return cls(make_config(record["config"], where), BaseModelSpec(**record["base"]), data,
+                       owner if isinstance(owner, str) else None)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -128,27 +150,15 @@ class RunFolder:
     def write_job(self, job: RunJob) -> None:
         """Record what the run trains on."""
         self.path.mkdir(parents=True, exist_ok=True)
-        data = job.data
-        write_text_atomic(self.job_file, json.dumps({
-            "config": job.config.to_dict(), "base": asdict(job.base), "data_dir": str(data.images),
-            "prepared_dir": str(data.prepared) if data.prepared else None,
-            "regularization_dir": str(data.regularization) if data.regularization else None,
-            "validation_dir": str(data.validation) if data.validation else None,
-            "repeats": data.repeats, "started_by": job.owner, "created": time.time()}, indent=2) + "\n")
+        write_text_atomic(self.job_file, json.dumps({**job.record(), "created": time.time()}, indent=2) + "\n")
 
     def read_job(self) -> RunJob:
         """The recorded job, or a clear message when this is not a run folder."""
         if not self.job_file.is_file():
             raise UserError(f"'{self.path.name}' is not a lora-gradio run folder (no {JOB_FILE}).")
         try:
-            job = json.loads(self.job_file.read_text(encoding="utf-8"))
-            folders = [job.get(key) for key in ("prepared_dir", "regularization_dir", "validation_dir")]
-            prepared, regular, validation = (Path(folder) if folder else None for folder in folders)
-            data = TrainData(Path(job["data_dir"]), prepared, regular, job.get("repeats", 1), validation)
-            owner = job.get("started_by")
-            return RunJob(make_config(job["config"], f"run '{self.path.name}'"), BaseModelSpec(**job["base"]), data,
-                          owner if isinstance(owner, str) else None)
-        except (ValueError, KeyError, TypeError) as exc:
+            return RunJob.from_record(json.loads(self.job_file.read_text(encoding="utf-8")), f"run '{self.path.name}'")
+        except ValueError as exc:
             raise UserError(f"The {JOB_FILE} of run '{self.path.name}' is damaged ({exc}); it cannot be resumed. "
                             "Start a new run instead.") from exc
 
@@ -245,12 +255,13 @@ class RunSummary:
     best: Score | None = None  # the lowest held-out loss of a saved file
     recommended: str = ""  # the finished run's recommended epoch and strength
 
-    def row(self, running: bool = False) -> list[str]:
-        """Run, status, date, steps, recent loss, the best held-out loss and the recommendation, as table cells."""
+    def row(self, now: str = "") -> list[str]:
+        """Run, status (``now``, "running" or "queued", where the run trains or waits), date, steps, recent loss, the
+        best held-out loss and the recommendation, as table cells."""
         steps = f"{self.steps}/{self.total_steps}" if self.total_steps else "–"
         loss = f"{self.loss:.4f}" if self.loss is not None else "–"
         best = f"{self.best.loss:.4f} (epoch {self.best.epoch})" if self.best else "–"
-        return [self.name, "running" if running else self.status, self.date, steps, loss, best,
+        return [self.name, now or self.status, self.date, steps, loss, best,
                 self.recommended or "–"]
 
 

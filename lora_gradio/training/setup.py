@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .scoring import Evaluator
 
+T = TypeVar("T")
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -83,17 +84,53 @@ def make_evaluator(config: TrainConfig, demo_base: bool, references: list[Path],
         return None
 
 
-def make_accelerator(config: TrainConfig, emit: Emit) -> Accelerator:
-    """The run's accelerator; gradient accumulation is done by :meth:`Trainer.train_step`, not by accelerate."""
+def precision_group(config: TrainConfig) -> str:
+    """The mixed precision a run trains in on this machine (fp16 needs CUDA): runs side by side in one process
+    share accelerate's state, so they share this too."""
+    mixed = "no" if config.mixed_precision == "fp32" else config.mixed_precision
+    return "no" if mixed == "fp16" and not torch.cuda.is_available() else mixed
+
+
+class ProcessRuns:
+    """accelerate's state and the global random generators belong to the process: runs side by side (one per
+    device) set up one at a time, and the state is made afresh only when no other run trains."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+
+    @contextmanager
+    def run(self, config: TrainConfig, emit: Emit, device: torch.device, build: Callable[[Accelerator], T],
+            ) -> Iterator[T]:
+        """What ``build`` makes of the run's accelerator (seeded: the run's LoRA starts from its own seed), made
+        while no other run of the process sets up; the run counts as training until the block ends."""
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # this thread's "cuda", accelerate's too, is the run's own GPU
+        with self._lock:
+            built = build(make_accelerator(config, emit, fresh=not self._active))
+            self._active += 1
+        try:
+            yield built
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
+RUNS = ProcessRuns()
+
+
+def make_accelerator(config: TrainConfig, emit: Emit, fresh: bool = True) -> Accelerator:
+    """The run's accelerator (``fresh``: accelerate's state made anew; else the one the runs training now share,
+    in the same precision); gradient accumulation is done by :meth:`Trainer.train_step`, not by accelerate."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    mixed = config.mixed_precision
-    if mixed == "fp16" and not torch.cuda.is_available():
+    mixed = precision_group(config)
+    if mixed != config.mixed_precision and config.mixed_precision == "fp16":
         emit(JobEvent("warning", "fp16 mixed precision needs a CUDA GPU; training in fp32 on this device."))
-        mixed = "no"
-    AcceleratorState._reset_state()  # a long-running app trains many times, with different precisions
+    if fresh:
+        AcceleratorState._reset_state()  # a long-running app trains many times, with different precisions
     accelerator = Accelerator(mixed_precision=mixed)
     set_seed(config.seed)
     return accelerator

@@ -93,11 +93,14 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         app.load(current_models_dir, None, models_dir, **PRIVATE)
 
-        def describe_cache() -> str:
-            return studio.public(studio.cache.describe())
+        cache_seen = gr.State("")
 
-        gr.Timer(1.0).tick(describe_cache, None, cache_status, show_progress="hidden", **PRIVATE)
-        app.load(describe_cache, None, cache_status, **PRIVATE)
+        def describe_cache(values: dict, request: gr.Request | None = None) -> dict:
+            line = studio.public(studio.describe_caches())
+            return {} if line == values[cache_seen] else {cache_status: line, cache_seen: line}
+
+        ctx.every_second(describe_cache, {cache_seen}, [cache_status, cache_seen])
+        app.load(describe_cache, {cache_seen}, [cache_status, cache_seen], **PRIVATE)
 
         ctx.handoff = gr.State({})
         with gr.Tabs() as tabs:
@@ -110,4 +113,5 @@ def build_app(studio: Studio) -> gr.Blocks:
                  tabs, **PRIVATE)
         for state in ctx.outside_tabs:
             state.render()
+        ctx.start_ticking()
     return app

@@ -17,7 +17,7 @@ from gradio.data_classes import FileData
 from ..access import Visitor
 from ..jobs import JobState
 from ..request import GenerateRequest, short
-from ..studio import DEFAULT_BLIP, CaptionOptions, Studio
+from ..studio import DEFAULT_BLIP, QUEUE_COLUMNS, CaptionOptions, Studio
 from .common import MODEL, api_errors, public_text, shown, visitor_of
 
 KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -104,8 +104,9 @@ def register(studio: Studio) -> None:
         plan = studio.plan_training(dataset, base, settings or {}, regularization or None, repeats,
                                     validation or None)
         job_id = studio.start_training(plan, visitor(request))
-        return {"job_id": job_id, "run": Path(studio.jobs.view(job_id).run_dir).name,
-                "estimate": plan.estimate.markdown()}
+        state = studio.jobs.view(job_id)
+        return {"job_id": job_id, "run": Path(state.run_dir).name, "estimate": plan.estimate.markdown(),
+                "queued": state.position, "message": studio.queue_line(state)}
 
     def train_stop(request: gr.Request, job_id: str) -> str:
         """Stop the training job started with this id (by this login, or any as the operator); it saves what was
@@ -114,9 +115,26 @@ def register(studio: Studio) -> None:
         return "stopping"
 
     def train_resume(request: gr.Request, run: str) -> dict:
-        """Continue an interrupted run (its folder name under outputs/); returns the new job id."""
+        """Continue an interrupted run (its folder name under outputs/), through the queue like a new one; returns
+        the new job id and its place in the queue (0: it trains now)."""
         job_id = studio.resume_training(run, visitor(request))
-        return {"job_id": job_id, "run": Path(run).name}
+        state = studio.jobs.view(job_id)
+        return {"job_id": job_id, "run": Path(run).name, "queued": state.position,
+                "message": studio.queue_line(state)}
+
+    def queue(request: gr.Request) -> list[dict]:
+        """The training queue, as every visitor sees it: what trains now, then what waits, in order, with who
+        added each run ("(you)" on your own), its steps and its expected start."""
+        return [dict(zip(QUEUE_COLUMNS, row, strict=True)) for row in studio.queue_rows(visitor(request))]
+
+    def queue_cancel(request: gr.Request, run: str) -> str:
+        """Take a waiting run out of the queue: your own, or any as the operator. (A run that trains already stops
+        with /train_stop.)"""
+        return studio.cancel_queued(run, visitor(request))
+
+    def queue_move(request: gr.Request, run: str, position: int) -> str:
+        """Put a waiting run at ``position`` in the queue (1: next to start); the operator only."""
+        return studio.move_in_queue(run, position, visitor(request))
 
     def job_status(job_id: str = "", since: int = 0) -> dict:
         """A job's state (without an id: the current training job's), with losses from index ``since`` on."""
@@ -239,9 +257,9 @@ def register(studio: Studio) -> None:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
-    for endpoint in (train_start, train_stop, train_resume, job_status, preset, workflow, comfyui_queue,
-                     comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
-                     create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora, runs,
-                     recommendation, delete_run, cache_status):
+    for endpoint in (train_start, train_stop, train_resume, queue, queue_cancel, queue_move, job_status, preset,
+                     workflow, comfyui_queue, comfyui_install, inspect_lora, grid, caption, prepare, import_folder,
+                     import_files, create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora,
+                     runs, recommendation, delete_run, cache_status):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
     gr.api(api_errors(generate), api_name="generate", **MODEL)

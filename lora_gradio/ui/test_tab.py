@@ -213,7 +213,9 @@ def build(ctx: AppContext) -> None:
         picked = {lora: plan["lora"], strength_model: plan["strength"], strength_clip: plan["strength"],
                   prompt: plan["prompt"] or values[prompt],
                   **({base_choice: plan["base"], base_repo: ""} if plan.get("base") else {})}
-        shows = {**picked, lora: gr.update(choices=choices, value=plan["lora"])}
+        # the tab opens with these values in place, and counts the newest LoRA as offered: opening it keeps them
+        shows = {**picked, lora: gr.update(choices=choices, value=plan["lora"]), newest: ctx.studio.newest_lora(),
+                 ctx.tabs: gr.Tabs(selected=TITLE.lower())}
         if not plan.get("grid"):
             return shows
         chosen = {**values, **picked}  # the grid is rendered with what the tab now shows
@@ -224,7 +226,8 @@ def build(ctx: AppContext) -> None:
                 strengths: ", ".join(f"{value:g}" for value in columns)}
 
     ctx.handoff.change(on_handoff, fields | {ctx.handoff}, [lora, strength_model, strength_clip, prompt, base_choice,
-                                                            base_repo, grid_loras, grid_job, strengths], **PRIVATE)
+                                                            base_repo, grid_loras, grid_job, strengths, newest,
+                                                            ctx.tabs], **PRIVATE)
     grid_loras.change(lambda rows: rows or [], grid_loras, picked, show_progress="hidden", **PRIVATE)
     lora.change(on_lora, lora, clip_skip, **PRIVATE)
 

@@ -22,13 +22,25 @@ def log_html(lines: list[str]) -> str:
     return (f'<div id="train-log-box" class="log-box"><pre id="train-log-lines">{body}</pre></div>')
 
 
-def follow_losses(jobs: JobRunner, seen: dict) -> tuple[JobState, dict, bool]:
+def follow_losses(jobs: JobRunner, seen: dict, job_ids: list[str] | None = None) -> tuple[JobState, dict, bool]:
     """The training job's state with only the losses this page has not seen, the page's new record, and whether
-    the curve changed (new points, or another run)."""
+    the curve changed (new points, or another run). The page follows its own run while it trains (of ``job_ids``;
+    runs on other devices may have started since), else the newest."""
     have = seen.get("losses", [])
-    state = jobs.latest("training", since=len(have))
+
+    def followed(since: int) -> JobState:
+        for job_id in job_ids or []:
+            try:
+                own = jobs.view(job_id, since)
+            except UserError:  # not a job of this server (it restarted since)
+                continue
+            if own.active:
+                return own
+        return jobs.latest("training", since)
+
+    state = followed(len(have))
     if state.started != seen.get("started"):
-        have, state = [], jobs.latest("training")
+        have, state = [], followed(0)
     losses = have + [list(point) for point in state.losses]
     return state, {"started": state.started, "losses": losses}, bool(state.losses) or not seen
 
@@ -112,9 +124,10 @@ class LiveView:
     grid_around: gr.Button
     seen: gr.State
 
-    def update(self, studio: Studio, before: dict) -> tuple[dict, JobState, bool]:
-        """Updates for what changed since ``before``, the job's state, and whether it started or ended since."""
-        state, seen, changed = follow_losses(studio.jobs, before)
+    def update(self, studio: Studio, before: dict, job_ids: list[str]) -> tuple[dict, JobState, bool]:
+        """Updates for what changed since ``before`` (of this page's run of ``job_ids`` while it trains, else of
+        the newest), the job's state, and whether it started or ended since."""
+        state, seen, changed = follow_losses(studio.jobs, before, job_ids)
         seen["prompts"] = before.get("prompts", [])
         if state.started != before.get("started") and state.run_dir:
             try:
@@ -124,7 +137,10 @@ class LiveView:
         seen["active"] = state.active
         seen["saved"] = saved_order([p for p in state.saved if Path(p).exists()])
         seen["samples"] = [list(item) for item in sample_items(state, seen["prompts"])]
-        shows = {self.progress: progress_html(state), self.log: log_html(state.log), self.seen: seen}
+        seen["progress"], seen["log"] = progress_html(state), log_html(state.log)
+        shows = {self.seen: seen, **{widget: seen[key] for widget, key in ((self.progress, "progress"),
+                                                                           (self.log, "log"))
+                                     if seen[key] != before.get(key)}}
         if seen["saved"] != before.get("saved"):
             shows[self.saved] = [shown(p) for p in seen["saved"]] or None
             lora = next((p for p in seen["saved"] if p.endswith(".safetensors")), None)  # final, else newest

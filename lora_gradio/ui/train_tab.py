@@ -13,18 +13,19 @@ from typing import Any
 
 import gradio as gr
 
+from ..errors import UserError
 from ..studio import DEMO, DEMO_NOTE, TrainingPlan, lora_name
 from ..training.config import SettingsError, TrainConfig
 from .base_picker import base_name, base_picker
-from .common import PRIVATE, AppContext, stop_handler, user_errors
+from .common import PRIVATE, AppContext, user_errors
 from .train_form import ADVANCED, MAIN, SEPARATE, SettingsForm, preview_samples, settings_form
 from .train_live import LiveView, follow_losses, live_view
+from .train_queue import QueuePanel, queue_panel, wire_queue
 
 __all__ = ["ADVANCED", "MAIN", "SEPARATE", "TITLE", "build", "default_preset", "follow_losses"]
 TITLE = "Train"
 RUN_COLUMNS = ["run", "status", "date", "steps", "recent loss", "best validation loss", "recommended"]
 QUIET = {"show_progress": "hidden", **PRIVATE}
-TEST_TAB = "test"  # the Test tab's id
 
 
 def default_preset(base: str | None) -> str:
@@ -135,15 +136,17 @@ def build(ctx: AppContext) -> None:
     """Widgets and events of the Train tab."""
     limits = ctx.studio.limits.describe_training()
     controls = run_controls(limits)
+    queue = queue_panel()
     first, first_text = ctx.studio.preset(default_preset(DEMO))  # usable before the page's load event restores
     choice = base_and_preset(ctx, first_text)
     form = settings_form(first, dataset_choices(ctx))
     live = live_view(controls.progress)
     runs = runs_panel(ctx)
     wire_settings(ctx, choice, form)
-    train_job = wire_start(ctx, controls, choice, form, limits)
-    wire_runs(ctx, runs, train_job)
-    wire_live(ctx, controls, live, runs)
+    train_job = wire_start(ctx, controls, choice, form, limits, queue)
+    wire_runs(ctx, runs, train_job, queue)
+    wire_queue(ctx, queue)
+    wire_live(ctx, controls, live, runs, queue, train_job)
     wire_advice(ctx, live)
     remember_form(ctx, controls, choice, form)
 
@@ -219,10 +222,10 @@ def with_marks(form: SettingsForm, handler: Callable[..., dict]) -> Callable[...
 
 
 def wire_start(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, form: SettingsForm,
-               limits: str) -> gr.BrowserState:
-    """Estimate and Start check the whole form; Start keeps the job's id in this browser (the key to Stop), which
-    it returns."""
-    train_job = ctx.remembered("training-job", "")  # this page's run: the key to Stop
+               limits: str, queue: QueuePanel) -> gr.BrowserState:
+    """Estimate and Start check the whole form; Start queues the run (it trains at once on a free device) and keeps
+    the job's id in this browser (the key to Stop), which it returns."""
+    train_job = ctx.remembered("training-job", [])  # this page's runs, waiting or training: the keys to Stop
 
     def plan_of(values: dict) -> TrainingPlan:
         return ctx.studio.plan_training(values[ctx.dataset], choice.base(values), form.config(values),
@@ -242,7 +245,9 @@ def wire_start(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, fo
 
     def on_start(values: dict, request: gr.Request) -> dict:
         plan = plan_of(values)
-        return {**plan_shown(plan), train_job: ctx.studio.start_training(plan, ctx.visitor(request))}
+        job_id = ctx.studio.start_training(plan, ctx.visitor(request))
+        return {**plan_shown(plan), train_job: page_jobs(ctx, values[train_job], job_id),
+                queue.line: queued_line(ctx, job_id)}
 
     @user_errors
     def on_prepare_again(dataset: str | None, request: gr.Request) -> dict:
@@ -251,24 +256,60 @@ def wire_start(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, fo
                 controls.prepare_again: gr.update(visible=False)}
 
     planned = {ctx.dataset, choice.choice, choice.repo, form.regularization, form.repeats, form.validation,
-               *form.widgets}
+               train_job, *form.widgets}
     shown = [controls.plan, controls.prepare_again, *form.widgets]
     gr.on([controls.check.click, form.repeats.input, form.regularization.input, form.validation.input],
           with_marks(form, on_estimate),
           planned, shown, **PRIVATE)
-    controls.start.click(with_marks(form, on_start), planned, [*shown, train_job], **PRIVATE)
+    controls.start.click(with_marks(form, on_start), planned, [*shown, train_job, queue.line], **PRIVATE)
     controls.prepare_again.click(on_prepare_again, ctx.dataset,
                                  [ctx.prepare_job, controls.plan, controls.prepare_again], **PRIVATE)
-    controls.stop.click(stop_handler(ctx), train_job, None, **PRIVATE)
+    controls.stop.click(stop_training(ctx), train_job, None, **PRIVATE)
     return train_job
 
 
-def wire_runs(ctx: AppContext, runs: RunsPanel, train_job: gr.BrowserState) -> None:
-    """Resume an interrupted run; Delete asks first."""
+def page_jobs(ctx: AppContext, kept: Any, new: str = "") -> list[str]:
+    """This page's training jobs that still wait or train, and ``new``: the keys to their Stop."""
+    def current(job_id: Any) -> bool:
+        try:
+            state = ctx.studio.jobs.view(job_id)
+        except UserError:
+            return False
+        return state.active or state.status == "queued"
+
+    kept = kept if isinstance(kept, list) else [kept]  # one id, as pages kept it before the queue
+    return [job_id for job_id in kept if isinstance(job_id, str) and job_id and current(job_id)][-20:] + \
+        ([new] if new else [])
+
+
+def stop_training(ctx: AppContext) -> Callable[[Any, gr.Request], None]:
+    """Stop & save: the page's run that trains now (a waiting one leaves the queue with Leave the queue)."""
 
     @user_errors
-    def on_resume(run: str | None, request: gr.Request) -> str:
-        return ctx.studio.resume_training(run, ctx.visitor(request))
+    def stop(kept: Any, request: gr.Request) -> None:
+        ids = page_jobs(ctx, kept)
+        training = [job_id for job_id in ids if ctx.studio.jobs.view(job_id).active]
+        if not training and ids:
+            raise UserError("Nothing this page started trains now: its run waits in the queue. Take it out with "
+                            "Leave the queue, below the buttons.")
+        ctx.studio.jobs.stop(training[0] if training else "", ctx.visitor(request))
+
+    return stop
+
+
+def queued_line(ctx: AppContext, job_id: str) -> str:
+    """The line under Start for a run that had to queue ("" when it trains at once)."""
+    state = ctx.studio.jobs.view(job_id)
+    return ctx.studio.queue_line(state) if state.status == "queued" else ""
+
+
+def wire_runs(ctx: AppContext, runs: RunsPanel, train_job: gr.BrowserState, queue: QueuePanel) -> None:
+    """Resume an interrupted run (through the queue, as a new run); Delete asks first."""
+
+    @user_errors
+    def on_resume(values: dict, request: gr.Request) -> dict:
+        job_id = ctx.studio.resume_training(values[runs.interrupted], ctx.visitor(request))
+        return {train_job: page_jobs(ctx, values[train_job], job_id), queue.line: queued_line(ctx, job_id)}
 
     @user_errors
     def on_ask_delete(run: str | None) -> dict:
@@ -281,30 +322,35 @@ def wire_runs(ctx: AppContext, runs: RunsPanel, train_job: gr.BrowserState) -> N
         note = ctx.studio.delete_run(run, ctx.visitor(request))
         return {runs.note: note, runs.confirm_row: gr.update(visible=False), **runs.refreshed(ctx)}
 
-    runs.resume.click(on_resume, runs.interrupted, train_job, **PRIVATE)
+    runs.resume.click(on_resume, {runs.interrupted, train_job}, [train_job, queue.line], **PRIVATE)
     runs.delete.click(on_ask_delete, runs.doomed, [runs.confirm_row, runs.confirm_text], **PRIVATE)
     runs.cancel.click(lambda: gr.update(visible=False), None, runs.confirm_row, **PRIVATE)
     runs.confirm.click(on_delete, runs.doomed, [runs.note, runs.confirm_row, runs.interrupted, runs.doomed,
                                                 runs.table, runs.panel], **PRIVATE)
 
 
-def wire_live(ctx: AppContext, controls: RunControls, live: LiveView, runs: RunsPanel) -> None:
-    """Once a second, and on load: the job's progress and results; when a run starts or ends, the runs and the
-    buttons too."""
+def wire_live(ctx: AppContext, controls: RunControls, live: LiveView, runs: RunsPanel, queue: QueuePanel,
+              train_job: gr.BrowserState) -> None:
+    """Once a second, and on load: the job's progress and results, and the queue; when a run starts or ends, the
+    runs and the buttons too (Start queues while a run trains)."""
 
-    def on_tick(before: dict) -> dict:
-        shows, state, moved = live.update(ctx.studio, before)
+    def on_tick(values: dict, request: gr.Request) -> dict:
+        before, ids = values[live.seen], values[train_job]
+        ids = ids if isinstance(ids, list) else [ids]
+        shows, state, moved = live.update(ctx.studio, before, ids)
+        shows |= queue.updates(ctx, shows[live.seen], before, ids, ctx.visitor(request))
         if not moved:
             return shows
         ended = {} if state.active else {controls.job_line: ""}  # no "Training now" line once the run ended
+        start = "Add to the queue" if state.active else "Start training"
         return {**shows, **runs.refreshed(ctx), controls.stop: gr.update(interactive=state.active),
-                controls.start: gr.update(interactive=not state.active), **ended}
+                controls.start: gr.update(value=start), **ended}
 
     shows = [controls.progress, live.curve, live.samples, live.legend, live.saved, live.final, live.log, live.seen,
              live.advice, live.open_test, live.grid_around, runs.interrupted, runs.doomed, runs.table, runs.panel,
-             controls.stop, controls.start, controls.job_line]
-    gr.Timer(1.0).tick(on_tick, live.seen, shows, **QUIET)
-    ctx.app.load(on_tick, live.seen, shows, **QUIET)  # a refresh, with no spinner over the widgets
+             controls.stop, controls.start, controls.job_line, *queue.shown]
+    ctx.every_second(on_tick, {live.seen, train_job}, shows)
+    ctx.app.load(on_tick, {live.seen, train_job}, shows, **QUIET)  # a refresh, with no spinner over the widgets
 
 
 def wire_advice(ctx: AppContext, live: LiveView) -> None:
@@ -315,12 +361,11 @@ def wire_advice(ctx: AppContext, live: LiveView) -> None:
         @user_errors
         def handler() -> dict:
             plan = ctx.studio.recommended_test()
-            return {ctx.handoff: {**asdict(plan), "grid": grid, "sent": time.time()},
-                    ctx.tabs: gr.Tabs(selected=TEST_TAB)}
+            return {ctx.handoff: {**asdict(plan), "grid": grid, "sent": time.time()}}  # the Test tab opens itself
         return handler
 
-    live.open_test.click(hand_over(False), None, [ctx.handoff, ctx.tabs], **PRIVATE)
-    live.grid_around.click(hand_over(True), None, [ctx.handoff, ctx.tabs], **PRIVATE)
+    live.open_test.click(hand_over(False), None, ctx.handoff, **PRIVATE)
+    live.grid_around.click(hand_over(True), None, ctx.handoff, **PRIVATE)
 
 
 def remember_form(ctx: AppContext, controls: RunControls, choice: BaseAndPreset, form: SettingsForm) -> None:
