@@ -1,7 +1,8 @@
 """A shared server under load: the app with two logins, a demo run training and two more queued, while bounded
 visitors on loopback open the page, poll /job_status, generate on the Test tab and upload small datasets. Prints
 JSON: the p50 and p95 of the page's config and of /job_status, the generations served and refused, requests without
-an answer, tracebacks in the server log, and the server's RSS over time (before, during and after the load).
+an answer, tracebacks in the server log, and the server's RSS over time: at rest before (the model loaded, one run
+done), during the load, and at rest again once the runs have ended.
 
     python bench/load.py                     # 20 page visitors, 60 s of load
     python bench/load.py --visitors 5 --seconds 20
@@ -32,6 +33,7 @@ from browser import running_app  # noqa: E402  (the tests' launcher: the real ap
 from lora_gradio.demo.shapes import make_demo_dataset  # noqa: E402
 
 LOGINS = {"ana": "ana-long-Passw0rd", "ben": "ben-long-Passw0rd"}
+RELOAD_S = 5.0  # each page visitor opens the page again this often, far more than a person does
 
 
 def quantiles(values: list[float]) -> dict:
@@ -61,8 +63,9 @@ class Load:
         with self.lock:
             self.unanswered.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
 
-    def page_visitor(self, user: str) -> None:
-        """Sign in, then open the page (its config) again and again, as reloads do."""
+    def page_visitor(self, user: str, index: int) -> None:
+        """Sign in, then open the page (its config) every few seconds, as reloads and new tabs do."""
+        time.sleep(index * RELOAD_S / 20)  # visitors arrive spread out, not all in the same second
         with httpx.Client(base_url=self.url, timeout=60) as http:
             http.post("/login", data={"username": user, "password": LOGINS[user]})
             while self.running():
@@ -73,7 +76,7 @@ class Load:
                         self.config_s.append(time.perf_counter() - start)
                 except httpx.HTTPError as exc:
                     self.note("config", exc)
-                time.sleep(0.5)
+                time.sleep(RELOAD_S)
 
     def poller(self, client: Client) -> None:
         """/job_status once a second, as an open Train tab does."""
@@ -140,16 +143,20 @@ def main() -> None:
     with running_app(workspace, env={"LORA_GRADIO_AUTH": logins}) as url:
         pid = running_app.pid
         ana, ben = (Client(url, auth=(user, LOGINS[user]), verbose=False) for user in LOGINS)
-        ana.predict(api_name="/load_demo_dataset")
+        dataset = ana.predict(api_name="/load_demo_dataset")
         settings = ana.predict("demo", api_name="/preset")
-        queued = [client.predict("demo", "demo", {**settings, "epochs": epochs}, api_name="/train_start")
+        warm_up = ana.predict(dataset, "demo", {**settings, "epochs": 5}, api_name="/train_start")
+        while ana.predict(warm_up["job_id"], 0, api_name="/job_status")["status"] == "running":
+            time.sleep(1.0)
+        time.sleep(5)
+        baseline = rss_mb(pid)  # the model loaded and one run done: the server's memory at rest
+        queued = [client.predict(dataset, "demo", {**settings, "epochs": epochs}, api_name="/train_start")
                   for client, epochs in ((ana, 1000), (ben, 20), (ana, 20))]
         time.sleep(5)
         memory = [(0.0, rss_mb(pid))]
-        baseline = memory[-1][1]
         load = Load(url, args.seconds)
         clients = [Client(url, auth=(user, LOGINS[user]), verbose=False) for user in ("ana", "ben") * 3]
-        threads = [threading.Thread(target=load.page_visitor, args=(list(LOGINS)[i % 2],))
+        threads = [threading.Thread(target=load.page_visitor, args=(list(LOGINS)[i % 2], i))
                    for i in range(args.visitors)]
         threads += [threading.Thread(target=load.poller, args=(client,)) for client in clients[:4]]
         threads += [threading.Thread(target=load.generator, args=(client, i)) for i, client in enumerate(clients[4:])]

@@ -29,6 +29,7 @@ from .training.loop import train
 from .training.result import TrainResult
 from .training.run_folder import RunFolder, RunJob
 from .training.setup import precision_group
+from .views import free_accelerator_memory
 
 LOG_LINES = 200
 KEEP_FINISHED = 50  # finished jobs whose state stays readable
@@ -292,6 +293,7 @@ class JobRunner:
         except Exception as exc:  # a crash must reach the page, not kill the app
             log.exception("%s failed", job.state.title)
             self._finish(job, "error", f"{job.state.title} failed unexpectedly: {type(exc).__name__}: {exc}")
+        free_accelerator_memory()  # what the job held goes back before the next one starts
         if job.place is not None:  # its device is free: the next in line starts on it
             with self._lock:
                 self._dispatch()

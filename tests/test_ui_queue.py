@@ -44,7 +44,8 @@ def ready_to_train(page, epochs):
 def queue_table(page):
     """The queue as the page shows it: (place, run, added by) of each row."""
     rows = page.locator("#train-queue-table [role=row]").all_inner_texts()[1:]  # after the header, a row a run
-    return [tuple(cell.strip() for cell in row.replace("\t", "").split("\n")[:3]) for row in rows]
+    cells = [[cell.strip() for cell in row.replace("\t", "").split("\n")] for row in rows]
+    return [tuple(row[:3]) for row in cells if len(row) >= 3]  # a row being redrawn has no cells yet
 
 
 def progress(page):

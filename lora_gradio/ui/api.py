@@ -257,9 +257,11 @@ def register(studio: Studio) -> None:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
-    for endpoint in (train_start, train_stop, train_resume, queue, queue_cancel, queue_move, job_status, preset,
-                     workflow, comfyui_queue, comfyui_install, inspect_lora, grid, caption, prepare, import_folder,
-                     import_files, create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora,
-                     runs, recommendation, delete_run, cache_status):
+    for endpoint in (train_start, train_stop, train_resume, queue_cancel, queue_move, preset, workflow, comfyui_queue,
+                     comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
+                     create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora,
+                     recommendation, delete_run):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
+    for endpoint in (job_status, queue, runs, cache_status):  # quick reads never wait behind uploads or training
+        gr.api(api_errors(endpoint), api_name=endpoint.__name__, concurrency_limit=None)
     gr.api(api_errors(generate), api_name="generate", **MODEL)

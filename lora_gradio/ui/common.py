@@ -59,7 +59,8 @@ class AppContext:
                 shows |= ticker({component: values[component] for component in wanted}, request)
             return shows
 
-        gr.Timer(1.0).tick(tick, inputs, outputs, show_progress="hidden", **PRIVATE)
+        gr.Timer(1.0).tick(tick, inputs, outputs, show_progress="hidden", concurrency_limit=None,  # reads: no wait
+                           **PRIVATE)
 
     def remembered(self, key: str, default: Any) -> gr.BrowserState:
         """A value this browser keeps across reloads. It is placed outside the tabs, so it is read when the page
