@@ -3,6 +3,7 @@ visitor takes their own runs out of it, and the operator also moves any run up o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gradio as gr
@@ -75,7 +76,7 @@ def wire_queue(ctx: AppContext, panel: QueuePanel) -> None:
 
     @user_errors
     def on_move(run: str | None, place: float | None, request: gr.Request) -> str:
-        if place is None or place != place:
+        if place is None or not math.isfinite(place) or place != int(place):
             raise UserError("Give the new place as a whole number from 1 (next to start).")
         return ctx.studio.move_in_queue(run, int(place), ctx.visitor(request))
 
