@@ -48,6 +48,11 @@ def queue_table(page):
     return [tuple(row[:3]) for row in cells if len(row) >= 3]  # a row being redrawn has no cells yet
 
 
+def rows_if(rows, wanted):
+    """The rows read, when they are what is awaited (one reading: the table may be redrawn between two)."""
+    return rows if wanted(rows) else None
+
+
 def progress(page):
     return page.locator("#training-progress-text").inner_text()
 
@@ -68,15 +73,13 @@ def test_a_second_start_waits_its_turn_leaves_moves_and_starts_by_itself(team):
         wait_for(lambda: "is queued, position 1" in bea.locator("#train-queue-line").inner_text(), 30,
                  "bea's place in the queue")
         assert "it should start in about" in bea.locator("#train-queue-line").inner_text()
-        wait_for(lambda: [(place, who) for place, _, who in queue_table(bea)] == [("training", "ops"),
-                                                                                 ("1", "bea (you)")], 30,
-                 "the queue, with bea's run second")
-        first = queue_table(bea)
+        first = wait_for(lambda: rows_if(queue_table(bea), lambda rows: [(place, who) for place, _, who in rows] == [
+            ("training", "ops"), ("1", "bea (you)")]), 30, "the queue, with bea's run second")
         bea_run = first[1][1]
 
         bea.locator("#train-start").click()  # a second run of bea's, which she takes back
-        wait_for(lambda: len(queue_table(bea)) == 3, 30, "bea's second run in the queue")
-        second = queue_table(bea)[2][1]
+        second = wait_for(lambda: rows_if(queue_table(bea), lambda rows: len(rows) == 3), 30,
+                          "bea's second run in the queue")[2][1]
         wait_for(lambda: bea.locator("#train-queue-run").get_by_role("combobox").input_value() == second, 30,
                  "the newest waiting run, chosen")
         assert not bea.locator("#train-queue-move").is_visible()  # reordering is the operator's
@@ -88,8 +91,8 @@ def test_a_second_start_waits_its_turn_leaves_moves_and_starts_by_itself(team):
 
         set_number(ops, "#field-epochs", 1)
         ops.locator("#train-start").click()  # the operator queues a short run behind bea's and moves it first
-        wait_for(lambda: len(queue_table(ops)) == 3, 30, "the operator's second run")
-        ops_run = queue_table(ops)[2][1]
+        ops_run = wait_for(lambda: rows_if(queue_table(ops), lambda rows: len(rows) == 3), 30,
+                           "the operator's second run")[2][1]
         wait_for(lambda: ops.locator("#train-queue-move").is_visible(), 30, "Move, for the operator")
         choose(ops, "#train-queue-run", ops_run)
         set_number(ops, "#train-queue-place", 1)
