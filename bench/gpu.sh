@@ -2,7 +2,8 @@
 # The GPU check behind the targets in docs/BENCHMARKS.md, on the full SD1.5 architecture (random weights) at 512 px:
 # the CLI in fp16 and in bf16 with AdamW8bit and one generation; our loop against both reference loops at batch 1 and
 # 16 (rank 32, default settings), LoCon and DoRA; peak GPU memory of the default and low-vram-8gb presets against the
-# estimate; the Test tab's time per image. Logs go to $OUT (or bench-out/); it exits non-zero if a command failed.
+# estimate; the Test tab's time per image at every layer against diffusers with the same LoRA, and 5 visitors at
+# once. Logs go to $OUT (or bench-out/); it exits non-zero if a command failed.
 #
 #   bash bench/gpu.sh               # on a GPU machine
 #   bash bench/gpu.sh --cpu-smoke   # the same commands on the CPU with the demo model, tiny and short (CI runs it)
@@ -16,10 +17,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}
 python=${PYTHON:-python3}
 if [ "${1:-}" = "--cpu-smoke" ]; then
   export CUDA_VISIBLE_DEVICES=""
-  base=demo size=64 steps=3 big_batch=4 sample_steps=2 loops=lora-gradio
+  base=demo size=64 steps=3 big_batch=4 sample_steps=2 loops=lora-gradio generate="--rounds 1 --visitors 2 --images 1"
   echo "cpu smoke run: demo model, 64 px, 3 steps" | tee "$out/device.txt"
 else
   base=sd15-random size=512 steps=30 big_batch=16 sample_steps=20 loops=lora-gradio,diffusers,bare
+  generate="--rounds 3 --visitors 5 --images 4"
   if compgen -G ".whl/*.whl" >/dev/null; then
     $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PYTHONPATH
@@ -61,7 +63,7 @@ for preset in seed-recommended low-vram-8gb; do
   step "memory-$preset.json" $python bench/train_speed.py --base $base --preset $preset --resolution $size \
     --batch-size 1 --rank 32 --steps $steps --loops lora-gradio
 done
-step generate-speed.json $python bench/generate_speed.py --base $base --steps $sample_steps
+step generate-speed.json $python bench/generate_speed.py --base $base --steps $sample_steps $generate
 step view-speed.json $python bench/view_speed.py --base $base
 rm -rf "$out/lora" "$(dirname "$data")"
 exit $failed

@@ -1,6 +1,7 @@
 """Generate images from the cached base model with a LoRA at ComfyUI-style strengths, and comparison grids.
 
-The base model stays loaded: changing the LoRA, the epoch or a strength only loads, weights or removes an adapter.
+The base model stays loaded, and so do the last few LoRA files as adapters of their own: going back to an epoch, or a
+new strength, only weights an adapter; a new file loads one.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def attach_strengths(pipe: StableDiffusionPipeline, request: GenerateRequest) ->
         raise UserError(f"LoRA file '{request.lora}' does not exist.")
     fit = attach(pipe, request.lora, LORA_ADAPTER)
     if fit is not None:
-        set_strengths(pipe, fit, LORA_ADAPTER, {"unet": request.strength_model, "text_encoder": request.strength_clip})
+        set_strengths(pipe, fit, {"unet": request.strength_model, "text_encoder": request.strength_clip})
     return fit
 
 

@@ -4,6 +4,8 @@ strengths, and removed again; which modules go where is lora_map.py's answer."""
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +32,10 @@ def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) ->
         alphas = {re.escape(path): item.alpha if item.alpha is not None else float(item.rank)
                   for path, item in items.items()}
         dora = component in fit.dora_components
-        model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=list(items), rank_pattern=ranks,
-                                     alpha_pattern=alphas, use_dora=dora), adapter_name=adapter_name)
+        with warnings.catch_warnings():  # several files side by side are meant (see attach)
+            warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+            model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=list(items), rank_pattern=ranks,
+                                         alpha_pattern=alphas, use_dora=dora), adapter_name=adapter_name)
         with torch.no_grad():
             for path, item in items.items():
                 layer = model.get_submodule(path)
@@ -39,7 +43,9 @@ def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) ->
                 layer.lora_B[adapter_name].weight.copy_(item.up)
                 if dora:
                     set_magnitude(layer, item, adapter_name)
-                    layer.register_forward_hook(_blend, with_kwargs=True)
+                    if not getattr(layer, BLENDS, False):  # one hook per layer, whichever files it holds
+                        layer.register_forward_hook(_blend, with_kwargs=True)
+                        setattr(layer, BLENDS, True)
 
 
 def set_magnitude(layer: torch.nn.Module, item: LoraModule, adapter_name: str) -> None:
@@ -54,6 +60,7 @@ def set_magnitude(layer: torch.nn.Module, item: LoraModule, adapter_name: str) -
 
 
 STRENGTH = "_lora_gradio_strength"  # on a DoRA layer: the strength its output is blended with
+BLENDS = "_lora_gradio_blends"  # on a layer: its output is blended by STRENGTH
 
 
 def _blend(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
@@ -66,47 +73,70 @@ def _blend(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Ten
     return base + strength * (output - base)
 
 
-def set_strengths(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str,
-                  strengths: dict[str, float]) -> None:
-    """Weight the attached LoRA per component with ComfyUI's meaning: each layer becomes W + s·(W' − W), W' the
-    layer at full strength. peft's adapter weight is exactly that for a LoRA pair; DoRA layers blend outputs."""
-    from peft.tuners.lora import LoraLayer
-
-    present = pipe.get_list_adapters()  # a UNet-only LoRA has no text-encoder part to weight
+def set_strengths(pipe: StableDiffusionPipeline, fit: LoraFit, strengths: dict[str, float]) -> None:
+    """Weight the active LoRA (the last :func:`attach`) per component with ComfyUI's meaning: each layer becomes
+    W + s·(W' − W), W' the layer at full strength. peft's adapter weight is exactly that for a LoRA pair; DoRA layers
+    blend outputs, and every other layer's blend is set to 1, a no-op, whatever file set it before."""
+    name = getattr(pipe, ACTIVE)
+    present = {part for part, names in pipe.get_list_adapters().items() if name in names}  # UNet-only files exist
     weights = {part: 1.0 if part in fit.dora_components else strength for part, strength in strengths.items()
                if part in present}
-    pipe.set_adapters([adapter_name], adapter_weights=[weights])
-    for part in fit.dora_components & set(strengths):
-        for layer in getattr(pipe, part).modules():
-            if isinstance(layer, LoraLayer):
-                setattr(layer, STRENGTH, strengths[part])
+    pipe.set_adapters([name], adapter_weights=[weights])
+    for part, strength in strengths.items():
+        for layer in lora_layers(pipe, part):
+            setattr(layer, STRENGTH, strength if part in fit.dora_components else 1.0)
 
 
-ATTACHED = "_lora_gradio_attached"  # on a pipeline: ((file, mtime), fit) of the LoRA attached for testing
+def lora_layers(pipe: StableDiffusionPipeline, part: str) -> Iterator[torch.nn.Module]:
+    """The adapter-holding layers of one component."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (layer for layer in getattr(pipe, part).modules() if isinstance(layer, BaseTunerLayer))
+
+
+ATTACHED = "_lora_gradio_attached"  # on a pipeline: {(file, mtime): (adapter, fit)}, least recently used first
+ACTIVE = "_lora_gradio_active"  # on a pipeline: the adapter the next render uses; None for the clean base
+ADDED = "_lora_gradio_added"  # on a pipeline: how many adapters it has had, so that each name is new
+KEEP_ATTACHED = 4  # files kept attached to one view: going back to one of them costs no loading
 
 
 def attach(pipe: StableDiffusionPipeline, path: Path | None, adapter_name: str) -> LoraFit | None:
-    """Make ``path`` the pipeline's only LoRA (None: none), reusing it when that same file is already attached;
-    returns what was applied. Strength changes then cost nothing but ``set_adapters``; the base is never touched."""
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns) if path is not None else None
-    attached = getattr(pipe, ATTACHED, None)
-    if attached is not None and attached[0] == key:
-        return attached[1]
-    detach(pipe)
+    """Make ``path`` the LoRA the pipeline renders with (None: the clean base) and return what was applied. The last
+    KEEP_ATTACHED files stay attached as adapters of their own (``adapter_name``-N), so going back to an epoch
+    compared a moment ago, or a strength change, costs nothing but ``set_adapters``; the base is never touched."""
+    attached: dict[tuple[str, int], tuple[str, LoraFit]] = getattr(pipe, ATTACHED, None) or {}
     if path is None:
+        for part in ("unet", "text_encoder"):
+            for layer in lora_layers(pipe, part):
+                layer.enable_adapters(False)
+        setattr(pipe, ACTIVE, None)
         return None
-    tensors, metadata = read_lora(Path(path))
-    fit = fit_lora(tensors, metadata, pipe, Path(path).name)
-    try:
-        apply_fit(pipe, fit, adapter_name)
-    except BaseException:
-        detach(pipe)  # a half-added adapter must not stay on the view
-        raise
-    setattr(pipe, ATTACHED, (key, fit))
-    return fit
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    if key not in attached:
+        while len(attached) >= KEEP_ATTACHED:
+            pipe.delete_adapters(attached.pop(next(iter(attached)))[0])
+        tensors, metadata = read_lora(Path(path))
+        fit = fit_lora(tensors, metadata, pipe, Path(path).name)
+        name = f"{adapter_name}-{getattr(pipe, ADDED, 0)}"
+        setattr(pipe, ADDED, getattr(pipe, ADDED, 0) + 1)
+        try:
+            apply_fit(pipe, fit, name)
+        except BaseException:
+            detach(pipe)  # a half-added adapter must not stay on the view
+            raise
+        attached[key] = (name, fit)
+    attached[key] = attached.pop(key)  # the most recently used last
+    setattr(pipe, ATTACHED, attached)
+    for part in ("unet", "text_encoder"):
+        for layer in lora_layers(pipe, part):
+            layer.enable_adapters(True)
+    setattr(pipe, ACTIVE, attached[key][0])
+    return attached[key][1]
+
 
 
 def detach(pipe: StableDiffusionPipeline) -> None:
     """Remove every LoRA layer, leaving the clean base model."""
     pipe.unload_lora_weights()
     setattr(pipe, ATTACHED, None)
+    setattr(pipe, ACTIVE, None)

@@ -140,15 +140,17 @@ def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
 
 
 def module_table(pipe: StableDiffusionPipeline) -> dict[str, tuple[str, str, torch.nn.Module]]:
-    """Every kohya module name this pipeline can take, mapped to (component, module path, module)."""
+    """Every kohya module name this pipeline can take, mapped to (component, module path, module); a layer that
+    holds adapters already (another file's) is there by its own path, as the layer it wraps."""
     import torch
 
     table = {}
     for component in ("unet", "text_encoder"):
         for path, module in getattr(pipe, component).named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".base_layer" not in path \
+            layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and ".base_layer" not in path \
                     and ".lora_" not in path:
-                table[kohya_module_name(component, path)] = (component, path, module)
+                table[kohya_module_name(component, path)] = (component, path, layer)
     return table
 
 

@@ -73,6 +73,17 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     assert f"Run {second[1]} left the queue." in cancelled.stderr
     assert cancelled.stdout.split()[:2] == ["training", started["run"]] and len(cancelled.stdout.splitlines()) == 1
     assert job(client, second[2])["status"] == "cancelled"
+    third, fourth = (client.predict(dataset="apidata", base="demo", settings=demo_settings(client, epochs=epochs),
+                                    api_name="/train_start") for epochs in (3, 4))
+    assert (third["queued"], fourth["queued"]) == (1, 2)
+    moved = client.predict(fourth["run"], 1, api_name="/queue_move")  # the operator puts the later one first
+    assert moved == f"Run {fourth['run']} is now number 1 in the queue."
+    assert [row["run"] for row in client.predict(api_name="/queue")] == [started["run"], fourth["run"], third["run"]]
+    with pytest.raises(AppError, match="Give the new place as a whole number from 1"):
+        client.predict(third["run"], 1.5, api_name="/queue_move")
+    for waiting in (third, fourth):
+        client.predict(waiting["run"], api_name="/queue_cancel")
+    assert [row["run"] for row in client.predict(api_name="/queue")] == [started["run"]]
     with pytest.raises(AppError, match="busy with training"):
         generate(client)
     with pytest.raises(AppError, match=r"is training now\. Stop it first"):

@@ -158,3 +158,46 @@ def test_captioning_holds_the_lease_while_it_works(tmp_path, demo_spec):
     during.thread.join(60)
     assert seen == [("captioning", ("generation",))]
     assert results[0].size == (64, 64) and cache.loads == 2 and cache.status().alive == 1
+
+
+def native_threads() -> set[int]:
+    """The OS threads of this process that Python did not start: PyTorch's OpenMP workers among them."""
+    import os
+
+    return {int(task) for task in os.listdir("/proc/self/task")} - {t.native_id for t in threading.enumerate()}
+
+
+def test_a_test_image_asked_from_a_long_lived_thread_leaves_no_openmp_pool_behind(tmp_path, monkeypatch):
+    """A server's request threads live on after a request. OpenMP keeps a pool of workers for each thread that ran
+    a parallel kernel, and a second pool alive throttles every other one (training ran 1.9× slower after one Test-tab
+    image), so the Studio renders on a thread that ends with the image."""
+    from lora_gradio.studio import Studio
+    from lora_gradio.threads import KEEP_DEFAULTS
+    from lora_gradio.workspace import Workspace
+
+    monkeypatch.setenv(KEEP_DEFAULTS, "1")  # two threads whatever else this machine runs, so a pool has a worker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        studio = Studio(Workspace.open(tmp_path / "ws"))
+        request = GenerateRequest("a red circle on a blue background", seed=3, steps=2)
+        studio.generate("demo", request)  # the model loaded, PyTorch's own threads started
+        before = native_threads()
+        done, leave = threading.Event(), threading.Event()
+        made = []
+
+        def request_thread() -> None:
+            made.append(studio.generate("demo", request))
+            done.set()
+            leave.wait(30)
+
+        worker = threading.Thread(target=request_thread)
+        worker.start()
+        assert done.wait(60)
+        left = native_threads() - before
+        leave.set()
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert made[0].path.is_file()
+    assert left == set(), f"{len(left)} OpenMP worker(s) outlived the image on the request thread"

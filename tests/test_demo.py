@@ -150,8 +150,9 @@ def test_a_far_too_high_learning_rate_overcooks_is_warned_of_and_recommended_the
     data = TrainData(make_demo_dataset(tmp_path / "data", count=8), validation=make_demo_validation(tmp_path / "v"))
     result = train(config, demo_spec, data, tmp_path / "run", cache=cache, on_event=events.append)
     samples = {e.epoch: [Path(p) for p in e.paths] for e in events if e.kind == "samples"}
-    (brightness0, saturation0), (brightness, saturation) = tone(samples[0]), tone(samples[max(samples)])
-    assert brightness < DARKER * brightness0 or saturation > MORE_SATURATED * saturation0
+    brightness0, saturation0 = tone(samples[0])
+    drift = {epoch: tone(paths) for epoch, paths in samples.items() if epoch}  # it may come back later, or not
+    assert any(b < DARKER * brightness0 or s > MORE_SATURATED * saturation0 for b, s in drift.values()), drift
     warnings = [e.message for e in events if e.kind == "warning"]
     assert any("the LoRA is probably overcooking" in w and "lower learning rate" in w for w in warnings), warnings
     losses = {score.epoch: score.loss for score in result.scores}

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from lora_gradio.cache import ModelCache
 from lora_gradio.errors import UserError
 from lora_gradio.inference import generate
-from lora_gradio.lora_attach import attach, detach
+from lora_gradio.lora_attach import attach, detach, set_strengths
 from lora_gradio.lora_map import module_table
 from lora_gradio.request import GenerateRequest
 from lora_gradio.views import pipeline_view
@@ -86,10 +86,10 @@ def test_a_third_party_lora_applies_every_module_at_comfyui_strengths(view, demo
     assert fit.line() == f"All {len(TEXT) + len(UNET)} LoRA modules applied ({len(UNET)} UNet, {len(TEXT)} text " \
                          "encoder)."
     base_text, base_unet = text_features(demo_pipe), unet_output(demo_pipe)
-    view.set_adapters(["t"], adapter_weights=[{"unet": 1.0, "text_encoder": 0.0}])
+    set_strengths(view, fit, {"unet": 1.0, "text_encoder": 0.0})
     assert torch.equal(text_features(view), base_text)
     assert not torch.allclose(unet_output(view), base_unet, atol=1e-4)
-    view.set_adapters(["t"], adapter_weights=[{"unet": 0.0, "text_encoder": 1.0}])
+    set_strengths(view, fit, {"unet": 0.0, "text_encoder": 1.0})
     assert not torch.allclose(text_features(view), base_text, atol=1e-4)
     assert torch.allclose(unet_output(view), base_unet, atol=1e-6)
     assert torch.equal(text_features(demo_pipe), base_text)  # the cached base is never changed
@@ -97,11 +97,11 @@ def test_a_third_party_lora_applies_every_module_at_comfyui_strengths(view, demo
 
 def test_the_layouts_agree_and_alpha_scales_like_kohya(view, demo_pipe, tmp_path):
     """A kohya file with alpha 2 at rank 4 (scale 0.5) equals the peft file (scale 1) at strength 0.5."""
-    attach(view, kohya_file(demo_pipe, tmp_path / "k.safetensors"), "t")
-    view.set_adapters(["t"], adapter_weights=[{"unet": 1.0, "text_encoder": 1.0}])
+    set_strengths(view, attach(view, kohya_file(demo_pipe, tmp_path / "k.safetensors"), "t"),
+                  {"unet": 1.0, "text_encoder": 1.0})
     kohya_text = text_features(view)
-    attach(view, peft_file(demo_pipe, tmp_path / "p.safetensors"), "t")
-    view.set_adapters(["t"], adapter_weights=[{"unet": 0.5, "text_encoder": 0.5}])
+    set_strengths(view, attach(view, peft_file(demo_pipe, tmp_path / "p.safetensors"), "t"),
+                  {"unet": 0.5, "text_encoder": 0.5})
     assert torch.allclose(text_features(view), kohya_text, atol=1e-5)
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from lora_gradio.lora_attach import attach, detach, set_strengths
+from lora_gradio.lora_attach import KEEP_ATTACHED, attach, detach, set_strengths
 from lora_gradio.models import SD15_CONFIG_DIR
 from lora_gradio.training import kohya
 from lora_gradio.training.config import TrainConfig
@@ -122,15 +122,47 @@ def test_a_saved_file_reproduces_the_trained_model_and_strength_0_is_the_base(de
         fit = attach(view, path, "t")
         assert not fit.not_applied
         assert fit.dora_components == ({"unet", "text_encoder"} if network_type == "dora" else set())
-        set_strengths(view, fit, "t", {"unet": 1.0, "text_encoder": 1.0})
+        set_strengths(view, fit, {"unet": 1.0, "text_encoder": 1.0})
         text, unet = outputs(view)
         assert not torch.allclose(unet, base_unet, atol=1e-3)  # the LoRA does something ...
         torch.testing.assert_close(text, expected_text, atol=2e-2, rtol=2e-2)  # ... what it did in memory, in fp16
         torch.testing.assert_close(unet, expected_unet, atol=2e-2, rtol=2e-2)
-        set_strengths(view, fit, "t", {"unet": 0.0, "text_encoder": 0.0})
+        set_strengths(view, fit, {"unet": 0.0, "text_encoder": 0.0})
         text, unet = outputs(view)
         torch.testing.assert_close(text, base_text, atol=1e-6, rtol=0)
         torch.testing.assert_close(unet, base_unet, atol=1e-6, rtol=0)
+    finally:
+        detach(view)
+
+
+def test_files_kept_attached_render_as_if_each_were_alone(demo_pipe, tmp_path):
+    """The Test tab keeps the last few files attached and switches between them: each renders exactly as on a view
+    that holds it alone, whatever was active before (DoRA or not, with a text-encoder part or not), no LoRA is the
+    clean base, and the oldest file is let go once more are used."""
+    from safetensors.torch import save_file
+
+    paths = {kind: trained_file(demo_pipe, kind, tmp_path / f"{kind}.safetensors")[1] for kind in ("dora", "locon")}
+    _, paths["lora"], tensors = trained_file(demo_pipe, "lora", tmp_path / "lora.safetensors")
+    paths["unet-only"] = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")}, paths["unet-only"])
+    paths["doubled"] = tmp_path / "doubled.safetensors"
+    save_file({k: v * 2 if "lora_up" in k else v for k, v in tensors.items()}, paths["doubled"])
+    strengths = {"unet": 0.5, "text_encoder": 0.7}
+    alone = {}
+    for kind, path in paths.items():
+        view = pipeline_view(demo_pipe)
+        set_strengths(view, attach(view, path, "t"), strengths)
+        alone[kind] = outputs(view)
+    base = outputs(demo_pipe)
+    view = pipeline_view(demo_pipe)
+    try:
+        for kind in ("dora", "locon", "unet-only", "dora", None, "lora", "doubled", "locon", "unet-only", "dora"):
+            fit = attach(view, paths.get(kind), "t")
+            if fit is not None:
+                set_strengths(view, fit, strengths)
+            for got, expected in zip(outputs(view), alone[kind] if kind else base, strict=True):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m, kind=kind: f"{kind}: {m}")
+        assert len(view.unet.peft_config) == KEEP_ATTACHED  # five files used: the one used longest ago was let go
     finally:
         detach(view)
 
@@ -166,7 +198,7 @@ def test_dora_strengths_mean_what_they_mean_in_comfyui(demo_pipe, tmp_path, stre
     expected_text, expected_unet = outputs(merged)
     view = pipeline_view(demo_pipe)
     try:
-        set_strengths(view, attach(view, path, "t"), "t", {"unet": strength, "text_encoder": strength})
+        set_strengths(view, attach(view, path, "t"), {"unet": strength, "text_encoder": strength})
         text, unet = outputs(view)
         torch.testing.assert_close(text, expected_text, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(unet, expected_unet, atol=2e-3, rtol=2e-3)

@@ -16,6 +16,7 @@ from ..events import Emit, JobEvent
 from ..lora_map import inspect_lora, read_metadata
 from ..models import PICKLE_SUFFIXES, default_side
 from ..request import GenerateRequest, short
+from ..threads import on_own_thread
 from ..training.result import TrainResult
 from ..training.run_folder import RunFolder
 from .desk import Desk, exists, stamp
@@ -130,11 +131,13 @@ class Testing(Desk):
 
     def generate(self, base: str | None, request: GenerateRequest,
                  on_wait: Callable[[str], None] | None = None, visitor: Visitor = OPERATOR) -> GeneratedImage:
-        """One image, saved with its parameters in the visitor's folder of outputs/test-images."""
+        """One image, saved with its parameters in the visitor's folder of outputs/test-images. It is rendered on a
+        thread of its own: a server's request threads live on, and their OpenMP pools would slow every later job."""
         request.validate()
         self.limits.check(request)
         spec = self.base(base)
-        image = inference.generate(self.free_cache(("pipeline", spec)), spec, request, on_wait)
+        cache = self.free_cache(("pipeline", spec))
+        image = on_own_thread(lambda: inference.generate(cache, spec, request, on_wait))
         path = inference.save_png(image, self.test_images_dir(visitor) / f"{stamp()}-{request.seed}.png")
         return GeneratedImage(path, image.info["parameters"], image.info.get("lora", ""))
 
@@ -198,4 +201,4 @@ class Testing(Desk):
         lora = self.lora(label)
         if lora is None:
             raise UserError("Pick a LoRA to inspect.")
-        return inspect_lora(lora).text()
+        return on_own_thread(lambda: inspect_lora(lora).text())  # its finiteness check runs kernels, as images do
