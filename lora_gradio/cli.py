@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a LoRA")
     train.add_argument("--preset", default="seed-recommended", help="preset name from presets/, or a .toml path")
-    train.add_argument("--base", default="demo", help="checkpoint file, diffusers folder, hub id, or 'demo'")
+    train.add_argument("--base", help="checkpoint file, diffusers folder, hub id, or 'demo' (the default)")
     train.add_argument("--data", type=Path, help="folder of images with .txt captions (demo data if omitted)")
     train.add_argument("--output", type=Path, required=True, help="folder for the .safetensors files")
-    train.add_argument("--repeats", type=int, default=1, help="how often an epoch shows each image (kohya's N_ "
-                                                              "prefix; N_name subfolders keep their own)")
+    train.add_argument("--repeats", type=int, help="how often an epoch shows each image, 1 unless said (kohya's "
+                                                    "N_ prefix; N_name subfolders keep their own)")
     train.add_argument("--reg-data", type=Path, help="a folder (or dataset) of regularisation images of the class, "
                                                      "for prior preservation; weight them with prior_loss_weight")
     train.add_argument("--val-data", type=Path, help="a folder (or dataset) of other images of the same subject to "
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a preset field, e.g. --set rank=32 --set trigger_word=ohwx")
     train.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt base models (they can run code)")
+    train.add_argument("--kohya-config", type=Path, action="append", default=[], metavar="FILE",
+                       help="a kohya_ss GUI .json, or an sd-scripts training or dataset .toml (repeatable): its "
+                            "settings over the preset's and under --set; its folders and base where --data, "
+                            "--reg-data, --repeats and --base are not given")
 
     gen = sub.add_parser("generate", help="generate an image with a LoRA",
                          formatter_class=ShownDefaults)
@@ -198,13 +202,17 @@ def run_train(args: argparse.Namespace) -> int:
     from .demo.shapes import DEMO_TRIGGER, make_demo_dataset, make_demo_validation
     from .jobs import run_training
     from .models import DEMO, DEMO_NOTE, resolve_base
-    from .training.config import apply_overrides, load_preset
+    from .training.config import load_preset
     from .training.data import TrainData
+    from .training.kohya_config import KohyaSettings, read_kohya_files
 
     config, _ = load_preset(args.preset)
-    config = apply_overrides(config, parse_overrides(args.overrides))
-    base = resolve_base(args.base, allow_pickle=args.allow_pickle)
-    data, prepared, validation = args.data, None, images_of(args.val_data)
+    found = read_kohya_files(args.kohya_config) if args.kohya_config else KohyaSettings("")
+    if args.kohya_config:
+        print(found.summary(), file=sys.stderr)
+    config = found.config(config, parse_overrides(args.overrides))
+    base = resolve_base(args.base or found.folders.get("base") or DEMO, allow_pickle=args.allow_pickle)
+    data, prepared, validation = args.data or found.path("data"), None, images_of(args.val_data)
     if data is not None and (data / "images").is_dir():  # a dataset folder of the app: images/, prepared/ ...
         prepared = data / "prepared" if (data / "prepared").is_dir() else None
         own = data / VALIDATION if validation is None and (data / VALIDATION).is_dir() else None  # ... validation/
@@ -220,7 +228,8 @@ def run_train(args: argparse.Namespace) -> int:
         validation = validation or make_demo_validation(data.parent / VALIDATION, config.trigger_word)
     if base.kind == DEMO:
         print(DEMO_NOTE, file=sys.stderr)
-    plan = TrainData(data, prepared, images_of(args.reg_data), args.repeats, validation)
+    regularization = images_of(args.reg_data or found.path("regularization"))
+    plan = TrainData(data, prepared, regularization, args.repeats or found.repeats or 1, validation)
     return with_progress(lambda on_event, stop: run_training(config, base, plan, args.output, on_event, stop))
 
 

@@ -346,11 +346,14 @@ def run_training(config: TrainConfig, base: BaseModelSpec, data: TrainData, run_
     run = RunFolder(Path(run_dir))
     created = not run.path.exists()
     run.check_writable()
-    run.write_job(RunJob(config, base, data, owner))
+    job = RunJob(config, base, data, owner)
+    run.write_job(job)
+    records = [run.job_file, *run.write_sd_scripts(job)]
 
     def forget_unsaved() -> None:
         if not run.state_file.is_file():
-            run.job_file.unlink(missing_ok=True)
+            for path in records:
+                path.unlink(missing_ok=True)
             if created and not any(run.path.iterdir()):
                 run.path.rmdir()
 

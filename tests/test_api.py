@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from browser import wait_for
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors import safe_open
 
@@ -340,3 +340,21 @@ def test_a_pickle_lora_is_refused_as_one(api):
     torch.save({"x": torch.zeros(1)}, workspace / "models" / "loras" / "old_style.pt")
     with pytest.raises(AppError, match=r"is a pickle file: the app loads .safetensors LoRAs only"):
         generate(client, "loras/old_style.pt")
+
+
+def test_a_kohya_config_imports_through_the_api(api, tmp_path):
+    client, _ = api
+    gallery = Path(__file__).parent / "kohya_configs"
+    answer = client.predict([handle_file(str(gallery / "sd-scripts-training.toml")),
+                             handle_file(str(gallery / "sd-scripts-dataset.toml"))], "demo",
+                            api_name="/import_kohya_config")
+    settings = answer["settings"]
+    assert (settings["rank"], settings["network_type"], settings["optimizer"]) == (16, "locon", "prodigy")
+    assert (settings["trigger_word"], settings["resolution"], answer["repeats"]) == ("sks girl", 640, 10)
+    assert settings["sample_prompts"] == client.predict("demo", api_name="/preset")["sample_prompts"]  # the preset's
+    assert answer["not_used"]["huber_c"] == "0.1" and "caption_extension" in answer["not_used"]
+    assert answer["folders"]["data"] == "/data/character/img"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(AppError, match="neither a kohya_ss JSON config nor an sd-scripts TOML file"):
+        client.predict([handle_file(str(broken))], api_name="/import_kohya_config")

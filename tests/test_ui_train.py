@@ -2,6 +2,7 @@
 the list of runs, and the Test tab opening on what was just trained."""
 
 import re
+from pathlib import Path
 
 from bad_files import photo_bytes
 from browser import browser_page, screenshot, wait_for
@@ -11,6 +12,7 @@ from test_ui_journey import choose, set_number
 
 from lora_gradio.demo.shapes import make_demo_dataset
 
+GALLERY = Path(__file__).parent / "kohya_configs"
 LAST_LINE_IN_VIEW = """box => {
     const range = document.createRange();
     range.selectNodeContents(box.querySelector('pre'));
@@ -223,3 +225,28 @@ def test_start_on_an_empty_dataset_says_what_to_do_and_names_the_last_run(app):
         assert progress(page).startswith(f"done: step 4/4 · epoch 1/1 · run {run} · ")  # the earlier run, named
     assert not (workspace / "datasets" / "empty" / "images").exists()
     assert sorted(p.name for p in (workspace / "outputs").iterdir() if p.name.startswith("done-before-"))[-1] == run
+
+
+def test_a_kohya_config_fills_the_form_and_names_what_is_not_used(app):
+    """Someone arriving from kohya_ss uploads their saved config: the form shows its settings, the preset's under
+    them, and every key the app does not use is listed with its value."""
+    url, _ = app
+    with browser_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        with page.expect_file_chooser() as chooser:
+            page.locator("#kohya-import").click()
+        chooser.value.set_files(str(GALLERY / "gui-locon.json"))
+        note = page.locator("#kohya-note")
+        wait_for(lambda: "Not used here" in note.inner_text(), 60, "the import's list")
+        for field, shown in (("rank", "32"), ("alpha", "16"), ("epochs", "12"), ("batch_size", "2"),
+                             ("output_name", "ohwx-woman")):
+            box = page.locator(f"#field-{field} input, #field-{field} textarea").first
+            assert box.input_value() == shown, (field, box.input_value())
+            assert box.is_visible()
+        assert page.locator("#field-train_text_encoder input").is_checked()
+        text = note.inner_text()
+        assert "multires_noise_iterations = 6" in text and "lr_warmup = 10" in text
+        assert "data = /data/ohwx/img" in text  # the folder it names, to pick here instead
+        assert "From a kohya_ss GUI config: 39 settings" in text
+        screenshot(page, "kohya-import")

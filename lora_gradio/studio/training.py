@@ -27,6 +27,7 @@ from ..training.config import (
     save_preset,
 )
 from ..training.data import TrainData
+from ..training.kohya_config import KohyaSettings, read_kohya_files
 from ..training.recommend import Recommendation, read_recommendation
 from ..training.result import TrainResult
 from ..training.run_folder import RunFolder, RunJob, list_runs, resumable_runs
@@ -305,6 +306,12 @@ class Training(Queueing):
         if path is None:
             raise UserError(f"No preset has that name: pick one of {', '.join(choices)}.")
         return load_preset(str(path))
+
+    def import_kohya_config(self, paths: list[Path], preset: str | None) -> tuple[TrainConfig, KohyaSettings]:
+        """A preset's settings with those of uploaded kohya_ss or sd-scripts files on top, and what the files say;
+        the folders and base they name are only reported, since a visitor picks those in the app."""
+        found = read_kohya_files(paths)
+        return found.config(self.preset(preset)[0]), found
 
     def save_preset(self, name: str, config: TrainConfig, visitor: Visitor = OPERATOR) -> str:
         """Save settings as a preset of this workspace; only the operator replaces one that exists."""

@@ -152,6 +152,17 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.job_file, json.dumps({**job.record(), "created": time.time()}, indent=2) + "\n")
 
+    def write_sd_scripts(self, job: RunJob) -> list[Path]:
+        """The run as sd-scripts takes it (``sd-scripts.toml`` and the dataset file it names), to reproduce there;
+        the files written."""
+        from .kohya_config import sd_scripts_files
+
+        written = []
+        for name, text in sd_scripts_files(job.config, job.base, job.data, str(self.path.resolve())).items():
+            write_text_atomic(self.path / name, text)
+            written.append(self.path / name)
+        return written
+
     def read_job(self) -> RunJob:
         """The recorded job, or a clear message when this is not a run folder."""
         if not self.job_file.is_file():

@@ -148,6 +148,15 @@ def register(studio: Studio) -> None:
         pass to /train_start."""
         return studio.preset(name)[0].to_dict()
 
+    def import_kohya_config(files: list[FileData], preset: str = "seed-recommended") -> dict:
+        """Settings from kohya_ss GUI .json or sd-scripts training and dataset .toml files (upload with
+        ``handle_file``): ``settings`` (the preset's, the files' on top, ready for /train_start), ``repeats``, the
+        ``folders`` they name, and ``not_used``: every key with no counterpart here, with its value."""
+        config, found = studio.import_kohya_config([Path(f["path"] if isinstance(f, dict) else f.path)
+                                                    for f in files or []], preset)
+        return {"settings": config.to_dict(), "repeats": found.repeats, "folders": found.folders,
+                "not_used": found.not_used, "summary": found.summary()}
+
     @image_endpoint()
     def generate(request: gr.Request, wanted: GenerateRequest, base: str) -> dict:
         """One image; ``lora`` is a label from the Test tab's list (run/file or loras/file), empty for none. The
@@ -257,7 +266,8 @@ def register(studio: Studio) -> None:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
 
-    for endpoint in (train_start, train_stop, train_resume, queue_cancel, queue_move, preset, workflow, comfyui_queue,
+    for endpoint in (train_start, train_stop, train_resume, queue_cancel, queue_move, preset, import_kohya_config,
+                     workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
                      create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora,
                      recommendation, delete_run):

@@ -18,6 +18,7 @@ from ..studio import DEMO, DEMO_NOTE, TrainingPlan, lora_name
 from ..training.config import SettingsError, TrainConfig
 from .base_picker import base_name, base_picker
 from .common import PRIVATE, AppContext, user_errors
+from .kohya_import import wire_kohya_import
 from .train_form import ADVANCED, MAIN, SEPARATE, SettingsForm, preview_samples, settings_form
 from .train_live import LiveView, follow_losses, live_view
 from .train_queue import QueuePanel, queue_panel, wire_queue
@@ -70,7 +71,9 @@ class BaseAndPreset:
     choice: gr.Dropdown
     repo: gr.Textbox
     presets: gr.Dropdown
+    kohya: gr.UploadButton
     description: gr.Markdown
+    kohya_note: gr.Markdown
 
     def base(self, values: dict) -> str:
         """The base model the handler's values name."""
@@ -78,12 +81,15 @@ class BaseAndPreset:
 
 
 def base_and_preset(ctx: AppContext, description: str) -> BaseAndPreset:
-    """The base picker and the preset list in one row, the preset's description under them."""
-    with gr.Row():
+    """The base picker, the preset list and the kohya import in one row, the preset's description under them."""
+    with gr.Row(equal_height=True):
         choice, repo = base_picker(ctx)
         presets = gr.Dropdown(list(ctx.studio.presets()), value=default_preset(DEMO), label="Preset", scale=2,
                               elem_id="preset")
-    return BaseAndPreset(choice, repo, presets, gr.Markdown(description, elem_id="preset-description"))
+        kohya = gr.UploadButton("Import a kohya config", file_types=[".json", ".toml"], file_count="multiple",
+                                scale=1, elem_id="kohya-import")
+    return BaseAndPreset(choice, repo, presets, kohya, gr.Markdown(description, elem_id="preset-description"),
+                         gr.Markdown(elem_id="kohya-note"))
 
 
 @dataclass
@@ -143,6 +149,7 @@ def build(ctx: AppContext) -> None:
     live = live_view(controls.progress)
     runs = runs_panel(ctx)
     wire_settings(ctx, choice, form)
+    wire_kohya_import(ctx, choice.kohya, choice.presets, choice.kohya_note, form)
     train_job = wire_start(ctx, controls, choice, form, limits, queue)
     wire_runs(ctx, runs, train_job, queue)
     wire_queue(ctx, queue)
