@@ -90,10 +90,20 @@ def render(pipe: StableDiffusionPipeline, request: GenerateRequest, model_name: 
 
 def render_batches(pipe: StableDiffusionPipeline, requests: list[GenerateRequest], model_name: str,
                    stop: threading.Event | None = None) -> list[Image.Image]:
-    """Every request's image, ``BATCH`` prompts per call: faster than one by one, and no heavier than a
-    two-image generation. The requests share the first one's sampler, steps, CFG and size."""
-    return [image for start in range(0, len(requests), BATCH)
-            for image in render_batch(pipe, requests[start:start + BATCH], model_name, stop)]
+    """Every request's image, in order, up to ``BATCH`` prompts per call among neighbours that share their sampler,
+    steps, CFG, size and CLIP skip: faster than one by one, and no heavier than a two-image generation."""
+    batches: list[list[GenerateRequest]] = []
+    for request in requests:
+        if batches and len(batches[-1]) < BATCH and shared(batches[-1][0]) == shared(request):
+            batches[-1].append(request)
+        else:
+            batches.append([request])
+    return [image for batch in batches for image in render_batch(pipe, batch, model_name, stop)]
+
+
+def shared(request: GenerateRequest) -> tuple:
+    """What the prompts of one batch must have in common."""
+    return request.scheduler, request.steps, request.cfg, request.width, request.height, request.clip_skip
 
 
 def render_batch(pipe: StableDiffusionPipeline, requests: list[GenerateRequest], model_name: str,

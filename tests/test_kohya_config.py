@@ -32,7 +32,8 @@ def test_a_kohya_ss_gui_config_maps_every_setting_and_names_the_rest():
         "enable_buckets": True, "flip_augment": True, "shuffle_caption": True, "keep_tokens": 1,
         "caption_dropout": 0.05, "cache_latents_to_disk": True, "gradient_checkpointing": True, "sdpa": True,
         "sample_every_n_steps": 0, "sample_scheduler": "Euler a",
-        "sample_prompts": ["ohwx woman, portrait photo", "ohwx woman at the beach"], "save_every_n_epochs": 2,
+        "sample_prompts": ["ohwx woman, portrait photo --n blurry --w 512 --h 768 --d 7", "ohwx woman at the beach"],
+        "save_every_n_epochs": 2,
         "prior_loss_weight": 1.0}
     assert found.folders == {"data": "/data/ohwx/img", "base": "runwayml/stable-diffusion-v1-5",
                              "output": "/data/ohwx/model"}
@@ -41,7 +42,7 @@ def test_a_kohya_ss_gui_config_maps_every_setting_and_names_the_rest():
         "noise_offset_type": '"Multires"', "multires_noise_iterations": "6", "multires_noise_discount": "0.3",
         "optimizer_args betas": '"0.9,0.99"', "bucket_reso_steps": "64", "color_aug": "false"}
     summary = found.summary()
-    assert "`multires_noise_iterations = 6`" in summary and "rank = 32" in summary
+    assert "`multires_noise_iterations = 6`" in summary and "`rank = 32`" in summary
     assert found.config(TrainConfig(), {"epochs": 1}).epochs == 1  # --set stays on top
 
 

@@ -1,6 +1,7 @@
 """The over-training check on sample images: much darker or more saturated than epoch 0 gets advice."""
 
 import math
+import re
 
 from PIL import Image
 
@@ -79,3 +80,50 @@ def test_grid_labels_are_drawn_without_missing_glyph_boxes():
         assert not (windows == template).all(axis=(2, 3)).any()  # no box anywhere in the grid
         assert all(has_glyph(font, char) for char in "epoch ↓ sample prompt → × · café Ωmega")
     assert (grid[:40] < 128).any()  # and the titles were drawn
+
+
+def test_sd_scripts_flags_are_read_and_a_wrong_one_is_named():
+    import pytest
+
+    from lora_gradio.training.sample_prompts import SampleLine, parse_sample_line
+
+    line = parse_sample_line("ohwx, portrait --n blurry, lowres --W 768 --h 512 --s 28 --l 7.5 --d 42 --ss euler_a "
+                             "--cs 2")
+    assert line == SampleLine("ohwx, portrait", "blurry, lowres", 768, 512, 28, 7.5, 42, "Euler a", 2)
+    assert line.described() == "768×512, 28 steps, CFG 7.5, seed 42, Euler a, CLIP skip 2, negative 'blurry, lowres'"
+    assert parse_sample_line("a cat -- and a dog") == SampleLine("a cat -- and a dog")  # no flag, no split
+    assert parse_sample_line("a cat --ss k_euler").sampler == "Euler"
+    for wrong, message in (("a --x 3", "unknown flag --x: use --n, --w"), ("a --w 500", "--w 500 is not a multiple "
+                           "of 8"), ("a --s 0", "--s 0 is outside 1–150"), ("a --l nan", "--l nan is outside 1–30"),
+                           ("a --d -1", "--d -1 is outside"), ("a --ss heun", "--ss heun: use one of euler"),
+                           ("a --s", "--s needs a value (steps)"), ("--w 64", "no prompt before them")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_sample_line(wrong)
+
+
+def test_a_runs_samples_follow_each_lines_flags(demo_spec, demo_data, quick_config, tmp_path):
+    """Flags set one sample's size, seed, steps and negative prompt; the other line keeps the run's settings; both
+    render in the same round, and the grid and prompts carry the prompts without their flags."""
+    from lora_gradio.errors import UserError
+    from lora_gradio.training.config import apply_overrides
+    from lora_gradio.training.loop import train
+    from lora_gradio.training.run_folder import RunFolder
+
+    config = apply_overrides(quick_config, {"trigger_word": "lgdemo", "sample_steps": 2, "sample_prompts": [
+        "{trigger}, a red circle --w 96 --h 64 --d 5 --s 3 --n blurry", "{trigger}, a blue square"]})
+    train(config, demo_spec, demo_data, tmp_path / "run")
+    first, second = RunFolder(tmp_path / "run").samples_of(1)
+    with Image.open(first) as image:
+        assert image.size == (96, 64)
+        text = image.info["parameters"]
+    assert text.startswith("lgdemo, a red circle\nNegative prompt: blurry\nSteps: 3,") and "Seed: 5," in text
+    with Image.open(second) as image:
+        assert image.size == (64, 64)
+        assert "Steps: 2," in image.info["parameters"] and f"Seed: {config.seed + 1}," in image.info["parameters"]
+    assert config.prompts() == ["lgdemo, a red circle", "lgdemo, a blue square"]
+    try:
+        apply_overrides(config, {"sample_prompts": ["fine", "{trigger} --size 3"]})
+    except UserError as exc:
+        assert "sample prompt 2: unknown flag --size" in str(exc)
+    else:
+        raise AssertionError("an unknown flag was taken")

@@ -249,4 +249,15 @@ def test_a_kohya_config_fills_the_form_and_names_what_is_not_used(app):
         assert "multires_noise_iterations = 6" in text and "lr_warmup = 10" in text
         assert "data = /data/ohwx/img" in text  # the folder it names, to pick here instead
         assert "From a kohya_ss GUI config: 39 settings" in text
+        preview = page.locator("#sample-preview")
+        assert preview.inner_text().startswith("Samples will use: ohwx woman, portrait photo (512×768, seed 7, "
+                                               "negative 'blurry') · ohwx woman at the beach")
+        prompts = page.locator("#field-sample_prompts textarea")
+        prompts.click()
+        prompts.press("Control+End")
+        prompts.press_sequentially("\nohwx woman, night --s 30 --ss ddim --q 2", delay=10)
+        wait_for(lambda: "⚠️ line 3: unknown flag --q" in preview.inner_text(), 30, "the unknown flag named")
+        for _ in range(5):  # take the wrong flag back, key by key
+            prompts.press("Backspace")
+        wait_for(lambda: preview.inner_text().endswith("ohwx woman, night (30 steps, DDIM)"), 30, "the fixed line")
         screenshot(page, "kohya-import")

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import tomllib
 import typing
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from ..atomic import write_text_atomic
 from ..dataset import invisible_characters
 from ..errors import UserError
 from ..request import SamplerName
+from .sample_prompts import SampleLine, parse_sample_line
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -101,6 +103,16 @@ class TrainConfig:
             raise ValueError("lists a module twice")
         return modules
 
+    @field_validator("sample_prompts")
+    @classmethod
+    def _sample_flags(cls, prompts: list[str]) -> list[str]:
+        for number, line in enumerate(prompts, start=1):
+            try:
+                parse_sample_line(line)
+            except ValueError as exc:
+                raise ValueError(f"sample prompt {number}: {exc}") from None
+        return prompts
+
     @field_validator("trigger_word")
     @classmethod
     def _visible(cls, word: str) -> str:
@@ -111,9 +123,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def prompts(self) -> list[str]:
-        """The sample prompts as they are rendered: ``{trigger}`` becomes the trigger word. The config keeps the
-        placeholder, so a form filled from a run's settings still follows a new trigger word."""
-        return [prompt.replace("{trigger}", self.trigger_word or "") for prompt in self.sample_prompts]
+        """The sample prompts as they are rendered, without their flags: ``{trigger}`` becomes the trigger word. The
+        config keeps the placeholder, so a form filled from a run's settings still follows a new trigger word."""
+        return [self.sample_line(index).prompt for index in range(len(self.sample_prompts))]
+
+    def sample_line(self, index: int) -> SampleLine:
+        """Sample prompt ``index`` with its flags read (sd-scripts' ``--n``, ``--w`` … ``--cs``) and the trigger word
+        in place."""
+        line = parse_sample_line(self.sample_prompts[index])
+        return replace(line, prompt=line.prompt.replace("{trigger}", self.trigger_word or ""))
 
 
 # name -> (label, what it does and the usual value): the Train tab's labels and info lines, and the CLI's help

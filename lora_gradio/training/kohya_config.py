@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .config import TrainConfig, make_config
+from .sample_prompts import KOHYA_SAMPLERS
 
 if TYPE_CHECKING:
     from ..models import BaseModelSpec
@@ -26,7 +27,6 @@ SD_SCRIPTS_DATASET_FILE = "sd-scripts-dataset.toml"
 OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
 SAVE_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "float"}
 SAMPLERS = {"Euler": "euler", "Euler a": "euler_a", "DDIM": "ddim", "DPM++ 2M Karras": "dpmsolver++"}
-KOHYA_SAMPLERS = {**{v: k for k, v in SAMPLERS.items()}, "k_euler": "Euler", "k_euler_a": "Euler a"}
 LOCON_TYPES = {"Kohya LoCon", "LyCORIS/LoCon", "LoCon"}
 
 
@@ -133,7 +133,7 @@ class KohyaSettings:
 
     def summary(self) -> str:
         """What was imported, and the keys not used, each with its value."""
-        taken = ", ".join(f"{name} = {value}" for name, value in self.settings.items()) or "none"
+        taken = ", ".join(f"`{name} = {value}`" for name, value in self.settings.items()) or "none"
         lines = [f"From a {self.kind}: {len(self.settings)} settings: {taken}."]
         if self.repeats is not None:
             lines.append(f"Repeats per epoch: {self.repeats}.")

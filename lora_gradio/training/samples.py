@@ -19,14 +19,26 @@ if TYPE_CHECKING:
 
 
 def sample_request(config: TrainConfig, index: int, lora: Path | None) -> GenerateRequest:
-    """The settings of sample ``index``: its prompt, a seed fixed per prompt, and the run's sampling settings."""
+    """The settings of sample ``index``: its prompt, a seed fixed per prompt, and the run's sampling settings where
+    the line's own flags (sd-scripts' ``--w``, ``--s`` …) set none."""
     from ..request import GenerateRequest
 
-    prompt = config.prompts()[index] if config.sample_prompts else (config.trigger_word or "a photo")
-    return GenerateRequest(prompt, config.sample_negative_prompt, config.seed + index, config.sample_steps,
-                           config.sample_cfg, config.sample_width or config.resolution,
-                           config.sample_height or config.resolution, config.sample_scheduler, lora,
-                           clip_skip=config.clip_skip)
+    if not config.sample_prompts:
+        return GenerateRequest(config.trigger_word or "a photo", config.sample_negative_prompt, config.seed + index,
+                               config.sample_steps, config.sample_cfg, config.sample_width or config.resolution,
+                               config.sample_height or config.resolution, config.sample_scheduler, lora,
+                               clip_skip=config.clip_skip)
+    line = config.sample_line(index)
+
+    def given(value: object, otherwise: object) -> object:
+        return otherwise if value is None else value
+
+    return GenerateRequest(line.prompt, given(line.negative, config.sample_negative_prompt),
+                           given(line.seed, config.seed + index), given(line.steps, config.sample_steps),
+                           given(line.cfg, config.sample_cfg), line.width or config.sample_width or config.resolution,
+                           line.height or config.sample_height or config.resolution,
+                           given(line.sampler, config.sample_scheduler), lora,
+                           clip_skip=given(line.clip_skip, config.clip_skip))
 
 
 def render_samples(pipe: StableDiffusionPipeline, config: TrainConfig, run: RunFolder, epoch: int, base_name: str,

@@ -10,6 +10,7 @@ import gradio as gr
 
 from ..studio import MAX_REPEATS
 from ..training.config import FIELD_HELP, TrainConfig, field_is_list, field_type, make_config
+from ..training.sample_prompts import parse_sample_line
 
 MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
         "resolution", "train_text_encoder"]
@@ -66,10 +67,19 @@ def from_widget(name: str, value: Any) -> Any:
 
 
 def preview_samples(prompts: str, trigger: str) -> str:
-    """The prompts as the samples will use them; the box keeps {trigger}, so any retyping stays right."""
-    lines = [line.replace("{trigger}", (trigger or "").strip()) for line in (prompts or "").splitlines()
-             if line.strip()]
-    return "Samples will use: " + " · ".join(f"`{line}`" for line in lines) if lines else "No sample images."
+    """The prompts as the samples will use them, each with what its own flags set (sd-scripts' ``--w 768`` …) and a
+    line that cannot be read named; the box keeps {trigger}, so any retyping stays right."""
+    shown = []
+    for number, text in enumerate((line for line in (prompts or "").splitlines() if line.strip()), start=1):
+        try:
+            line = parse_sample_line(text)
+        except ValueError as exc:
+            shown.append(f"⚠️ line {number}: {exc}")
+            continue
+        settings = line.described()
+        shown.append(f"`{line.prompt.replace('{trigger}', (trigger or '').strip())}`"
+                     + (f" ({settings})" if settings else ""))
+    return "Samples will use: " + " · ".join(shown) if shown else "No sample images."
 
 
 @dataclass
