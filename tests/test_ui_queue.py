@@ -109,5 +109,5 @@ def test_a_second_start_waits_its_turn_leaves_moves_and_starts_by_itself(team):
         wait_for(lambda: (workspace / "outputs" / bea_run / "team.safetensors").exists(), 120,
                  "bea's run, by itself after it")
         wait_for(lambda: progress(bea).startswith("done") and bea_run in progress(bea), 30, "bea's run, done")
-        assert bea.locator("#train-queue-line").inner_text() == ""
+        wait_for(lambda: bea.locator("#train-queue-line").inner_text() == "", 30, "no queue line left")  # a redraw
         wait_for(lambda: not bea.locator("#train-queue").is_visible(), 30, "the empty queue, hidden")

@@ -16,6 +16,7 @@ from ..imports import ImportReport
 from ..models import DEMO, DEMO_NOTE
 from ..training.data import MAX_REPEATS
 from ..training.run_folder import SAMPLE_GRID
+from ..training.sample_prompts import parse_sample_line
 from ..workspace import Workspace
 from .datasets import CAPTION_TOKENS, MAX_DEMO_DATASETS, Datasets
 from .desk import Desk
@@ -29,7 +30,7 @@ __all__ = [  # what the UI reads of the backend besides Studio's methods: record
     "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "NO_LORA", "QUEUE_COLUMNS", "SAMPLE_GRID", "TEST_IMAGES",
     "YOU", "YOURS", "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "Studio",
     "TestPlan", "TrainingPlan",
-    "Workspace", "format_duration", "lora_name"]
+    "Workspace", "format_duration", "lora_name", "parse_sample_line"]
 
 
 class Studio(Datasets, Training, Testing):

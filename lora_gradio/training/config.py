@@ -95,6 +95,7 @@ class TrainConfig:
     validation_every_n_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # besides every save
     early_stopping_patience: Annotated[int, Field(ge=0, le=100)] = 0  # 0: off
     scorer: Annotated[str, Field(min_length=1, max_length=500)] = "auto"  # auto, off, clip, a CLIP hub id or folder
+    log_with: Literal["none", "tensorboard", "wandb"] = "none"  # a log in the run folder's logs/
 
     @field_validator("unet_modules")
     @classmethod
@@ -202,6 +203,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                                            "when saving."),
     "early_stopping_patience": ("Early stopping", "Stop once the held-out loss has not improved for this many saves, "
                                                   "keeping the best epoch; 0 = off."),
+    "log_with": ("Log to", "Also log the loss, learning rates, held-out loss and samples for TensorBoard (in the "
+                           "run folder's logs/) or Weights & Biases (pip install wandb); none = the page only."),
     "scorer": ("Sample scorer", "What judges each saved epoch's samples for the recommended epoch and strength: "
                                 "auto = the demo's own analysis on the demo base, CLIP elsewhere; off; or a CLIP "
                                 "hub id or folder."),

@@ -102,6 +102,7 @@ SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_resolution": ("resolution", square), "output_name": ("output_name", same),
     "optimizer": ("optimizer", choice({v: k for k, v in OPTIMIZERS.items()})),
     "optimizer_type": ("optimizer", choice({v: k for k, v in OPTIMIZERS.items()})),
+    "log_with": ("log_with", choice({"tensorboard": "tensorboard", "wandb": "wandb"})),
     "sample_every_n_steps": ("sample_every_n_steps", whole), "sample_sampler": ("sample_scheduler",
                                                                                 choice(KOHYA_SAMPLERS)),
 }
@@ -219,7 +220,7 @@ def read_training_keys(values: dict[str, Any], found: KohyaSettings) -> None:
     read_network(values, found)
     read_rates(values, found)
     for key, what in (("train_data_dir", "data"), ("reg_data_dir", "regularization"),
-                      ("pretrained_model_name_or_path", "base"), ("output_dir", "output")):
+                      ("pretrained_model_name_or_path", "base"), ("output_dir", "output"), ("logging_dir", "logs")):
         if values.get(key) not in EMPTY:
             found.folders[what] = str(values.pop(key))
         else:
@@ -383,6 +384,8 @@ def sd_scripts_files(config: TrainConfig, base: BaseModelSpec, data: TrainData, 
         training["network_args"] = network_args
     if config.max_train_steps:
         training["max_train_steps"] = config.max_train_steps
+    if config.log_with != "none":
+        training |= {"log_with": config.log_with, "logging_dir": f"{run_dir}/logs"}
     subset = {"image_dir": str(data.images), "num_repeats": data.repeats, "caption_extension": ".txt",
               "keep_tokens": config.keep_tokens, "shuffle_caption": config.shuffle_caption,
               "caption_dropout_rate": config.caption_dropout, "flip_aug": config.flip_augment}

@@ -22,7 +22,7 @@ from ..inference import RenderStopped
 from ..models import DEMO, BaseModelSpec, quiet_libraries
 from ..threads import fit_threads
 from ..views import encode_prompts, free_accelerator_memory
-from . import cards, kohya, recommend, scoring, setup
+from . import cards, kohya, recommend, scoring, setup, tracking
 from .clock import RunClock
 from .config import TrainConfig
 from .data import RunImages, TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
@@ -46,9 +46,9 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
           resume: bool = False) -> TrainResult:
     """Train a LoRA on ``data`` (or a plain folder of images) and save kohya files into ``output_dir``; ``stop`` ends
     it early with a save. With ``resume``, continue the interrupted run in ``output_dir`` from its saved state."""
-    emit = on_event or (lambda event: None)
     run = RunFolder(Path(output_dir))
     run.check_writable()
+    emit = tracking.logged(config, run.path, on_event)  # TensorBoard or W&B, when the settings ask for a log
     data = data if isinstance(data, TrainData) else TrainData(Path(data))
     images = data.scan(config)
     latent_cache = data.latent_cache if config.cache_latents_to_disk else None

@@ -8,9 +8,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..studio import MAX_REPEATS
+from ..studio import MAX_REPEATS, parse_sample_line
 from ..training.config import FIELD_HELP, TrainConfig, field_is_list, field_type, make_config
-from ..training.sample_prompts import parse_sample_line
 
 MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank", "alpha", "optimizer",
         "resolution", "train_text_encoder"]
@@ -24,7 +23,7 @@ ADVANCED = {  # the advanced settings under headings, four to a row
     "Images and captions": ["enable_buckets", "flip_augment", "caption_dropout", "shuffle_caption", "keep_tokens"],
     "Speed and memory": ["mixed_precision", "gradient_checkpointing", "sdpa", "cache_latents_to_disk",
                          "compile_unet"],
-    "Saving and samples": ["save_every_n_epochs", "save_dtype", "sample_every_n_steps", "sample_steps",
+    "Saving and samples": ["save_every_n_epochs", "save_dtype", "log_with", "sample_every_n_steps", "sample_steps",
                            "sample_negative_prompt", "sample_cfg", "sample_scheduler", "sample_width", "sample_height"],
     "Validation (held-out images)": ["validation_images", "validation_every_n_steps", "early_stopping_patience",
                                      "scorer"],
