@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from browser import wait_for
@@ -354,6 +355,12 @@ def test_a_kohya_config_imports_through_the_api(api, tmp_path):
     assert settings["sample_prompts"] == client.predict("demo", api_name="/preset")["sample_prompts"]  # the preset's
     assert answer["not_used"]["huber_c"] == "0.1" and "caption_extension" in answer["not_used"]
     assert answer["folders"]["data"] == "/data/character/img"
+    secret = tmp_path / "secret.json"  # a file on the server, named by a raw request instead of uploaded
+    secret.write_text('{"network_dim": 77}')
+    call = httpx.post(f"{client.src}gradio_api/call/import_kohya_config",
+                      json={"data": [[{"path": str(secret), "meta": {"_type": "gradio.FileData"}}], "demo"]})
+    answer = httpx.get(f"{client.src}gradio_api/call/import_kohya_config/{call.json()['event_id']}", timeout=60).text
+    assert answer.startswith("event: error") and "77" not in answer
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(AppError, match="neither a kohya_ss JSON config nor an sd-scripts TOML file"):

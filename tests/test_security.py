@@ -480,3 +480,20 @@ def test_a_guest_loads_the_demo_dataset_as_theirs_and_not_without_the_password(g
     assert owners[names[0]] == "ben"
     with pytest.raises(AppError, match="Dataset 'demo-rings-2' belongs to another user"):
         guest.predict(names[1], api_name="/delete_dataset")  # the operator's, untouchable for him
+
+
+def test_only_uploaded_files_are_read_as_uploads(tmp_path, monkeypatch):
+    """What a handler takes as an uploaded file must be one: a server path, or a workspace file the page shows,
+    is refused by name before anything reads it."""
+    from lora_gradio.errors import UserError
+    from lora_gradio.ui.common import uploaded
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    sent = tmp_path / "uploads" / "3f2a" / "config.json"
+    sent.parent.mkdir(parents=True)
+    sent.write_text("{}")
+    assert uploaded([{"path": str(sent)}]) == [sent.resolve()] == uploaded(str(sent))
+    for elsewhere in (tmp_path / "settings.json", tmp_path / "uploads" / "shown" / "a1" / "sample.png",
+                      tmp_path / "uploads" / "3f2a" / ".." / ".." / "settings.json"):
+        with pytest.raises(UserError, match=f"'{elsewhere.name}' was not uploaded to this app"):
+            uploaded([{"path": str(elsewhere)}])

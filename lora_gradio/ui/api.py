@@ -18,7 +18,7 @@ from ..access import Visitor
 from ..jobs import JobState
 from ..request import GenerateRequest, short
 from ..studio import DEFAULT_BLIP, QUEUE_COLUMNS, CaptionOptions, Studio
-from .common import MODEL, api_errors, public_text, shown, visitor_of
+from .common import MODEL, api_errors, public_text, shown, uploaded, visitor_of
 
 KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 REQUEST = inspect.Parameter("request", KEYWORD, annotation=gr.Request)
@@ -152,8 +152,7 @@ def register(studio: Studio) -> None:
         """Settings from kohya_ss GUI .json or sd-scripts training and dataset .toml files (upload with
         ``handle_file``): ``settings`` (the preset's, the files' on top, ready for /train_start), ``repeats``, the
         ``folders`` they name, and ``not_used``: every key with no counterpart here, with its value."""
-        config, found = studio.import_kohya_config([Path(f["path"] if isinstance(f, dict) else f.path)
-                                                    for f in files or []], preset)
+        config, found = studio.import_kohya_config(uploaded(files), preset)
         return {"settings": config.to_dict(), "repeats": found.repeats, "folders": found.folders,
                 "not_used": found.not_used, "summary": found.summary()}
 
@@ -215,8 +214,7 @@ def register(studio: Studio) -> None:
     def import_files(request: gr.Request, dataset: str, files: list[FileData]) -> dict:
         """Import uploaded images, ``.txt`` captions and zips into a dataset: a summary line and each file's
         outcome (upload with gradio_client's ``handle_file``)."""
-        return imported(studio.start_import_uploads(dataset, [Path(f["path"] if isinstance(f, dict) else f.path)
-                                                              for f in files or []], visitor(request)))
+        return imported(studio.start_import_uploads(dataset, uploaded(files), visitor(request)))
 
     def create_dataset(request: gr.Request, name: str) -> str:
         """Create an empty dataset (a folder under datasets/), yours to change and delete; returns its name."""

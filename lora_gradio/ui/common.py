@@ -156,6 +156,21 @@ def shown(path: Path | str) -> str:
     return str(served.show(Path(get_upload_folder()), path))
 
 
+def uploaded(files: Any) -> list[Path]:
+    """The files a visitor uploaded, as Gradio keeps them; any other path is refused, since Gradio hands an
+    endpoint whatever path a request names as a file, and the links of shown/ are the workspace's, not uploads."""
+    root = Path(get_upload_folder()).resolve()
+    paths = []
+    for item in files if isinstance(files, list) else [files] if files else []:
+        named = item.get("path") if isinstance(item, dict) else getattr(item, "path", getattr(item, "name", item))
+        path = Path(str(named)).resolve()
+        if not path.is_relative_to(root) or path.is_relative_to(root / served.SHOWN):
+            raise UserError(f"'{Path(str(named)).name}' was not uploaded to this app: send the file itself (in the "
+                            "page, or with gradio_client's handle_file), not a path on the server.")
+        paths.append(path)
+    return paths
+
+
 def progress_html(state: JobState) -> str:
     """A job's progress bar with its counts and ETA, readable by people and by tests; the message is escaped."""
     if state.status == "idle":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 from ..errors import UserError
 from ..jobs import JobState
 from ..studio import IMAGE_SUFFIXES, ImportReport
-from .common import PRIVATE, AppContext, job_panel, job_revision, public_text, shown, user_errors
+from .common import PRIVATE, AppContext, job_panel, job_revision, public_text, shown, uploaded, user_errors
 
 TITLE = "Dataset"
 STATUS_SYMBOL = {"imported": "✅", "warning": "⚠️", "skipped": "❌"}  # "ignored" files are only counted
@@ -83,8 +81,8 @@ def build(ctx: AppContext) -> None:
     def on_upload(name: str | None, files: list[str] | None, request: gr.Request) -> dict:
         """Import the dropped files in the background; the drop zone empties either way, ready for the next try."""
         try:
-            return {import_job: ctx.studio.start_import_uploads(name, [Path(f) for f in files or []],
-                                                                ctx.visitor(request)), upload: None}
+            return {import_job: ctx.studio.start_import_uploads(name, uploaded(files), ctx.visitor(request)),
+                    upload: None}
         except UserError as exc:
             gr.Warning(public_text(str(exc)))
             return {upload: None}

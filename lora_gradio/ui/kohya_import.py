@@ -3,12 +3,11 @@ with no counterpart here are listed under it with their values."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from .common import PRIVATE, AppContext, user_errors
+from .common import PRIVATE, AppContext, uploaded, user_errors
 
 if TYPE_CHECKING:
     from .train_form import SettingsForm
@@ -21,9 +20,7 @@ def wire_kohya_import(ctx: AppContext, upload: gr.UploadButton, presets: gr.Drop
 
     @user_errors
     def on_import(values: dict) -> dict:
-        files = values[upload] or []
-        paths = [Path(f if isinstance(f, str) else f.name) for f in (files if isinstance(files, list) else [files])]
-        config, found = ctx.studio.import_kohya_config(paths, values[presets])
+        config, found = ctx.studio.import_kohya_config(uploaded(values[upload]), values[presets])
         typed = "" if "trigger_word" in found.settings else values[form.fields["trigger_word"]]
         shown = form.show(config, typed)
         if found.repeats is not None:
