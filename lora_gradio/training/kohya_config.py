@@ -26,7 +26,7 @@ SD_SCRIPTS_FILE = "sd-scripts.toml"
 SD_SCRIPTS_DATASET_FILE = "sd-scripts-dataset.toml"
 OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
 SAVE_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "float"}
-SAMPLERS = {"Euler": "euler", "Euler a": "euler_a", "DDIM": "ddim", "DPM++ 2M Karras": "dpmsolver++"}
+SAMPLERS = {ours: kohya for kohya, ours in reversed(KOHYA_SAMPLERS.items())}  # each sampler's first kohya name
 LOCON_TYPES = {"Kohya LoCon", "LyCORIS/LoCon", "LoCon"}
 
 

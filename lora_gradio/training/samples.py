@@ -22,23 +22,15 @@ def sample_request(config: TrainConfig, index: int, lora: Path | None) -> Genera
     """The settings of sample ``index``: its prompt, a seed fixed per prompt, and the run's sampling settings where
     the line's own flags (sd-scripts' ``--w``, ``--s`` …) set none."""
     from ..request import GenerateRequest
+    from .sample_prompts import SampleLine
 
-    if not config.sample_prompts:
-        return GenerateRequest(config.trigger_word or "a photo", config.sample_negative_prompt, config.seed + index,
-                               config.sample_steps, config.sample_cfg, config.sample_width or config.resolution,
-                               config.sample_height or config.resolution, config.sample_scheduler, lora,
-                               clip_skip=config.clip_skip)
-    line = config.sample_line(index)
-
-    def given(value: object, otherwise: object) -> object:
-        return otherwise if value is None else value
-
-    return GenerateRequest(line.prompt, given(line.negative, config.sample_negative_prompt),
-                           given(line.seed, config.seed + index), given(line.steps, config.sample_steps),
-                           given(line.cfg, config.sample_cfg), line.width or config.sample_width or config.resolution,
-                           line.height or config.sample_height or config.resolution,
-                           given(line.sampler, config.sample_scheduler), lora,
-                           clip_skip=given(line.clip_skip, config.clip_skip))
+    line = config.sample_line(index) if config.sample_prompts else SampleLine(config.trigger_word or "a photo")
+    return GenerateRequest(
+        line.prompt, config.sample_negative_prompt if line.negative is None else line.negative,
+        config.seed + index if line.seed is None else line.seed, line.steps or config.sample_steps,
+        config.sample_cfg if line.cfg is None else line.cfg, line.width or config.sample_width or config.resolution,
+        line.height or config.sample_height or config.resolution, line.sampler or config.sample_scheduler, lora,
+        clip_skip=line.clip_skip or config.clip_skip)
 
 
 def render_samples(pipe: StableDiffusionPipeline, config: TrainConfig, run: RunFolder, epoch: int, base_name: str,
