@@ -27,20 +27,28 @@ UMASK = _read_umask()
 
 
 @contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A handle on a temporary file in the same folder as ``path``, renamed over it once everything is on disk."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file in the same folder as ``path`` for a writer that takes a path (safetensors' save_file),
+    renamed over ``path`` once the block ends; removed instead when it fails."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:32]}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A handle on a temporary file in the same folder as ``path``, renamed over it once everything is on disk."""
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -116,7 +116,7 @@ class JobRunner:
                 progress = f", step {busy.step}/{busy.total_steps}" if busy.total_steps else ""
                 raise UserError(f"{busy.title} is already running{progress}. Wait for it or press Stop first.")
             job = _Job(QueueTicket.new_id(), exclusive, JobState(
-                kind, title, "running", run_dir, "Starting", total_steps=planned_steps, started=time.time()),
+                kind, title, "running", run_dir, message="Starting", total_steps=planned_steps, started=time.time()),
                 threading.Event(), owner)
             self._add(job)
             self._launch(job, work)

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -166,6 +167,30 @@ def check_single_file(path: Path, config_dir: Path = SD15_CONFIG_DIR) -> None:
         )
 
 
+def is_demo_checkpoint(path: Path) -> bool:
+    """Whether a single-file checkpoint has the demo model's shapes (its UNet's first block is the demo's width)."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    shapes = read_safetensors_shapes(path)
+    return shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0,))[0] == DEMO_UNET["block_out_channels"][0]
+
+
+@cache
+def demo_config_dir() -> Path:
+    """The demo model's component configs beside SD1.5's tokenizer and scheduler, as diffusers' single-file loader
+    reads them: written once per process into a private temporary folder."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="lora-gradio-demo-config-"))
+    shutil.copytree(SD15_CONFIG_DIR, folder, dirs_exist_ok=True)
+    skeleton = sd15_skeleton(demo=True)
+    skeleton.unet.save_config(folder / "unet")
+    skeleton.vae.save_config(folder / "vae")
+    skeleton.text_encoder.config.save_pretrained(folder / "text_encoder")
+    return folder
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers quickly; without this check a download retries for minutes."""
     import socket
@@ -251,7 +276,7 @@ def _sd15_component_configs() -> tuple[dict, dict, dict]:
 
 def default_side(spec: BaseModelSpec) -> int:
     """The image side a base model renders when none is asked for: the demo's small one, SD1.5's 512 px."""
-    if spec.kind == DEMO:
+    if spec.kind == DEMO or (spec.kind == "single_file" and is_demo_checkpoint(Path(spec.location))):
         return DEMO_UNET["sample_size"] * 2 ** (len(DEMO_VAE["block_out_channels"]) - 1)
     return 512
 
@@ -304,6 +329,8 @@ def _load_from_files(spec: BaseModelSpec, config_dir: Path) -> StableDiffusionPi
         if Path(spec.location).suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
             raise UserError(f"'{spec.display_name}' is a pickle checkpoint, and pickle files can run code when "
                             "opened. Use a .safetensors version of this model.")
+        if config_dir == SD15_CONFIG_DIR and is_demo_checkpoint(Path(spec.location)):
+            config_dir = demo_config_dir()  # the demo with a LoRA baked in, say
         check_single_file(Path(spec.location), config_dir)
         return StableDiffusionPipeline.from_single_file(
             spec.location, config=str(config_dir), local_files_only=True, safety_checker=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+# one PyTorch thread and no refitting: sums add up in one order, so losses compare bit for bit across runs and
+# processes, and a run never fights a parallel test worker for the cores
+SAME_THREADS = {"LORA_GRADIO_DEFAULT_THREADS": "1", "OMP_NUM_THREADS": "1"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -97,3 +101,16 @@ def shown_text(page, selector: str) -> str:
     """The text a person sees in a Markdown or HTML block: its content, without the status tracker that Gradio keeps
     (hidden) beside a block that a timer updates."""
     return page.locator(f"{selector} [data-testid=markdown], {selector} .prose").first.inner_text()
+
+
+def raw_call(url, endpoint, values, session=None):
+    """An endpoint called with a JSON body that gradio_client would not send (NaN, null, huge numbers), as any
+    script may (``session``: an httpx client holding a login); returns the error message, or the event's kind when
+    there is none."""
+    import httpx
+
+    http = session or httpx.Client(timeout=120)
+    event = http.post(f"{url}gradio_api/call/{endpoint}", content='{"data": [' + values + "]}",
+                      headers={"content-type": "application/json"}).json()["event_id"]
+    kind, data = http.get(f"{url}gradio_api/call/{endpoint}/{event}", timeout=120).text.split("\n", 1)
+    return json.loads(data.removeprefix("data: "))["error"] if kind == "event: error" else kind

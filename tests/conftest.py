@@ -30,8 +30,9 @@ def demo_pipe(demo_spec):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, demo_pipe):
     """The demo model saved as an LDM-layout .safetensors, plus a diffusers config folder for its tiny shapes."""
-    from ldm_layout import pipeline_to_ldm
     from safetensors.torch import save_file
+
+    from lora_gradio.ldm_layout import pipeline_to_ldm
 
     root = tmp_path_factory.mktemp("checkpoint")
     save_file(pipeline_to_ldm(demo_pipe), root / "tiny-sd15.safetensors")
@@ -71,3 +72,17 @@ def app(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("app") / "workspace"
     with running_app(workspace) as url:
         yield url, workspace
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """This process at SAME_THREADS for one test: runs compared bit for bit use one thread each."""
+    import torch
+    from browser import SAME_THREADS
+
+    for name, value in SAME_THREADS.items():
+        monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

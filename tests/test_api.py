@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from browser import wait_for
+from browser import raw_call, wait_for
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors import safe_open
@@ -211,17 +211,6 @@ def test_a_lora_for_another_architecture_is_refused_in_the_test_tab(api):
         generate(client, "loras/xl_style.safetensors")
 
 
-def raw_call(url, endpoint, values):
-    """An endpoint called with a JSON body that gradio_client would not send (NaN, null, huge numbers), as any
-    script may; returns the error message, or the event's kind when there is none."""
-    import httpx
-
-    event = httpx.post(f"{url}gradio_api/call/{endpoint}", content='{"data": [' + values + "]}",
-                       headers={"content-type": "application/json"}).json()["event_id"]
-    kind, data = httpx.get(f"{url}gradio_api/call/{endpoint}/{event}", timeout=120).text.split("\n", 1)
-    return json.loads(data.removeprefix("data: "))["error"] if kind == "event: error" else kind
-
-
 @pytest.mark.parametrize(("values", "answer"), [
     ('"a", "", NaN, 2, 7.0, 0, 0', "Cannot generate: seed = nan: use a whole number."),
     ('"a", "", 1, 2, 7.0, NaN, 0', "Cannot generate: width = nan: use a whole number."),
@@ -365,3 +354,32 @@ def test_a_kohya_config_imports_through_the_api(api, tmp_path):
     broken.write_text("{not json")
     with pytest.raises(AppError, match="neither a kohya_ss JSON config nor an sd-scripts TOML file"):
         client.predict([handle_file(str(broken))], api_name="/import_kohya_config")
+
+
+def test_resize_merge_bake_and_extract_through_the_api(api, demo_pipe):
+    from test_network_types import trained_file
+
+    client, workspace = api
+    trained_file(demo_pipe, "locon", workspace / "models" / "loras" / "tools.safetensors")
+    resized = client.predict("loras/tools.safetensors", 2, "sv_ratio", 2.0, api_name="/lora_resize")
+    assert resized["lora"] == "loras/tools-sv_ratio2.safetensors"  # named by what was done, beside the others
+    assert resized["file"] == "models/loras/tools-sv_ratio2.safetensors"
+    assert {module["rank"] for module in resized["modules"]} <= {1, 2} and "error mean" in resized["summary"]
+    merged = client.predict(["loras/tools.safetensors", resized["lora"]], [0.5, -0.5], api_name="/lora_merge")
+    assert {m["name"]: m["rank"] for m in merged["modules"]} == {  # ranks side by side: each module's two add up
+        m["name"]: m["rank_before"] + m["rank"] for m in resized["modules"]}
+    baked = client.predict("loras/tools.safetensors", 0.8, 1.0, "demo", "fp32", "demo-tools", api_name="/lora_bake")
+    assert baked["file"] == "models/checkpoints/demo-tools.safetensors" and baked["lora"] == ""
+    image = client.predict(prompt="lgdemo, a red circle", seed=3, steps=3, base="demo-tools.safetensors",
+                           api_name="/generate")  # the baked checkpoint is a base model like any other
+    assert "demo-tools.safetensors" in image["parameters"]
+    found = client.predict("demo-tools.safetensors", 4, 2, api_name="/lora_extract")
+    assert found["lora"] == "loras/demo-tools-extracted-r4.safetensors"
+    assert max(m["error"] for m in found["modules"]) < 1e-3  # the baked LoRA (rank 4, convs 2) comes back whole
+    assert generate(client, found["lora"])["lora"].startswith("All ")
+    with pytest.raises(AppError, match="already exists: choose another name"):
+        client.predict("loras/tools.safetensors", 0.8, 1.0, "demo", "fp32", "demo-tools", api_name="/lora_bake")
+    with pytest.raises(AppError, match="Merging needs at least two LoRA files"):
+        client.predict(["loras/tools.safetensors"], [1.0], api_name="/lora_merge")
+    with pytest.raises(AppError, match="one weight per LoRA"):
+        client.predict(["loras/tools.safetensors", resized["lora"]], [1.0], api_name="/lora_merge")

@@ -232,3 +232,31 @@ def test_every_generate_flag_says_what_it_does_and_its_default():
     assert "(default: 0)" in helps["--seed"] and "(default: 20)" in helps["--steps"]
     assert "(default" not in helps["--lora"]  # no "default: None"
     assert not shown.stderr
+
+
+def test_resize_merge_bake_and_extract_from_the_command_line(tmp_path, capsys, demo_pipe):
+    from test_lora_tools import deltas, relative
+    from test_network_types import trained_file
+
+    _, lora, _ = trained_file(demo_pipe, "locon", tmp_path / "anna.safetensors")
+    small, mixed, baked, found = (tmp_path / f"{name}.safetensors" for name in ("small", "mixed", "baked", "found"))
+    assert main(["resize", str(lora), "--rank", "2", "--output", str(small)]) == 0
+    said = capsys.readouterr()
+    assert said.out.strip() == str(small) and "rank 4 → 2, error" in said.err and "modules at rank 2" in said.err
+    assert main(["merge", f"{lora}:0.5", f"{small}:-1", "--output", str(mixed)]) == 0
+    a, b, m = deltas(lora), deltas(small), deltas(mixed)
+    assert all(relative(m[name], 0.5 * a[name] - b[name]) < 2e-3 for name in a)
+    assert main(["bake", "--base", "demo", "--lora", str(lora), "--strength-clip", "1", "--precision", "fp32",
+                 "--output", str(baked)]) == 0
+    assert "demo with anna.safetensors at 1/1 baked in, fp32" in capsys.readouterr().err
+    assert main(["extract", "--base", "demo", "--tuned", str(baked), "--rank", "4", "--conv-rank", "2", "--output",
+                 str(found)]) == 0
+    recovered = deltas(found)
+    assert all(relative(recovered[name], delta) < 2e-3 for name, delta in a.items())
+    capsys.readouterr()
+    assert main(["resize", str(lora), "--rank", "2", "--output", str(small)]) == 2
+    assert "already exists: give another --output" in capsys.readouterr().err
+    assert main(["resize", str(lora), "--rank", "2", "--method", "sv_fro", "--value", "nan", "--output",
+                 str(tmp_path / "x.safetensors")]) == 2
+    assert "The sv_fro value must be more than 0 and at most 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -74,7 +74,8 @@ def test_job_that_fails_reports_the_reason(demo_data, quick_config, tmp_path):
     assert not (tmp_path / "run" / "job.json").exists()
 
 
-def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo_data, quick_config, tmp_path):
+def test_resume_continues_at_the_right_step_with_the_same_losses(demo_spec, demo_data, quick_config, tmp_path,
+                                                                   one_thread):
     config = apply_overrides(quick_config, {"epochs": 3, "batch_size": 2, "sample_prompts": ["a photo"],
                                             "sample_steps": 2})
     cache, jobs = ModelCache(), JobRunner()

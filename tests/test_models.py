@@ -115,7 +115,7 @@ class TrainerCallback:
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path, demo_pipe, tiny_checkpoint):
-    from ldm_layout import pipeline_to_ldm
+    from lora_gradio.ldm_layout import pipeline_to_ldm
 
     state = pipeline_to_ldm(demo_pipe)
     key = next(k for k in state if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
@@ -127,7 +127,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path, demo_pipe, t
 
 
 def test_an_allowed_pickle_that_diffusers_refuses_says_what_to_do(tmp_path, demo_pipe, tiny_checkpoint):
-    from ldm_layout import pipeline_to_ldm
+    from lora_gradio.ldm_layout import pipeline_to_ldm
 
     torch.save({"state_dict": pipeline_to_ldm(demo_pipe), "callbacks": TrainerCallback()}, tmp_path / "old.ckpt")
     with pytest.raises(UserError, match=r"'old.ckpt' is a pickle checkpoint that diffusers refuses to unpickle.*"

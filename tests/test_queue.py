@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from browser import running_app
+from browser import SAME_THREADS, running_app
 from gradio_client import Client
 from safetensors.torch import load_file
 
@@ -81,7 +81,6 @@ def test_runs_wait_in_order_start_by_themselves_and_leave_or_move_as_allowed(tmp
 def test_a_killed_server_comes_back_with_its_queue_and_the_run_resumes_with_the_same_losses(tmp_path):
     workspace = tmp_path / "workspace"
     make_demo_dataset(workspace / "datasets" / "rings" / "images", count=8)
-    same_threads = {"LORA_GRADIO_DEFAULT_THREADS": "1"}  # losses compared bit for bit across two processes
     settings = {**QUICK, "epochs": 10, "save_every_n_epochs": 2}
 
     def queue_on(client, name, epochs):
@@ -89,7 +88,7 @@ def test_a_killed_server_comes_back_with_its_queue_and_the_run_resumes_with_the_
                                                   "epochs": epochs, "output_name": name}, api_name="/train_start")
         return answer["job_id"], answer["run"]
 
-    with running_app(workspace, env=same_threads) as url:
+    with running_app(workspace, env=SAME_THREADS) as url:
         client = Client(url, verbose=False)
         (killed, run), (short, _), (last, _) = (queue_on(client, *what) for what in (("cut", 10), ("b", 1), ("c", 1)))
         wait_until(lambda: client.predict(killed, 0, api_name="/job_status")["step"] > 10, 120)  # past a save
@@ -103,7 +102,7 @@ def test_a_killed_server_comes_back_with_its_queue_and_the_run_resumes_with_the_
         elif path.suffix == ".safetensors":
             load_file(path)
 
-    with running_app(workspace, env=same_threads) as url:
+    with running_app(workspace, env=SAME_THREADS) as url:
         client = Client(url, verbose=False)
         assert [row["place"] for row in client.predict(api_name="/queue")][:1] == ["training"]
         reference, _ = queue_on(client, "whole", 10)

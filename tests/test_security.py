@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser import ROOT, running_app
+from browser import ROOT, raw_call, running_app
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -497,3 +497,46 @@ def test_only_uploaded_files_are_read_as_uploads(tmp_path, monkeypatch):
                       tmp_path / "uploads" / "3f2a" / ".." / ".." / "settings.json"):
         with pytest.raises(UserError, match=f"'{elsewhere.name}' was not uploaded to this app"):
             uploaded([{"path": str(elsewhere)}])
+
+
+def test_the_lora_tools_take_hostile_values_and_racing_guests(guest, client, locked, demo_pipe):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_network_types import trained_file
+
+    from lora_gradio.ldm_layout import pipeline_to_ldm
+
+    _, workspace, _ = locked
+    loras = workspace / "models" / "loras"
+    trained_file(demo_pipe, "lora", loras / "shared.safetensors")
+    with pytest.raises(AppError, match="Only the operator who runs this server can bake"):
+        guest.predict("loras/shared.safetensors", api_name="/lora_bake")
+    outside = workspace.parent / "tuned.safetensors"
+    if not outside.exists():
+        from safetensors.torch import save_file
+
+        save_file(pipeline_to_ldm(demo_pipe), outside)
+    with pytest.raises(AppError, match="outside the folders this app may use"):
+        guest.predict(str(outside), api_name="/lora_extract")
+    with pytest.raises(AppError, match="is not in this workspace"):
+        guest.predict("../../../etc/passwd", 2, api_name="/lora_resize")
+    session = signed_in(locked[0], *GUEST)
+    for rank in ("NaN", "0", "5000", "2.5", "1e300"):
+        assert "whole number from 1 to 1024" in raw_call(locked[0], "lora_resize",
+                                                         f'"loras/shared.safetensors", {rank}, "fixed", 0, ""', session)
+    assert "The sv_fro value must be" in raw_call(locked[0], "lora_resize",
+                                                  '"loras/shared.safetensors", 4, "sv_fro", NaN, ""', session)
+    assert "merge weight must be a number" in raw_call(locked[0], "lora_merge",
+                                                       '["loras/shared.safetensors", "loras/shared.safetensors"], '
+                                                       "[1, Infinity], 0, \"fixed\", 0, \"\"", session)
+    ben = Client(locked[0], auth=("ben", "another-Passw0rd"), verbose=False)
+    with ThreadPoolExecutor(3) as pool:  # three people, one new name, at the same moment
+        calls = [pool.submit(who.predict, "loras/shared.safetensors", 2, "fixed", 0.0, "../../race",
+                             api_name="/lora_resize") for who in (guest, client, ben)]
+        outcomes = [call.exception() or call.result() for call in calls]
+    made = [o for o in outcomes if isinstance(o, dict)]
+    assert len(made) == 1 and made[0]["file"] == "models/loras/_.._race.safetensors", outcomes  # kept inside
+    assert all("race.safetensors" in str(o) and ("already exists" in str(o) or "meanwhile" in str(o))
+               for o in outcomes if not isinstance(o, dict))
+    assert sorted(p.name for p in loras.iterdir()) == ["_.._race.safetensors", "shared.safetensors"]  # no stray
+    assert not list(workspace.parent.glob("*race*"))

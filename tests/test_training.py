@@ -144,7 +144,7 @@ def test_stop_is_honoured_within_a_step_and_saves(demo_spec, demo_data, quick_co
         assert handle.metadata()["ss_steps"] == "3"
 
 
-def test_same_seed_same_run_and_every_option_trains(demo_spec, demo_data, quick_config, tmp_path):
+def test_same_seed_same_run_and_every_option_trains(demo_spec, demo_data, quick_config, tmp_path, one_thread):
     config = apply_overrides(quick_config, {
         "mixed_precision": "bf16", "gradient_checkpointing": True, "noise_offset": 0.1, "min_snr_gamma": 5,
         "shuffle_caption": True, "keep_tokens": 1, "caption_dropout": 0.2, "flip_augment": True,

@@ -7,7 +7,6 @@ import pytest
 from lora_gradio.demo.shapes import make_demo_dataset
 from lora_gradio.errors import UserError
 from lora_gradio.lora_map import read_metadata
-from lora_gradio.threads import KEEP_DEFAULTS
 from lora_gradio.training.config import apply_overrides, load_preset
 from lora_gradio.training.data import TrainData, held_out_count, split_held_out
 from lora_gradio.training.loop import Trainer, train
@@ -43,7 +42,8 @@ def unique_captions(folder, trigger="lgdemo"):
     return folder
 
 
-def test_held_out_images_never_train_and_their_loss_repeats_exactly(demo_spec, held_config, tmp_path, monkeypatch):
+def test_held_out_images_never_train_and_their_loss_repeats_exactly(demo_spec, held_config, tmp_path, monkeypatch,
+                                                                     one_thread):
     data = TrainData(unique_captions(make_demo_dataset(tmp_path / "data", count=16)))
     config = apply_overrides(held_config, {"epochs": 2})
     held = {image.caption for image in data.scan(config).held}
@@ -55,7 +55,6 @@ def test_held_out_images_never_train_and_their_loss_repeats_exactly(demo_spec, h
         return original(self, batches)
 
     monkeypatch.setattr(Trainer, "train_step", recording)
-    monkeypatch.setenv(KEEP_DEFAULTS, "1")  # one thread count for both runs: the sums add up in the same order
     first = train(config, demo_spec, data, tmp_path / "first")
     trained = set(seen)
     assert len(trained) == 14 and not trained & held  # every other image trained, no held-out one ever did

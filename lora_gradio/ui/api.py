@@ -17,7 +17,7 @@ from gradio.data_classes import FileData
 from ..access import Visitor
 from ..jobs import JobState
 from ..request import GenerateRequest, short
-from ..studio import DEFAULT_BLIP, QUEUE_COLUMNS, CaptionOptions, Studio
+from ..studio import DEFAULT_BLIP, QUEUE_COLUMNS, CaptionOptions, RankRule, Studio
 from .common import MODEL, api_errors, public_text, shown, uploaded, visitor_of
 
 KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -260,6 +260,46 @@ def register(studio: Studio) -> None:
         training now."""
         return studio.delete_run(run, visitor(request))
 
+    def tool_result(job_id: str) -> dict:
+        """A tool job's file (``lora``: its label for /generate, when it is a LoRA), summary, notes and modules."""
+        report = finished(job_id).result
+        return {"file": studio.workspace.relative(report.path), "lora": studio.tool_label(report.path) or "",
+                "summary": public_text(report.summary()), "notes": plain(report.notes),
+                "modules": plain(report.modules)}
+
+    def rule(rank: int, method: str, value: float) -> RankRule:
+        return RankRule(rank, method, value).check()
+
+    def lora_resize(request: gr.Request, lora: str, rank: int, method: str = "fixed", value: float = 0.0,
+                    name: str = "") -> dict:
+        """Resize a LoRA of the workspace (a label, as /generate takes) by SVD into models/loras: ``rank`` for
+        every module, or at most ``rank`` with ``method`` sv_fro (keep ``value`` of each change's Frobenius norm)
+        or sv_ratio (singular values down to the largest / ``value``). Each module's new rank and error come back."""
+        return tool_result(studio.start_resize(lora, rule(rank, method, value), name, visitor(request)))
+
+    def lora_merge(request: gr.Request, loras: list[str], weights: list[float], rank: int = 0,
+                   method: str = "fixed", value: float = 0.0, name: str = "") -> dict:
+        """Merge LoRAs at weights (one per file) into one in models/loras: ranks side by side (``rank`` 0, exact),
+        or by SVD to ``rank``."""
+        compress = rule(rank, method, value) if rank else None
+        return tool_result(studio.start_merge(list(loras or []), list(weights or []), compress, name,
+                                              visitor(request)))
+
+    def lora_bake(request: gr.Request, lora: str, strength_model: float = 1.0, strength_clip: float = 1.0,
+                  base: str = "demo", precision: str = "fp16", name: str = "") -> dict:
+        """Bake a LoRA at ComfyUI's strengths into the base, as a single-file checkpoint in models/checkpoints
+        (the operator only)."""
+        return tool_result(studio.start_bake(base, lora, strength_model, strength_clip, precision, name,
+                                             visitor(request)))
+
+    def lora_extract(request: gr.Request, tuned: str, rank: int = 32, conv_rank: int = 0, method: str = "fixed",
+                     value: float = 0.0, base: str = "demo", name: str = "") -> dict:
+        """Extract a LoRA from a fine-tuned checkpoint (in models/checkpoints) against its base into models/loras;
+        ``conv_rank`` above 0 takes the 3×3 convs too (LoCon)."""
+        convs = rule(conv_rank, method, value) if conv_rank else None
+        return tool_result(studio.start_extract(base, tuned, rule(rank, method, value), convs, name,
+                                                visitor(request)))
+
     def cache_status() -> dict:
         """What the model cache holds, who uses it, who waits, and how many loaded models are still in memory."""
         return plain(studio.cache.status())
@@ -268,7 +308,7 @@ def register(studio: Studio) -> None:
                      workflow, comfyui_queue,
                      comfyui_install, inspect_lora, grid, caption, prepare, import_folder, import_files,
                      create_dataset, load_demo_dataset, delete_dataset, set_models_dir, download_lora,
-                     recommendation, delete_run):
+                     recommendation, delete_run, lora_resize, lora_merge, lora_bake, lora_extract):
         gr.api(api_errors(endpoint), api_name=endpoint.__name__)
     for endpoint in (job_status, queue, runs, cache_status):  # quick reads never wait behind uploads or training
         gr.api(api_errors(endpoint), api_name=endpoint.__name__, concurrency_limit=None)

@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..jobs import JobState
 from ..request import SAMPLERS, GenerateRequest, random_seed
 from ..studio import NO_LORA
+from . import lora_tools
 from .base_picker import base_name, base_picker
 from .common import MODEL, PRIVATE, AppContext, job_panel, public_text, shown, user_errors
 
@@ -79,6 +80,7 @@ def build(ctx: AppContext) -> None:
         handed = gr.Markdown(elem_id="comfy-result")
         inspection = gr.Textbox(label="LoRA inspector", lines=14, max_lines=40, interactive=False,
                                 elem_id="lora-inspection")
+    lora_tools.build(ctx, lora, base_choice, base_repo)
     with gr.Accordion("Compare grid: epochs × strengths", open=True):
         with gr.Row():
             grid_loras = gr.Dropdown(lora_choices()[1:], multiselect=True, label="LoRA files (rows)", scale=3,

@@ -1,4 +1,5 @@
-"""Write a diffusers SD1.x pipeline as an original-layout (LDM) single-file checkpoint, as A1111 and Civitai ship them.
+"""A diffusers SD1.x pipeline as an original-layout (LDM) single-file checkpoint, as A1111 and Civitai ship them: what
+a baked checkpoint is written as, and how a module's weight is found in a fine-tune's file.
 
 The renaming tables are the CompVis layout facts: ``model.diffusion_model.*`` for the UNet, ``first_stage_model.*``
 for the VAE and ``cond_stage_model.transformer.text_model.*`` for the CLIP text encoder.
@@ -6,7 +7,11 @@ for the VAE and ``cond_stage_model.transformer.text_model.*`` for the CLIP text 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
 
 RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                 "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -81,10 +86,16 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
 
 
-def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
+def pipeline_to_ldm(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
     """The whole pipeline as one LDM-layout state dict, ready for ``safetensors.torch.save_file``."""
     layers = pipe.unet.config.layers_per_block
     state = unet_to_ldm(pipe.unet.state_dict(), layers)
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def ldm_key(component: str, key: str, layers: int = 2) -> str:
+    """Where one UNet or text-encoder weight of the diffusers layout lies in an LDM checkpoint."""
+    renamed = unet_to_ldm({key: None}, layers) if component == "unet" else text_encoder_to_ldm({key: None})
+    return next(iter(renamed))
