@@ -342,7 +342,8 @@ def test_a_kohya_config_imports_through_the_api(api, tmp_path):
     assert (settings["rank"], settings["network_type"], settings["optimizer"]) == (16, "locon", "prodigy")
     assert (settings["trigger_word"], settings["resolution"], answer["repeats"]) == ("sks girl", 640, 10)
     assert settings["sample_prompts"] == client.predict("demo", api_name="/preset")["sample_prompts"]  # the preset's
-    assert answer["not_used"]["huber_c"] == "0.1" and "caption_extension" in answer["not_used"]
+    assert (settings["loss_type"], settings["huber_c"]) == ("smooth_l1", 0.1)
+    assert answer["not_used"]["max_token_length"] == "225" and "caption_extension" in answer["not_used"]
     assert answer["folders"]["data"] == "/data/character/img"
     secret = tmp_path / "secret.json"  # a file on the server, named by a raw request instead of uploaded
     secret.write_text('{"network_dim": 77}')

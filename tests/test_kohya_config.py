@@ -27,7 +27,8 @@ def test_a_kohya_ss_gui_config_maps_every_setting_and_names_the_rest():
         "conv_rank": 8, "conv_alpha": 4.0, "unet_lr": 2e-4, "text_encoder_lr": 5e-5,
         "lr_scheduler": "cosine_with_restarts", "lr_cycles": 3, "epochs": 12, "batch_size": 2,
         "gradient_accumulation_steps": 1, "mixed_precision": "bf16", "save_dtype": "fp32", "seed": 1234,
-        "clip_skip": 2, "min_snr_gamma": 5.0, "noise_offset": 0.05, "optimizer": "adamw8bit", "weight_decay": 0.05,
+        "clip_skip": 2, "min_snr_gamma": 5.0, "multires_noise_iterations": 6, "multires_noise_discount": 0.3,
+        "optimizer": "adamw8bit", "weight_decay": 0.05,
         "max_grad_norm": 1.0, "scale_weight_norms": 0.0, "network_dropout": 0.1, "resolution": 768,
         "enable_buckets": True, "flip_augment": True, "shuffle_caption": True, "keep_tokens": 1,
         "caption_dropout": 0.05, "cache_latents_to_disk": True, "gradient_checkpointing": True, "sdpa": True,
@@ -39,7 +40,7 @@ def test_a_kohya_ss_gui_config_maps_every_setting_and_names_the_rest():
                              "output": "/data/ohwx/model"}
     assert found.not_used == {
         "lr_warmup": "10 (a percent of the steps: set Warm-up steps to that share of the run)",
-        "noise_offset_type": '"Multires"', "multires_noise_iterations": "6", "multires_noise_discount": "0.3",
+        "noise_offset": "0.05 (the file's noise type is Multires, so this is off)",
         "optimizer_args betas": '"0.9,0.99"', "bucket_reso_steps": "64", "color_aug": "false"}
     summary = found.summary()
     assert "`multires_noise_iterations = 6`" in summary and "`rank = 32`" in summary
@@ -55,11 +56,11 @@ def test_an_sd_scripts_training_toml_reads_its_sections_network_args_and_shared_
         "lr_scheduler": "constant", "lr_warmup_steps": 50, "output_name": "style-v2", "max_train_steps": 1600,
         "batch_size": 4, "mixed_precision": "fp16", "save_dtype": "fp16", "seed": 7, "gradient_checkpointing": True,
         "sdpa": True, "sample_every_n_steps": 200, "sample_scheduler": "Euler", "resolution": 512,
-        "enable_buckets": True}
+        "enable_buckets": True, "huber_c": 0.1, "loss_type": "smooth_l1"}
     assert found.folders == {"base": "/models/v1-5-pruned-emaonly.safetensors"}
     assert set(found.not_used) == {"network_args block_dims", "optimizer_args decouple",
-                                   "optimizer_args use_bias_correction", "max_token_length", "huber_c", "loss_type",
-                                   "sample_prompts", "min_bucket_reso"}
+                                   "optimizer_args use_bias_correction", "max_token_length", "sample_prompts",
+                                   "min_bucket_reso"}
     assert found.not_used["sample_prompts"].endswith("(a file of prompts: paste its lines into Sample prompts)")
 
 
@@ -125,12 +126,12 @@ def test_the_cli_trains_from_a_kohya_config_with_set_on_top(tmp_path):
     make_demo_dataset(data, count=4)
     config.write_text(f'{{"train_data_dir": "{data}", "network_dim": 4, "network_alpha": 2, "epoch": 5, '
                       '"train_batch_size": 2, "mixed_precision": "no", "resolution": "64", "seed": "3", '
-                      '"multires_noise_iterations": 6, "text_encoder_lr": 0, "learning_rate": 0.001}')
+                      '"bucket_reso_steps": 32, "text_encoder_lr": 0, "learning_rate": 0.001}')
     done = subprocess.run([sys.executable, "-m", "lora_gradio", "train", "--preset", "demo", "--kohya-config",
                            str(config), "--set", "epochs=1", "--set", "sample_prompts=[]", "--output",
                            str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Not used here: `multires_noise_iterations = 6`." in done.stderr
+    assert "Not used here: `bucket_reso_steps = 32`." in done.stderr
     job = RunFolder(tmp_path / "run").read_job()
     assert (job.config.rank, job.config.alpha, job.config.batch_size, job.config.seed) == (4, 2.0, 2, 3)
     assert job.config.epochs == 1 and job.config.train_text_encoder is False  # --set wins; a TE rate of 0

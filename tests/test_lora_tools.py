@@ -14,7 +14,8 @@ from test_network_types import outputs, trained_file
 from lora_gradio.errors import UserError
 from lora_gradio.lora_attach import attach, detach, set_strengths
 from lora_gradio.lora_map import read_modules, sd15_table
-from lora_gradio.lora_tools import TOOL_KEY, RankRule, bake, extract, merge, resize
+from lora_gradio.lora_svd import RankRule
+from lora_gradio.lora_tools import TOOL_KEY, bake, extract, merge, resize
 from lora_gradio.models import load_pipeline, resolve_base
 from lora_gradio.training import kohya
 from lora_gradio.views import pipeline_view

@@ -246,9 +246,9 @@ def test_a_kohya_config_fills_the_form_and_names_what_is_not_used(app):
             assert box.is_visible()
         assert page.locator("#field-train_text_encoder input").is_checked()
         text = note.inner_text()
-        assert "multires_noise_iterations = 6" in text and "lr_warmup = 10" in text
+        assert "multires_noise_iterations = 6" in text and "lr_warmup = 10" in text and "noise_offset = 0.05" in text
         assert "data = /data/ohwx/img" in text  # the folder it names, to pick here instead
-        assert "From a kohya_ss GUI config: 39 settings" in text
+        assert "From a kohya_ss GUI config: 40 settings" in text
         preview = page.locator("#sample-preview")
         assert preview.inner_text().startswith("Samples will use: ohwx woman, portrait photo (512×768, seed 7, "
                                                "negative 'blurry') · ohwx woman at the beach")

@@ -13,7 +13,8 @@ from ..dataset import IMAGE_SUFFIXES
 from ..demo.shapes import DEMO_IMAGES, DEMO_TRIGGER
 from ..estimate import format_duration
 from ..imports import ImportReport
-from ..lora_tools import DTYPES, METHODS, RankRule, ToolReport
+from ..lora_svd import METHODS, RankRule, ToolReport
+from ..lora_tools import DTYPES
 from ..models import DEMO, DEMO_NOTE
 from ..training.data import MAX_REPEATS
 from ..training.run_folder import SAMPLE_GRID

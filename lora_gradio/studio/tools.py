@@ -11,7 +11,7 @@ from ..access import OPERATOR, Visitor
 from ..atomic import disk_name
 from ..errors import UserError
 from ..events import Emit, status_events
-from ..lora_tools import RankRule, ToolReport
+from ..lora_svd import RankRule, ToolReport, check_weights
 from .desk import Desk, exists
 
 SUFFIX = ".safetensors"
@@ -60,7 +60,8 @@ class Tools(Desk):
 
     def start_merge(self, labels: list[str], weights: list[float], rule: RankRule | None, name: str = "",
                     visitor: Visitor = OPERATOR) -> str:
-        """Merge LoRAs at weights (ranks side by side, or by SVD to ``rule``) into models/loras."""
+        """Merge LoRAs at weights (ranks side by side, or by SVD to ``rule``) into models/loras; no weights: 1 each."""
+        weights = list(weights) or [1.0] * len(labels)
         if len(labels) != len(weights):
             raise UserError(f"Give one weight per LoRA: {len(labels)} files and {len(weights)} weights.")
         if len(labels) > lora_tools.MAX_MERGE:
@@ -68,7 +69,7 @@ class Tools(Desk):
         sources = [(self.lora(label), weight) for label, weight in zip(labels, weights, strict=True)]
         if any(path is None for path, _ in sources):
             raise UserError("Pick LoRA files to merge (the base model alone is not one).")
-        lora_tools.check_weights([weight for _, weight in sources], "merge weight")
+        check_weights([weight for _, weight in sources], "merge weight")
         if rule is not None:
             rule.check()
         fallback = "merged-" + "-".join(path.stem[:20] for path, _ in sources[:3])
@@ -80,7 +81,7 @@ class Tools(Desk):
                    dtype: str = "fp16", name: str = "", visitor: Visitor = OPERATOR) -> str:
         """Bake a LoRA at strengths into the base, as a checkpoint in models/checkpoints (the operator only)."""
         visitor.require_operator("bake a checkpoint (gigabytes in the shared models/checkpoints)")
-        lora_tools.check_weights([strength_model, strength_clip], "strength")
+        check_weights([strength_model, strength_clip], "strength")
         lora_tools.torch_dtype(dtype)
         spec, source = self.base(base), self.lora(label)
         if source is None:

@@ -75,6 +75,12 @@ class TrainConfig:
     compile_unet: bool = False  # torch.compile, CUDA only
     min_snr_gamma: Annotated[float, Field(ge=0, le=100)] = 5.0
     noise_offset: Annotated[float, Field(ge=0, le=1)] = 0.0
+    multires_noise_iterations: Annotated[int, Field(ge=0, le=20)] = 0  # kohya's multi-resolution noise; 0 = off
+    multires_noise_discount: Annotated[float, Field(gt=0, le=1)] = 0.3
+    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    huber_c: Annotated[float, Field(gt=0, le=1000)] = 0.1
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
+    debiased_estimation: bool = False
     prior_loss_weight: Annotated[float, Field(ge=0, le=10)] = 1.0  # regularisation images' share of the loss
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     clip_skip: Annotated[int, Field(ge=1, le=2)] = 1
@@ -178,6 +184,17 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                                       "size; saves minutes on big datasets."),
     "min_snr_gamma": ("Min-SNR weighting γ", "Steadier training; 5 is usual, 0 = off."),
     "noise_offset": ("Noise offset", "Helps very dark and very bright images; 0–0.1, 0 = off."),
+    "multires_noise_iterations": ("Multi-resolution noise", "Adds coarser noise in this many levels so the LoRA "
+                                                            "learns overall light and colour too; 6–10, 0 = off."),
+    "multires_noise_discount": ("Multi-resolution discount", "How much each coarser level counts; 0.3 is usual, "
+                                                             "0.1 for small datasets."),
+    "loss_type": ("Loss", "l2 is the usual squared error; huber and smooth_l1 count big errors less, which "
+                          "tolerates outlier images."),
+    "huber_c": ("Huber c", "Huber and smooth L1: where the error stops counting squared; 0.1 is usual."),
+    "huber_schedule": ("Huber schedule", "How c changes with the noise level: snr (the usual), exponential or "
+                                         "constant."),
+    "debiased_estimation": ("Debiased estimation", "Weights each step by 1/√SNR so low-noise steps do not dominate; "
+                                                   "an alternative to min-SNR."),
     "clip_skip": ("CLIP skip", "2 uses CLIP's second-to-last layer, as anime models (NovelAI lineage) expect; "
                                "1 for everything else."),
     "prior_loss_weight": ("Regularisation weight", "With regularisation images: how much their loss counts "

@@ -105,7 +105,15 @@ SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "log_with": ("log_with", choice({"tensorboard": "tensorboard", "wandb": "wandb"})),
     "sample_every_n_steps": ("sample_every_n_steps", whole), "sample_sampler": ("sample_scheduler",
                                                                                 choice(KOHYA_SAMPLERS)),
+    "multires_noise_iterations": ("multires_noise_iterations", whole),
+    "multires_noise_discount": ("multires_noise_discount", number),
+    "loss_type": ("loss_type", choice({name: name for name in ("l2", "huber", "smooth_l1")})),
+    "huber_c": ("huber_c", number),
+    "huber_schedule": ("huber_schedule", choice({name: name for name in ("snr", "exponential", "constant")})),
+    "debiased_estimation_loss": ("debiased_estimation", flag),
 }
+NOISE_TYPES = {"Original": ("multires_noise_iterations", "multires_noise_discount"),  # the GUI's noise type, and
+               "Multires": ("noise_offset",)}  # the keys it leaves unused
 AS_HERE = {("caption_extension", ".txt"), ("caption_extension", "txt"), ("cache_latents", True), ("v2", False),
            ("v_parameterization", False), ("num_repeats", 1)}  # what this app always does: nothing to set
 EMPTY = ("", None, [], {})  # the GUI saves unset fields as "" (0 where 0 means off, which is read as 0)
@@ -225,6 +233,11 @@ def read_training_keys(values: dict[str, Any], found: KohyaSettings) -> None:
             found.folders[what] = str(values.pop(key))
         else:
             values.pop(key, None)
+    noise_type = values.pop("noise_offset_type", None)
+    for key in NOISE_TYPES.get(str(noise_type), ()):
+        if values.get(key) not in (*EMPTY, 0):
+            found.skip(key, values[key], f"the file's noise type is {noise_type}, so this is off")
+        values.pop(key, None)
     every = values.pop("sample_every_n_epochs", None)
     for key, value in values.items():
         if value in EMPTY or as_here(key, value):
@@ -375,6 +388,10 @@ def sd_scripts_files(config: TrainConfig, base: BaseModelSpec, data: TrainData, 
         "save_precision": SAVE_DTYPES[config.save_dtype], "gradient_checkpointing": config.gradient_checkpointing,
         "sdpa": config.sdpa, "cache_latents": True, "cache_latents_to_disk": config.cache_latents_to_disk,
         "min_snr_gamma": config.min_snr_gamma, "noise_offset": config.noise_offset,
+        "multires_noise_iterations": config.multires_noise_iterations,
+        "multires_noise_discount": config.multires_noise_discount, "loss_type": config.loss_type,
+        "huber_c": config.huber_c, "huber_schedule": config.huber_schedule,
+        "debiased_estimation_loss": config.debiased_estimation,
         "prior_loss_weight": config.prior_loss_weight, "seed": config.seed, "clip_skip": config.clip_skip,
         "max_grad_norm": config.max_grad_norm, "scale_weight_norms": config.scale_weight_norms,
         "save_every_n_epochs": config.save_every_n_epochs, "sample_every_n_steps": config.sample_every_n_steps,

@@ -27,7 +27,7 @@ from .clock import RunClock
 from .config import TrainConfig
 from .data import RunImages, TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
 from .network import apply_max_norm, trainable_parameters
-from .objective import denoising_loss, training_noise
+from .objective import Objective, denoising_loss, training_noise
 from .result import TrainResult
 from .run_folder import RunFolder
 from .samples import render_samples, sample_grid
@@ -129,7 +129,7 @@ class Trainer:
         for index, batch in enumerate(batches):
             items = [self.cached[i] for i in batch]
             latents = sample_latents(items, self.generator, self.caption_rng, self.scaling).to(self.weight_dtype)
-            noise = training_noise(latents, self.generator, config.noise_offset)
+            noise = training_noise(latents, self.generator, config)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),),
                                       generator=self.generator, device=device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -144,7 +144,7 @@ class Trainer:
                               encode_prompts(self.text_encoder, self.pipe.tokenizer, captions, config.clip_skip))
                     pred = self.unet(noisy, timesteps, hidden.to(self.weight_dtype)).sample
                 weights = [config.prior_loss_weight if item.prior else 1.0 for item in items]  # class images apart
-                loss = denoising_loss(pred, latents, noise, timesteps, scheduler, config.min_snr_gamma, weights)
+                loss = denoising_loss(pred, latents, noise, timesteps, scheduler, Objective.of(config), weights)
                 loss = loss.mean() / len(batches)
                 accelerator.backward(loss)
             total += loss.detach()

@@ -12,7 +12,7 @@ import torch
 from ..events import JobEvent
 from ..views import encode_prompts
 from .data import CachedImage
-from .objective import denoising_loss
+from .objective import Objective, denoising_loss
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -91,6 +91,12 @@ class Validator:
     scheduler: DDPMScheduler
     history: list[Score] = field(default_factory=list)
 
+    @property
+    def objective(self) -> Objective:
+        """The held-out loss is L2 with the run's min-SNR weights, whatever the run's loss type and debiasing: runs
+        that train on different losses are scored on one scale."""
+        return Objective(self.config.min_snr_gamma)
+
     @classmethod
     def build(cls, held: list[CachedImage], config: TrainConfig, scheduler: DDPMScheduler, scaling: float,
               timesteps: int, history: list[Score]) -> Validator:
@@ -126,8 +132,8 @@ class Validator:
                     latents, noise, steps = group.latents[part], group.noise[part], group.timesteps[part]
                     noisy = self.scheduler.add_noise(latents, noise, steps)
                     pred = unet(noisy, steps, hidden[group.rows[part].to(hidden.device)].to(latents.dtype)).sample
-                    losses.append(denoising_loss(pred, latents, noise, steps, self.scheduler,
-                                                 self.config.min_snr_gamma, [1.0] * len(steps)))
+                    losses.append(denoising_loss(pred, latents, noise, steps, self.scheduler, self.objective,
+                                                 [1.0] * len(steps)))
         return float(torch.cat(losses).mean())
 
     def scored(self, step: int) -> bool:

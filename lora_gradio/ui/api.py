@@ -277,10 +277,10 @@ def register(studio: Studio) -> None:
         or sv_ratio (singular values down to the largest / ``value``). Each module's new rank and error come back."""
         return tool_result(studio.start_resize(lora, rule(rank, method, value), name, visitor(request)))
 
-    def lora_merge(request: gr.Request, loras: list[str], weights: list[float], rank: int = 0,
+    def lora_merge(request: gr.Request, loras: list[str], weights: list[float] | None = None, rank: int = 0,
                    method: str = "fixed", value: float = 0.0, name: str = "") -> dict:
-        """Merge LoRAs at weights (one per file) into one in models/loras: ranks side by side (``rank`` 0, exact),
-        or by SVD to ``rank``."""
+        """Merge LoRAs at weights (one per file; none: 1 each) into one in models/loras: ranks side by side
+        (``rank`` 0, exact), or by SVD to ``rank``."""
         compress = rule(rank, method, value) if rank else None
         return tool_result(studio.start_merge(list(loras or []), list(weights or []), compress, name,
                                               visitor(request)))

@@ -31,11 +31,9 @@ def rule_of(rank: float | None, method: str, value: float | None) -> RankRule:
     return RankRule(int(rank) if float(rank).is_integer() else rank, method, value or 0.0).check()
 
 
-def parse_weights(text: str, count: int) -> list[float]:
-    """'1, 0.5' as numbers, one per file; blank: 1 for each."""
+def parse_weights(text: str) -> list[float]:
+    """'1, 0.5' as numbers, one per file; blank: none given (each file at 1)."""
     parts = [part for part in (text or "").replace(";", ",").split(",") if part.strip()]
-    if not parts:
-        return [1.0] * count
     try:
         return [float(part) for part in parts]
     except ValueError as exc:
@@ -60,8 +58,9 @@ def build(ctx: AppContext, lora: gr.Dropdown, base_choice: gr.Dropdown, base_rep
         with gr.Tab("Merge", elem_id="tool-merge-tab"):
             merge_loras = gr.Dropdown(loras(), multiselect=True, label="LoRA files to merge", elem_id="merge-loras",
                                       allow_custom_value=True)
-            merge_weights = gr.Textbox("1, 1", label="Weights, one per file in order (applying the merge at "
-                                       "strength s = each file at s × its weight)", elem_id="merge-weights")
+            merge_weights = gr.Textbox("", placeholder="1 for each file", elem_id="merge-weights",
+                                       label="Weights, one per file in order (applying the merge at strength s = "
+                                             "each file at s × its weight)")
             merge_rank = rank_widgets("merge", 0, "Rank (0: the ranks side by side, exact; else SVD to it)")
             with gr.Row(equal_height=True):
                 merge_name = gr.Textbox(label="New file name", placeholder="merged-…", elem_id="merge-name", scale=3)
@@ -115,7 +114,7 @@ def build(ctx: AppContext, lora: gr.Dropdown, base_choice: gr.Dropdown, base_rep
     def on_merge(values: dict, page: gr.Request) -> str:
         picked = list(values[merge_loras] or [])
         compress = rule(values, merge_rank) if values[merge_rank[0]] else None
-        return ctx.studio.start_merge(picked, parse_weights(values[merge_weights], len(picked)), compress,
+        return ctx.studio.start_merge(picked, parse_weights(values[merge_weights]), compress,
                                       values[merge_name], ctx.visitor(page))
 
     @user_errors
