@@ -117,7 +117,7 @@ def test_only_the_holder_keeps_derived_state_and_a_nested_lease_is_a_bug():
 
 
 def test_the_base_stays_the_base_through_bf16_training_and_other_schedulers(demo_spec, demo_data, quick_config,
-                                                                            tmp_path):
+                                                                            tmp_path, one_thread):
     cache = ModelCache()
     request = GenerateRequest("lgdemo, a red circle", seed=5, steps=3)
     before = np.asarray(generate(cache, demo_spec, request))

@@ -61,7 +61,7 @@ def test_saves_every_n_epochs_and_at_the_end(overfit):
         assert grid.height > 3 * 64 and grid.width > 64
 
 
-def test_strength_zero_equals_base_and_one_changes_the_image(overfit, demo_spec):
+def test_strength_zero_equals_base_and_one_changes_the_image(overfit, demo_spec, one_thread):
     result, cache, _ = overfit
     request = GenerateRequest(PROMPT, seed=3, steps=4)
     base = np.asarray(generate(cache, demo_spec, request), dtype=np.int16)

@@ -160,7 +160,7 @@ def test_dataset_caption_train_test_grid(app, tmp_path):
                    for name in ("journey-000005.safetensors", "journey.safetensors"))
 
     base, zero, full = (np.asarray(Image.open(p), dtype=np.int16) for p in newest_test_images(workspace, 3))
-    assert np.array_equal(zero, base)
+    assert np.abs(zero - base).max() <= 2  # the same picture; the server's thread count may change the last digit
     assert np.abs(full - base).mean() > 1.0
     first_grid = min((workspace / "outputs" / "test-images").rglob("grid-*.png"), key=lambda p: p.stat().st_mtime)
     with Image.open(first_grid) as grid:

@@ -103,9 +103,9 @@ def error(pred: torch.Tensor, target: torch.Tensor, objective: Objective, schedu
           timesteps: torch.Tensor) -> torch.Tensor:
     """Each element's error: squared, or pseudo-Huber 2c(√(d² + c²) − c) (equal to d² as c grows), or smooth L1
     2(√(d² + c²) − c). √(d² + c²) − c is computed as d² / (√(d² + c²) + c), which keeps its digits at large c."""
-    diff = pred.float() - target.float()
     if objective.loss_type == "l2":
-        return diff**2
+        return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    diff = pred.float() - target.float()
     c = huber_threshold(objective, scheduler, timesteps).view(-1, *[1] * (diff.dim() - 1))
     smooth = diff**2 / (torch.sqrt(diff**2 + c**2) + c)
     return 2 * c * smooth if objective.loss_type == "huber" else 2 * smooth
