@@ -1,23 +1,31 @@
-"""Many visitors at once through gradio_client: generations, captioning and Prepare meet on one model cache."""
+"""Many visitors at once through gradio_client: generations, captioning, Prepare and the LoRA tools meet on one model
+cache."""
 
 import threading
 
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from safetensors.torch import save_file
+from test_network_types import trained_file
 from tiny_blip import save_tiny_blip
 
 from lora_gradio.dataset import read_caption
 from lora_gradio.demo.shapes import make_demo_dataset
+from lora_gradio.lora_tools import bake
+from lora_gradio.views import pipeline_view
 
 GENERATIONS = 8
 
 
-def test_eight_generations_a_captioning_and_a_prepare_at_once(app):
+def test_eight_generations_a_captioning_a_prepare_a_bake_and_an_extraction_at_once(app, demo_pipe):
     url, workspace = app
     Client(url, verbose=False).predict("crowd", api_name="/create_dataset")
     images = make_demo_dataset(workspace / "datasets" / "crowd" / "images", count=8)
     blip = save_tiny_blip(workspace / "models" / "blip")
-    start = threading.Barrier(GENERATIONS + 2)
+    lora = trained_file(demo_pipe, "lora", workspace / "models" / "loras" / "crowd.safetensors")[1]
+    tuned, _, _ = bake(pipeline_view(demo_pipe), "demo", [(lora, 1.0, 1.0)], "fp32")
+    save_file(tuned, workspace / "models" / "checkpoints" / "tuned.safetensors")
+    start = threading.Barrier(GENERATIONS + 4)
     outcomes: dict[str, object] = {}
 
     def visitor(name, call):
@@ -33,6 +41,9 @@ def test_eight_generations_a_captioning_and_a_prepare_at_once(app):
     calls["caption"] = lambda client: client.predict(dataset="crowd", model=str(blip), trigger_word="lgcrowd",
                                                      overwrite=True, batch_size=2, api_name="/caption")
     calls["prepare"] = lambda client: client.predict(dataset="crowd", resolution=64, api_name="/prepare")
+    calls["bake"] = lambda client: client.predict("loras/crowd.safetensors", 0.5, 0.5, "demo", "fp16", "crowd-bake",
+                                                  api_name="/lora_bake")
+    calls["extract"] = lambda client: client.predict("tuned.safetensors", 4, api_name="/lora_extract")
 
     samples, done = [], threading.Event()
 
@@ -52,13 +63,15 @@ def test_eight_generations_a_captioning_and_a_prepare_at_once(app):
     watcher.join(60)
 
     failures = {name: str(result) for name, result in outcomes.items() if isinstance(result, AppError)}
-    assert len(outcomes) == GENERATIONS + 2 and not failures, failures
+    assert len(outcomes) == GENERATIONS + 4 and not failures, failures
     for index in range(GENERATIONS):
         result = outcomes[f"generate-{index}"]
         assert result["image"].endswith(".png") and f"Seed: {index}" in result["parameters"]
     assert len(outcomes["caption"]["written"]) == 8 and read_caption(images / "00_red_ring.png").startswith(
         "lgcrowd, ")
     assert outcomes["prepare"] == {"prepared": 8, "skipped": []}
+    assert outcomes["bake"]["file"] == "models/checkpoints/crowd-bake.safetensors"
+    assert outcomes["extract"]["modules"] and max(m["error"] for m in outcomes["extract"]["modules"]) < 1e-3
 
     assert samples and all(sample["alive"] <= 1 for sample in samples), [s for s in samples if s["alive"] > 1]
     users = {sample["user"] for sample in samples}
