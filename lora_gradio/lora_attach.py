@@ -29,8 +29,7 @@ def apply_fit(pipe: StableDiffusionPipeline, fit: LoraFit, adapter_name: str) ->
             continue
         model = getattr(pipe, component)
         ranks = {re.escape(path): item.rank for path, item in items.items()}
-        alphas = {re.escape(path): item.alpha if item.alpha is not None else float(item.rank)
-                  for path, item in items.items()}
+        alphas = {re.escape(path): item.alpha_or_rank for path, item in items.items()}
         dora = component in fit.dora_components
         with warnings.catch_warnings():  # several files side by side are meant (see attach)
             warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)

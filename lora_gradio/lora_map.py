@@ -54,6 +54,11 @@ class LoraModule:
         """The LoRA rank: rows of the down matrix."""
         return int(self.down.shape[0])
 
+    @property
+    def alpha_or_rank(self) -> float:
+        """The alpha the file gives, else the rank (kohya's default: scale 1)."""
+        return self.alpha if self.alpha is not None else float(self.rank)
+
 
 @dataclass
 class LoraFit:
@@ -347,7 +352,7 @@ def inspect_lora(path: Path) -> LoraInspection:
     for key, (component, _, item) in sorted(fit.applied.items()):
         ranks, alphas = blocks.setdefault(block_of(key, component), (set(), set()))
         ranks.add(item.rank)
-        alphas.add(item.alpha if item.alpha is not None else float(item.rank))
+        alphas.add(item.alpha_or_rank)
     mapped = sum(len(item.keys) - len(item.extra) for _, _, item in fit.applied.values())
     broken = sum(1 for t in tensors.values() if t.is_floating_point() and not torch.isfinite(t).all())
     return LoraInspection(Path(path).name, layout, architecture(modules, metadata), fit, blocks, metadata,

@@ -49,7 +49,7 @@ def pairs(tensors: dict[str, torch.Tensor], name: str) -> dict[str, LoraModule]:
 
 def scale_of(item: LoraModule) -> float:
     """alpha / rank, 1 where the file gives no alpha."""
-    return (item.alpha if item.alpha is not None else item.rank) / item.rank
+    return item.alpha_or_rank / item.rank
 
 
 def resize(path: Path, rule: RankRule, emit: Emit = ignore,
@@ -260,13 +260,12 @@ def tuned_weights(path: Path, pipe: StableDiffusionPipeline) -> Iterator[Reader]
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """fp16, bf16 or fp32 as a torch dtype; anything else is refused by name."""
-    import torch
+    """fp16, bf16 or fp32 as a torch dtype (training's own table); anything else is refused by name."""
+    from .training.setup import DTYPES as TORCH_DTYPES
 
-    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if name not in table:
+    if name not in DTYPES:
         raise UserError(f"Unknown precision '{name}': use fp16, bf16 or fp32.")
-    return table[name]
+    return TORCH_DTYPES[name]
 
 
 def cast(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
