@@ -24,6 +24,7 @@ from lora_gradio.demo.shapes import DEMO_TRIGGER
 from lora_gradio.inference import compare_grid, save_png
 from lora_gradio.models import DEMO, resolve_base
 from lora_gradio.request import GenerateRequest
+from lora_gradio.training.ema import EMA_SUFFIX
 from lora_gradio.training.run_folder import RunFolder
 
 HEADER = "| what | pictures | colour | shape | background | ring drawn |\n| --- | --- | --- | --- | --- | --- |"
@@ -46,11 +47,15 @@ def check(result: Score, targets: dict[str, tuple[str, float]]) -> list[str]:
 
 
 def epoch_files(run: Path) -> list[tuple[str, Path]]:
-    """A run's epoch files (``name-000004.safetensors``) in order, then the final file."""
-    files = sorted(run.glob("*.safetensors"))
-    epochs = [f for f in files if re.search(r"-\d{6}$", f.stem)]
-    final = [f for f in files if f not in epochs and "-step" not in f.stem]
-    return [(f.name, f) for f in epochs + final]
+    """A run's epoch files (``name-000004.safetensors``) in order, then the final file; each with its EMA twin
+    (``name-000004-ema.safetensors``) after it where the run kept one."""
+    def order(path: Path) -> tuple[int, bool]:
+        stem = path.stem.removesuffix(EMA_SUFFIX)
+        epoch = re.search(r"-(\d{6})$", stem)
+        return (int(epoch.group(1)) if epoch else sys.maxsize, stem != path.stem)
+
+    files = [f for f in run.glob("*.safetensors") if "-step" not in f.stem]
+    return [(f.name, f) for f in sorted(files, key=order)]
 
 
 def write_pictures(cache: ModelCache, run: Path, folder: Path) -> None:

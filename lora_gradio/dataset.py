@@ -22,6 +22,7 @@ from .atomic import write_text_atomic
 from .buckets import fit_to_bucket, make_buckets, pick_bucket
 from .errors import UserError
 from .events import Emit, JobEvent, ignore, progress
+from .masks import is_mask_file, mask_file, mask_source
 
 register_heif_opener()  # HEIC photos from phones
 Image.init()
@@ -46,6 +47,7 @@ class TrainImage:
     repeats: int = 1
     folder: str = ""
     prior: bool = False  # a regularisation image: its loss is weighted by prior_loss_weight
+    mask: Path | None = None  # with masked loss: the file its mask comes from (None: all of it is learnt)
 
 
 @dataclass
@@ -210,11 +212,11 @@ def _decode_problem(source: Path | BinaryIO) -> str | None:
 
 
 def list_images(images_dir: Path) -> list[Path]:
-    """The dataset's images (in kohya repeat subfolders too), sorted by path."""
+    """The dataset's images (in kohya repeat subfolders too), sorted by path; mask pictures are not images."""
     if not images_dir.is_dir():
         return []
     return sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(images_dir).parts))
+                  and not is_mask_file(p) and not any(part.startswith(".") for part in p.relative_to(images_dir).parts))
 
 
 def find_replace_captions(images_dir: Path, find: str, replace: str) -> int:
@@ -304,11 +306,12 @@ def prepared_status(images_dir: Path, prepared_dir: Path, manifest: dict | None 
 
 
 def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | None = None, repeats: int = 1,
-                         ) -> DatasetScan:
+                         masks: bool = False) -> DatasetScan:
     """Collect images and captions from a folder, including kohya ``N_name`` repeat subfolders; the other images
-    repeat ``repeats`` times per epoch.
+    repeat ``repeats`` times per epoch; with ``masks``, each image's loss mask.
 
-    Captions always come from ``folder``; with ``prepared``, pixels come from Prepare's copies where they are current.
+    Captions and masks always come from ``folder``; with ``prepared``, pixels come from Prepare's copies where they
+    are current.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -335,8 +338,17 @@ def scan_training_folder(folder: Path, trigger_word: str = "", prepared: Path | 
             warnings.append(f"{rel} has no caption; training it with '{fallback or 'an empty caption'}'. "
                             f"Add {caption_path(rel).name} to describe it.")
             caption = fallback
+        mask = mask_source(path) if masks else None
+        if mask is not None and mask != path and (problem := image_problem(mask)):
+            warnings.append(f"{mask.relative_to(folder)}: {problem}; {rel} is learnt whole. Replace the mask.")
+            mask = None
         images.append(TrainImage(pixels, with_trigger(caption, trigger_word), max(shown, 1),
-                                 path.parent.name if path.parent != folder else folder.name))
+                                 path.parent.name if path.parent != folder else folder.name, mask=mask))
+    unmasked = [image.path.name for image in images if masks and image.mask is None]
+    if unmasked:
+        warnings.append(f"Masked loss is on, but {len(unmasked)} of {len(images)} images have no mask (neither "
+                        f"transparency nor a {mask_file(Path(unmasked[0])).name}), so all of each is learnt: "
+                        f"{', '.join(unmasked[:3])}{' …' if len(unmasked) > 3 else ''}.")
     status = prepared_status(folder, prepared, manifest) if manifest else None
     stale = status.message() if status else None
     if stale:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from PIL import ImageOps
+
 from .atomic import disk_name, write_bytes_atomic
 from .dataset import (
     IMAGE_SUFFIXES,
@@ -29,6 +31,7 @@ from .dataset import (
     write_caption,
 )
 from .events import Emit, JobEvent, ignore, progress
+from .masks import MASK_SUFFIX, is_mask_file, transparent
 from .sources import Entry, FileResult, SkipFile, file_entry, folder_entries, zip_entries, zip_members
 
 MIN_SIDE = 64  # below this an image carries nothing to learn
@@ -58,8 +61,10 @@ class ImportReport:
         counts = Counter(r.status for r in self.files)
         kept = [r for r in self.files if r.status in ("imported", "warning")]
         captions = sum(1 for r in kept if r.name.lower().endswith(".txt"))
-        images = len(kept) - captions
-        parts = [f"{images} {'image' if images == 1 else 'images'} and {captions} "
+        masks = sum(1 for r in kept if is_mask_file(Path(r.name)))
+        images = len(kept) - captions - masks
+        also = f", {masks} loss {'mask' if masks == 1 else 'masks'}" if masks else ""
+        parts = [f"{images} {'image' if images == 1 else 'images'}{also} and {captions} "
                  f"{'caption' if captions == 1 else 'captions'} imported from {_names(self.sources) or 'nothing'}"]
         if not kept and not counts["skipped"] and not self.stopped:
             parts[0] += f": it holds no image files ({', '.join(sorted(PREFERRED))} and more)"
@@ -107,7 +112,8 @@ def _unique(target: Path, data: bytes) -> tuple[Path, bool]:
 
 
 def _normalised(img, data: bytes, suffix: str) -> tuple[bytes, str, list[str]]:  # noqa: ANN001 - a PIL image
-    """The bytes to store: the original when it is a plain RGB JPEG/PNG/WebP, otherwise an RGB PNG."""
+    """The bytes to store: the original when it is a plain RGB JPEG/PNG/WebP, otherwise an RGB PNG, or an RGBA one
+    where the picture is transparent (its loss mask, with masked loss)."""
     animated = getattr(img, "n_frames", 1) > 1
     rotated = img.getexif().get(0x0112, 1) not in (0, 1)
     if img.format in KEPT_FORMATS and img.mode == "RGB" and not animated and not rotated:
@@ -115,10 +121,17 @@ def _normalised(img, data: bytes, suffix: str) -> tuple[bytes, str, list[str]]: 
     notes = ["EXIF rotation applied"] * rotated + ["first frame of an animation"] * animated
     if img.format not in KEPT_FORMATS:
         notes.append(f"{img.format} stored as PNG")
-    if img.mode != "RGB":
-        notes.append(f"{img.mode} converted to RGB")
+    alpha = transparent(img)
+    if alpha:
+        notes.append("transparency kept: with Masked loss on, training learns only the opaque part")
+        img.seek(0)
+        picture = ImageOps.exif_transpose(img).convert("RGBA")
+    else:
+        if img.mode != "RGB":
+            notes.append(f"{img.mode} converted to RGB")
+        picture = to_rgb(img)
     buffer = io.BytesIO()
-    to_rgb(img).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return buffer.getvalue(), ".png", notes
 
 
@@ -131,16 +144,17 @@ def import_image(data: bytes, path: PurePosixPath, images_dir: Path) -> tuple[Fi
     problem = image_problem(io.BytesIO(data))
     if problem:
         return FileResult(name, "skipped", problem), None
+    mask = is_mask_file(Path(name))
     with open_image(io.BytesIO(data)) as img:
         width, height = img.size
-        if min(width, height) < MIN_SIDE:
+        if min(width, height) < MIN_SIDE and not mask:
             return FileResult(name, "skipped", f"too small ({width}×{height}): use images at least {GOOD_SIDE} px "
                                                "on the short side"), None
         if img.getexif().get(0x0112) in (5, 6, 7, 8):
             width, height = height, width
         payload, suffix, notes = _normalised(img, data, Path(name).suffix.lower())
     with open_image(io.BytesIO(data)) as img:
-        advice = image_advice(img)
+        advice = [] if mask else image_advice(img)
     wanted = disk_name(Path(unicodedata.normalize("NFC", name)).stem + suffix, "image")
     if Path(wanted).stem != Path(unicodedata.normalize("NFC", name)).stem:
         notes.append(f"stored as '{wanted}' (the name had characters a file name cannot hold, or was too long)")
@@ -150,6 +164,8 @@ def import_image(data: bytes, path: PurePosixPath, images_dir: Path) -> tuple[Fi
     if duplicate:
         return FileResult(name, "skipped", f"already in the dataset as {target.name}"), target
     write_bytes_atomic(target, payload)
+    if mask:
+        return FileResult(target.name, "imported", f"loss mask of {Path(name).name[:-len(MASK_SUFFIX)]}.*"), None
     if min(width, height) < GOOD_SIDE:
         advice.insert(0, f"small ({width}×{height}): under {GOOD_SIDE} px on the short side, it will be upscaled "
                          "and look soft")

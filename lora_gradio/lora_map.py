@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .blocks import BLOCKS, block_index
 from .errors import UserError
 from .training.kohya import kohya_module_name
 
@@ -313,12 +314,15 @@ class LoraInspection:
         return "\n".join(lines)
 
 
-def block_of(key: str, component: str) -> str:
-    """The block a module belongs to, for the per-block ranks: ``down_blocks.1``, ``mid_block``, ``text encoder``."""
-    found = BLOCK.match(key)
+def block_of(key: str, component: str) -> tuple[int, str]:
+    """The block a module belongs to, for the per-block ranks, as kohya numbers the 25 (block_dims' order) with the
+    diffusers block it lies in: ``IN04 (down_blocks.1)``, ``MID (mid_block)``; ``text encoder``; and its place in
+    that order."""
     if component == "text_encoder":
-        return "text encoder"
-    return found.group(1).replace("s_", "s.") if found else "other"
+        return len(BLOCKS) + 1, "text encoder"
+    found, index = BLOCK.match(key), block_index(key)
+    place = found.group(1).replace("s_", "s.") if found else "other"
+    return (index, f"{BLOCKS[index]} ({place})") if index is not None else (len(BLOCKS), place)
 
 
 @lru_cache(maxsize=2)
@@ -349,8 +353,9 @@ def inspect_lora(path: Path) -> LoraInspection:
     if metadata.get("ss_network_module", "").startswith("lycoris"):
         layout += f", made with {metadata['ss_network_module']}"
     blocks: dict[str, tuple[set[int], set[float]]] = {}
-    for key, (component, _, item) in sorted(fit.applied.items()):
-        ranks, alphas = blocks.setdefault(block_of(key, component), (set(), set()))
+    for (_, block), _, item in sorted((block_of(key, component), key, item)
+                                      for key, (component, _, item) in fit.applied.items()):
+        ranks, alphas = blocks.setdefault(block, (set(), set()))
         ranks.add(item.rank)
         alphas.add(item.alpha_or_rank)
     mapped = sum(len(item.keys) - len(item.extra) for _, _, item in fit.applied.values())

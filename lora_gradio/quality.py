@@ -26,6 +26,7 @@ from .dataset import (
     read_caption,
     to_rgb,
 )
+from .masks import mask_file, mask_source, open_mask, shade_ignored
 
 SWEET_SPOT = (40, 50)
 TOO_FEW, TOO_MANY = 15, 200
@@ -50,6 +51,7 @@ class QualityReport:
 
     checks: list[Check]
     per_image: dict[str, list[str]] = field(default_factory=dict)
+    masked: set[str] = field(default_factory=set)  # the images with a loss mask
 
     def markdown(self) -> str:
         """The report as a short Markdown list with a symbol per level."""
@@ -176,7 +178,12 @@ def check_dataset(images_dir: Path) -> QualityReport:
     rest = [str(p.relative_to(images_dir)) for p in uncaptioned if p.parent.name not in folders]
     checks.append(Check(WARN, _count(len(rest), "image") + " without a caption",
                         "caption them in the Caption tab") if rest else Check(OK, "Every image has a caption"))
-    return QualityReport(checks, per_image)
+    masked = {str(p.relative_to(images_dir)) for p in sizes if mask_source(p) is not None}
+    if masked:
+        checks.append(Check(OK, f"Loss masks on {len(masked)} of {_count(len(sizes), 'image')}", (
+            "transparency or a name.mask.png; with Masked loss on (Train tab, Images and captions) training learns "
+            "only what they keep. The thumbnails darken what they leave out.")))
+    return QualityReport(checks, per_image, masked)
 
 
 def repeat_folders(images_dir: Path, images: list[Path]) -> dict[str, tuple[int, str]]:
@@ -190,16 +197,20 @@ def repeat_folders(images_dir: Path, images: list[Path]) -> dict[str, tuple[int,
 
 
 def thumbnail(path: Path, images_dir: Path) -> Path:
-    """A small JPEG beside the dataset (``.thumbs/``), so the gallery never ships full-size photos to the browser."""
+    """A small JPEG beside the dataset (``.thumbs/``), so the gallery never ships full-size photos to the browser;
+    with a loss mask, the part it leaves out darkened."""
     relative = path.relative_to(images_dir)
     thumb = images_dir / ".thumbs" / relative.with_suffix(".jpg")
-    if thumb.is_file() and thumb.stat().st_mtime >= path.stat().st_mtime:
+    made = [source.stat().st_mtime for source in (path, mask_file(path)) if source.is_file()]
+    if thumb.is_file() and thumb.stat().st_mtime >= max(made):
         return thumb
     thumb.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open_image(path) as img:
             img.draft("RGB", (THUMB_SIZE * 2, THUMB_SIZE * 2))
             small = to_rgb(img)
+        if (source := mask_source(path)) is not None and image_problem(source) is None:
+            small = shade_ignored(small, open_mask(source))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         small = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (90, 20, 20))  # a visible placeholder for a bad file
     small.thumbnail((THUMB_SIZE, THUMB_SIZE))
@@ -216,7 +227,7 @@ def remove_images(images_dir: Path, names: list[str]) -> list[str]:
         path = (images_dir / name).resolve()
         if images_dir.resolve() not in path.parents or not path.is_file():
             continue
-        for extra in (caption_path(path), images_dir / ".thumbs" / Path(name).with_suffix(".jpg")):
+        for extra in (caption_path(path), mask_file(path), images_dir / ".thumbs" / Path(name).with_suffix(".jpg")):
             extra.unlink(missing_ok=True)
         path.unlink()
         removed.append(name)

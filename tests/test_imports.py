@@ -7,7 +7,7 @@ import pytest
 from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
 from PIL import Image
 
-from lora_gradio.dataset import prepare_dataset, read_caption, tag_frequencies, write_caption
+from lora_gradio.dataset import open_rgb, prepare_dataset, read_caption, tag_frequencies, write_caption
 from lora_gradio.errors import UserError
 from lora_gradio.imports import import_folder, import_sources
 from lora_gradio.quality import check_dataset, list_images, remove_images
@@ -103,7 +103,9 @@ def test_normalisation_on_import(sources, tmp_path):
     results = by_name(import_sources([cmyk, rgba, rotated, animated], tmp_path / "dataset"))
     assert "CMYK converted to RGB" in results["print.png"].message
     with Image.open(tmp_path / "dataset" / "cutout.png") as img:
-        assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)  # alpha over white
+        assert img.mode == "RGBA" and img.getpixel((0, 0)) == (0, 0, 255, 0)  # transparency kept: a loss mask
+    assert open_rgb(tmp_path / "dataset" / "cutout.png").getpixel((0, 0)) == (255, 255, 255)  # trained over white
+    assert "transparency kept" in results["cutout.png"].message
     with Image.open(tmp_path / "dataset" / "phone.png") as img:
         assert img.size == (600, 800)
     assert "first frame" in results["anim.png"].message

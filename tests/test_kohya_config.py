@@ -12,7 +12,8 @@ from lora_gradio.errors import UserError
 from lora_gradio.models import resolve_base
 from lora_gradio.training.config import TrainConfig, apply_overrides
 from lora_gradio.training.data import TrainData
-from lora_gradio.training.kohya_config import SD_SCRIPTS_DATASET_FILE, SD_SCRIPTS_FILE, read_kohya_files
+from lora_gradio.training.kohya_config import read_kohya_files
+from lora_gradio.training.kohya_export import SD_SCRIPTS_DATASET_FILE, SD_SCRIPTS_FILE
 from lora_gradio.training.run_folder import RunFolder, RunJob
 
 GALLERY = Path(__file__).parent / "kohya_configs"
@@ -56,9 +57,10 @@ def test_an_sd_scripts_training_toml_reads_its_sections_network_args_and_shared_
         "lr_scheduler": "constant", "lr_warmup_steps": 50, "output_name": "style-v2", "max_train_steps": 1600,
         "batch_size": 4, "mixed_precision": "fp16", "save_dtype": "fp16", "seed": 7, "gradient_checkpointing": True,
         "sdpa": True, "sample_every_n_steps": 200, "sample_scheduler": "Euler", "resolution": 512,
-        "enable_buckets": True, "huber_c": 0.1, "loss_type": "smooth_l1"}
+        "enable_buckets": True, "huber_c": 0.1, "loss_type": "smooth_l1",
+        "block_dims": [2, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 12, 12, 12, 12, 8, 8, 8, 8, 4]}
     assert found.folders == {"base": "/models/v1-5-pruned-emaonly.safetensors"}
-    assert set(found.not_used) == {"network_args block_dims", "optimizer_args decouple",
+    assert set(found.not_used) == {"optimizer_args decouple",
                                    "optimizer_args use_bias_correction", "max_token_length", "sample_prompts",
                                    "min_bucket_reso"}
     assert found.not_used["sample_prompts"].endswith("(a file of prompts: paste its lines into Sample prompts)")

@@ -182,7 +182,8 @@ def test_the_inspector_maps_every_key_of_each_layout_onto_sd15(tmp_path, layout)
     assert report.family == "SD1.x" and report.layout.startswith(layout)
     text = report.text()
     assert f"Keys that map onto SD1.5: {report.keys} of {report.keys} (100%)" in text and "Not mapped" not in text
-    assert "  down_blocks.0: rank 1, alpha 1" in text and "  ss_note: <b>x</b>" in text  # metadata as plain text
+    assert "  IN01 (down_blocks.0): rank 1, alpha 1" in text and "  ss_note: <b>x</b>" in text  # metadata as text
+    assert text.index("IN01 (down_blocks.0)") < text.index("MID (mid_block)") < text.index("OUT11 (up_blocks.3)")
     if layout != "old diffusers":
         assert "  text encoder: rank 1, alpha 1" in text
     if layout == "kohya":

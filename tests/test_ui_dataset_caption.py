@@ -1,14 +1,15 @@
 """The Dataset and Caption tabs in a real browser against the real app."""
 
+import io
 import json
 import re
 
 from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
 from browser import browser_page, screenshot, shown_text, wait_for
-from PIL import Image
+from PIL import Image, ImageStat
 from tiny_blip import save_tiny_blip
 
-from lora_gradio.dataset import read_caption
+from lora_gradio.dataset import read_caption, to_rgb
 
 
 def create_dataset(page, url, name):
@@ -222,3 +223,41 @@ def test_remove_waits_for_a_choice_help_lines_are_readable_and_an_offline_blip_s
         assert not progress.locator("progress").count()  # no empty bar
         info = page.locator("[data-testid='block-info']").first
         assert info.evaluate("e => getComputedStyle(e).color") == "rgb(75, 85, 99)"  # help lines readable
+
+
+def test_loss_masks_show_in_the_dataset_tab(app, tmp_path):
+    app_url, workspace = app
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    keep = Image.new("L", (640, 768), 0)
+    keep.paste(255, (320, 0, 640, 768))  # the right half is learnt
+    with Image.open(io.BytesIO(photo_bytes(60))) as photo:
+        cut = photo.convert("RGB")
+    cut.putalpha(keep)
+    cut.save(folder / "cut.png")
+    (folder / "whole.png").write_bytes(photo_bytes(61))
+    keep.save(folder / "whole.mask.png")
+    with browser_page() as page:
+        table = import_into_new_dataset(page, app_url, "masked", folder, "whole.mask.png")
+        assert re.search(r"imported\s+whole\.mask\.png\s+loss mask of whole", table)
+        assert re.search(r"cut\.png\s+[^\n]*transparency kept", table)
+        wait_for(lambda: "Loss masks on 2 of 2 images" in page.locator("#quality-report").inner_text(), 30,
+                 "the report's mask line")
+        assert "1 loss mask" in shown_text(page, "#import-summary")
+        thumbs = page.locator("#gallery img")
+        wait_for(lambda: thumbs.count() == 2, 30, "two pictures in the gallery (the mask is not one)")
+        for index, name in enumerate(["cut.png", "whole.png"]):  # the pictures the page was sent, against their own
+            sent = page.request.get(thumbs.nth(index).get_attribute("src")).body()  # look (transparency on white)
+            with Image.open(folder / name) as source:
+                plain = to_rgb(source).convert("L").resize((213, 256))
+            halves = [(0, 0, 106, 256), (107, 0, 213, 256)]
+            shown_left, shown_right = (ImageStat.Stat(Image.open(io.BytesIO(sent)).convert("L").crop(box)).mean[0]
+                                       for box in halves)
+            plain_left, plain_right = (ImageStat.Stat(plain.crop(box)).mean[0] for box in halves)
+            assert shown_left < 0.5 * plain_left and abs(shown_right - plain_right) < 10  # only what it leaves out
+        assert page.locator("#gallery").inner_text().count("loss mask (darkened: left out)") == 2
+        screenshot(page, "dataset-masks")
+    images = workspace / "datasets" / "masked" / "images"
+    assert sorted(p.name for p in images.glob("*.png")) == ["cut.png", "whole.mask.png", "whole.png"]
+    with Image.open(images / "cut.png") as stored:
+        assert stored.mode == "RGBA"

@@ -27,6 +27,10 @@ Rate = Annotated[float, Field(gt=0, le=10)]
 TRIAL_STRENGTHS = (0.6, 0.8, 1.0)  # the recommended file is tried at these at the end of a run (1: its samples)
 GRID_STRENGTHS = (0.0, *TRIAL_STRENGTHS, 1.2)  # Grid around it: none at all, the trials, and past the full effect
 SamplePrompt = Annotated[str, Field(min_length=1, max_length=1000)]  # CLIP reads ~75 tokens, about 300 characters
+BLOCK_COUNT = 25  # kohya's UNet blocks: IN00–IN11, MID, OUT00–OUT11 (lora_gradio/blocks.py)
+BlockRanks = Annotated[list[Annotated[int, Field(ge=0, le=1024)]], Field(max_length=BLOCK_COUNT)]
+BlockAlphas = Annotated[list[Annotated[float, Field(gt=0, le=4096)]], Field(max_length=BLOCK_COUNT)]
+BlockRates = Annotated[list[Annotated[float, Field(ge=0, le=10)]], Field(max_length=BLOCK_COUNT)]
 
 
 def check_visible(text: str, what: str) -> str:
@@ -46,11 +50,15 @@ class TrainConfig:
     resolution: Annotated[int, Field(ge=64, le=2048, multiple_of=64)] = 512
     enable_buckets: bool = True
     flip_augment: bool = False
+    masked_loss: bool = False  # learn only where each image's mask (alpha or name.mask.png) is white
     rank: Annotated[int, Field(ge=1, le=1024)] = 16
     alpha: Annotated[float, Field(gt=0, le=4096)] = 8.0
     network_type: Literal["lora", "locon", "dora"] = "lora"
     conv_rank: Annotated[int, Field(ge=1, le=1024)] = 8  # LoCon's 3×3 convolutions
     conv_alpha: Annotated[float, Field(gt=0, le=4096)] = 4.0
+    block_dims: BlockRanks = dataclasses.field(default_factory=list)  # each block's rank (0: none); empty: rank
+    block_alphas: BlockAlphas = dataclasses.field(default_factory=list)  # each block's alpha; empty: alpha
+    block_lr: BlockRates = dataclasses.field(default_factory=list)  # each block's share of unet_lr (0: untrained)
     network_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     unet_modules: Annotated[list[UnetModule], Field(min_length=1)] = dataclasses.field(
         default_factory=lambda: list(UNET_ATTENTION))
@@ -61,6 +69,7 @@ class TrainConfig:
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
     max_grad_norm: Annotated[float, Field(ge=0, le=100)] = 1.0
     scale_weight_norms: Annotated[float, Field(ge=0, le=100)] = 0.0  # kohya's max-norm regularisation; 0 = off
+    ema_decay: Annotated[float, Field(ge=0, le=0.9999)] = 0.0  # an EMA of the weights saved beside them; 0 = off
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = "constant"
     lr_warmup_steps: Annotated[int, Field(ge=0, le=100_000)] = 0
     lr_cycles: Annotated[int, Field(ge=1, le=100)] = 1
@@ -109,6 +118,13 @@ class TrainConfig:
         if len(set(modules)) != len(modules):
             raise ValueError("lists a module twice")
         return modules
+
+    @field_validator("block_dims", "block_alphas", "block_lr")
+    @classmethod
+    def _every_block(cls, values: list[float]) -> list[float]:
+        if values and len(values) != BLOCK_COUNT:
+            raise ValueError(f"has {len(values)} values; give all {BLOCK_COUNT} (IN00–IN11, MID, OUT00–OUT11) or none")
+        return values
 
     @field_validator("sample_prompts")
     @classmethod
@@ -182,6 +198,17 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                                          "minute or two; worth it for long runs."),
     "cache_latents_to_disk": ("Keep latents on disk", "Encode each image once and reuse it in later runs at the same "
                                                       "size; saves minutes on big datasets."),
+    "masked_loss": ("Masked loss", "Learn only the parts of each image its mask keeps: its transparency, or a grey "
+                                   "name.mask.png beside it (white learnt, black ignored)."),
+    "block_dims": ("Ranks per block", "25 ranks for the UNet's blocks IN00–IN11, MID, OUT00–OUT11 (kohya's "
+                                      "block_dims); 0 leaves a block's layers out (LoCon's 3×3 convolutions keep "
+                                      "the conv rank). Empty: the rank everywhere."),
+    "block_alphas": ("Alphas per block", "25 alphas in the same order (kohya's block_alphas). Empty: the alpha "
+                                         "everywhere."),
+    "block_lr": ("Learning rate per block", "25 multipliers of the UNet learning rate in the same order; 0 leaves "
+                                            "a block out. Empty: 1 everywhere."),
+    "ema_decay": ("EMA decay", "Also save an average of the weights over the last ~1/(1 − decay) steps beside each "
+                               "file (name-ema); smoother, often cleaner. 0.99–0.999, 0 = off."),
     "min_snr_gamma": ("Min-SNR weighting γ", "Steadier training; 5 is usual, 0 = off."),
     "noise_offset": ("Noise offset", "Helps very dark and very bright images; 0–0.1, 0 = off."),
     "multires_noise_iterations": ("Multi-resolution noise", "Adds coarser noise in this many levels so the LoRA "

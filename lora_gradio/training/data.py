@@ -19,6 +19,7 @@ from ..atomic import write_bytes_atomic
 from ..buckets import fit_to_bucket, make_buckets, pick_bucket
 from ..dataset import DatasetScan, TrainImage, open_rgb, oriented_size, scan_training_folder, split_tags
 from ..errors import Stopped, UserError
+from ..masks import open_mask
 
 MAX_REPEATS = 1000
 AUTO_HELD_OUT = -1  # validation_images: hold out 10% of a dataset of 15 or more, from 2 to 5
@@ -102,7 +103,7 @@ class TrainData:
         """The training images (with every problem found), the regularisation images balanced against them (their
         captions stay as they are, without the trigger word), and the held-out images: the validation dataset's,
         or some of this one's, picked by the run's seed."""
-        scan = scan_training_folder(self.images, config.trigger_word, self.prepared, self.repeats)
+        scan = scan_training_folder(self.images, config.trigger_word, self.prepared, self.repeats, config.masked_loss)
         if self.validation is not None:
             held = scan_training_folder(self.validation, config.trigger_word).images
             where = self.validation.parent.name if self.validation.name == "images" else \
@@ -182,6 +183,15 @@ class CachedImage:
     bucket: tuple[int, int]
     repeats: int
     prior: bool = False
+    masks: list[torch.Tensor] | None = None  # with masked loss: each variant's mask at the latents' size, in [0, 1]
+
+
+def latent_masks(source: Path, bucket: tuple[int, int], size: tuple[int, int], flip: bool) -> list[torch.Tensor]:
+    """An image's loss mask cropped like its pixels to ``bucket``, then averaged down to the latents' ``size``
+    (width, height): a pixel of the latents counts as much as its 8×8 patch of the picture does."""
+    mask = fit_to_bucket(open_mask(source), bucket).resize(size, Image.Resampling.BOX)
+    values = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).reshape(1, size[1], size[0]) / 255
+    return [values, values.flip(-1)] if flip else [values]
 
 
 class LatentStore:
@@ -253,7 +263,10 @@ def cache_latents(vae: AutoencoderKL, images: list[TrainImage], resolution: int,
             params = list(vae.encode(torch.stack(variants).to(device, dtype)).latent_dist.parameters.float())
             if store:
                 store.save(key, params)
-        cached.append(CachedImage([p.to(device) for p in params], item.caption, bucket, item.repeats, item.prior))
+        masks = None if item.mask is None else [m.to(device) for m in latent_masks(
+            item.mask, bucket, (params[0].shape[-1], params[0].shape[-2]), flip)]
+        cached.append(CachedImage([p.to(device) for p in params], item.caption, bucket, item.repeats, item.prior,
+                                  masks))
     return cached
 
 
@@ -302,14 +315,17 @@ def run_length(per_epoch: int, epochs: int, max_train_steps: int = 0) -> tuple[i
 
 
 def sample_latents(cached: Iterable[CachedImage], generator: torch.Generator, rng: random.Random, scaling: float,
-                   ) -> torch.Tensor:
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw latents for a batch from the cached distributions, on their device with ``generator``; ``rng`` picks
-    the mirrored variant when there are two, so nothing waits for the GPU."""
+    the mirrored variant when there are two, so nothing waits for the GPU. With them, the batch's loss masks (ones
+    for an image without one); else None."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    picked = []
+    cached, picked, masks = list(cached), [], []
     for item in cached:
         variant = rng.randrange(len(item.latent_params))
         params = item.latent_params[variant].unsqueeze(0)
         picked.append(DiagonalGaussianDistribution(params).sample(generator=generator))
-    return torch.cat(picked) * scaling
+        masks.append(item.masks[variant] if item.masks else torch.ones_like(params[:, :1])[0])
+    latents = torch.cat(picked) * scaling
+    return latents, (torch.stack(masks) if any(item.masks for item in cached) else None)

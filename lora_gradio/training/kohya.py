@@ -186,12 +186,30 @@ def run_facts(images: RunImages, cached: list[CachedImage], num_epochs: int, max
 
 
 def network_args(config: TrainConfig) -> dict[str, str]:
-    """``ss_network_args`` as kohya and LyCORIS write them: LoCon's conv rank and alpha, or DoRA's flags."""
+    """``ss_network_args`` as kohya and LyCORIS write them: LoCon's conv rank and alpha, or DoRA's flags; and the
+    block-wise settings."""
     if config.network_type == "locon":
-        return {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
+        return {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha), **block_args(config)}
     if config.network_type == "dora":
-        return {"dora_wd": "True", "wd_on_output": "True"}
-    return {}
+        return {"dora_wd": "True", "wd_on_output": "True", **block_args(config)}
+    return block_args(config)
+
+
+def block_args(config: TrainConfig) -> dict[str, str]:
+    """kohya's network_args for the block-wise settings: ``block_dims``, ``block_alphas``, and ``block_lr`` as
+    ``down_lr_weight`` (IN00–IN11), ``mid_lr_weight`` and ``up_lr_weight`` (OUT00–OUT11)."""
+    from ..blocks import MID
+
+    args = {}
+    if config.block_dims:
+        args["block_dims"] = ",".join(map(str, config.block_dims))
+    if config.block_alphas:
+        args["block_alphas"] = ",".join(f"{alpha:g}" for alpha in config.block_alphas)
+    if config.block_lr:
+        rates = [f"{rate:g}" for rate in config.block_lr]
+        args |= {"down_lr_weight": ",".join(rates[:MID]), "mid_lr_weight": rates[MID],
+                 "up_lr_weight": ",".join(rates[MID + 1:])}
+    return args
 
 
 def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) -> dict[str, str]:
@@ -244,8 +262,10 @@ def build_metadata(config: TrainConfig, base: BaseModelSpec, facts: RunFacts) ->
         "ss_enable_bucket": str(config.enable_buckets),
         "ss_cache_latents": "True",  # always: each image is encoded once per run (on disk too with the setting)
         "ss_flip_aug": str(config.flip_augment),
+        "ss_masked_loss": str(config.masked_loss),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
         "ss_scale_weight_norms": str(config.scale_weight_norms or None),
+        "ss_ema_decay": str(config.ema_decay or None),
         "ss_noise_offset": str(config.noise_offset),
         "ss_multires_noise_iterations": str(config.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(config.multires_noise_discount),

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,13 +26,14 @@ from . import cards, kohya, recommend, scoring, setup, tracking
 from .clock import RunClock
 from .config import TrainConfig
 from .data import RunImages, TrainData, plan_epoch, process_caption, run_length, sample_latents, steps_per_epoch
+from .ema import WeightAverage, ema_file, is_ema_file
 from .network import apply_max_norm, trainable_parameters
 from .objective import Objective, denoising_loss, training_noise
 from .result import TrainResult
+from .resume import Resumable
 from .run_folder import RunFolder
 from .samples import render_samples, sample_grid
 from .setup import DTYPES, attach_network, encode_fixed_captions, encode_images, working_view
-from .validation import Score
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -76,7 +77,7 @@ def train(config: TrainConfig, base: BaseModelSpec, data: TrainData | Path, outp
         free_accelerator_memory()  # ... so their GPU memory goes back only after this second collection
 
 
-class Trainer:
+class Trainer(Resumable):
     """One run on a view of the leased base model, which itself is never changed."""
 
     def __init__(self, pipe: StableDiffusionPipeline, config: TrainConfig, base: BaseModelSpec, images: RunImages,
@@ -105,6 +106,7 @@ class Trainer:
         self.text_encoder = self.trained[1] if config.train_text_encoder else self.pipe.text_encoder
         self.params = [p for g in groups for p in g["params"]]
         self.lora_params = trainable_parameters(self.pipe.unet, self.pipe.text_encoder)
+        self.average = WeightAverage(self.lora_params, config.ema_decay) if config.ema_decay else None
         self.generator = torch.Generator(accelerator.device).manual_seed(config.seed)  # noise made where it is used
         self.caption_rng = random.Random(config.seed)
         self.result = TrainResult(None, [], 0, 0, False, warnings=list(scan.warnings))
@@ -128,7 +130,8 @@ class Trainer:
         total = torch.zeros((), device=device)
         for index, batch in enumerate(batches):
             items = [self.cached[i] for i in batch]
-            latents = sample_latents(items, self.generator, self.caption_rng, self.scaling).to(self.weight_dtype)
+            latents, masks = sample_latents(items, self.generator, self.caption_rng, self.scaling)
+            latents = latents.to(self.weight_dtype)
             noise = training_noise(latents, self.generator, config)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),),
                                       generator=self.generator, device=device)
@@ -144,7 +147,7 @@ class Trainer:
                               encode_prompts(self.text_encoder, self.pipe.tokenizer, captions, config.clip_skip))
                     pred = self.unet(noisy, timesteps, hidden.to(self.weight_dtype)).sample
                 weights = [config.prior_loss_weight if item.prior else 1.0 for item in items]  # class images apart
-                loss = denoising_loss(pred, latents, noise, timesteps, scheduler, Objective.of(config), weights)
+                loss = denoising_loss(pred, latents, noise, timesteps, scheduler, Objective.of(config), weights, masks)
                 loss = loss.mean() / len(batches)
                 accelerator.backward(loss)
             total += loss.detach()
@@ -155,6 +158,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if config.scale_weight_norms:
             apply_max_norm([self.pipe.unet, self.pipe.text_encoder], config.scale_weight_norms)
+        if self.average is not None:
+            self.average.update()
         return accelerator.gather(total).mean().detach()
 
     def run(self, resume: bool) -> TrainResult:
@@ -248,7 +253,7 @@ class Trainer:
         self.emit(self.event("epoch", f"Epoch {epoch}/{self.epochs} done", epoch=epoch))
         self.checkpoint(epoch, 0)
         if epoch < self.epochs and config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
-            self.validate(epoch, self.folder.lora_file(config.output_name, epoch))  # first, for the file's metadata
+            self.validate(epoch, self.judged_file(epoch))  # first, for the file's metadata
             saved = self.save(epoch)
             paths = self.samples(epoch, saved)
             self.advise(lambda: self.advisor.add(epoch, saved, self.result.scores, self.result.steps, paths))
@@ -261,7 +266,7 @@ class Trainer:
         result.costs = self.clock.costs()
         if accelerator.is_main_process:
             if not result.stopped:
-                self.validate(result.epochs, self.folder.lora_file(self.config.output_name))
+                self.validate(result.epochs, self.judged_file(None))
             result.lora_path = self.save(None)
             if not result.stopped:
                 paths = self.samples(result.epochs, result.lora_path)
@@ -289,10 +294,25 @@ class Trainer:
         if self.validator is None or not self.accelerator.is_main_process or self.validator.scored(self.result.steps):
             return
         self.read_losses()
-        with self.clock.apart(self.clock.validations), self.accelerator.autocast(), setup.evaluating(self.pipe):
+        with self.clock.apart(self.clock.validations), self.accelerator.autocast(), setup.evaluating(self.pipe), \
+                self.judged():
             score, line = self.validator.score(self.result.steps, epoch, file, self.pipe.unet,  # not DDP's wrapper:
                                                self.pipe.text_encoder, self.pipe.tokenizer)  # rank 0 alone scores
-        self.emit(self.event("validation", line, epoch=epoch, loss=score.loss))
+        self.emit(self.event("validation", line + self.weights_note, epoch=epoch, loss=score.loss))
+
+    def judged(self) -> AbstractContextManager:
+        """The weights that samples and scores are of: with EMA on, the average (the file a person keeps)."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
+    @property
+    def weights_note(self) -> str:
+        """What the logs add to a sample or score line to say which weights made it."""
+        return " (EMA weights)" if self.average is not None else ""
+
+    def judged_file(self, epoch: int | None, stopped_at: int | None = None) -> Path:
+        """The file of an epoch's save (``None``: the run's) that its scores, samples and recommendation name."""
+        path = self.folder.lora_file(self.config.output_name, epoch, stopped_at)
+        return ema_file(path) if self.average is not None else path
 
     def event(self, kind: str, message: str, **fields: object) -> JobEvent:
         """An event carrying the run's step and totals."""
@@ -300,17 +320,29 @@ class Trainer:
                                          "total_epochs": self.epochs, **fields})
 
     def save(self, epoch: int | None) -> Path | None:
-        """Write the LoRA as a kohya file: an epoch's, or (``None``) the final one. Rank 0 writes for everyone."""
+        """Write the LoRA as kohya files: an epoch's, or (``None``) the final one, and with EMA on its average beside
+        it; returns the one its scores and samples are of. Rank 0 writes for everyone."""
         self.read_losses()  # a NaN stops the run before it is saved
         if not self.accelerator.is_main_process:
             return None
+        stopped_at = self.result.steps if self.result.stopped else None
+        path = self.write(self.folder.lora_file(self.config.output_name, epoch, stopped_at), epoch, not self.average)
+        if self.average is not None:
+            with self.average.applied():
+                path = self.write(self.judged_file(epoch, stopped_at), epoch, True)
+        return path
+
+    def write(self, target: Path, epoch: int | None, judged: bool) -> Path:
+        """One kohya file of the weights now in the model, with its card, workflow and preview; the held-out scores
+        go into its metadata where they are of these weights (``judged``)."""
         config, result = self.config, self.result
         with self.clock.apart(self.clock.saves):
             tensors = kohya.lora_state_dict({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder},
                                             DTYPES[config.save_dtype])
-            metadata = kohya.build_metadata(config, self.base, replace(self.facts, steps=result.steps, epoch=epoch or
-                                                                       result.epochs, scores=result.scores))
-            target = self.folder.lora_file(config.output_name, epoch, result.steps if result.stopped else None)
+            facts = replace(self.facts, steps=result.steps, epoch=epoch or result.epochs,
+                            scores=result.scores if judged else [])
+            metadata = {**kohya.build_metadata(config, self.base, facts),
+                        "lora_gradio_weights": "ema" if is_ema_file(target) else "trained"}
             path = kohya.save_lora(target, tensors, metadata)
             cards.write_card(path, config, self.base.display_name, result.steps, epoch or result.epochs,
                              self.scan.total_repeats)
@@ -330,15 +362,17 @@ class Trainer:
         when = f"step {step}" if step is not None else f"epoch {epoch}"
         self.emit(JobEvent("status", f"Rendering sample images for {when}"))
         try:
-            with self.clock.apart(self.clock.renders), self.accelerator.autocast():  # the UNet hands fp32 out; the
-                paths = render_samples(self.pipe, self.config, self.folder, epoch,  # VAE keeps its own precision
-                                       self.base.display_name, lora, step, self.stop)
+            # autocast: the UNet hands fp32 out, and the VAE keeps its own precision
+            with self.clock.apart(self.clock.renders), self.accelerator.autocast(), self.judged():
+                paths = render_samples(self.pipe, self.config, self.folder, epoch, self.base.display_name, lora,
+                                       step, self.stop)
         except RenderStopped:
             self.emit(JobEvent("status", f"Stop pressed: the samples for {when} were left unrendered"))
             return []
         if lora is not None:
             cards.write_preview(lora, paths[0])
-        self.emit(self.event("samples", f"Samples for {when}", epoch=epoch, paths=[str(p) for p in paths]))
+        self.emit(self.event("samples", f"Samples for {when}{self.weights_note}", epoch=epoch,
+                             paths=[str(p) for p in paths]))
         if warning := scoring.overtraining_warning(self.first_samples, paths, when):
             self.emit(JobEvent("warning", warning, epoch=epoch))
         return paths
@@ -353,47 +387,3 @@ class Trainer:
             self.emit(self.event("recommendation", recommendation.headline(), epoch=recommendation.epoch,
                                  path=str(self.folder.path / recommendation.file), record=recommendation.record()))
 
-    def checkpoint(self, epoch: int, steps_in_epoch: int) -> None:
-        """Save everything a resume needs to continue bit for bit: weights, optimizer, schedule and random state."""
-        self.read_losses()
-        if not self.accelerator.is_main_process:
-            return
-        with self.clock.apart():
-            self.folder.save_state({
-                "step": self.result.steps, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
-                "losses": self.result.losses, "lrs": self.lrs, "scores": [s.row() for s in self.result.scores],
-                "epoch_scores": [s.record() for s in self.result.epoch_scores],
-                "lora": {k: v.detach().float().cpu() for k, v in self.lora_params.items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                "generator": self.generator.get_state(), "caption_rng": self.caption_rng.getstate()})
-            self.folder.write_progress(self.result.steps, self.total_steps, self.result.losses, False,
-                                       self.result.scores)
-        self.last_checkpoint = time.monotonic()
-
-    def restore(self) -> tuple[int, int]:
-        """Load the saved state; returns the epoch and the steps of it already done."""
-        state = self.folder.load_state()
-        self.result.steps, self.result.losses = state["step"], list(state["losses"])
-        self.lrs = list(state.get("lrs") or [None] * len(self.result.losses))
-        self.result.scores[:] = [Score(*score) for score in state.get("scores", [])]  # the validator's list too
-        self.result.epoch_scores[:] = [scoring.EpochScores.from_record(row) for row in state.get("epoch_scores", [])]
-        for name, value in state["lora"].items():
-            self.lora_params[name].data.copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
-        try:
-            self.generator.set_state(state["generator"])
-        except RuntimeError:  # saved on another kind of device: its noise stream cannot continue here
-            self.generator.manual_seed(self.config.seed + state["step"])
-            self.emit(JobEvent("warning", "This run was saved on another kind of device (CPU or GPU): it continues "
-                                          "with a fresh random stream, so its next steps differ from an unbroken "
-                                          "run's."))
-        self.caption_rng.setstate(state["caption_rng"])
-        epoch, done = state["epoch"], state["steps_in_epoch"]
-        points = list(zip(range(1, len(self.lrs) + 1), self.result.losses, self.lrs, strict=True))
-        scores = [score.event() for score in self.result.scores]
-        for event in [self.event("history", "", points=points), *scores, *self.folder.history(self.steps_per_epoch)]:
-            self.emit(event)  # the page of a resumed run shows the whole run, not only its new part
-        self.emit(self.event("status", f"Resuming at step {self.result.steps} (epoch {epoch + 1}, step "
-                                       f"{done + 1} of it)", epoch=epoch))
-        return epoch, done

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..blocks import block_index
 from ..errors import UserError
 from .config import TEXT_ENCODER_MODULES, TrainConfig
 
@@ -20,25 +21,60 @@ LOCON_LINEAR = ["time_emb_proj", "conv_shortcut"]
 LOCON_CONV = ["conv1", "conv2", "conv"]
 
 
-def lora_config(config: TrainConfig, targets: list[str], convolutions: bool = False) -> LoraConfig:
-    """The peft adapter for one component: the network type, rank, alpha and dropout of the settings."""
+def lora_config(config: TrainConfig, targets: list[str], ranks: dict[str, int] | None = None,
+                alphas: dict[str, float] | None = None) -> LoraConfig:
+    """The peft adapter for one component: the network type, rank, alpha and dropout of the settings, and the
+    ranks and alphas of the layers (a name or a path) that differ."""
     from peft import LoraConfig
 
-    ranks = dict.fromkeys(LOCON_CONV, config.conv_rank) if convolutions else {}
-    alphas = dict.fromkeys(LOCON_CONV, config.conv_alpha) if convolutions else {}
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, rank_pattern=ranks,
-                      alpha_pattern=alphas, lora_dropout=config.network_dropout,
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, rank_pattern=ranks or {},
+                      alpha_pattern=alphas or {}, lora_dropout=config.network_dropout,
                       use_dora=config.network_type == "dora")
+
+
+def unet_adapter(unet: UNet2DConditionModel, config: TrainConfig) -> LoraConfig:
+    """The UNet's adapter. With block-wise settings, each layer by its path, at its block's rank and alpha (LoCon's
+    3×3 convolutions at the conv rank), leaving out the blocks whose rank or learning rate is 0."""
+    locon = config.network_type == "locon"
+    targets = list(config.unet_modules) + (LOCON_LINEAR + LOCON_CONV if locon else [])
+    if not (config.block_dims or config.block_alphas or config.block_lr):
+        return lora_config(config, targets, dict.fromkeys(LOCON_CONV, config.conv_rank) if locon else {},
+                           dict.fromkeys(LOCON_CONV, config.conv_alpha) if locon else {})
+    ranks, alphas = {}, {}
+    for path, _ in unet.named_modules():
+        leaf = next((target for target in targets if path == target or path.endswith(f".{target}")), None)
+        block = block_index(path)
+        if leaf is None or block is None or (config.block_lr and not config.block_lr[block]):
+            continue
+        conv = leaf in LOCON_CONV
+        rank = config.conv_rank if conv else config.block_dims[block] if config.block_dims else config.rank
+        if rank:
+            ranks[path] = rank
+            alphas[path] = config.conv_alpha if conv else \
+                config.block_alphas[block] if config.block_alphas else config.alpha
+    if not ranks:
+        raise UserError("The block-wise settings leave no layer to train: give some block a rank and a learning "
+                        "rate above 0.")
+    return lora_config(config, list(ranks), ranks, alphas)
+
+
+def unet_groups(unet: UNet2DConditionModel, config: TrainConfig) -> list[dict]:
+    """The UNet's optimizer groups: one at the UNet learning rate, or with ``block_lr`` one per rate, the fastest
+    first (the rate the loss chart shows)."""
+    trained = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+    rates: dict[float, list[torch.nn.Parameter]] = {}
+    for name, parameter in trained:
+        block = block_index(name) if config.block_lr else None
+        rates.setdefault(config.unet_lr * (config.block_lr[block] if block is not None else 1.0), []).append(parameter)
+    return [{"params": rates[rate], "lr": rate} for rate in sorted(rates, reverse=True)]
 
 
 def add_lora_adapters(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, config: TrainConfig) -> list[dict]:
     """Attach fresh LoRA layers (B = 0, so training starts from the base model) and return optimizer groups."""
     from diffusers.training_utils import cast_training_params
 
-    locon = config.network_type == "locon"
-    unet_targets = list(config.unet_modules) + (LOCON_LINEAR + LOCON_CONV if locon else [])
-    unet.add_adapter(lora_config(config, unet_targets, convolutions=locon))
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.unet_lr}]
+    unet.add_adapter(unet_adapter(unet, config))
+    groups = unet_groups(unet, config)
     if config.train_text_encoder:
         text_encoder.add_adapter(lora_config(config, TEXT_ENCODER_MODULES))
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],

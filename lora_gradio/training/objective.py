@@ -112,12 +112,15 @@ def error(pred: torch.Tensor, target: torch.Tensor, objective: Objective, schedu
 
 
 def denoising_loss(pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   scheduler: DDPMScheduler, objective: Objective, weights: list[float]) -> torch.Tensor:
-    """Each sample's loss: the error against the noise (or the velocity, for v-prediction models), times its
-    weight (prior preservation weighs class images apart) and its min-SNR or debiased-estimation weight."""
+                   scheduler: DDPMScheduler, objective: Objective, weights: list[float],
+                   masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's loss: the error against the noise (or the velocity, for v-prediction models), each place of it
+    times its mask (masked loss, as kohya: then averaged over the whole picture), times its weight (prior
+    preservation weighs class images apart) and its min-SNR or debiased-estimation weight."""
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    loss = error(pred, target, objective, scheduler, timesteps).mean((1, 2, 3))
+    errors = error(pred, target, objective, scheduler, timesteps)
+    loss = (errors if masks is None else errors * masks.to(errors.dtype)).mean((1, 2, 3))
     if any(weight != 1.0 for weight in weights):
         loss = loss * torch.tensor(weights, device=loss.device)
     if objective.min_snr_gamma:

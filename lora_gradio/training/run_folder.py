@@ -155,7 +155,7 @@ class RunFolder:
     def write_sd_scripts(self, job: RunJob) -> list[Path]:
         """The run as sd-scripts takes it (``sd-scripts.toml`` and the dataset file it names), to reproduce there;
         the files written."""
-        from .kohya_config import sd_scripts_files
+        from .kohya_export import sd_scripts_files
 
         written = []
         for name, text in sd_scripts_files(job.config, job.base, job.data, str(self.path.resolve())).items():

@@ -21,8 +21,9 @@ def gallery_items(ctx: AppContext, name: str) -> tuple[list[tuple[str, str]], st
     gallery = []
     for relative in names:
         problems = report.per_image.get(relative, [])
-        gallery.append((shown(ctx.studio.thumbnail(name, relative)),
-                        f"{'⚠️ ' if problems else ''}{relative}" + (f": {'; '.join(problems)}" if problems else "")))
+        mask = " · loss mask (darkened: left out)" if relative in report.masked else ""
+        gallery.append((shown(ctx.studio.thumbnail(name, relative)), f"{'⚠️ ' if problems else ''}{relative}{mask}"
+                        + (f": {'; '.join(problems)}" if problems else "")))
     return gallery, report.markdown(), names
 
 

@@ -16,12 +16,13 @@ MAIN = ["trigger_word", "output_name", "epochs", "batch_size", "unet_lr", "rank"
 SEPARATE = {"sample_prompts"}
 ADVANCED = {  # the advanced settings under headings, four to a row
     "Network": ["network_type", "conv_rank", "conv_alpha", "network_dropout", "unet_modules", "text_encoder_lr",
-                "clip_skip", "scale_weight_norms"],
+                "clip_skip", "scale_weight_norms", "block_dims", "block_alphas", "block_lr"],
     "Steps and schedule": ["max_train_steps", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
-                           "lr_cycles", "weight_decay", "max_grad_norm", "seed"],
+                           "lr_cycles", "weight_decay", "max_grad_norm", "ema_decay", "seed"],
     "Noise and loss": ["min_snr_gamma", "noise_offset", "multires_noise_iterations", "multires_noise_discount",
                        "loss_type", "huber_c", "huber_schedule", "debiased_estimation", "prior_loss_weight"],
-    "Images and captions": ["enable_buckets", "flip_augment", "caption_dropout", "shuffle_caption", "keep_tokens"],
+    "Images and captions": ["enable_buckets", "flip_augment", "masked_loss", "caption_dropout", "shuffle_caption",
+                            "keep_tokens"],
     "Speed and memory": ["mixed_precision", "gradient_checkpointing", "sdpa", "cache_latents_to_disk",
                          "compile_unet"],
     "Saving and samples": ["save_every_n_epochs", "save_dtype", "log_with", "sample_every_n_steps", "sample_steps",
@@ -52,7 +53,8 @@ def to_widget(name: str, value: Any) -> Any:
     """A config value as its widget shows it."""
     if name in SEPARATE:
         return "\n".join(value or DEFAULT_PROMPTS)
-    return ", ".join(value) if field_is_list(name) else value
+    return ", ".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value) \
+        if field_is_list(name) else value
 
 
 def from_widget(name: str, value: Any) -> Any:

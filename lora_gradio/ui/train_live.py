@@ -76,7 +76,7 @@ def file_rank(path: str) -> int:
     name = Path(path).name
     if name == SAMPLE_GRID:
         return 1
-    return 2 if re.search(r"-(\d{6}|step\d+)\.safetensors$", name) else 0
+    return 2 if re.search(r"-(\d{6}|step\d+)(-ema)?\.safetensors$", name) else 0
 
 
 def saved_order(paths: list[str]) -> list[str]:
