@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .captioners import CAPTIONER_KINDS, family
 from .errors import Stopped, UserError
 from .models import DEMO, BaseModelSpec, load_pipeline
 from .threads import fit_threads
@@ -205,11 +206,12 @@ class ModelCache:
 
 
 def _label(key: Hashable) -> str:
-    """'demo model' for ("pipeline", demo spec), 'BLIP captioner Salesforce/…' for ("captioner", source)."""
+    """'demo model' for ("pipeline", demo spec), 'BLIP captioner Salesforce/…' or 'WD tagger …' for
+    ("captioner", source)."""
     if isinstance(key, tuple) and len(key) == 2:
         kind, what = key
         name = what.display_name if isinstance(what, BaseModelSpec) else str(what)
         if kind == "captioner":
-            return f"BLIP captioner {name}"
+            return f"{CAPTIONER_KINDS[family(name)]} {name}"
         return "demo model" if name == DEMO else name
     return str(key)

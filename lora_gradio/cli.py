@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_tools import run_tool, tool_commands
+from .cli_tools import progress_bar, run_tool, stop_on_interrupt, tool_commands
 from .errors import UserError
 from .workspace import VALIDATION
 
@@ -115,8 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--move", nargs=2, metavar=("RUN", "PLACE"), help="the operator: put a waiting run at PLACE")
 
     sub.add_parser("presets", help="list the presets")
+    caption_command(sub)
     tool_commands(sub, ShownDefaults)
     return parser
+
+
+def caption_command(sub: argparse._SubParsersAction) -> None:
+    """``caption``: the Caption tab's captioners and options on a folder of images."""
+    caption = sub.add_parser("caption", help="caption a folder of images: BLIP or Florence-2 sentences, or a WD "
+                                             "tagger's tags", formatter_class=ShownDefaults)
+    caption.add_argument("images", type=Path, help="the images; each caption is written beside as a .txt")
+    caption.add_argument("--model", default="Salesforce/blip-image-captioning-base",
+                         help="a hub id or a local folder of BLIP, Florence-2 (florence-community/Florence-2-base) or "
+                              "a WD tagger (SmilingWolf/wd-vit-tagger-v3)")
+    caption.add_argument("--trigger", default="", help="the trigger word, always first")
+    caption.add_argument("--prefix", default="")
+    caption.add_argument("--suffix", default="")
+    caption.add_argument("--overwrite", action="store_true", help="caption every image, not only those without one")
+    caption.add_argument("--style", choices=["sentence", "tags"], default="sentence",
+                         help="BLIP and Florence-2: tags cuts the sentence into short phrases")
+    caption.add_argument("--detail", choices=["short", "detailed", "paragraph"], default="detailed",
+                         help="Florence-2: <CAPTION>, <DETAILED_CAPTION> or <MORE_DETAILED_CAPTION>")
+    caption.add_argument("--max-length", type=int, default=40, help="BLIP and Florence-2: tokens at most")
+    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--general-threshold", type=float, default=0.35, help="WD tagger: general tags from")
+    caption.add_argument("--character-threshold", type=float, default=0.85, help="WD tagger: character tags from")
+    caption.add_argument("--ratings", action="store_true", help="WD tagger: add the rating tag")
+    caption.add_argument("--underscores", action="store_true", help="WD tagger: keep underscores (long_hair)")
+    caption.add_argument("--blacklist", default="", help="WD tagger: comma-separated tags never written")
 
 
 class ShownDefaults(argparse.HelpFormatter):
@@ -277,8 +302,7 @@ def with_progress(work: Callable[[Callable, threading.Event], TrainResult]) -> i
     """Run training with a tqdm bar and messages on stderr; Ctrl-C stops cleanly and saves what was learned."""
     from tqdm import tqdm
 
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_interrupt()
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, only rank 0 reports
     bars: list[tqdm] = []  # made at the first step, so a run that fails before it prints no empty bar
 
@@ -354,6 +378,26 @@ def run_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_caption(args: argparse.Namespace) -> int:
+    """Caption as the Caption tab does, with a bar per image; Ctrl-C stops between batches, keeping what was
+    written."""
+    from .cache import ModelCache
+    from .captioning import CaptionOptions, caption_dataset
+
+    options = CaptionOptions(args.trigger, args.prefix, args.suffix, args.max_length, args.style, args.overwrite,
+                             args.batch_size, args.detail, args.general_threshold, args.character_threshold,
+                             args.ratings, args.underscores, args.blacklist)
+    if not args.images.is_dir():
+        raise UserError(f"{args.images} is not a folder of images.")
+    with progress_bar("image") as emit:
+        result = caption_dataset(ModelCache(), args.model, args.images, options, emit, stop_on_interrupt())
+    for problem in result.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"{'Stopped: c' if result.stopped else 'C'}aptioned {len(result.written)} images; kept "
+          f"{len(result.skipped)} existing captions.")
+    return 0
+
+
 def run_presets(_args: argparse.Namespace) -> int:
     """List the presets with their descriptions."""
     from .training.config import list_presets, load_preset
@@ -365,7 +409,8 @@ def run_presets(_args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": run_train, "generate": run_generate, "resume": run_resume, "import": run_import,
             "workflow": run_workflow, "install": run_install, "inspect": run_inspect, "presets": run_presets,
-            "queue": run_queue, "resize": run_tool, "merge": run_tool, "bake": run_tool, "extract": run_tool}
+            "queue": run_queue, "caption": run_caption, "resize": run_tool, "merge": run_tool, "bake": run_tool,
+            "extract": run_tool}
 
 
 def main(argv: list[str] | None = None) -> int:

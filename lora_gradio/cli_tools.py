@@ -6,6 +6,8 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,8 +63,6 @@ def rank_flags(parser: argparse.ArgumentParser, rank_help: str) -> None:
 
 def run_tool(args: argparse.Namespace) -> int:
     """One LoRA tool with a tqdm bar; the file is written only once the work is done, and never over another."""
-    from tqdm import tqdm
-
     from . import lora_tools
     from .cache import ModelCache
     from .lora_svd import RankRule
@@ -77,19 +77,8 @@ def run_tool(args: argparse.Namespace) -> int:
     for path in (getattr(args, "lora", None), getattr(args, "tuned", None)):
         if path is not None and not path.is_file():
             raise UserError(f"{path} does not exist.")
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bars: list[tqdm] = []  # made at the first module, so work refused at once prints no empty bar
-
-    def emit(event: JobEvent) -> None:
-        if event.kind == "progress":
-            if not bars:
-                bars.append(tqdm(total=event.total_steps, unit="module", dynamic_ncols=True))
-            bars[0].update(event.step - bars[0].n)
-        elif event.message:
-            tqdm.write(event.message, file=sys.stderr)
-
-    try:
+    stop = stop_on_interrupt()
+    with progress_bar("module") as emit:
         if args.command == "resize":
             output = lora_tools.resize(args.lora, rule, emit, stop)
         elif args.command == "merge":
@@ -101,13 +90,40 @@ def run_tool(args: argparse.Namespace) -> int:
                                                                    args.strength_clip)], args.precision, emit, stop) \
                     if args.command == "bake" else \
                     lora_tools.extract(pipe, base.display_name, args.tuned, rule, conv_rule, emit, stop)
-    finally:
-        for bar in bars:
-            bar.close()
     report = lora_tools.write(args.output, output)
     print(report.text(), file=sys.stderr)
     print(args.output)
     return 0
+
+
+def stop_on_interrupt() -> threading.Event:
+    """The Stop of a command: Ctrl-C sets it, and the work ends at its next check, keeping what it finished."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+@contextmanager
+def progress_bar(unit: str) -> Iterator[Callable[[JobEvent], None]]:
+    """A job's events on the terminal: its progress as a tqdm bar (made at the first count, so work refused at once
+    prints no empty bar), its messages on stderr."""
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []
+
+    def emit(event: JobEvent) -> None:
+        if event.kind == "progress":
+            if not bars:
+                bars.append(tqdm(total=event.total_steps, unit=unit, dynamic_ncols=True))
+            bars[0].update(event.step - bars[0].n)
+        elif event.message:
+            tqdm.write(event.message, file=sys.stderr)
+
+    try:
+        yield emit
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def merge_source(text: str) -> tuple[Path, float]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from bad_files import photo_bytes
 from browser import raw_call, wait_for
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -384,3 +385,21 @@ def test_resize_merge_bake_and_extract_through_the_api(api, demo_pipe):
         client.predict(["loras/tools.safetensors"], [1.0], api_name="/lora_merge")
     with pytest.raises(AppError, match="one weight per LoRA"):
         client.predict(["loras/tools.safetensors", resized["lora"]], [1.0], api_name="/lora_merge")
+
+
+def test_the_caption_endpoint_runs_a_wd_tagger_with_its_options(api, tmp_path):
+    from tiny_captioners import save_tiny_wd_tagger
+
+    client, workspace = api
+    tagger = save_tiny_wd_tagger(workspace / "models" / "wd-api", [0.2, 0.7, 0.1, 0.05, 0.99, 0.5, 0.36, 0.34, 0.8,
+                                                                   0.6, 0.95, 0.9, 0.8])
+    client.predict("tagged", api_name="/create_dataset")
+    picture = tmp_path / "one.png"
+    picture.write_bytes(photo_bytes(80))
+    client.predict("tagged", [handle_file(picture)], api_name="/import_files")
+    answer = client.predict(dataset="tagged", model=str(tagger), trigger_word="ohwx", general_threshold=0.9,
+                            ratings=True, underscores=True, blacklist="solo", api_name="/caption")
+    assert answer["written"] == {"one.png": "ohwx, 1girl, hatsune_miku, sensitive"}
+    refused = raw_call(client.src, "caption", f'"tagged", {json.dumps(str(tagger))}, "", "", "", "sentence", false, '
+                                                  '40, 8, "detailed", NaN, 0.85, false, false, ""')
+    assert "general threshold nan: use 0 to 1" in refused

@@ -275,7 +275,8 @@ def test_a_captioning_model_folder_outside_is_refused_like_any_path(guest, locke
     _, workspace, _ = locked
     answers = []
     for folder in (str(outside_folder(workspace)), "/nonexistent/blip-folder", "/etc"):
-        with pytest.raises(AppError, match=r"The BLIP folder .* is outside the folders this app may use") as refused:
+        with pytest.raises(AppError, match=r"The captioning model's folder .* is outside the folders this app may") \
+                as refused:
             guest.predict("ben-set", folder, api_name="/caption")
         answers.append(str(refused.value).replace(folder, "FOLDER"))
     assert len(set(answers)) == 1  # nothing said about whether the folder exists

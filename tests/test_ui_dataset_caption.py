@@ -8,6 +8,7 @@ from bad_files import photo_bytes, png_bomb, truncated_jpeg, zip_bomb, zip_slip
 from browser import browser_page, screenshot, shown_text, wait_for
 from PIL import Image, ImageStat
 from tiny_blip import save_tiny_blip
+from tiny_captioners import FLORENCE_WORDS, save_tiny_florence, save_tiny_wd_tagger
 
 from lora_gradio.dataset import read_caption, to_rgb
 
@@ -261,3 +262,40 @@ def test_loss_masks_show_in_the_dataset_tab(app, tmp_path):
     assert sorted(p.name for p in images.glob("*.png")) == ["cut.png", "whole.mask.png", "whole.png"]
     with Image.open(images / "cut.png") as stored:
         assert stored.mode == "RGBA"
+
+
+def test_florence_and_a_wd_tagger_caption_from_the_caption_tab(app, tmp_path):
+    app_url, workspace = app
+    florence = save_tiny_florence(workspace / "models" / "florence-tiny")
+    tagger = save_tiny_wd_tagger(workspace / "models" / "wd-tiny", [0.2, 0.7, 0.1, 0.05, 0.99, 0.5, 0.36, 0.34, 0.8,
+                                                                    0.6, 0.95, 0.9, 0.8])
+    photos = photos_in(tmp_path / "three", "pic", 3, 70)
+    folder = workspace / "datasets" / "tags" / "images"
+    with browser_page() as page:
+        import_into_new_dataset(page, app_url, "tags", photos, "pic2.png")
+        page.get_by_role("tab", name="Caption").click()
+        florence_options, tagger_options = page.locator("#florence-options"), page.locator("#tagger-options")
+        page.get_by_label("Captioning model").click()
+        page.get_by_role("option", name="Florence-2 base (0.23 B parameters)").click()
+        wait_for(lambda: florence_options.is_visible() and not tagger_options.is_visible(), 30, "Florence's options")
+        page.get_by_label("Captioning model").click()
+        page.get_by_role("option", name="Local folder…").click()
+        type_into(page.locator("#blip-folder").get_by_role("textbox"), str(florence))
+        type_into(page.locator("#trigger-word").get_by_role("textbox"), "ohwx")
+        page.locator("#florence-detail").get_by_text("paragraph").click()
+        page.locator("#caption-run").click()
+        wait_for(lambda: "Captioned 3 images" in shown_text(page, "#caption-status"), 60, "Florence-2's captions")
+        edited = page.get_by_label("pic1.png")
+        wait_for(lambda: edited.input_value().startswith("ohwx, "), 30, "Florence-2's caption in the editor")
+        assert set(edited.input_value().removeprefix("ohwx, ").split()) <= set(FLORENCE_WORDS)
+
+        type_into(page.locator("#blip-folder").get_by_role("textbox"), str(tagger))
+        type_into(page.locator("#tagger-general").get_by_role("spinbutton"), "0.55")
+        page.locator("#tagger-ratings").get_by_role("checkbox").check()
+        type_into(page.locator("#tagger-blacklist").get_by_role("textbox"), "solo")
+        page.get_by_text("overwrite all").click()
+        page.locator("#caption-run").click()
+        wanted = "ohwx, 1girl, hatsune miku, ^_^, sensitive, simple background"
+        wait_for(lambda: edited.input_value() == wanted, 60, "the tagger's tags in the editor")
+        screenshot(page, "caption-tagger")
+    assert [read_caption(folder / f"pic{index}.png") for index in range(3)] == [wanted] * 3

@@ -8,7 +8,8 @@ the studio is a module of this package: datasets, training, testing and the LoRA
 
 from __future__ import annotations
 
-from ..captioning import BLIP_MODELS, DEFAULT_BLIP, CaptionOptions, CaptionResult
+from ..captioners import BLIP_MODELS, CAPTION_MODELS, DEFAULT_BLIP, FLORENCE_MODELS, WD_MODELS
+from ..captioning import CaptionOptions, CaptionResult
 from ..dataset import IMAGE_SUFFIXES
 from ..demo.shapes import DEMO_IMAGES, DEMO_TRIGGER
 from ..estimate import format_duration
@@ -29,11 +30,11 @@ from .tools import Tools
 from .training import YOURS, TestPlan, Training, TrainingPlan, lora_name
 
 __all__ = [  # what the UI reads of the backend besides Studio's methods: records it takes or returns, and facts
-    "BLIP_MODELS", "CAPTION_TOKENS", "DEFAULT_BLIP", "DEMO", "DEMO_IMAGES", "DEMO_NOTE", "DEMO_TRIGGER", "DTYPES",
-    "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "METHODS", "NO_LORA", "QUEUE_COLUMNS", "SAMPLE_GRID",
-    "TEST_IMAGES", "YOU", "YOURS", "CaptionOptions", "CaptionResult", "Desk", "GeneratedImage", "ImportReport",
-    "Limits", "RankRule", "Studio", "TestPlan", "ToolReport", "TrainingPlan", "Workspace", "format_duration",
-    "lora_name", "parse_sample_line"]
+    "BLIP_MODELS", "CAPTION_MODELS", "CAPTION_TOKENS", "DEFAULT_BLIP", "DEMO", "DEMO_IMAGES", "DEMO_NOTE",
+    "DEMO_TRIGGER", "DTYPES", "FLORENCE_MODELS", "IMAGE_SUFFIXES", "MAX_DEMO_DATASETS", "MAX_REPEATS", "METHODS",
+    "NO_LORA", "QUEUE_COLUMNS", "SAMPLE_GRID", "TEST_IMAGES", "WD_MODELS", "YOU", "YOURS", "CaptionOptions",
+    "CaptionResult", "Desk", "GeneratedImage", "ImportReport", "Limits", "RankRule", "Studio", "TestPlan", "ToolReport",
+    "TrainingPlan", "Workspace", "format_duration", "lora_name", "parse_sample_line"]
 
 
 class Studio(Datasets, Training, Testing, Tools):

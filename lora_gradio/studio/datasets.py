@@ -112,12 +112,14 @@ class Datasets(Desk):
 
     def start_caption(self, dataset: str | None, source: str, options: captioning.CaptionOptions,
                       visitor: Visitor = OPERATOR) -> str:
-        """Caption a dataset in the background with a BLIP hub id or a local folder inside the allowed ones."""
+        """Caption a dataset in the background with a captioner's hub id (BLIP, Florence-2, a WD tagger) or a local
+        folder inside the allowed ones."""
         source = source.strip()
         if not source:
-            raise UserError("Type the path of a local BLIP folder, or pick a BLIP model to download.")
+            raise UserError("Type the path of a local model folder (BLIP, Florence-2 or a WD tagger), or pick a "
+                            "model to download.")
         if not self.is_hub_id(source):
-            source = str(self.workspace.check_allowed(source, "The BLIP folder"))
+            source = str(self.workspace.check_allowed(source, "The captioning model's folder"))
         images = self.dataset_to_change(dataset, visitor)
         self.workspace.set_dataset_settings(str(dataset), options.trigger_word)
         return self.jobs.start("captioning", f"Captioning {dataset}", lambda stop, emit: captioning.caption_dataset(

@@ -196,9 +196,14 @@ def register(studio: Studio) -> None:
 
     def caption(request: gr.Request, dataset: str, model: str = DEFAULT_BLIP, trigger_word: str = "",
                 prefix: str = "", suffix: str = "", style: str = "sentence", overwrite: bool = False,
-                max_length: int = 40, batch_size: int = 8) -> dict:
-        """BLIP captions for a dataset; ``model`` is a hub id or a local BLIP folder inside the allowed ones."""
-        options = CaptionOptions(trigger_word, prefix, suffix, max_length, style, overwrite, batch_size)
+                max_length: int = 40, batch_size: int = 8, detail: str = "detailed", general_threshold: float = 0.35,
+                character_threshold: float = 0.85, ratings: bool = False, underscores: bool = False,
+                blacklist: str = "") -> dict:
+        """Captions for a dataset; ``model`` is a hub id or a local folder inside the allowed ones, of BLIP,
+        Florence-2 (``detail``: short, detailed, paragraph) or a WD tagger (the thresholds, ``ratings``,
+        ``underscores`` and a comma-separated ``blacklist``)."""
+        options = CaptionOptions(trigger_word, prefix, suffix, max_length, style, overwrite, batch_size, detail,
+                                 general_threshold, character_threshold, ratings, underscores, blacklist)
         return plain(finished(studio.start_caption(dataset, model, options, visitor(request))).result)
 
     def prepare(request: gr.Request, dataset: str, resolution: int = 512, center_crop: bool = False) -> dict:

@@ -1,4 +1,5 @@
-"""Caption tab: BLIP captions with the trigger word first, editing beside each thumbnail, find/replace, tag counts."""
+"""Caption tab: BLIP or Florence-2 captions, or a WD tagger's tags, with the trigger word first; editing beside each
+thumbnail, find/replace, tag counts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 import gradio as gr
 
 from ..jobs import JobState
-from ..studio import BLIP_MODELS, CAPTION_TOKENS, CaptionOptions, CaptionResult, Studio
+from ..studio import CAPTION_MODELS, CAPTION_TOKENS, FLORENCE_MODELS, WD_MODELS, CaptionOptions, CaptionResult, Studio
 from .common import PRIVATE, AppContext, job_panel, job_revision, shown, user_errors
 
 TITLE = "Caption"
@@ -26,20 +27,35 @@ def caption_note(studio: Studio, text: str) -> str:
 def build(ctx: AppContext) -> None:
     """Widgets and events of the Caption tab."""
     with gr.Row():
-        model = gr.Dropdown(label="Captioning model", choices=[*BLIP_MODELS, LOCAL],
-                            value=next(iter(BLIP_MODELS)), scale=2, elem_id="caption-model")
-        local = gr.Textbox(label="Local BLIP folder (for 'Local folder…')", placeholder="/models/blip-base",
-                           scale=3, elem_id="blip-folder")
+        model = gr.Dropdown(label="Captioning model", choices=[*CAPTION_MODELS, LOCAL],
+                            value=next(iter(CAPTION_MODELS)), scale=2, elem_id="caption-model",
+                            info="BLIP and Florence-2 write sentences (photos, styles); a WD tagger writes booru "
+                                 "tags (anime and illustration models).")
+        local = gr.Textbox(label="Local model folder (for 'Local folder…'): BLIP, Florence-2 or a WD tagger",
+                           placeholder="/models/blip-base", scale=3, elem_id="blip-folder")
     with gr.Row():
         trigger = gr.Textbox(label="Trigger word (always first)", placeholder="ohwx", elem_id="trigger-word")
         prefix = gr.Textbox(label="Prefix", placeholder="photo of")
         suffix = gr.Textbox(label="Suffix", placeholder="high quality")
     with gr.Row():
-        style = gr.Radio(["sentence", "tags"], value="sentence", label="Style")
+        style = gr.Radio(["sentence", "tags"], value="sentence", label="Style",
+                         info="tags: a sentence cut into short phrases")
         mode = gr.Radio(["only images without a caption", "overwrite all"], value="only images without a caption",
                         label="Which images")
         max_length = gr.Slider(10, 75, value=40, step=1, label="Maximum length (tokens)")
         batch_size = gr.Slider(1, 32, value=8, step=1, label="Batch size")
+    with gr.Row(visible=False, elem_id="florence-options") as florence_row:
+        detail = gr.Radio(["short", "detailed", "paragraph"], value="detailed", label="Florence-2 caption",
+                          info="<CAPTION>, <DETAILED_CAPTION> or <MORE_DETAILED_CAPTION>", elem_id="florence-detail")
+    with gr.Row(visible=False, elem_id="tagger-options") as tagger_row:
+        general = gr.Slider(0, 1, value=0.35, step=0.01, label="General tags from", elem_id="tagger-general",
+                            info="a tag's lowest confidence; 0.35 is usual")
+        character = gr.Slider(0, 1, value=0.85, step=0.01, label="Character tags from", elem_id="tagger-character",
+                              info="0.85 is usual: a wrong name teaches the wrong thing")
+        ratings = gr.Checkbox(label="Rating tag (general, sensitive …)", value=False, elem_id="tagger-ratings")
+        underscores = gr.Checkbox(label="Keep underscores (long_hair)", value=False, elem_id="tagger-underscores")
+        blacklist = gr.Textbox(label="Never write these tags", placeholder="simple background, white background",
+                               elem_id="tagger-blacklist")
     run = gr.Button("Caption images", variant="primary", elem_id="caption-run")
     status = gr.Markdown(elem_id="caption-status")
     with gr.Accordion("Find and replace, tag frequencies", open=False):
@@ -63,12 +79,20 @@ def build(ctx: AppContext) -> None:
 
     caption_job = job_panel(ctx, "caption", caption_done, [status, revision])
 
+    def on_model(choice: str) -> dict:
+        """The options of the chosen kind of model (a local folder may hold any)."""
+        return {florence_row: gr.update(visible=choice in FLORENCE_MODELS or choice == LOCAL),
+                tagger_row: gr.update(visible=choice in WD_MODELS or choice == LOCAL)}
+
     @user_errors
-    def on_caption(name: str | None, choice: str, folder: str, trigger_word: str, before: str, after: str,
-                   how: str, which: str, length: float, batch: float, request: gr.Request) -> str:
-        source = folder if choice == LOCAL else BLIP_MODELS[choice]
-        options = CaptionOptions(trigger_word, before, after, int(length), how, which == "overwrite all", int(batch))
-        return ctx.studio.start_caption(name, source, options, ctx.visitor(request))
+    def on_caption(values: dict, request: gr.Request) -> str:
+        choice = values[model]
+        source = values[local] if choice == LOCAL else CAPTION_MODELS.get(choice, "")
+        options = CaptionOptions(
+            values[trigger], values[prefix], values[suffix], int(values[max_length]), values[style],
+            values[mode] == "overwrite all", int(values[batch_size]), values[detail], float(values[general]),
+            float(values[character]), bool(values[ratings]), bool(values[underscores]), values[blacklist] or "")
+        return ctx.studio.start_caption(values[ctx.dataset], source, options, ctx.visitor(request))
 
     @user_errors
     def on_replace(values: dict, request: gr.Request) -> dict:
@@ -77,8 +101,9 @@ def build(ctx: AppContext) -> None:
         return {status: f"Replaced in {changed} captions.", revision: time.monotonic_ns(),
                 tags: ctx.studio.tag_frequencies(name)}
 
-    run.click(on_caption, [ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size],
-              caption_job, **PRIVATE)
+    model.change(on_model, model, [florence_row, tagger_row], show_progress="hidden", **PRIVATE)
+    run.click(on_caption, {ctx.dataset, model, local, trigger, prefix, suffix, style, mode, max_length, batch_size,
+                           detail, general, character, ratings, underscores, blacklist}, caption_job, **PRIVATE)
     apply.click(on_replace, {ctx.dataset, find, replace}, [status, revision, tags], **PRIVATE)
     revision.change(ctx.studio.tag_frequencies, ctx.dataset, tags, **PRIVATE)
     ctx.dataset.change(ctx.studio.tag_frequencies, ctx.dataset, tags, **PRIVATE)
