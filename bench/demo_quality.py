@@ -59,13 +59,15 @@ def epoch_files(run: Path) -> list[tuple[str, Path]]:
 
 
 def write_pictures(cache: ModelCache, run: Path, folder: Path) -> None:
-    """The run's own sample grid, and the Test tab's comparison grid of its epoch files × strengths 0, 0.5 and 1
-    for the blue ring on yellow, as the README shows them."""
+    """The run's own sample grid, and the Test tab's comparison grid of its epoch files (their EMA twins, where the
+    run kept them) × strengths 0, 0.5 and 1 for the blue ring on yellow, as the README shows them."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(RunFolder(run).sample_grid_file, folder / "demo-sample-grid.png")
     blue = next(case for case in concept_cases() if case.colour == "blue")
     request = GenerateRequest(blue.prompt(DEMO_TRIGGER), seed=1)
-    grid = compare_grid(cache, resolve_base(DEMO), request, epoch_files(run), [0.0, 0.5, 1.0])
+    files = epoch_files(run)
+    judged = [(name, path) for name, path in files if path.stem.endswith(EMA_SUFFIX)] or files  # what a run keeps
+    grid = compare_grid(cache, resolve_base(DEMO), request, judged, [0.0, 0.5, 1.0])
     save_png(grid, folder / "demo-strength-grid.png")
 
 

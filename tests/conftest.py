@@ -53,7 +53,8 @@ def quick_config():
     from lora_gradio.training.config import apply_overrides, load_preset
 
     return apply_overrides(load_preset("demo")[0], {"epochs": 1, "batch_size": 4, "network_type": "lora", "rank": 4,
-                                                    "alpha": 4, "sample_prompts": [], "save_every_n_epochs": 1})
+                                                    "alpha": 4, "sample_prompts": [], "save_every_n_epochs": 1,
+                                                    "ema_decay": 0.0})
 
 
 @pytest.fixture(scope="session")

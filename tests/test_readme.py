@@ -18,12 +18,12 @@ from lora_gradio.training.config import load_preset
 def test_the_readme_flow_works_from_the_repository_root(readme_demo):
     copy, done = readme_demo.copy, readme_demo.done
     run = copy / "workspace" / "outputs" / "demo"
-    assert (run / "lora.safetensors").is_file()
+    assert (run / "lora.safetensors").is_file() and (run / "lora-ema.safetensors").is_file()
     drawn = read_picture(Image.open(run / "test.png"))  # the demo base draws what the prompt's words say
     assert (drawn.colour, drawn.background, drawn.shape) == ("blue", "yellow", CONCEPT), drawn  # and the LoRA's ring
     assert len(list((copy / "workspace" / "datasets" / "demo-rings" / "images").glob("*.png"))) == DEMO_IMAGES
     assert json.loads((run / "demo.workflow.json").read_text(encoding="utf-8"))["nodes"]
-    assert "kohya" in done.stdout and "lora.safetensors" in done.stdout
+    assert "kohya" in done.stdout and "lora-ema.safetensors" in done.stdout
 
     ignored = subprocess.run(["git", "check-ignore", "-q", str((run / "test.png").relative_to(copy))], cwd=ROOT)
     assert ignored.returncode == 0  # what the examples write stays out of git
