@@ -12,14 +12,11 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import UserError
 from .config import TrainConfig, make_config
 from .sample_prompts import KOHYA_SAMPLERS
-
-if TYPE_CHECKING:
-    pass
 
 OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"}
 LOCON_TYPES = {"Kohya LoCon", "LyCORIS/LoCon", "LoCon"}

@@ -90,8 +90,8 @@ def build(ctx: AppContext) -> None:
         source = values[local] if choice == LOCAL else CAPTION_MODELS.get(choice, "")
         options = CaptionOptions(
             values[trigger], values[prefix], values[suffix], int(values[max_length]), values[style],
-            values[mode] == "overwrite all", int(values[batch_size]), values[detail], float(values[general]),
-            float(values[character]), bool(values[ratings]), bool(values[underscores]), values[blacklist] or "")
+            values[mode] == "overwrite all", int(values[batch_size]), values[detail], values[general],
+            values[character], bool(values[ratings]), bool(values[underscores]), str(values[blacklist] or ""))
         return ctx.studio.start_caption(values[ctx.dataset], source, options, ctx.visitor(request))
 
     @user_errors
