@@ -100,7 +100,8 @@ def test_train_stop_generate_and_grid_through_the_api(api):
     client.predict(job_id=started["job_id"], api_name="/train_stop")
     wait_for(lambda: job(client)["status"] == "stopped", 60, "the stop")
     state = job(client, started["job_id"])
-    assert state["saved"][-1].endswith(f"apidata-step{state['step']:08d}.safetensors")  # not the finished run's name
+    assert state["saved"][-1].endswith(f"apidata-step{state['step']:08d}-ema.safetensors")  # not the finished run's
+    assert state["saved"][-2].endswith(f"apidata-step{state['step']:08d}.safetensors")  # name; the average beside it
     assert len(state["losses"]) == state["step"]
     assert "job_id" not in state and started["job_id"] not in str(state)  # the key to Stop is never shown
     lora = f"{started['run']}/{Path(state['saved'][-1]).name}"
@@ -134,7 +135,7 @@ def test_train_stop_generate_and_grid_through_the_api(api):
         client, epochs=2, save_every_n_epochs=1, trigger_word="lgdemo", sample_steps=4))
     wait_for(lambda: job(client, finished["job_id"])["status"] == "done", 120, "a short run")
     advice = client.predict(api_name="/recommendation")  # the latest run's: which file, at what strength, and why
-    assert advice["final"] and advice["file"] in {"apidata-000001.safetensors", "apidata.safetensors"}
+    assert advice["final"] and advice["file"] in {"apidata-000001-ema.safetensors", "apidata-ema.safetensors"}
     assert advice["headline"].startswith(f"Recommended: epoch {advice['epoch']} ({advice['file']}) at strength")
     assert [row["epoch"] for row in advice["scores"]] == [1, 2] and len(advice["trials"]) == 3
     assert client.predict(api_name="/runs")[0]["recommended"] == f"epoch {advice['epoch']} at {advice['strength']:g}"

@@ -27,12 +27,13 @@ def test_fresh_clone_demo_run_writes_a_kohya_lora(tmp_path):
     assert "it draws 64 px pictures" in done.stderr and "step" in done.stderr  # the demo note and the tqdm bar
     assert "pip install kernels" not in done.stderr  # bitsandbytes' optional-kernel notice stays quiet
     lora = Path(done.stdout.strip().splitlines()[-1])
-    assert lora == out / "lora.safetensors"
+    assert lora == out / "lora-ema.safetensors" and (out / "lora.safetensors").is_file()  # the preset keeps an EMA
     with safe_open(str(lora), "pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
         assert handle.get_tensor(next(k for k in keys if k.endswith(".alpha"))).dtype == torch.float16
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys)
     assert metadata["ss_sd_model_name"] == "demo" and metadata["ss_output_name"] == "lora"
+    assert (metadata["lora_gradio_weights"], metadata["ss_ema_decay"]) == ("ema", "0.99")
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
@@ -150,9 +151,10 @@ def test_two_process_launch_shards_batches_and_saves_once(tmp_path):
                            "--output", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == [str(out / "lora.safetensors")]  # printed once, by rank 0
-    with safe_open(str(out / "lora.safetensors"), "pt") as handle:
-        assert handle.metadata()["ss_steps"] == "15"  # 10 batches an epoch, split over 2 processes, 3 epochs
+    assert done.stdout.split() == [str(out / "lora-ema.safetensors")]  # printed once, by rank 0
+    for name in ("lora.safetensors", "lora-ema.safetensors"):  # the trained weights, and their average
+        with safe_open(str(out / name), "pt") as handle:
+            assert handle.metadata()["ss_steps"] == "15"  # 10 batches an epoch, split over 2 processes, 3 epochs
 
 
 def test_resume_after_a_killed_process_continues_at_the_saved_step(tmp_path):

@@ -157,7 +157,7 @@ def test_the_app_sends_to_comfyui_and_shows_its_queue_error(tmp_path, comfy_erro
         wait_for(lambda: client.predict(started["job_id"], 0, api_name="/job_status")["status"] == "done", 120,
                  "training")
         state = client.predict(started["job_id"], 0, api_name="/job_status")
-        assert state["log"][-1] == "ComfyUI: Copied to ComfyUI's models/loras as shapes.safetensors: pick it in the " \
-                                   "Load LoRA node (refresh the page)."
-        installed = (comfy / "models" / "loras" / "shapes.safetensors").read_bytes()
-        assert installed == (workspace / "outputs" / started["run"] / "shapes.safetensors").read_bytes()
+        assert state["log"][-1] == "ComfyUI: Copied to ComfyUI's models/loras as shapes-ema.safetensors: pick it in " \
+                                   "the Load LoRA node (refresh the page)."  # the run's LoRA: the preset's average
+        installed = (comfy / "models" / "loras" / "shapes-ema.safetensors").read_bytes()
+        assert installed == (workspace / "outputs" / started["run"] / "shapes-ema.safetensors").read_bytes()

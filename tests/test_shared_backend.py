@@ -224,7 +224,7 @@ def test_a_dataset_keeps_its_trigger_word_for_every_tab(tmp_path):
     studio.workspace.dataset_dir("anna", create=True)
     make_demo_dataset(studio.images_dir("anna"), count=8)
     assert studio.workspace.trigger_word("anna") == ""
-    with pytest.raises(UserError, match="local BLIP folder"):  # refused before it starts: nothing is kept
+    with pytest.raises(UserError, match="local model folder"):  # refused before it starts: nothing is kept
         studio.start_caption("anna", " ", CaptionOptions("ohwx"))
     assert studio.workspace.trigger_word("anna") == ""
     plan = studio.plan_training("anna", "demo", {"trigger_word": "ohwx", "epochs": 1, "resolution": 64}, repeats=3)
