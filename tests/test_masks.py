@@ -6,6 +6,7 @@ from pathlib import PurePosixPath
 import torch
 from bad_files import photo_bytes
 from PIL import Image
+from safetensors import safe_open
 
 from lora_gradio.dataset import list_images, prepare_dataset, scan_training_folder, write_caption
 from lora_gradio.imports import import_image
@@ -65,6 +66,8 @@ def test_the_half_a_mask_leaves_out_gets_no_gradient(demo_spec, quick_config, tm
     assert grad.shape[-1] == 8 and torch.count_nonzero(grad[..., :4]) == 0
     assert torch.count_nonzero(grad[..., 4:]) == grad[..., 4:].numel()
     assert not [e for e in events if e.kind == "warning" and "no mask" in e.message]
+    with safe_open(str(result.lora_path), "pt") as handle:
+        assert handle.metadata()["ss_masked_loss"] == "True"
 
     grads.clear()
     train(apply_overrides(config, {"masked_loss": False}), demo_spec, TrainData(data), tmp_path / "whole")

@@ -113,5 +113,6 @@ def build_app(studio: Studio) -> gr.Blocks:
                  tabs, **PRIVATE)
         for state in ctx.outside_tabs:
             state.render()
+        ctx.link_triggers()
         ctx.start_ticking()
     return app

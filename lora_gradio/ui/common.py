@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -40,6 +41,7 @@ class AppContext:
     tabs: gr.Tabs | None = None  # to open another tab
     handoff: gr.State | None = None  # what the Train tab asks the Test tab to open (a TestPlan's fields)
     outside_tabs: list[gr.components.Component] = field(default_factory=list)
+    trigger_boxes: list[gr.Textbox] = field(default_factory=list)  # every tab's trigger-word box
     tickers: list[tuple[Ticker, set, list]] = field(default_factory=list)
 
     def every_second(self, ticker: Ticker, inputs: set, outputs: list) -> None:
@@ -79,17 +81,24 @@ class AppContext:
         return visitor_of(self.studio, request)
 
     def keep_trigger(self, box: gr.Textbox) -> None:
-        """Save what is typed in a trigger-word box as the chosen dataset's word, so every tab shows the same one; in
-        another user's dataset the word stays in this page's form alone."""
+        """A tab's trigger-word box, which :meth:`link_triggers` ties to the others once every tab is built."""
+        self.trigger_boxes.append(box)
 
-        def keep(name: str | None, word: str, request: gr.Request) -> None:
-            if name and word.strip():
-                try:
-                    self.studio.set_trigger_word(name, word, self.visitor(request))
-                except UserError:
-                    return
+    def link_triggers(self) -> None:
+        """Save what is typed in any trigger-word box as the chosen dataset's word, and show it in the page's other
+        boxes in the same event, so a tab opened right after typing never shows the word before; in another user's
+        dataset the word stays in this page's form alone."""
+        for box in self.trigger_boxes:
+            others = [other for other in self.trigger_boxes if other is not box]
 
-        box.input(keep, [self.dataset, box], None, trigger_mode="always_last", show_progress="hidden", **PRIVATE)
+            def keep(name: str | None, word: str, request: gr.Request, others: list = others) -> dict:
+                if name and word.strip():
+                    with suppress(UserError):  # another's dataset: the word stays in this page
+                        self.studio.set_trigger_word(name, word, self.visitor(request))
+                return dict.fromkeys(others, word)
+
+            box.input(keep, [self.dataset, box], others, trigger_mode="always_last", show_progress="hidden",
+                      **PRIVATE)
 
     def dataset_trigger(self, name: str | None) -> dict:
         """A handler's update for a trigger-word box: the dataset's own word, when it has one."""
