@@ -4,6 +4,7 @@ grey counts partly."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -36,10 +37,20 @@ def mask_source(image: Path) -> Path | None:
     if mask_file(image).is_file():
         return mask_file(image)
     try:
-        with Image.open(image) as img:  # Pillow's pixel limit (set with the dataset's) guards it
-            return image if transparent(img) else None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return image if transparent_file(str(image), image.stat().st_mtime_ns) else None
+    except OSError:
         return None
+
+
+@lru_cache(maxsize=4096)
+def transparent_file(path: str, _mtime_ns: int) -> bool:
+    """Whether an image file is transparent, cached by path and modification time: the report, the thumbnails and
+    every run ask, and the answer decodes the whole alpha channel."""
+    try:
+        with Image.open(path) as img:  # Pillow's pixel limit (set with the dataset's) guards it
+            return transparent(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def open_mask(source: Path) -> Image.Image:
