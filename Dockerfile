@@ -18,7 +18,11 @@ COPY requirements.txt .
 # A local wheel folder may stand in for PyPI (PIP_FIND_LINKS, PIP_NO_INDEX as build args); by default pip uses PyPI.
 ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
-RUN python3 -m venv /opt/venv && pip install --no-cache-dir -r requirements.txt
+# bitsandbytes ships a library for every CUDA and ROCm release; only its CPU one and the one for torch's CUDA can load.
+RUN python3 -m venv /opt/venv && pip install --no-cache-dir -r requirements.txt \
+    && cuda=$(python3 -c "import torch; print((torch.version.cuda or 'none').replace('.', ''))") \
+    && find /opt/venv/lib/python3*/site-packages/bitsandbytes -name 'libbitsandbytes_*.so' \
+        ! -name libbitsandbytes_cpu.so ! -name "libbitsandbytes_cuda$cuda.so" -delete
 COPY --chown=1000:1000 app.py ./
 COPY --chown=1000:1000 lora_gradio ./lora_gradio
 COPY --chown=1000:1000 presets ./presets
