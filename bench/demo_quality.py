@@ -24,7 +24,7 @@ from lora_gradio.demo.shapes import DEMO_TRIGGER
 from lora_gradio.inference import compare_grid, save_png
 from lora_gradio.models import DEMO, resolve_base
 from lora_gradio.request import GenerateRequest
-from lora_gradio.training.ema import EMA_SUFFIX
+from lora_gradio.training.ema import EMA_SUFFIX, is_ema_file
 from lora_gradio.training.run_folder import RunFolder
 
 HEADER = "| what | pictures | colour | shape | background | ring drawn |\n| --- | --- | --- | --- | --- | --- |"
@@ -66,7 +66,7 @@ def write_pictures(cache: ModelCache, run: Path, folder: Path) -> None:
     blue = next(case for case in concept_cases() if case.colour == "blue")
     request = GenerateRequest(blue.prompt(DEMO_TRIGGER), seed=1)
     files = epoch_files(run)
-    judged = [(name, path) for name, path in files if path.stem.endswith(EMA_SUFFIX)] or files  # what a run keeps
+    judged = [(name, path) for name, path in files if is_ema_file(path)] or files  # what a run keeps
     grid = compare_grid(cache, resolve_base(DEMO), request, judged, [0.0, 0.5, 1.0])
     save_png(grid, folder / "demo-strength-grid.png")
 

@@ -43,13 +43,12 @@ def build_app(studio: Studio) -> gr.Blocks:
         # a busy page can report the same choice again; the views that cost something follow real changes only
         dataset.change(lambda name: name or "", dataset, ctx.picked, show_progress="hidden", **PRIVATE)
         chosen = ctx.remembered("dataset", "")  # the dataset this browser worked on
-        made_here = gr.State(False)  # a dataset made on this page, which the page's restore must not undo
 
         @user_errors
         def create_dataset(name: str, request: gr.Request) -> dict:
             created = studio.create_dataset(name, ctx.visitor(request))
             return {dataset: gr.update(choices=workspace.list_datasets(), value=created), new_name: "",
-                    made_here: True}
+                    ctx.picked: created}
 
         @user_errors
         def load_demo(request: gr.Request) -> dict:
@@ -57,21 +56,22 @@ def build_app(studio: Studio) -> gr.Blocks:
             gr.Info(f"Dataset {created}: {DEMO_IMAGES} rings captioned '{DEMO_TRIGGER}, a … {DEMO_TRIGGER} on a … "
                     "background'. The demo base has never seen a ring: train it with the demo preset, then test "
                     f"'{DEMO_TRIGGER}, a blue {DEMO_TRIGGER} on a yellow background'.")
-            return {dataset: gr.update(choices=workspace.list_datasets(), value=created), made_here: True}
+            return {dataset: gr.update(choices=workspace.list_datasets(), value=created), ctx.picked: created}
 
-        create.click(create_dataset, new_name, [dataset, new_name, made_here], **PRIVATE)
-        demo.click(load_demo, None, [dataset, made_here], **PRIVATE)
-        new_name.submit(create_dataset, new_name, [dataset, new_name, made_here], **PRIVATE)
+        # a made dataset is picked in the same event, so that the page's restore below never undoes it
+        create.click(create_dataset, new_name, [dataset, new_name, ctx.picked], **PRIVATE)
+        demo.click(load_demo, None, [dataset, ctx.picked], **PRIVATE)
+        new_name.submit(create_dataset, new_name, [dataset, new_name, ctx.picked], **PRIVATE)
 
         def restore_dataset(values: dict) -> dict:
             """The remembered dataset, unless the page already shows one: on a busy server the page's load can be
             answered after a dataset was created or picked, and must not put the picker back."""
             names, remembered = workspace.list_datasets(), values[chosen]
-            if values[made_here] or values[ctx.picked] or remembered not in names:
+            if values[ctx.picked] or remembered not in names:
                 return gr.update(choices=names)
             return gr.update(choices=names, value=remembered)
 
-        app.load(restore_dataset, {chosen, made_here, ctx.picked}, dataset, **PRIVATE)
+        app.load(restore_dataset, {chosen, ctx.picked}, dataset, **PRIVATE)
         dataset.change(lambda name: name or "", dataset, chosen, show_progress="hidden", **PRIVATE)
 
         with gr.Accordion("Workspace settings", open=False):
